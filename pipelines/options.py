@@ -1,0 +1,18 @@
+"""Beam pipeline options: ours are parsed by the CLI, the rest pass through to Beam."""
+from __future__ import annotations
+
+from apache_beam.options.pipeline_options import PipelineOptions
+
+DEFAULT_RUNNER = "FnApiRunner"
+
+
+def beam_options(beam_args: list[str] | None) -> PipelineOptions:
+    """Beam options from pass-through arguments; without --runner, the local FnApiRunner.
+
+    (Beam's DirectRunner first tries to download a Prism binary, which fails
+    offline; FnApiRunner is the same local engine without that step.)
+    """
+    args = list(beam_args or [])
+    if not any(a == "--runner" or a.startswith("--runner=") for a in args):
+        args.append(f"--runner={DEFAULT_RUNNER}")
+    return PipelineOptions(args)

@@ -1,0 +1,30 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="spade-beam",
+    version="0.1.0",
+    description="SPADE (Sub-Image Anomaly Detection with Deep Pyramid Correspondences) as Apache Beam batch pipelines",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["spade", "spade.*", "transforms", "transforms.*", "pipelines", "pipelines.*"]),
+    install_requires=[
+        # Beam pinned exactly: its numpy/pyarrow pins move every release. No [torch] extra (it caps torch < 2.8).
+        "apache-beam==2.77.0",
+        "torch>=2.2,<=2.14.1",
+        "torchvision>=0.17,<=0.29.1",
+        "numpy",
+        "pillow",
+        "faiss-cpu>=1.7",
+        "pyarrow",
+        "fsspec",
+        "pyyaml",
+        # scipy: Gaussian smoothing and connected components; scikit-learn: ROC AUC (well kept, no need to rewrite).
+        "scipy",
+        "scikit-learn",
+    ],
+    extras_require={
+        "test": ["pytest", "scikit-image"],
+    },
+    entry_points={"console_scripts": ["spade=pipelines.cli:main"]},
+)

@@ -1,0 +1,109 @@
+"""Run configuration: one dataclass, loaded from YAML, hashed into the gallery manifest."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import fsspec
+import yaml
+
+LAYERS_BY_BACKBONE_FAMILY = ("layer1", "layer2", "layer3", "layer4")
+
+
+@dataclass(frozen=True)
+class SpadeConfig:
+    """Everything that decides what a gallery is and how images are scored.
+
+    The fields that change the features (``backbone``, ``weights``, ``layers``,
+    ``resize``, ``crop``, ``mean``, ``std``) must match between `fit` and
+    `score`; `feature_signature` hashes exactly those.
+    """
+
+    backbone: str = "wide_resnet50_2"
+    weights: str = "auto"
+    layers: tuple[str, ...] = ("layer1", "layer2", "layer3")
+    resize: int = 256
+    crop: int = 224
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    k: int = 50
+    kappa: int = 1
+    sigma: float = 4.0
+    feature_dtype: str = "float32"
+    batch_size: int = 8
+    num_threads: int = 0
+    pixel_threshold: float | None = None
+    image_threshold: float | None = None
+    calibration_images: int = 10
+    calibration_fpr: float = 0.001
+    eval_region: str = "crop"
+    shards: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(self.layers))
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        problems = []
+        if not self.layers:
+            problems.append("layers must name at least one of " + ", ".join(LAYERS_BY_BACKBONE_FAMILY))
+        for name in self.layers:
+            if name not in LAYERS_BY_BACKBONE_FAMILY:
+                problems.append(f"unknown layer {name!r}; use {', '.join(LAYERS_BY_BACKBONE_FAMILY)}")
+        if self.crop > self.resize:
+            problems.append(f"crop ({self.crop}) must not exceed resize ({self.resize})")
+        if self.k < 1:
+            problems.append("k must be >= 1")
+        if self.kappa < 1:
+            problems.append("kappa must be >= 1")
+        if self.feature_dtype not in ("float16", "float32"):
+            problems.append("feature_dtype must be float16 or float32")
+        if self.eval_region not in ("crop", "full"):
+            problems.append("eval_region must be 'crop' or 'full'")
+        if self.batch_size < 1 or self.shards < 1:
+            problems.append("batch_size and shards must be >= 1")
+        if problems:
+            raise ValueError("invalid SPADE config: " + "; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        for key in ("layers", "mean", "std"):
+            out[key] = list(out[key])
+        return out
+
+    def replace(self, **changes: Any) -> "SpadeConfig":
+        return dataclasses.replace(self, **changes)
+
+    def feature_signature(self) -> dict[str, Any]:
+        """The settings that determine feature values; fit and score must agree on them."""
+        d = self.to_dict()
+        return {key: d[key] for key in ("backbone", "weights", "layers", "resize", "crop", "mean", "std")}
+
+
+def config_from_mapping(values: Mapping[str, Any], source: str = "<mapping>") -> SpadeConfig:
+    known = {f.name for f in dataclasses.fields(SpadeConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{source}: unknown config keys {unknown}; known keys are {sorted(known)}")
+    return SpadeConfig(**dict(values))
+
+
+def load_config(path: str | None, overrides: Mapping[str, Any] | None = None) -> SpadeConfig:
+    """Load a YAML config (local path or fsspec URL); ``None`` gives the defaults."""
+    values: dict[str, Any] = {}
+    if path:
+        with fsspec.open(path, "r") as handle:
+            loaded = yaml.safe_load(handle) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: a config file must be a YAML mapping of key: value")
+        values.update(loaded)
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return config_from_mapping(values, source=path or "<defaults>")
+
+
+def stable_hash(payload: Any, length: int = 16) -> str:
+    """A short content hash of JSON-serialisable data, stable across runs and machines."""
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:length]

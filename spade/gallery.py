@@ -1,0 +1,218 @@
+"""The gallery: normal images' embeddings (faiss index) and feature pyramids (row-addressable .npy files).
+
+Layout of a gallery folder (local path or fsspec URL)::
+
+    manifest.json        what built it: backbone, layers, preprocessing, weights, K, kappa,
+                         image count, library versions, config hash, gallery hash, thresholds
+    embeddings/*.parquet the fit pipeline's output, one row per image (kept for --append)
+    images.parquet       gallery row -> image_id, uri, label, width, height
+    index.faiss          exact L2 index of the global embeddings (row order as images.parquet)
+    pyramid/<layer>.npy  (images, positions, channels) arrays, memory-mapped when scoring
+
+The manifest is written last: a folder without one is an unfinished gallery.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import fsspec
+
+from spade import storage
+from spade.config import SpadeConfig, stable_hash
+from spade.knn import build_index
+from spade.tables import decode_layer
+
+LOG = logging.getLogger(__name__)
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+class GalleryMismatch(ValueError):
+    """The gallery was built with other features than the scoring config asks for."""
+
+
+class GalleryMissing(FileNotFoundError):
+    """No finished gallery at the given location."""
+
+
+def library_versions() -> dict[str, str]:
+    import apache_beam
+    import torch
+    import torchvision
+
+    return {
+        "python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+        "faiss": faiss.__version__, "numpy": np.__version__, "pyarrow": pa.__version__, "apache_beam": apache_beam.__version__,
+    }
+
+
+def _read_images_and_embeddings(shard_urls: list[str]) -> tuple[pa.Table, np.ndarray]:
+    table = storage.read_parquet(shard_urls, columns=["image_id", "uri", "label", "width", "height", "embedding"])
+    order = np.argsort(np.asarray(table.column("image_id").to_pylist(), dtype=object), kind="stable")
+    table = table.take(pa.array(order))
+    ids = table.column("image_id").to_pylist()
+    keep = [i for i, image_id in enumerate(ids) if i == 0 or image_id != ids[i - 1]]
+    if len(keep) < len(ids):
+        LOG.warning("gallery: %d duplicate images (same content) kept once", len(ids) - len(keep))
+        table = table.take(pa.array(keep))
+    embeddings = np.stack([np.asarray(e, dtype=np.float32) for e in table.column("embedding").to_pylist()])
+    return table.drop(["embedding"]), embeddings
+
+
+def build_gallery(shard_urls: list[str], gallery_url: str, config: SpadeConfig, weights_source: str, weights_sha256: str,
+                  progress: Callable[[str], None] = LOG.info) -> dict[str, Any]:
+    """Assemble a gallery from embedding Parquet shards; returns the manifest (written last).
+
+    Pyramid layers are copied row group by row group into .npy files, so memory
+    holds one row group at a time whatever the gallery size.
+    """
+    if not shard_urls:
+        raise GalleryMissing(f"no embedding shards to build a gallery at {gallery_url}")
+    images, embeddings = _read_images_and_embeddings(shard_urls)
+    row_of = {image_id: row for row, image_id in enumerate(images.column("image_id").to_pylist())}
+    n = len(row_of)
+    progress(f"gallery: {n} normal images, embedding dim {embeddings.shape[1]}")
+    workdir = storage.local_path(gallery_url) if storage.is_local(gallery_url) else tempfile.mkdtemp(prefix="spade-gallery-")
+    os.makedirs(os.path.join(workdir, "pyramid"), exist_ok=True)
+    shapes: dict[str, list[int]] = {}
+    arrays: dict[str, np.ndarray] = {}
+    filled = {layer: np.zeros(n, dtype=bool) for layer in config.layers}
+    tmp_paths = {}
+    for url in shard_urls:
+        with fsspec.open(url, "rb") as handle:
+            parquet = pq.ParquetFile(handle)
+            for group in range(parquet.num_row_groups):
+                cols = ["image_id", "feature_dtype"] + [c for layer in config.layers for c in (layer, f"{layer}_shape")]
+                chunk = parquet.read_row_group(group, columns=cols).to_pylist()
+                for row in chunk:
+                    target = row_of[row["image_id"]]
+                    for layer in config.layers:
+                        if filled[layer][target]:
+                            continue
+                        feats = decode_layer(row[layer], row[f"{layer}_shape"], row["feature_dtype"])
+                        if layer not in arrays:
+                            shapes[layer] = list(feats.shape)
+                            tmp_paths[layer] = os.path.join(workdir, "pyramid", f".tmp-{layer}.npy")
+                            arrays[layer] = np.lib.format.open_memmap(tmp_paths[layer], mode="w+", dtype=config.feature_dtype,
+                                                                      shape=(n, *feats.shape))
+                        if list(feats.shape) != shapes[layer]:
+                            raise GalleryMismatch(f"{url}: image {row['image_id']} has {layer} shape {feats.shape}, "
+                                                  f"others {shapes[layer]}; all gallery images must use one config")
+                        arrays[layer][target] = feats
+                        filled[layer][target] = True
+        progress(f"gallery: pyramid rows from {url.rsplit('/', 1)[-1]} copied")
+    for layer, array in arrays.items():
+        array.flush()
+        del array
+        os.replace(tmp_paths[layer], os.path.join(workdir, "pyramid", f"{layer}.npy"))
+    arrays.clear()
+    pq.write_table(images, os.path.join(workdir, "images.parquet"))
+    faiss.write_index(build_index(embeddings), os.path.join(workdir, "index.faiss"))
+    ids = images.column("image_id").to_pylist()
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "backbone": config.backbone,
+        "layers": list(config.layers),
+        "preprocessing": {"resize": config.resize, "crop": config.crop, "mean": list(config.mean), "std": list(config.std)},
+        "weights": {"spec": config.weights, "source": weights_source, "sha256": weights_sha256},
+        "feature_signature": config.feature_signature() | {"weights_sha256": weights_sha256},
+        "k": config.k, "kappa": config.kappa, "sigma": config.sigma,
+        "feature_dtype": config.feature_dtype,
+        "num_images": n,
+        "embedding_dim": int(embeddings.shape[1]),
+        "layer_shapes": shapes,
+        "library_versions": library_versions(),
+        "config": config.to_dict(),
+        "config_hash": stable_hash(config.to_dict()),
+        "gallery_hash": stable_hash({"features": config.feature_signature(), "weights": weights_sha256,
+                                     "dtype": config.feature_dtype, "images": ids}),
+        "thresholds": {},
+    }
+    if not storage.is_local(gallery_url):
+        fs, path = storage.filesystem(gallery_url)
+        for name in ["images.parquet", "index.faiss"] + [f"pyramid/{layer}.npy" for layer in config.layers]:
+            fs.put_file(os.path.join(workdir, name), f"{path}/{name}")
+        shutil.rmtree(workdir, ignore_errors=True)
+    return manifest
+
+
+def write_manifest(gallery_url: str, manifest: dict[str, Any]) -> None:
+    storage.write_json(storage.join(gallery_url, MANIFEST), manifest)
+
+
+@dataclass
+class Gallery:
+    """A finished gallery opened for scoring: index in memory, pyramids memory-mapped."""
+
+    url: str
+    manifest: dict[str, Any]
+    images: pa.Table
+    index: faiss.Index
+    pyramid: dict[str, np.ndarray]
+
+    @property
+    def hash(self) -> str:
+        return self.manifest["gallery_hash"]
+
+    @property
+    def image_ids(self) -> list[str]:
+        return self.images.column("image_id").to_pylist()
+
+    @classmethod
+    def open(cls, url: str, cache_dir: str | None = None) -> "Gallery":
+        """Open a gallery; a remote one is copied once into a local cache (keyed by its hash) for memory-mapping."""
+        manifest_url = storage.join(url, MANIFEST)
+        if not storage.exists(manifest_url):
+            raise GalleryMissing(f"{url} has no {MANIFEST}: not a finished gallery. Run `spade fit --gallery {url}` first "
+                                 "(an interrupted fit leaves no manifest; re-run it).")
+        manifest = storage.read_json(manifest_url)
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise GalleryMismatch(f"{url}: gallery format {manifest.get('format_version')} is not {FORMAT_VERSION}; rebuild it with `spade fit`")
+        if storage.is_local(url):
+            root = storage.local_path(url)
+        else:
+            root = os.path.join(cache_dir or os.path.expanduser("~/.cache/spade/galleries"), manifest["gallery_hash"])
+            if not os.path.exists(os.path.join(root, ".complete")):
+                fs, path = storage.filesystem(url)
+                os.makedirs(os.path.join(root, "pyramid"), exist_ok=True)
+                for name in ["images.parquet", "index.faiss"] + [f"pyramid/{layer}.npy" for layer in manifest["layers"]]:
+                    fs.get_file(f"{path}/{name}", os.path.join(root, name))
+                open(os.path.join(root, ".complete"), "w").close()
+        images = pq.read_table(os.path.join(root, "images.parquet"))
+        index = faiss.read_index(os.path.join(root, "index.faiss"))
+        pyramid = {layer: np.load(os.path.join(root, "pyramid", f"{layer}.npy"), mmap_mode="r") for layer in manifest["layers"]}
+        return cls(url=url, manifest=manifest, images=images, index=index, pyramid=pyramid)
+
+    def check_compatible(self, config: SpadeConfig, weights_sha256: str | None = None) -> None:
+        """Raise `GalleryMismatch` naming every feature setting where ``config`` (and the weights
+        actually loaded, when given) and the gallery differ."""
+        built = dict(self.manifest["feature_signature"])
+        built_sha = built.pop("weights_sha256", None)
+        if weights_sha256 is not None and built_sha != weights_sha256:
+            raise GalleryMismatch(f"gallery {self.url} was built with backbone weights sha256 {built_sha[:12]}..., "
+                                  f"but this run loaded {weights_sha256[:12]}... ({config.weights!r}). Point `weights:` at "
+                                  f"the file the gallery used ({self.manifest['weights']['source']}) or re-run `spade fit`.")
+        wanted = config.feature_signature()
+        if built.get("weights") != wanted["weights"] and "auto" in (built.get("weights"), wanted["weights"]):
+            built.pop("weights")
+            wanted = {k: v for k, v in wanted.items() if k != "weights"}
+        diffs = [f"{key}: gallery has {built.get(key)!r}, config has {wanted[key]!r}" for key in wanted if built.get(key) != wanted[key]]
+        if diffs:
+            raise GalleryMismatch(f"gallery {self.url} was built with other features than this config ("
+                                  + "; ".join(diffs) + "). Score with the config the gallery was fitted with "
+                                  "(its manifest.json lists it), or re-run `spade fit` with this config.")
+
+    def neighbour_features(self, layer: str, rows: np.ndarray) -> np.ndarray:
+        """All positions' features of the given gallery rows, stacked: (len(rows) * positions, channels)."""
+        block = self.pyramid[layer][np.sort(np.asarray(rows))]
+        return block.reshape(-1, block.shape[-1])

@@ -1,0 +1,46 @@
+"""Score maps and masks as PNG files: 16-bit score maps carrying their scale, binary masks."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, PngImagePlugin
+
+SCALE_KEY = "spade_scale"
+
+
+def encode_score_map(score_map: np.ndarray) -> tuple[bytes, float]:
+    """A 16-bit grayscale PNG of a non-negative score map, 65535 = its maximum; returns (png, scale).
+
+    The scale is kept in the PNG (text chunk ``spade_scale``) and, by the
+    pipelines, as ``pixel_max`` in the score table: score = value / 65535 * scale.
+    """
+    values = np.clip(np.asarray(score_map, dtype=np.float64), 0.0, None)
+    scale = float(values.max()) if values.size and values.max() > 0 else 1.0
+    quantised = np.round(values / scale * 65535.0).astype(np.uint16)
+    info = PngImagePlugin.PngInfo()
+    info.add_text(SCALE_KEY, repr(scale))
+    buffer = io.BytesIO()
+    Image.fromarray(quantised).save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue(), scale
+
+
+def decode_score_map(data: bytes) -> np.ndarray:
+    """Inverse of `encode_score_map`: float32 scores."""
+    with Image.open(io.BytesIO(data)) as img:
+        scale = float(img.text.get(SCALE_KEY, "1.0")) if hasattr(img, "text") else 1.0
+        values = np.asarray(img, dtype=np.float64)
+    return (values / 65535.0 * scale).astype(np.float32)
+
+
+def encode_mask(mask: np.ndarray) -> bytes:
+    """Binary mask → 8-bit PNG (0 normal, 255 anomalous), the MVTec ground-truth convention."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.where(np.asarray(mask, dtype=bool), 255, 0).astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def decode_mask(data: bytes) -> np.ndarray:
+    """A ground-truth or predicted mask PNG → bool array (any non-zero pixel is anomalous)."""
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img.convert("L")) > 0

@@ -1,0 +1,105 @@
+"""Where images come from: expanding a glob, folder or tar shard into inputs, and reading their bytes."""
+from __future__ import annotations
+
+import re
+import tarfile
+from typing import Iterator
+
+import fsspec
+
+from spade.images import IMAGE_SUFFIXES
+
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+def _protocol_prefix(spec: str) -> str:
+    return spec.split("://", 1)[0] + "://" if "://" in spec else ""
+
+
+def _with_protocol(prefix: str, path: str) -> str:
+    return path if not prefix or path.startswith(prefix) else prefix + path
+
+
+def is_tar(uri: str) -> bool:
+    return uri.lower().endswith(TAR_SUFFIXES)
+
+
+def expand_images(spec: str, split: str | None = None) -> list[str]:
+    """Sorted input URIs for ``--images``: a glob, a folder (every non-hidden file below it), or tar shards.
+
+    A folder in MVTec layout (with train/ and test/) contributes only its
+    ``split`` subfolder ('train' for fit, 'test' for score); ground_truth/ is never an input.
+    Tar shards stay one URI each; their members are read by `read_inputs`.
+    """
+    fs, path = fsspec.core.url_to_fs(spec)
+    prefix = _protocol_prefix(spec)
+    if _GLOB_CHARS.search(path):
+        found = [p for p in fs.glob(path) if fs.isfile(p)]
+    elif fs.isdir(path):
+        root = path.rstrip("/")
+        if split and fs.isdir(f"{root}/train") and fs.isdir(f"{root}/test"):
+            root = f"{root}/{split}"
+        found = [p for p in fs.find(root) if "/ground_truth/" not in p[len(root):] + "/"]
+    elif fs.exists(path):
+        found = [path]
+    else:
+        raise FileNotFoundError(f"--images {spec!r} matches nothing: no such file or folder, and no glob pattern matched")
+    uris = sorted({_with_protocol(prefix, p) for p in found if not p.rsplit("/", 1)[-1].startswith(".")})
+    if not uris:
+        raise FileNotFoundError(f"--images {spec!r} matches no files")
+    return uris
+
+
+def read_inputs(uri: str) -> Iterator[tuple[str, bytes | None, str | None]]:
+    """(uri, bytes, error) per image behind ``uri``: one for a file, one per member for a tar shard.
+
+    Never raises for a bad input: a missing or unreadable file yields (uri, None, reason).
+    """
+    if is_tar(uri):
+        yield from _read_tar(uri)
+        return
+    try:
+        with fsspec.open(uri, "rb") as handle:
+            yield uri, handle.read(), None
+    except FileNotFoundError:
+        yield uri, None, "file not found"
+    except (OSError, ValueError) as exc:
+        yield uri, None, f"cannot read file: {exc}"
+
+
+def _read_tar(uri: str) -> Iterator[tuple[str, bytes | None, str | None]]:
+    try:
+        with fsspec.open(uri, "rb") as handle, tarfile.open(fileobj=handle, mode="r:*") as archive:
+            for member in archive:
+                if not member.isfile() or member.name.rsplit("/", 1)[-1].startswith("."):
+                    continue
+                member_uri = f"{uri}#{member.name}"
+                if not member.name.lower().endswith(IMAGE_SUFFIXES):
+                    yield member_uri, None, "not an image member (webdataset side file); skipped from scoring"
+                    continue
+                extracted = archive.extractfile(member)
+                yield member_uri, extracted.read() if extracted else b"", None
+    except FileNotFoundError:
+        yield uri, None, "tar shard not found"
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        yield uri, None, f"corrupt or truncated tar shard: {exc}"
+
+
+_MVTEC = re.compile(r"/(?:train|test)/([^/#]+)/[^/]+$")
+
+
+def label_from_uri(uri: str) -> str:
+    """The MVTec class of an image ('good' or the defect type) from its path; '' when not in MVTec layout."""
+    match = _MVTEC.search(uri.split("#", 1)[-1] if "#" in uri else uri)
+    return match.group(1) if match else ""
+
+
+def stem(uri: str) -> str:
+    name = uri.rsplit("#", 1)[-1].rsplit("/", 1)[-1]
+    return name.rsplit(".", 1)[0] if "." in name else name
+
+
+def mask_uri(masks_root: str, label: str, image_uri: str) -> str:
+    """MVTec ground-truth location of an image's defect mask."""
+    return f"{masks_root.rstrip('/')}/{label}/{stem(image_uri)}_mask.png"

@@ -1,0 +1,99 @@
+"""File access through fsspec: atomic writes, Parquet, and local copies for memory-mapping."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import uuid
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URL or path parts with '/', keeping the protocol."""
+    out = base.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs, path
+
+
+def is_local(url: str) -> bool:
+    fs, _ = filesystem(url)
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+def local_path(url: str) -> str:
+    """The OS path of a local URL."""
+    return filesystem(url)[1]
+
+
+def exists(url: str) -> bool:
+    fs, path = filesystem(url)
+    return fs.exists(path)
+
+
+def makedirs(url: str) -> None:
+    fs, path = filesystem(url)
+    fs.makedirs(path, exist_ok=True)
+
+
+def atomic_write_bytes(url: str, data: bytes) -> None:
+    """Write ``data`` to ``url`` so that readers see the old file or the whole new one, never a part."""
+    fs, path = filesystem(url)
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{path.rsplit('/', 1)[-1]}" if parent else f".tmp-{uuid.uuid4().hex}"
+    with fs.open(tmp, "wb") as handle:
+        handle.write(data)
+    if is_local(url):
+        os.replace(tmp, path)
+    else:
+        fs.mv(tmp, path)
+
+
+def read_bytes(url: str) -> bytes:
+    with fsspec.open(url, "rb") as handle:
+        return handle.read()
+
+
+def write_json(url: str, payload: Any) -> None:
+    atomic_write_bytes(url, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(url: str) -> Any:
+    return json.loads(read_bytes(url))
+
+
+def write_parquet(url: str, table: pa.Table) -> None:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, row_group_size=64)
+    atomic_write_bytes(url, buffer.getvalue())
+
+
+def list_files(url: str, suffix: str = "") -> list[str]:
+    """Sorted full URLs of the files directly under folder ``url`` ending in ``suffix`` (none if it is absent)."""
+    fs, path = filesystem(url)
+    if not fs.exists(path):
+        return []
+    protocol = url.split("://", 1)[0] + "://" if "://" in url else ""
+    names = [p for p in fs.ls(path, detail=False) if p.endswith(suffix) and not p.rsplit("/", 1)[-1].startswith(".")]
+    return sorted(protocol + p if protocol and not p.startswith(protocol) else p for p in names)
+
+
+def read_parquet(urls: list[str], columns: list[str] | None = None) -> pa.Table:
+    tables = []
+    for url in urls:
+        with fsspec.open(url, "rb") as handle:
+            tables.append(pq.read_table(handle, columns=columns))
+    if not tables:
+        raise FileNotFoundError("no Parquet files to read")
+    return pa.concat_tables(tables)

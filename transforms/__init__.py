@@ -1,0 +1,1 @@
+"""Beam PTransforms and DoFns that wrap `spade`: read, extract, score, write."""

@@ -1,0 +1,72 @@
+"""Batched feature extraction with the backbone loaded once per worker process."""
+from __future__ import annotations
+
+import logging
+
+import apache_beam as beam
+import numpy as np
+import torch
+from apache_beam.metrics import Metrics
+from apache_beam.utils.shared import Shared
+
+from spade.backbone import FeatureExtractor
+from spade.config import SpadeConfig, stable_hash
+from transforms.records import ERRORS, IMAGES, ImageFeatures, error_row, image_columns
+
+LOG = logging.getLogger(__name__)
+
+
+def set_threads(config: SpadeConfig) -> None:
+    """Fix torch's thread count when the config asks (0 = torch's default, all cores)."""
+    if config.num_threads > 0 and torch.get_num_threads() != config.num_threads:
+        torch.set_num_threads(config.num_threads)
+
+
+class ExtractBatch(beam.DoFn):
+    """A list of `ImageInput` → one `ImageFeatures` each; a failing batch is retried image by image."""
+
+    def __init__(self, config: SpadeConfig, shared: Shared):
+        self.config = config
+        self._shared = shared
+        self.extractor: FeatureExtractor | None = None
+        self.latency = Metrics.distribution("spade", "extract_ms_per_image")
+
+    def setup(self):
+        set_threads(self.config)
+        self.extractor = self._shared.acquire(lambda: FeatureExtractor(self.config),
+                                              tag=stable_hash(self.config.feature_signature()))
+
+    def process(self, batch):
+        import time
+
+        start = time.perf_counter()
+        try:
+            yield from self._extract(batch)
+        except Exception:
+            if len(batch) == 1:
+                image = batch[0]
+                LOG.exception("feature extraction failed for %s", image.uri)
+                yield beam.pvalue.TaggedOutput(ERRORS, error_row(**image_columns(image), error=f"{image.uri}: feature extraction failed"))
+                return
+            for image in batch:
+                yield from self.process([image])
+            return
+        self.latency.update(int((time.perf_counter() - start) * 1000 / max(len(batch), 1)))
+
+    def _extract(self, batch):
+        features = self.extractor(torch.from_numpy(np.stack([image.tensor for image in batch])))
+        return [ImageFeatures(image, features.embedding[i], {k: v[i] for k, v in features.pyramid.items()})
+                for i, image in enumerate(batch)]
+
+
+class ExtractFeatures(beam.PTransform):
+    """`ImageInput`s → tagged ``images`` (`ImageFeatures`) and ``errors`` (rows)."""
+
+    def __init__(self, config: SpadeConfig):
+        super().__init__()
+        self.config = config
+
+    def expand(self, images):
+        return (images
+                | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=self.config.batch_size)
+                | "Extract" >> beam.ParDo(ExtractBatch(self.config, Shared())).with_outputs(ERRORS, main=IMAGES))

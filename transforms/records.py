@@ -1,0 +1,58 @@
+"""The elements that flow between our DoFns."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+IMAGES = "images"
+ERRORS = "errors"
+
+
+@dataclass
+class ImageInput:
+    """A decoded, preprocessed image: identity, original size, MVTec label, and its (3, crop, crop) tensor."""
+
+    uri: str
+    image_id: str
+    label: str
+    width: int
+    height: int
+    tensor: np.ndarray
+
+
+@dataclass
+class ImageFeatures:
+    """An image and its features, as the extractor produced them."""
+
+    image: ImageInput
+    embedding: np.ndarray
+    pyramid: dict[str, np.ndarray]
+
+
+def error_row(uri: str, error: str, image_id: str | None = None, label: str = "", width: int | None = None,
+              height: int | None = None, **extra: Any) -> dict[str, Any]:
+    """A table row for an input that could not be processed; ``error`` says why."""
+    return {"uri": uri, "image_id": image_id, "label": label, "width": width, "height": height,
+            "status": "error", "error": error, **extra}
+
+
+def image_columns(image: ImageInput) -> dict[str, Any]:
+    return {"uri": image.uri, "image_id": image.image_id, "label": image.label, "width": image.width, "height": image.height}
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def embedding_row(item: ImageFeatures, feature_dtype: str) -> dict[str, Any]:
+    """The embeddings-table row of one image (see `spade.tables.embeddings_schema`)."""
+    from spade.tables import encode_layer
+
+    row = {**image_columns(item.image), "embedding": np.asarray(item.embedding, dtype=np.float32).tolist(),
+           "feature_dtype": feature_dtype}
+    for layer, layer_map in item.pyramid.items():
+        row[layer], row[f"{layer}_shape"] = encode_layer(layer_map, feature_dtype)
+    return row

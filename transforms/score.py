@@ -1,0 +1,124 @@
+"""Scoring DoFn: kNN + patch correspondence against a gallery loaded once per worker, maps written as PNGs."""
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.metrics import Metrics
+from apache_beam.utils.shared import Shared
+
+from spade import storage
+from spade.backbone import Features
+from spade.config import SpadeConfig
+from spade.gallery import Gallery
+from spade.maps import encode_mask, encode_score_map
+from spade.scoremap import to_original_geometry
+from spade.scoring import score_batch
+from transforms.extract import set_threads
+from transforms.records import ERRORS, IMAGES, error_row, image_columns
+
+LOG = logging.getLogger(__name__)
+
+
+class _GalleryHandle:
+    """Weak-referenceable holder, as `Shared` requires."""
+
+    def __init__(self, url: str):
+        self.gallery = Gallery.open(url)
+
+
+def resolve_thresholds(config: SpadeConfig, manifest: dict) -> tuple[float | None, float | None]:
+    """(image, pixel) thresholds: the config's when set, else the gallery's calibrated ones."""
+    found = manifest.get("thresholds") or {}
+    image = config.image_threshold if config.image_threshold is not None else found.get("image")
+    pixel = config.pixel_threshold if config.pixel_threshold is not None else found.get("pixel")
+    return image, pixel
+
+
+class ScoreBatch(beam.DoFn):
+    """A list of `ImageFeatures` → one score row each (status ok), writing its score map and mask PNGs."""
+
+    def __init__(self, config: SpadeConfig, gallery_url: str, out_url: str, scored_at: datetime, shared: Shared):
+        self.config, self.gallery_url, self.out_url, self.scored_at = config, gallery_url, out_url, scored_at
+        self._shared = shared
+        self.gallery: Gallery | None = None
+        self.scored = Metrics.counter("spade", "images_scored")
+        self.failed = Metrics.counter("spade", "images_failed")
+        self.score_dist = Metrics.distribution("spade", "image_score_x1000")
+        self.latency = Metrics.distribution("spade", "score_ms_per_image")
+
+    def setup(self):
+        set_threads(self.config)
+        self.gallery = self._shared.acquire(lambda: _GalleryHandle(self.gallery_url), tag=self.gallery_url).gallery
+        self.gallery.check_compatible(self.config)
+        self.image_threshold, self.pixel_threshold = resolve_thresholds(self.config, self.gallery.manifest)
+
+    def process(self, batch):
+        start = time.perf_counter()
+        try:
+            features = Features(np.stack([f.embedding for f in batch]),
+                                {layer: np.stack([f.pyramid[layer] for f in batch]) for layer in self.config.layers})
+            results = score_batch(features, self.gallery, self.config)
+        except Exception as exc:
+            if len(batch) > 1:
+                for item in batch:
+                    yield from self.process([item])
+                return
+            LOG.exception("scoring failed for %s", batch[0].image.uri)
+            self.failed.inc()
+            yield beam.pvalue.TaggedOutput(ERRORS, error_row(**image_columns(batch[0].image),
+                                                             error=f"{batch[0].image.uri}: scoring failed: {exc}"))
+            return
+        for item, result in zip(batch, results):
+            try:
+                yield self._write(item.image, result)
+            except Exception as exc:
+                LOG.exception("writing maps failed for %s", item.image.uri)
+                self.failed.inc()
+                yield beam.pvalue.TaggedOutput(ERRORS, error_row(**image_columns(item.image),
+                                                                 error=f"{item.image.uri}: writing score map failed: {exc}"))
+        self.latency.update(int((time.perf_counter() - start) * 1000 / len(batch)))
+
+    def _write(self, image, result) -> dict:
+        cfg = self.config
+        full = to_original_geometry(result.score_map, (image.width, image.height), cfg.resize, cfg.crop)
+        png, scale = encode_score_map(full)
+        map_uri = storage.join(self.out_url, "maps", f"{image.image_id}.png")
+        storage.atomic_write_bytes(map_uri, png)
+        mask_uri = None
+        if self.pixel_threshold is not None:
+            mask_uri = storage.join(self.out_url, "masks", f"{image.image_id}.png")
+            storage.atomic_write_bytes(mask_uri, encode_mask(full >= self.pixel_threshold))
+        ids = self.gallery.image_ids
+        self.scored.inc()
+        self.score_dist.update(int(result.image_score * 1000))
+        return {
+            **image_columns(image),
+            "image_score": result.image_score,
+            "pixel_max": float(scale) if full.max() > 0 else 0.0,
+            "is_anomalous": None if self.image_threshold is None else bool(result.image_score > self.image_threshold),
+            "map_uri": map_uri,
+            "mask_uri": mask_uri,
+            "neighbours": [ids[row] for row in result.neighbours],
+            "status": "ok",
+            "error": None,
+            "gallery_hash": self.gallery.hash,
+            "scored_at": self.scored_at,
+        }
+
+
+class ScoreImages(beam.PTransform):
+    """`ImageFeatures` → tagged ``images`` (score rows) and ``errors`` (rows)."""
+
+    def __init__(self, config: SpadeConfig, gallery_url: str, out_url: str, scored_at: datetime):
+        super().__init__()
+        self.config, self.gallery_url, self.out_url, self.scored_at = config, gallery_url, out_url, scored_at
+
+    def expand(self, features):
+        return (features
+                | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=self.config.batch_size)
+                | "Score" >> beam.ParDo(ScoreBatch(self.config, self.gallery_url, self.out_url, self.scored_at,
+                                                   Shared())).with_outputs(ERRORS, main=IMAGES))
