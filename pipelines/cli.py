@@ -59,11 +59,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _QuietBeam(logging.Filter):
+    """Beam's own messages below ERROR are noise to a user of this tool (unless --log-level DEBUG)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or "apache_beam" not in record.pathname
+
+
 def _setup_logging(level: str, quiet: bool) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
-    logging.getLogger("spade").setLevel(logging.WARNING if quiet else level.upper())
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    if level.upper() != "DEBUG":
+        handler.addFilter(_QuietBeam())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if level.upper() == "DEBUG" else logging.WARNING)
+    ours = logging.WARNING if quiet else getattr(logging, level.upper(), logging.INFO)
     for name in ("spade", "transforms", "pipelines"):
-        logging.getLogger(name).setLevel(logging.WARNING if quiet else level.upper())
+        logging.getLogger(name).setLevel(ours)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Callable
 
 import apache_beam as beam
@@ -15,24 +16,29 @@ from spade.tables import ERRORS_SCHEMA, embeddings_schema
 from spade.weights import resolve_weights
 from transforms.extract import ExtractFeatures
 from transforms.parquet import WriteParquetShards
+from transforms.progress import CountProgress
 from transforms.read import ReadImages
 from transforms.records import embedding_row
 from pipelines.options import beam_options
+from pipelines.progress import ProgressReporter
 
 LOG = logging.getLogger("spade")
 
 
-def build_fit_pipeline(pipeline: beam.Pipeline, uris: list[str], config: SpadeConfig, gallery_url: str):
+def build_fit_pipeline(pipeline: beam.Pipeline, uris: list[str], config: SpadeConfig, gallery_url: str,
+                       progress_folder: str | None = None):
     """The fit graph; its single final PCollection lists the files written (one sink step, Dask-friendly)."""
     read = pipeline | "Inputs" >> beam.Create(uris) | "Read" >> ReadImages(config)
     extracted = read.images | "Extract" >> ExtractFeatures(config)
     dtype = config.feature_dtype
     embeddings = (extracted.images
                   | "ToRows" >> beam.Map(embedding_row, dtype)
+                  | "CountImages" >> beam.ParDo(CountProgress(progress_folder))
                   | "WriteEmbeddings" >> WriteParquetShards(storage.join(gallery_url, "embeddings", "part"),
                                                             embeddings_schema(config.layers), config.shards))
     rejected = ((read.errors, extracted.errors)
                 | "Errors" >> beam.Flatten()
+                | "CountErrors" >> beam.ParDo(CountProgress(progress_folder))
                 | "WriteRejected" >> WriteParquetShards(storage.join(gallery_url, "rejected", "part"), ERRORS_SCHEMA, 1))
     return (embeddings, rejected) | "Written" >> beam.Flatten()
 
@@ -47,8 +53,10 @@ def run_fit(config: SpadeConfig, images: str, gallery_url: str, beam_args: list[
     if storage.exists(manifest_url):
         fs, path = storage.filesystem(manifest_url)
         fs.rm(path)
-    with beam.Pipeline(options=beam_options(beam_args)) as pipeline:
-        build_fit_pipeline(pipeline, uris, config, gallery_url)
+    started = time.monotonic()
+    with ProgressReporter("fit", len(uris), say) as progress, beam.Pipeline(options=beam_options(beam_args)) as pipeline:
+        build_fit_pipeline(pipeline, uris, config, gallery_url, progress.folder)
+    say(f"fit: features of {len(uris)} inputs extracted in {time.monotonic() - started:.1f}s")
     shards = storage.list_files(storage.join(gallery_url, "embeddings"), f"-of-{config.shards:05d}.parquet")
     rejected = storage.read_parquet(storage.list_files(storage.join(gallery_url, "rejected"), ".parquet"))
     for row in rejected.to_pylist():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from datetime import datetime
 from typing import Callable
 
@@ -16,16 +17,18 @@ from spade.tables import SCORES_SCHEMA
 from spade.weights import resolve_weights
 from transforms.extract import ExtractFeatures
 from transforms.parquet import WriteParquetShards
+from transforms.progress import CountProgress
 from transforms.read import ReadImages
 from transforms.records import utc_now
 from transforms.score import ScoreImages
 from pipelines.options import beam_options
+from pipelines.progress import ProgressReporter
 
 LOG = logging.getLogger("spade")
 
 
 def build_score_pipeline(pipeline: beam.Pipeline, uris: list[str], config: SpadeConfig, gallery_url: str, out_url: str,
-                         gallery_hash: str, scored_at: datetime):
+                         gallery_hash: str, scored_at: datetime, progress_folder: str | None = None):
     """The score graph: every input ends as exactly one row of the score table (the one sink)."""
     read = pipeline | "Inputs" >> beam.Create(uris) | "Read" >> ReadImages(config)
     extracted = read.images | "Extract" >> ExtractFeatures(config)
@@ -36,6 +39,7 @@ def build_score_pipeline(pipeline: beam.Pipeline, uris: list[str], config: Spade
               | "Stamp" >> beam.Map(lambda row: {**row, **stamp}))
     return ((scored.images, errors)
             | "AllRows" >> beam.Flatten()
+            | "Count" >> beam.ParDo(CountProgress(progress_folder))
             | "WriteScores" >> WriteParquetShards(storage.join(out_url, "scores", "part"), SCORES_SCHEMA, config.shards))
 
 
@@ -53,8 +57,10 @@ def run_score(config: SpadeConfig, gallery_url: str, images: str, out_url: str, 
         "config": config.to_dict(), "gallery": gallery_url, "gallery_hash": gallery.hash, "images": images,
         "scored_at": scored_at.isoformat(), "thresholds": gallery.manifest.get("thresholds", {}),
     })
-    with beam.Pipeline(options=beam_options(beam_args)) as pipeline:
-        build_score_pipeline(pipeline, uris, config, gallery_url, out_url, gallery.hash, scored_at)
+    started = time.monotonic()
+    with ProgressReporter("score", len(uris), say) as progress, beam.Pipeline(options=beam_options(beam_args)) as pipeline:
+        build_score_pipeline(pipeline, uris, config, gallery_url, out_url, gallery.hash, scored_at, progress.folder)
+    elapsed = time.monotonic() - started
     table = read_score_table(out_url)
     statuses = table.column("status").to_pylist()
     errors = [row for row in table.to_pylist() if row["status"] != "ok"]
@@ -62,7 +68,8 @@ def run_score(config: SpadeConfig, gallery_url: str, images: str, out_url: str, 
         say(f"score: error {row['error']}")
     summary = {"rows": table.num_rows, "ok": statuses.count("ok"), "errors": len(errors),
                "scores": storage.join(out_url, "scores"), "maps": storage.join(out_url, "maps"),
-               "masks": storage.join(out_url, "masks")}
-    say(f"score: {summary['ok']} scored, {summary['errors']} errors; table {summary['scores']}, "
+               "masks": storage.join(out_url, "masks"), "seconds": round(elapsed, 1)}
+    say(f"score: {summary['ok']} scored, {summary['errors']} errors in {elapsed:.1f}s "
+        f"({table.num_rows / max(elapsed, 1e-9):.2f} images/s); table {summary['scores']}, "
         f"score maps {summary['maps']}, masks {summary['masks']}")
     return summary

@@ -31,7 +31,8 @@ def leave_one_out_scores(gallery: Gallery, config: SpadeConfig, count: int,
         result = score_batch(features, gallery, config, exclude_rows=np.array([row]))[0]
         image_scores.append(result.image_score)
         maps.append(result.score_map)
-        progress(f"calibration: {done}/{len(rows)} normal images scored leave-one-out")
+        if done == len(rows) or done % 10 == 0:
+            progress(f"calibration: {done}/{len(rows)} normal images scored leave-one-out")
     return np.asarray(image_scores), np.stack(maps)
 
 

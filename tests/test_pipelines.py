@@ -1,0 +1,134 @@
+"""Fit, score and evaluate as Beam pipelines (FnApiRunner), on the embedded synthetic sample."""
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from spade.gallery import GalleryMismatch, GalleryMissing
+from spade.results import read_score_table
+from spade.tables import SCORES_SCHEMA
+from pipelines.evaluate import run_evaluate
+from pipelines.fit import run_fit
+from pipelines.score import run_score
+from tests.conftest import BEAM_ARGS, plumbing_config
+
+
+@pytest.fixture(scope="module")
+def fitted(sample_root, tmp_path_factory):
+    config = plumbing_config()
+    gallery = str(tmp_path_factory.mktemp("gallery"))
+    manifest = run_fit(config, f"{sample_root}/train/good", gallery, BEAM_ARGS)
+    return config, gallery, manifest
+
+
+def test_fit_writes_a_complete_gallery(fitted):
+    config, gallery, manifest = fitted
+    root = Path(gallery)
+    assert manifest["num_images"] == 8
+    for name in ["manifest.json", "images.parquet", "index.faiss", "pyramid/layer1.npy", "pyramid/layer2.npy", "pyramid/layer3.npy"]:
+        assert (root / name).is_file(), name
+    on_disk = json.loads((root / "manifest.json").read_text())
+    assert on_disk["backbone"] == "resnet18" and on_disk["weights"]["source"] == "random"
+    assert on_disk["layers"] == ["layer1", "layer2", "layer3"]
+    assert on_disk["library_versions"]["torch"] and on_disk["config_hash"] and on_disk["gallery_hash"]
+    assert set(on_disk["thresholds"]) >= {"image", "pixel"}
+    assert np.load(root / "pyramid/layer1.npy", mmap_mode="r").shape == (8, 56 * 56, 64)
+    embeddings = pq.read_table(next((root / "embeddings").glob("*.parquet")))
+    assert embeddings.num_rows == 8
+    assert {"image_id", "uri", "width", "height", "embedding", "layer1", "layer1_shape"} <= set(embeddings.column_names)
+
+
+def test_score_and_evaluate_outputs(fitted, sample_root, tmp_path):
+    config, gallery, manifest = fitted
+    out = str(tmp_path / "scores")
+    summary = run_score(config, gallery, sample_root, out, BEAM_ARGS)
+    assert summary == {**summary, "rows": 9, "ok": 9, "errors": 0}
+    table = read_score_table(out)
+    assert table.schema.equals(SCORES_SCHEMA)
+    rows = table.to_pylist()
+    assert sorted(r["label"] for r in rows) == ["good"] * 3 + ["scratch"] * 3 + ["spot"] * 3
+    for row in rows:
+        assert row["status"] == "ok" and row["gallery_hash"] == manifest["gallery_hash"]
+        assert len(row["neighbours"]) == config.k
+        with Image.open(row["map_uri"]) as img:
+            assert img.mode.startswith("I") and img.size == (row["width"], row["height"])
+        with Image.open(row["mask_uri"]) as img:
+            assert img.size == (row["width"], row["height"])
+        assert row["pixel_max"] > 0 and row["image_score"] > 0
+    result = run_evaluate(out, f"{sample_root}/ground_truth", str(tmp_path / "eval"))
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert set(metrics["overall"]) == {"image_rocauc", "pixel_rocauc", "pro"}
+    assert set(metrics["per_defect"]) == {"scratch", "spot"}
+    assert metrics["counts"] == {"rows": 9, "scored": 9, "errors": 0, "unlabelled": 0, "good": 3, "defective": 6}
+    assert all(0.0 <= v <= 1.0 for v in metrics["overall"].values())
+    assert (tmp_path / "eval" / "metrics.csv").read_text().splitlines()[0] == "defect,images,image_rocauc,pixel_rocauc,pro"
+    assert result["problems"] == []
+
+
+def test_rerun_gives_identical_outputs(fitted, sample_root, tmp_path):
+    config, gallery, _ = fitted
+    first, second = str(tmp_path / "a"), str(tmp_path / "b")
+    run_score(config, gallery, f"{sample_root}/test/spot", first, BEAM_ARGS)
+    run_score(config, gallery, f"{sample_root}/test/spot", second, BEAM_ARGS)
+    run_score(config, gallery, f"{sample_root}/test/spot", second, BEAM_ARGS)
+    a, b = read_score_table(first).drop(["scored_at"]), read_score_table(second).drop(["scored_at"])
+    assert a.drop(["map_uri", "mask_uri"]).equals(b.drop(["map_uri", "mask_uri"]))
+    for row in a.to_pylist():
+        name = row["map_uri"].rsplit("/", 1)[-1]
+        assert (Path(first) / "maps" / name).read_bytes() == (Path(second) / "maps" / name).read_bytes()
+    assert len(list((Path(second) / "scores").glob("*.parquet"))) == 1
+    assert not list(Path(second).rglob(".tmp-*"))
+
+
+def test_bad_inputs_become_error_rows(fitted, sample_root, tmp_path):
+    config, gallery, _ = fitted
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for src in sorted(Path(sample_root, "test", "good").glob("*.png"))[:2]:
+        shutil.copy(src, folder / src.name)
+    good_png = (folder / "000.png").read_bytes()
+    (folder / "corrupt.png").write_bytes(good_png[: len(good_png) // 2])
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.txt").write_text("operator notes, not an image\n")
+    buffer = io.BytesIO()
+    Image.new("RGBA", (50, 70), (10, 200, 30, 128)).save(buffer, format="PNG")
+    (folder / "rgba_small.png").write_bytes(buffer.getvalue())
+    out = str(tmp_path / "out")
+    summary = run_score(config, gallery, str(folder), out, BEAM_ARGS)
+    rows = {r["uri"].rsplit("/", 1)[-1]: r for r in read_score_table(out).to_pylist()}
+    assert set(rows) == {"000.png", "001.png", "corrupt.png", "empty.png", "notes.txt", "rgba_small.png"}
+    assert summary["ok"] == 3 and summary["errors"] == 3
+    assert "truncated" in rows["corrupt.png"]["error"] and "corrupt.png" in rows["corrupt.png"]["error"]
+    assert "empty" in rows["empty.png"]["error"]
+    assert "not a readable image" in rows["notes.txt"]["error"]
+    for name in ["corrupt.png", "empty.png", "notes.txt"]:
+        assert rows[name]["status"] == "error" and rows[name]["image_score"] is None and rows[name]["gallery_hash"]
+    assert rows["rgba_small.png"]["status"] == "ok" and (rows["rgba_small.png"]["width"], rows["rgba_small.png"]["height"]) == (50, 70)
+
+
+def test_mismatched_gallery_and_missing_gallery(fitted, sample_root, tmp_path):
+    config, gallery, _ = fitted
+    with pytest.raises(GalleryMismatch, match="backbone: gallery has 'resnet18', config has 'resnet34'"):
+        run_score(config.replace(backbone="resnet34"), gallery, sample_root, str(tmp_path / "x"), BEAM_ARGS)
+    with pytest.raises(GalleryMismatch, match="crop"):
+        run_score(config.replace(crop=192), gallery, sample_root, str(tmp_path / "x"), BEAM_ARGS)
+    with pytest.raises(GalleryMissing, match="spade fit"):
+        run_score(config, str(tmp_path / "nowhere"), sample_root, str(tmp_path / "x"), BEAM_ARGS)
+
+
+def test_fsspec_memory_urls_end_to_end(sample_root):
+    """Gallery and outputs on an fsspec filesystem (memory://) rather than local disk."""
+    import fsspec
+
+    config = plumbing_config(calibration_images=2)
+    run_fit(config, f"{sample_root}/train/good", "memory://spade-test/gallery", BEAM_ARGS)
+    summary = run_score(config, "memory://spade-test/gallery", f"{sample_root}/test/scratch", "memory://spade-test/out", BEAM_ARGS)
+    assert summary["ok"] == 3
+    fs = fsspec.filesystem("memory")
+    assert fs.exists("/spade-test/gallery/manifest.json")
+    assert len(fs.ls("/spade-test/out/maps")) == 3
