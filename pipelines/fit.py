@@ -17,7 +17,7 @@ from spade.weights import resolve_weights
 from transforms.extract import ExtractFeatures
 from transforms.parquet import WriteParquetShards
 from transforms.progress import CountProgress
-from transforms.read import ReadImages
+from transforms.read import ReadImages, input_batches
 from transforms.records import embedding_row
 from pipelines.options import beam_options
 from pipelines.progress import ProgressReporter
@@ -28,15 +28,15 @@ LOG = logging.getLogger("spade")
 def build_fit_pipeline(pipeline: beam.Pipeline, uris: list[str], config: SpadeConfig, gallery_url: str,
                        progress_folder: str | None = None):
     """The fit graph; its single final PCollection lists the files written (one sink step, Dask-friendly)."""
-    read = pipeline | "Inputs" >> beam.Create(uris) | "Read" >> ReadImages(config)
-    extracted = read.images | "Extract" >> ExtractFeatures(config)
+    images, read_errors = pipeline | "Inputs" >> beam.Create(input_batches(uris, config.batch_size)) | "Read" >> ReadImages(config)
+    features, extract_errors = images | "Extract" >> ExtractFeatures(config)
     dtype = config.feature_dtype
-    embeddings = (extracted.images
-                  | "ToRows" >> beam.Map(embedding_row, dtype)
+    embeddings = (features
+                  | "ToRows" >> beam.FlatMap(lambda batch: [embedding_row(item, dtype) for item in batch])
                   | "CountImages" >> beam.ParDo(CountProgress(progress_folder))
                   | "WriteEmbeddings" >> WriteParquetShards(storage.join(gallery_url, "embeddings", "part"),
                                                             embeddings_schema(config.layers), config.shards))
-    rejected = ((read.errors, extracted.errors)
+    rejected = ((read_errors, extract_errors)
                 | "Errors" >> beam.Flatten()
                 | "CountErrors" >> beam.ParDo(CountProgress(progress_folder))
                 | "WriteRejected" >> WriteParquetShards(storage.join(gallery_url, "rejected", "part"), ERRORS_SCHEMA, 1))

@@ -18,7 +18,7 @@ from spade.weights import resolve_weights
 from transforms.extract import ExtractFeatures
 from transforms.parquet import WriteParquetShards
 from transforms.progress import CountProgress
-from transforms.read import ReadImages
+from transforms.read import ReadImages, input_batches
 from transforms.records import utc_now
 from transforms.score import ScoreImages
 from pipelines.options import beam_options
@@ -30,14 +30,14 @@ LOG = logging.getLogger("spade")
 def build_score_pipeline(pipeline: beam.Pipeline, uris: list[str], config: SpadeConfig, gallery_url: str, out_url: str,
                          gallery_hash: str, scored_at: datetime, progress_folder: str | None = None):
     """The score graph: every input ends as exactly one row of the score table (the one sink)."""
-    read = pipeline | "Inputs" >> beam.Create(uris) | "Read" >> ReadImages(config)
-    extracted = read.images | "Extract" >> ExtractFeatures(config)
-    scored = extracted.images | "Score" >> ScoreImages(config, gallery_url, out_url, scored_at)
+    images, read_errors = pipeline | "Inputs" >> beam.Create(input_batches(uris, config.batch_size)) | "Read" >> ReadImages(config)
+    features, extract_errors = images | "Extract" >> ExtractFeatures(config)
+    scored, score_errors = features | "Score" >> ScoreImages(config, gallery_url, out_url, scored_at)
     stamp = {"gallery_hash": gallery_hash, "scored_at": scored_at}
-    errors = ((read.errors, extracted.errors, scored.errors)
+    errors = ((read_errors, extract_errors, score_errors)
               | "Errors" >> beam.Flatten()
               | "Stamp" >> beam.Map(lambda row: {**row, **stamp}))
-    return ((scored.images, errors)
+    return ((scored, errors)
             | "AllRows" >> beam.Flatten()
             | "Count" >> beam.ParDo(CountProgress(progress_folder))
             | "WriteScores" >> WriteParquetShards(storage.join(out_url, "scores", "part"), SCORES_SCHEMA, config.shards))

@@ -11,7 +11,8 @@ from apache_beam.utils.shared import Shared
 
 from spade.backbone import FeatureExtractor
 from spade.config import SpadeConfig, stable_hash
-from transforms.records import ERRORS, IMAGES, ImageFeatures, error_row, image_columns
+from transforms.cache import acquire
+from transforms.records import ImageFeatures, SplitErrors, error_row, image_columns
 
 LOG = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ def set_threads(config: SpadeConfig) -> None:
 
 
 class ExtractBatch(beam.DoFn):
-    """A list of `ImageInput` → one `ImageFeatures` each; a failing batch is retried image by image."""
+    """A list of `ImageInput` → a list of `ImageFeatures`; a failing batch is retried image by image."""
 
     def __init__(self, config: SpadeConfig, shared: Shared):
         self.config = config
@@ -33,20 +34,20 @@ class ExtractBatch(beam.DoFn):
 
     def setup(self):
         set_threads(self.config)
-        self.extractor = self._shared.acquire(lambda: FeatureExtractor(self.config),
-                                              tag=stable_hash(self.config.feature_signature()))
+        self.extractor = acquire(self._shared, stable_hash(self.config.feature_signature()),
+                                 lambda: FeatureExtractor(self.config))
 
     def process(self, batch):
         import time
 
         start = time.perf_counter()
         try:
-            yield from self._extract(batch)
+            yield self._extract(batch)
         except Exception:
             if len(batch) == 1:
                 image = batch[0]
                 LOG.exception("feature extraction failed for %s", image.uri)
-                yield beam.pvalue.TaggedOutput(ERRORS, error_row(**image_columns(image), error=f"{image.uri}: feature extraction failed"))
+                yield error_row(**image_columns(image), error=f"{image.uri}: feature extraction failed")
                 return
             for image in batch:
                 yield from self.process([image])
@@ -60,7 +61,7 @@ class ExtractBatch(beam.DoFn):
 
 
 class ExtractFeatures(beam.PTransform):
-    """`ImageInput`s → tagged ``images`` (`ImageFeatures`) and ``errors`` (rows)."""
+    """Lists of `ImageInput` → (lists of `ImageFeatures`, error rows)."""
 
     def __init__(self, config: SpadeConfig):
         super().__init__()
@@ -68,5 +69,5 @@ class ExtractFeatures(beam.PTransform):
 
     def expand(self, images):
         return (images
-                | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=self.config.batch_size)
-                | "Extract" >> beam.ParDo(ExtractBatch(self.config, Shared())).with_outputs(ERRORS, main=IMAGES))
+                | "Extract" >> beam.ParDo(ExtractBatch(self.config, Shared()))
+                | "Split" >> SplitErrors())

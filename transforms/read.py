@@ -9,25 +9,43 @@ from apache_beam.metrics import Metrics
 from spade.config import SpadeConfig
 from spade.images import ImageDecodeError, content_id, decode_rgb, preprocess
 from spade.sources import label_from_uri, read_inputs
-from transforms.records import ERRORS, IMAGES, ImageInput, error_row
+from transforms.records import ImageInput, SplitErrors, error_row
 
 LOG = logging.getLogger(__name__)
 
 
 class DecodeImages(beam.DoFn):
-    """Source URI (file or tar shard) → `ImageInput` per image, or an error row tagged ``errors``."""
+    """A list of source URIs (files or tar shards) → lists of up to ``batch_size`` `ImageInput`s,
+    and one error row per bad input.
+
+    Batches are formed here, at the source, rather than with `beam.BatchElements`:
+    that emits its last batch from finish_bundle, which Beam's Dask runner drops.
+    """
 
     def __init__(self, config: SpadeConfig):
         self.config = config
         self.read = Metrics.counter("spade", "images_read")
         self.failed = Metrics.counter("spade", "images_failed")
 
-    def process(self, uri: str):
-        for image_uri, data, problem in read_inputs(uri):
+    def process(self, uris: list[str]):
+        batch: list[ImageInput] = []
+        for element in self._decode_all(uris):
+            if isinstance(element, ImageInput):
+                batch.append(element)
+                if len(batch) == self.config.batch_size:
+                    yield batch
+                    batch = []
+            else:
+                yield element
+        if batch:
+            yield batch
+
+    def _decode_all(self, uris: list[str]):
+        for image_uri, data, problem in (item for uri in uris for item in read_inputs(uri)):
             label = label_from_uri(image_uri)
             if problem is not None:
                 self.failed.inc()
-                yield beam.pvalue.TaggedOutput(ERRORS, error_row(image_uri, f"{image_uri}: {problem}", label=label))
+                yield error_row(image_uri, f"{image_uri}: {problem}", label=label)
                 continue
             image_id = content_id(data)
             try:
@@ -36,21 +54,19 @@ class DecodeImages(beam.DoFn):
                 tensor = preprocess(rgb, cfg.resize, cfg.crop, cfg.mean, cfg.std).numpy()
             except ImageDecodeError as exc:
                 self.failed.inc()
-                yield beam.pvalue.TaggedOutput(ERRORS, error_row(
-                    image_uri, f"{image_uri}: {exc}; replace or remove the file", image_id=image_id, label=label))
+                yield error_row(image_uri, f"{image_uri}: {exc}; replace or remove the file", image_id=image_id, label=label)
                 continue
             except Exception as exc:  # one odd image must not end the batch
                 LOG.exception("unexpected failure decoding %s", image_uri)
                 self.failed.inc()
-                yield beam.pvalue.TaggedOutput(ERRORS, error_row(
-                    image_uri, f"{image_uri}: {exc.__class__.__name__}: {exc}", image_id=image_id, label=label))
+                yield error_row(image_uri, f"{image_uri}: {exc.__class__.__name__}: {exc}", image_id=image_id, label=label)
                 continue
             self.read.inc()
             yield ImageInput(image_uri, image_id, label, int(rgb.shape[1]), int(rgb.shape[0]), tensor)
 
 
 class ReadImages(beam.PTransform):
-    """PCollection of source URIs → tagged outputs ``images`` (`ImageInput`) and ``errors`` (rows)."""
+    """PCollection of lists of source URIs → (lists of `ImageInput`, error rows)."""
 
     def __init__(self, config: SpadeConfig):
         super().__init__()
@@ -59,4 +75,10 @@ class ReadImages(beam.PTransform):
     def expand(self, uris):
         return (uris
                 | "Spread" >> beam.Reshuffle()
-                | "Decode" >> beam.ParDo(DecodeImages(self.config)).with_outputs(ERRORS, main=IMAGES))
+                | "Decode" >> beam.ParDo(DecodeImages(self.config))
+                | "Split" >> SplitErrors())
+
+
+def input_batches(uris: list[str], batch_size: int) -> list[list[str]]:
+    """Consecutive groups of ``batch_size`` input URIs: the unit of work of a pipeline."""
+    return [uris[i:i + batch_size] for i in range(0, len(uris), batch_size)]

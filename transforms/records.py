@@ -7,8 +7,7 @@ from typing import Any
 
 import numpy as np
 
-IMAGES = "images"
-ERRORS = "errors"
+import apache_beam as beam
 
 
 @dataclass
@@ -37,6 +36,22 @@ def error_row(uri: str, error: str, image_id: str | None = None, label: str = ""
     """A table row for an input that could not be processed; ``error`` says why."""
     return {"uri": uri, "image_id": image_id, "label": label, "width": width, "height": height,
             "status": "error", "error": error, **extra}
+
+
+def is_error(element: Any) -> bool:
+    return isinstance(element, dict) and element.get("status") == "error"
+
+
+class SplitErrors(beam.PTransform):
+    """One PCollection of payloads and error rows → (payloads, error rows).
+
+    Our DoFns emit errors on their single main output rather than as tagged
+    outputs: Beam's Dask runner delivers every tagged output to every consumer.
+    """
+
+    def expand(self, pcoll):
+        return (pcoll | "Payloads" >> beam.Filter(lambda e: not is_error(e)),
+                pcoll | "Errors" >> beam.Filter(is_error))
 
 
 def image_columns(image: ImageInput) -> dict[str, Any]:

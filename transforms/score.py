@@ -18,7 +18,8 @@ from spade.maps import encode_mask, encode_score_map
 from spade.scoremap import to_original_geometry
 from spade.scoring import score_batch
 from transforms.extract import set_threads
-from transforms.records import ERRORS, IMAGES, error_row, image_columns
+from transforms.cache import acquire
+from transforms.records import SplitErrors, error_row, image_columns
 
 LOG = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class ScoreBatch(beam.DoFn):
 
     def setup(self):
         set_threads(self.config)
-        self.gallery = self._shared.acquire(lambda: _GalleryHandle(self.gallery_url), tag=self.gallery_url).gallery
+        self.gallery = acquire(self._shared, self.gallery_url, lambda: _GalleryHandle(self.gallery_url)).gallery
         self.gallery.check_compatible(self.config)
         self.image_threshold, self.pixel_threshold = resolve_thresholds(self.config, self.gallery.manifest)
 
@@ -69,8 +70,7 @@ class ScoreBatch(beam.DoFn):
                 return
             LOG.exception("scoring failed for %s", batch[0].image.uri)
             self.failed.inc()
-            yield beam.pvalue.TaggedOutput(ERRORS, error_row(**image_columns(batch[0].image),
-                                                             error=f"{batch[0].image.uri}: scoring failed: {exc}"))
+            yield error_row(**image_columns(batch[0].image), error=f"{batch[0].image.uri}: scoring failed: {exc}")
             return
         for item, result in zip(batch, results):
             try:
@@ -78,8 +78,7 @@ class ScoreBatch(beam.DoFn):
             except Exception as exc:
                 LOG.exception("writing maps failed for %s", item.image.uri)
                 self.failed.inc()
-                yield beam.pvalue.TaggedOutput(ERRORS, error_row(**image_columns(item.image),
-                                                                 error=f"{item.image.uri}: writing score map failed: {exc}"))
+                yield error_row(**image_columns(item.image), error=f"{item.image.uri}: writing score map failed: {exc}")
         self.latency.update(int((time.perf_counter() - start) * 1000 / len(batch)))
 
     def _write(self, image, result) -> dict:
@@ -111,7 +110,7 @@ class ScoreBatch(beam.DoFn):
 
 
 class ScoreImages(beam.PTransform):
-    """`ImageFeatures` → tagged ``images`` (score rows) and ``errors`` (rows)."""
+    """Lists of `ImageFeatures` → (score rows, error rows)."""
 
     def __init__(self, config: SpadeConfig, gallery_url: str, out_url: str, scored_at: datetime):
         super().__init__()
@@ -119,6 +118,6 @@ class ScoreImages(beam.PTransform):
 
     def expand(self, features):
         return (features
-                | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=self.config.batch_size)
                 | "Score" >> beam.ParDo(ScoreBatch(self.config, self.gallery_url, self.out_url, self.scored_at,
-                                                   Shared())).with_outputs(ERRORS, main=IMAGES))
+                                                   Shared()))
+                | "Split" >> SplitErrors())
