@@ -10,7 +10,8 @@ from spade.config import load_config
 
 EXAMPLES = {
     "fit": "spade fit --config configs/default.yaml --images 'data/bottle/train/good/*.png' --gallery runs/gallery",
-    "score": "spade score --config configs/default.yaml --gallery runs/gallery --images 'data/bottle/test/**/*.png' --out runs/scores",
+    "score": "spade score --config configs/default.yaml --gallery runs/gallery --images 'data/bottle/test/**/*.png' --out runs/scores\n"
+             "  spade score --config configs/default.yaml --gallery runs/gallery --images 'archive/**/*.png' --out runs/nightly --date 2026-11-28",
     "evaluate": "spade evaluate --scores runs/scores --masks data/bottle/ground_truth --out runs/eval",
     "demo": "spade demo --out runs/demo",
 }
@@ -41,12 +42,21 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(fit)
     fit.add_argument("--images", required=True, help="glob, folder (MVTec root: its train/), or tar shards; local or fsspec URL")
     fit.add_argument("--gallery", required=True, help="gallery folder to write (local path or fsspec URL)")
+    fit.add_argument("--append", action="store_true",
+                     help="add these images to an existing gallery without extracting its old images again")
 
     score = add("score", "Score images against a gallery: score table, score maps, masks.")
     _config_args(score)
     score.add_argument("--gallery", required=True, help="gallery folder written by `spade fit`")
     score.add_argument("--images", required=True, help="glob, folder (MVTec root: its test/), or tar shards")
     score.add_argument("--out", required=True, help="output folder: scores/*.parquet, maps/*.png, masks/*.png, run.json")
+    score.add_argument("--date", dest="day", metavar="YYYY-MM-DD",
+                       help="nightly mode: write to OUT/gallery=<hash>/date=YYYY-MM-DD/ and score only images "
+                            "not yet scored with this gallery (a re-run is a no-op)")
+    score.add_argument("--since", metavar="YYYY-MM-DD",
+                       help="only inputs dated this day or later (a date in the path, else modification time)")
+    score.add_argument("--rescore-all", action="store_true", dest="rescore_all",
+                       help="nightly mode: score every input again (needed when the gallery changed)")
 
     evaluate = add("evaluate", "Image ROCAUC, pixel ROCAUC and PRO of a score run, per defect type.")
     evaluate.add_argument("--scores", required=True, help="the --out folder of `spade score`")
@@ -99,11 +109,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "fit":
             from pipelines.fit import run_fit
 
-            run_fit(load_config(args.config, overrides), args.images, args.gallery, beam_args, say)
+            run_fit(load_config(args.config, overrides), args.images, args.gallery, beam_args, say, append=args.append)
         elif args.command == "score":
             from pipelines.score import run_score
 
-            run_score(load_config(args.config, overrides), args.gallery, args.images, args.out, beam_args, say)
+            run_score(load_config(args.config, overrides), args.gallery, args.images, args.out, beam_args, say,
+                      day=args.day, since=args.since, rescore_all=args.rescore_all)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"spade {args.command}: error: {exc}", file=sys.stderr)
         return 2

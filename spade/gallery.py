@@ -58,6 +58,8 @@ def library_versions() -> dict[str, str]:
 
 def _read_images_and_embeddings(shard_urls: list[str]) -> tuple[pa.Table, np.ndarray]:
     table = storage.read_parquet(shard_urls, columns=["image_id", "uri", "label", "width", "height", "embedding"])
+    if table.num_rows == 0:
+        raise GalleryMissing("no usable normal images: every input was rejected (the rejected/ table says why)")
     order = np.argsort(np.asarray(table.column("image_id").to_pylist(), dtype=object), kind="stable")
     table = table.take(pa.array(order))
     ids = table.column("image_id").to_pylist()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 import tarfile
+from datetime import date, datetime, timezone
 from typing import Iterator
 
 import fsspec
@@ -103,3 +104,31 @@ def stem(uri: str) -> str:
 def mask_uri(masks_root: str, label: str, image_uri: str) -> str:
     """MVTec ground-truth location of an image's defect mask."""
     return f"{masks_root.rstrip('/')}/{label}/{stem(image_uri)}_mask.png"
+
+
+_DATE_IN_PATH = re.compile(r"(?:^|[/=_-])(\d{4}-\d{2}-\d{2})(?=$|[/_.-])")
+
+
+def image_date(uri: str) -> date:
+    """The day an input belongs to: a YYYY-MM-DD in its path (date-partitioned archives), else its
+    modification time (UTC)."""
+    path = uri.split("#", 1)[0]
+    found = _DATE_IN_PATH.findall(path)
+    if found:
+        return date.fromisoformat(found[-1])
+    fs, fs_path = fsspec.core.url_to_fs(path)
+    info = fs.info(fs_path)
+    stamp = info.get("mtime") or info.get("LastModified") or info.get("updated") or info.get("created")
+    if isinstance(stamp, (int, float)):
+        return datetime.fromtimestamp(stamp, tz=timezone.utc).date()
+    if isinstance(stamp, str):
+        return datetime.fromisoformat(stamp.replace("Z", "+00:00")).astimezone(timezone.utc).date()
+    if isinstance(stamp, datetime):
+        return (stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)).astimezone(timezone.utc).date()
+    raise ValueError(f"{uri}: cannot tell its date (no YYYY-MM-DD in the path, no modification time); drop --since")
+
+
+def modified_since(uris: list[str], since: str) -> list[str]:
+    """The inputs whose `image_date` is ``since`` (YYYY-MM-DD) or later."""
+    first = date.fromisoformat(since)
+    return [uri for uri in uris if image_date(uri) >= first]

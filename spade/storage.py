@@ -85,7 +85,8 @@ def list_files(url: str, suffix: str = "") -> list[str]:
     if not fs.exists(path):
         return []
     protocol = url.split("://", 1)[0] + "://" if "://" in url else ""
-    names = [p for p in fs.ls(path, detail=False) if p.endswith(suffix) and not p.rsplit("/", 1)[-1].startswith(".")]
+    names = [p["name"] for p in fs.ls(path, detail=True)
+             if p["type"] == "file" and p["name"].endswith(suffix) and not p["name"].rsplit("/", 1)[-1].startswith(".")]
     return sorted(protocol + p if protocol and not p.startswith(protocol) else p for p in names)
 
 
@@ -97,3 +98,59 @@ def read_parquet(urls: list[str], columns: list[str] | None = None) -> pa.Table:
     if not tables:
         raise FileNotFoundError("no Parquet files to read")
     return pa.concat_tables(tables)
+
+
+def move(src: str, dest: str) -> None:
+    """Rename a file (atomic on local disk; copy + delete where the filesystem cannot rename)."""
+    if is_local(src) and is_local(dest):
+        os.makedirs(os.path.dirname(local_path(dest)) or ".", exist_ok=True)
+        os.replace(local_path(src), local_path(dest))
+        return
+    fs, src_path = filesystem(src)
+    fs.mv(src_path, filesystem(dest)[1])
+
+
+def remove(url: str, recursive: bool = False) -> None:
+    fs, path = filesystem(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=recursive)
+
+
+def list_dirs(url: str, prefix: str = "") -> list[str]:
+    """Sorted full URLs of the sub-folders of ``url`` whose names start with ``prefix``."""
+    fs, path = filesystem(url)
+    if not fs.exists(path):
+        return []
+    protocol = url.split("://", 1)[0] + "://" if "://" in url else ""
+    found = [p["name"] for p in fs.ls(path, detail=True)
+             if p["type"] == "directory" and p["name"].rstrip("/").rsplit("/", 1)[-1].startswith(prefix)]
+    return sorted(protocol + p if protocol and not p.startswith(protocol) else p for p in found)
+
+
+def publish_staged(staging: str, folder: str, tag: str | None = None, replace: bool = False) -> list[str]:
+    """Move the Parquet files a finished run wrote under ``staging`` into ``folder``.
+
+    A run writes only to its own staging folder, so a run killed midway leaves
+    nothing readers see. ``tag`` prefixes the names (runs that add files beside
+    earlier ones); ``replace`` removes the folder's other Parquet files, so a re-run
+    replaces rather than duplicates.
+    """
+    published = []
+    for url in list_files(staging, ".parquet"):
+        name = url.rsplit("/", 1)[-1]
+        dest = join(folder, f"{tag}-{name}" if tag else name)
+        move(url, dest)
+        published.append(dest)
+    if replace:
+        keep = {filesystem(url)[1] for url in published}
+        for old in list_files(folder, ".parquet"):
+            if filesystem(old)[1] not in keep:
+                remove(old)
+    remove(staging, recursive=True)
+    return published
+
+
+def remove_stale_staging(folder: str) -> None:
+    """Delete staging folders that killed runs left behind."""
+    for stale in list_dirs(folder, "_staging-"):
+        remove(stale, recursive=True)
