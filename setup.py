@@ -24,7 +24,8 @@ setup(
         "scikit-learn",
     ],
     extras_require={
-        "test": ["pytest", "scikit-image"],
+        "test": ["pytest", "scikit-image", "dask[distributed]"],
+        "dask": ["dask[distributed]"],
     },
     entry_points={"console_scripts": ["spade=pipelines.cli:main"]},
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 from apache_beam.options.pipeline_options import PipelineOptions
 
 DEFAULT_RUNNER = "FnApiRunner"
+RUNNER_ALIASES = {"DaskRunner": "apache_beam.runners.dask.dask_runner.DaskRunner"}
 
 
 def beam_options(beam_args: list[str] | None) -> PipelineOptions:
@@ -15,4 +16,9 @@ def beam_options(beam_args: list[str] | None) -> PipelineOptions:
     args = list(beam_args or [])
     if not any(a == "--runner" or a.startswith("--runner=") for a in args):
         args.append(f"--runner={DEFAULT_RUNNER}")
+    for i, arg in enumerate(args):
+        if arg.startswith("--runner=") and arg.split("=", 1)[1] in RUNNER_ALIASES:
+            args[i] = "--runner=" + RUNNER_ALIASES[arg.split("=", 1)[1]]
+        elif arg == "--runner" and i + 1 < len(args) and args[i + 1] in RUNNER_ALIASES:
+            args[i + 1] = RUNNER_ALIASES[args[i + 1]]
     return PipelineOptions(args)
