@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  " + "\n  ".join(EXAMPLES.values()), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--log-level", default="INFO", help="log level of spade's own messages (default INFO)")
     parser.add_argument("--quiet", action="store_true", help="print only results and errors")
+    parser.add_argument("--runner-profile", dest="runner_profile",
+                        help="YAML with `beam_args:` (configs/runners/*.yaml); arguments given here win")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -93,6 +95,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, beam_args = parser.parse_known_args(argv)
     _setup_logging(args.log_level, args.quiet)
+    if args.runner_profile:
+        from pipelines.options import load_runner_profile
+
+        beam_args = load_runner_profile(args.runner_profile) + beam_args
     say = logging.getLogger("spade").info
     try:
         if args.command == "evaluate":

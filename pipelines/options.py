@@ -1,6 +1,8 @@
 """Beam pipeline options: ours are parsed by the CLI, the rest pass through to Beam."""
 from __future__ import annotations
 
+import fsspec
+import yaml
 from apache_beam.options.pipeline_options import PipelineOptions
 
 DEFAULT_RUNNER = "FnApiRunner"
@@ -22,3 +24,13 @@ def beam_options(beam_args: list[str] | None) -> PipelineOptions:
         elif arg == "--runner" and i + 1 < len(args) and args[i + 1] in RUNNER_ALIASES:
             args[i + 1] = RUNNER_ALIASES[args[i + 1]]
     return PipelineOptions(args)
+
+
+def load_runner_profile(path: str) -> list[str]:
+    """Beam arguments from a runner profile (configs/runners/*.yaml: ``beam_args: [...]``)."""
+    with fsspec.open(path, "r") as handle:
+        loaded = yaml.safe_load(handle) or {}
+    args = loaded.get("beam_args") if isinstance(loaded, dict) else None
+    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+        raise ValueError(f"{path}: a runner profile is a YAML mapping with `beam_args:` a list of --option=value strings")
+    return args
