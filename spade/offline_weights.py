@@ -1,0 +1,1 @@
+"""Loaders for ImageNet weights shipped inside installed Python packages (no hub, no network)."""

