@@ -1,4 +1,4 @@
-"""The `spade` command line: fit, score, evaluate, demo."""
+"""The `spade` command line: fit, score, evaluate, report, demo."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +13,7 @@ EXAMPLES = {
     "score": "spade score --config configs/default.yaml --gallery runs/gallery --images 'data/bottle/test/**/*.png' --out runs/scores\n"
              "  spade score --config configs/default.yaml --gallery runs/gallery --images 'archive/**/*.png' --out runs/nightly --date 2026-11-28",
     "evaluate": "spade evaluate --scores runs/scores --masks data/bottle/ground_truth --out runs/eval",
+    "report": "spade report --scores runs/scores --masks data/bottle/ground_truth --out runs/report",
     "demo": "spade demo --out runs/demo",
 }
 
@@ -24,21 +25,29 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, dest="batch_size", help="override the extraction/scoring batch size")
 
 
+def _common_args(parser: argparse.ArgumentParser, default) -> None:
+    """Options accepted before or after the subcommand (`spade --quiet score ...` = `spade score ... --quiet`)."""
+    parser.add_argument("--log-level", default=default, help="log level of spade's own messages (default INFO)")
+    parser.add_argument("--quiet", action="store_true", default=default, help="print only results and errors")
+    parser.add_argument("--runner-profile", dest="runner_profile", default=default,
+                        help="YAML with `beam_args:` (configs/runners/*.yaml); arguments given here win")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="spade",
+        prog="spade", allow_abbrev=False,
         description="SPADE anomaly detection (Cohen & Hoshen 2020) as Apache Beam batch pipelines. "
                     "Arguments not listed here (--runner, --direct_num_workers, ...) pass through to Beam.",
         epilog="examples:\n  " + "\n  ".join(EXAMPLES.values()), formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--log-level", default="INFO", help="log level of spade's own messages (default INFO)")
-    parser.add_argument("--quiet", action="store_true", help="print only results and errors")
-    parser.add_argument("--runner-profile", dest="runner_profile",
-                        help="YAML with `beam_args:` (configs/runners/*.yaml); arguments given here win")
+    _common_args(parser, argparse.SUPPRESS)
+    parser.set_defaults(log_level="INFO", quiet=False, runner_profile=None)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, help_text: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help_text, description=help_text, epilog=f"example:\n  {EXAMPLES[name]}",
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+        command = sub.add_parser(name, allow_abbrev=False, help=help_text, description=help_text, epilog=f"example:\n  {EXAMPLES[name]}",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+        _common_args(command, argparse.SUPPRESS)
+        return command
 
     fit = add("fit", "Build a gallery from normal (defect-free) images.")
     _config_args(fit)
@@ -57,13 +66,29 @@ def build_parser() -> argparse.ArgumentParser:
                             "not yet scored with this gallery (a re-run is a no-op)")
     score.add_argument("--since", metavar="YYYY-MM-DD",
                        help="only inputs dated this day or later (a date in the path, else modification time)")
+    score.add_argument("--thresholds", help="thresholds.json from `spade evaluate` (image/pixel); wins over the config "
+                                            "and the gallery's calibration")
     score.add_argument("--rescore-all", action="store_true", dest="rescore_all",
                        help="nightly mode: score every input again (needed when the gallery changed)")
 
     evaluate = add("evaluate", "Image ROCAUC, pixel ROCAUC and PRO of a score run, per defect type.")
     evaluate.add_argument("--scores", required=True, help="the --out folder of `spade score`")
     evaluate.add_argument("--masks", help="MVTec ground_truth folder (<defect>/<stem>_mask.png); without it, image metrics only")
-    evaluate.add_argument("--out", required=True, help="folder for metrics.json and metrics.csv")
+    evaluate.add_argument("--out", required=True, help="folder for metrics.json, metrics.csv and thresholds.json")
+    evaluate.add_argument("--threshold-method", dest="threshold_method", default="auto",
+                          choices=["auto", "max_f1", "target_fpr"],
+                          help="auto: max F1 where defects are labelled, else the target false-positive rate")
+    evaluate.add_argument("--image-fpr", dest="image_fpr", type=float, default=0.05,
+                          help="target false-positive rate of the image threshold on good images (default 0.05)")
+    evaluate.add_argument("--pixel-fpr", dest="pixel_fpr", type=float,
+                          help="target false-positive rate of the pixel threshold (default: the run's calibration_fpr)")
+
+    report = add("report", "A static HTML report of a score run (opens from disk): metrics, ROC/PRO curves, "
+                           "score histogram, top-N gallery with heatmaps, errors.")
+    report.add_argument("--scores", required=True, help="the --out folder of `spade score`")
+    report.add_argument("--masks", help="MVTec ground_truth folder; without it, no pixel metrics or ground-truth pictures")
+    report.add_argument("--out", required=True, help="report folder to write: index.html and img/*.png")
+    report.add_argument("--top", type=int, default=24, help="how many of the most anomalous images to show (default 24)")
 
     demo = add("demo", "Fit, score and evaluate on an embedded synthetic sample, printing where outputs are.")
     _config_args(demo)
@@ -104,7 +129,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "evaluate":
             from pipelines.evaluate import run_evaluate
 
-            run_evaluate(args.scores, args.masks, args.out, say)
+            run_evaluate(args.scores, args.masks, args.out, say, threshold_method=args.threshold_method,
+                         image_fpr=args.image_fpr, pixel_fpr=args.pixel_fpr)
+            return 0
+        if args.command == "report":
+            from pipelines.report import run_report
+
+            run_report(args.scores, args.masks, args.out, args.top, say)
             return 0
         overrides = {"weights": args.weights, "k": args.k, "batch_size": args.batch_size}
         if args.command == "demo":
@@ -120,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from pipelines.score import run_score
 
             run_score(load_config(args.config, overrides), args.gallery, args.images, args.out, beam_args, say,
-                      day=args.day, since=args.since, rescore_all=args.rescore_all)
+                      day=args.day, since=args.since, rescore_all=args.rescore_all, thresholds_url=args.thresholds)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"spade {args.command}: error: {exc}", file=sys.stderr)
         return 2

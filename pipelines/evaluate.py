@@ -1,4 +1,4 @@
-"""`spade evaluate`: a score run + ground truth → metrics.json, metrics.csv and a printed table."""
+"""`spade evaluate`: a score run + ground truth → metrics.json, metrics.csv, thresholds.json and a printed table."""
 from __future__ import annotations
 
 import csv
@@ -9,8 +9,11 @@ import math
 from typing import Any, Callable
 
 from spade import storage
-from spade.evaluation import evaluate, format_table, metrics_table
+from spade.evaluation import GOOD, evaluate, format_table, load_pixels, metrics_table
 from spade.results import read_run_info, read_score_table
+from spade.thresholds import AUTO, run_thresholds
+
+THRESHOLDS = "thresholds.json"
 
 LOG = logging.getLogger("spade")
 
@@ -25,20 +28,51 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def run_evaluate(scores_url: str, masks_root: str | None, out_url: str, say: Callable[[str], None] = LOG.info) -> dict:
-    """Evaluate the run in ``scores_url``; writes metrics.json and metrics.csv under ``out_url``."""
+def select_run_thresholds(table, config: dict, masks_root: str | None, method: str = AUTO, image_fpr: float = 0.05,
+                          pixel_fpr: float | None = None, progress: Callable[[str], None] = lambda _: None) -> dict:
+    """thresholds.json of a run: image threshold from labelled image scores, pixel threshold from the
+    evaluated score maps (with ground truth; without ``masks_root``, from the good images' maps)."""
+    pixel_fpr = config.get("calibration_fpr", 0.001) if pixel_fpr is None else pixel_fpr
+    ok = [r for r in table.to_pylist() if r["status"] == "ok" and r["label"]]
+    pixel_rows = ok if masks_root is not None else [r for r in ok if r["label"] == GOOD]
+    _, maps, masks, _ = load_pixels(pixel_rows, masks_root, config["resize"], config["crop"], config["eval_region"], progress)
+    chosen = run_thresholds([r["label"] != GOOD for r in ok] if ok else None, [r["image_score"] for r in ok],
+                            maps, masks, method, image_fpr, pixel_fpr)
+    chosen["source"] = "evaluate"
+    chosen["eval_region"] = config["eval_region"]
+    return chosen
+
+
+def run_evaluate(scores_url: str, masks_root: str | None, out_url: str, say: Callable[[str], None] = LOG.info,
+                 threshold_method: str = AUTO, image_fpr: float = 0.05, pixel_fpr: float | None = None) -> dict:
+    """Evaluate the run in ``scores_url``; writes metrics.json, metrics.csv and thresholds.json under ``out_url``.
+
+    Thresholds (see spade.thresholds): ``threshold_method`` 'auto' takes max F1 where defects are
+    labelled, else the rate ``image_fpr`` / ``pixel_fpr`` (default: the run's calibration_fpr)
+    of flagged good images / pixels. `spade score --thresholds out/thresholds.json` applies them.
+    """
     config = read_run_info(scores_url)["config"]
     table = read_score_table(scores_url)
     result = evaluate(table, masks_root, config["resize"], config["crop"], config["eval_region"], progress=say)
     for problem in result["problems"]:
         say(f"evaluate: {problem}")
+    result["thresholds"] = select_run_thresholds(table, config, masks_root, threshold_method, image_fpr, pixel_fpr)
+    for kind in ("image", "pixel"):
+        selection = result["thresholds"][f"{kind}_selection"]
+        if selection["threshold"] is None:
+            say(f"evaluate: {selection['reason']}")
+        else:
+            say(f"evaluate: {kind} threshold {selection['threshold']:.6g} ({selection['method']}"
+                + (f", F1 {selection['f1']:.3f})" if "f1" in selection else f", FPR {selection['fpr']:.4f})"))
     rows = metrics_table(result)
     storage.write_json(storage.join(out_url, "metrics.json"), _json_safe(result))
+    storage.write_json(storage.join(out_url, THRESHOLDS), _json_safe(result["thresholds"]))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=["defect", "images", "image_rocauc", "pixel_rocauc", "pro"], extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     storage.atomic_write_bytes(storage.join(out_url, "metrics.csv"), buffer.getvalue().encode())
     print(format_table(rows), flush=True)
-    say(f"evaluate: {json.dumps(result['counts'])}; metrics in {storage.join(out_url, 'metrics.json')} and metrics.csv")
+    say(f"evaluate: {json.dumps(result['counts'])}; metrics in {storage.join(out_url, 'metrics.json')} and metrics.csv, "
+        f"thresholds in {storage.join(out_url, THRESHOLDS)}")
     return result

@@ -22,13 +22,14 @@ from spade.gallery import Gallery
 from spade.results import RUN_INFO, read_score_table
 from spade.sources import expand_images, modified_since
 from spade.tables import SCORES_SCHEMA
+from spade.thresholds import validate_thresholds
 from spade.weights import resolve_weights
 from transforms.extract import ExtractFeatures
 from transforms.parquet import WriteParquetShards
 from transforms.progress import CountProgress
 from transforms.read import ReadImages, input_batches
 from transforms.records import utc_now
-from transforms.score import ScoreImages
+from transforms.score import ScoreImages, resolve_thresholds
 from pipelines.progress import ProgressReporter
 from pipelines.runner import metrics_line, run_pipeline
 
@@ -36,11 +37,12 @@ LOG = logging.getLogger("spade")
 
 
 def build_score_pipeline(pipeline: beam.Pipeline, uris: list[str], config: SpadeConfig, gallery_url: str, out_url: str,
-                         table_prefix: str, gallery_hash: str, scored_at: datetime, progress_folder: str | None = None):
+                         table_prefix: str, gallery_hash: str, scored_at: datetime, progress_folder: str | None = None,
+                         thresholds: dict | None = None):
     """The score graph: every input ends as exactly one row of the score table (the one sink)."""
     images, read_errors = pipeline | "Inputs" >> beam.Create(input_batches(uris, config.batch_size)) | "Read" >> ReadImages(config)
     features, extract_errors = images | "Extract" >> ExtractFeatures(config)
-    scored, score_errors = features | "Score" >> ScoreImages(config, gallery_url, out_url, scored_at)
+    scored, score_errors = features | "Score" >> ScoreImages(config, gallery_url, out_url, scored_at, thresholds)
     stamp = {"gallery_hash": gallery_hash, "scored_at": scored_at}
     errors = ((read_errors, extract_errors, score_errors)
               | "Errors" >> beam.Flatten()
@@ -74,12 +76,14 @@ def nightly_partition(out_url: str, gallery_hash: str, day: str, rescore_all: bo
 
 def run_score(config: SpadeConfig, gallery_url: str, images: str, out_url: str, beam_args: list[str] | None = None,
               say: Callable[[str], None] = LOG.info, day: str | None = None, since: str | None = None,
-              rescore_all: bool = False) -> dict:
+              rescore_all: bool = False, thresholds_url: str | None = None) -> dict:
     """Score images against a gallery; returns a summary (counts and output locations)."""
     gallery = Gallery.open(gallery_url)
     gallery.check_compatible(config)
     weights = resolve_weights(config.backbone, config.weights)
     gallery.check_compatible(config, weights.sha256)
+    explicit = validate_thresholds(storage.read_json(thresholds_url), thresholds_url) if thresholds_url else None
+    used_thresholds = resolve_thresholds(config, gallery.manifest, explicit)
     uris = expand_images(images, split="test")
     if since:
         uris = modified_since(uris, since)
@@ -107,12 +111,13 @@ def run_score(config: SpadeConfig, gallery_url: str, images: str, out_url: str, 
     started = time.monotonic()
     with ProgressReporter("score", len(uris), say) as progress:
         metrics = run_pipeline(lambda p: build_score_pipeline(p, uris, config, gallery_url, run_out, storage.join(staging, "part"),
-                                                              gallery.hash, scored_at, progress.folder), beam_args)
+                                                              gallery.hash, scored_at, progress.folder, explicit),
+                               beam_args)
     elapsed = time.monotonic() - started
     storage.publish_staged(staging, scores_folder, tag=run_id if day is not None else None, replace=day is None)
     storage.write_json(storage.join(run_out, RUN_INFO), {
         "config": config.to_dict(), "gallery": gallery_url, "gallery_hash": gallery.hash, "images": images,
-        "scored_at": scored_at.isoformat(), "thresholds": gallery.manifest.get("thresholds", {}),
+        "scored_at": scored_at.isoformat(), "thresholds": used_thresholds,
     })
     table = read_score_table(run_out)
     rows = table.to_pylist()

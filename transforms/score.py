@@ -31,19 +31,33 @@ class _GalleryHandle:
         self.gallery = Gallery.open(url)
 
 
-def resolve_thresholds(config: SpadeConfig, manifest: dict) -> tuple[float | None, float | None]:
-    """(image, pixel) thresholds: the config's when set, else the gallery's calibrated ones."""
+def resolve_thresholds(config: SpadeConfig, manifest: dict, explicit: dict | None = None) -> dict:
+    """{"image", "pixel", "source"} per kind: an explicit thresholds file's (`spade score --thresholds`),
+    else the config's, else the gallery's calibrated ones."""
     found = manifest.get("thresholds") or {}
-    image = config.image_threshold if config.image_threshold is not None else found.get("image")
-    pixel = config.pixel_threshold if config.pixel_threshold is not None else found.get("pixel")
-    return image, pixel
+    out: dict = {}
+    sources = []
+    for kind in ("image", "pixel"):
+        for value, source in (((explicit or {}).get(kind), (explicit or {}).get("source", "file")),
+                              (getattr(config, f"{kind}_threshold"), "config"),
+                              (found.get(kind), "calibration")):
+            if value is not None:
+                out[kind] = float(value)
+                sources.append(f"{kind}: {source}")
+                break
+        else:
+            out[kind] = None
+    out["source"] = "; ".join(sources) or "none"
+    return out
 
 
 class ScoreBatch(beam.DoFn):
     """A list of `ImageFeatures` → one score row each (status ok), writing its score map and mask PNGs."""
 
-    def __init__(self, config: SpadeConfig, gallery_url: str, out_url: str, scored_at: datetime, shared: Shared):
+    def __init__(self, config: SpadeConfig, gallery_url: str, out_url: str, scored_at: datetime, shared: Shared,
+                 thresholds: dict | None = None):
         self.config, self.gallery_url, self.out_url, self.scored_at = config, gallery_url, out_url, scored_at
+        self.thresholds = thresholds
         self._shared = shared
         self.gallery: Gallery | None = None
         self.scored = Metrics.counter("spade", "images_scored")
@@ -55,7 +69,8 @@ class ScoreBatch(beam.DoFn):
         set_threads(self.config)
         self.gallery = acquire(self._shared, self.gallery_url, lambda: _GalleryHandle(self.gallery_url)).gallery
         self.gallery.check_compatible(self.config)
-        self.image_threshold, self.pixel_threshold = resolve_thresholds(self.config, self.gallery.manifest)
+        used = resolve_thresholds(self.config, self.gallery.manifest, self.thresholds)
+        self.image_threshold, self.pixel_threshold = used["image"], used["pixel"]
 
     def process(self, batch):
         start = time.perf_counter()
@@ -112,12 +127,14 @@ class ScoreBatch(beam.DoFn):
 class ScoreImages(beam.PTransform):
     """Lists of `ImageFeatures` → (score rows, error rows)."""
 
-    def __init__(self, config: SpadeConfig, gallery_url: str, out_url: str, scored_at: datetime):
+    def __init__(self, config: SpadeConfig, gallery_url: str, out_url: str, scored_at: datetime,
+                 thresholds: dict | None = None):
         super().__init__()
         self.config, self.gallery_url, self.out_url, self.scored_at = config, gallery_url, out_url, scored_at
+        self.thresholds = thresholds
 
     def expand(self, features):
         return (features
                 | "Score" >> beam.ParDo(ScoreBatch(self.config, self.gallery_url, self.out_url, self.scored_at,
-                                                   Shared()))
+                                                   Shared(), self.thresholds))
                 | "Split" >> SplitErrors())
