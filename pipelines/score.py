@@ -23,7 +23,7 @@ from spade.results import RUN_INFO, read_score_table
 from spade.sources import expand_images, modified_since
 from spade.tables import SCORES_SCHEMA
 from spade.thresholds import validate_thresholds
-from spade.weights import resolve_weights
+from spade.weights import check_preprocessing, resolve_weights
 from transforms.extract import ExtractFeatures
 from transforms.parquet import WriteParquetShards
 from transforms.progress import CountProgress
@@ -46,10 +46,11 @@ def build_score_pipeline(pipeline: beam.Pipeline, uris: list[str], config: Spade
     stamp = {"gallery_hash": gallery_hash, "scored_at": scored_at}
     errors = ((read_errors, extract_errors, score_errors)
               | "Errors" >> beam.Flatten()
-              | "Stamp" >> beam.Map(lambda row: {**row, **stamp}))
+              | "Stamp" >> beam.Map(lambda row: {**row, **stamp})
+              | "CountErrors" >> beam.ParDo(CountProgress(progress_folder)))
+    scored = scored | "CountScored" >> beam.ParDo(CountProgress(progress_folder))
     return ((scored, errors)
             | "AllRows" >> beam.Flatten()
-            | "Count" >> beam.ParDo(CountProgress(progress_folder))
             | "WriteScores" >> WriteParquetShards(table_prefix, SCORES_SCHEMA, config.shards))
 
 
@@ -81,6 +82,7 @@ def run_score(config: SpadeConfig, gallery_url: str, images: str, out_url: str, 
     gallery = Gallery.open(gallery_url)
     gallery.check_compatible(config)
     weights = resolve_weights(config.backbone, config.weights)
+    check_preprocessing(weights, config.mean, config.std)
     gallery.check_compatible(config, weights.sha256)
     explicit = validate_thresholds(storage.read_json(thresholds_url), thresholds_url) if thresholds_url else None
     used_thresholds = resolve_thresholds(config, gallery.manifest, explicit)

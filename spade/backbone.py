@@ -1,4 +1,11 @@
-"""The ImageNet CNN and its feature pyramid: global embedding + layer1..3 maps."""
+"""The ImageNet CNN and its feature pyramid: global embedding + layer1..3 maps.
+
+Two families: torchvision ResNets (pyramid = ``layer1``..``layer4``, embedding = the average-pooled
+``layer4`` output) and timm EfficientNets (``tf_efficientnet_lite0``; pyramid = the last block at
+strides 4, 8, 16 and 32, named ``layer1``..``layer4`` so configs read the same; embedding = the
+average-pooled 1280-channel conv head, the classifier's input). timm is imported only when a timm
+backbone is asked for.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,12 +15,15 @@ import torch
 import torchvision
 
 from spade.config import SpadeConfig
-from spade.weights import ResolvedWeights, resolve_weights
+from spade.weights import ResolvedWeights, check_preprocessing, resolve_weights
 
 RESNET_BACKBONES = (
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
     "wide_resnet50_2", "wide_resnet101_2", "resnext50_32x4d", "resnext101_32x8d",
 )
+TIMM_BACKBONES = ("tf_efficientnet_lite0",)
+SUPPORTED_BACKBONES = RESNET_BACKBONES + TIMM_BACKBONES
+LAYER_STRIDES = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
 
 
 @dataclass
@@ -24,16 +34,36 @@ class Features:
     pyramid: dict[str, np.ndarray]
 
 
+def _import_timm():
+    try:
+        import timm
+    except ImportError:
+        raise ImportError(
+            "backbones " + ", ".join(TIMM_BACKBONES) + " need timm: `pip install timm` "
+            "(or choose a torchvision backbone: " + ", ".join(RESNET_BACKBONES) + ")"
+        ) from None
+    return timm
+
+
+def _create_model(name: str) -> torch.nn.Module:
+    if name in RESNET_BACKBONES:
+        return torchvision.models.get_model(name, weights=None)
+    if name in TIMM_BACKBONES:
+        return _import_timm().create_model(name, pretrained=False)
+    raise ValueError(f"backbone {name!r} is not supported; use one of {', '.join(SUPPORTED_BACKBONES)}")
+
+
 def build_backbone(name: str, weights: ResolvedWeights) -> torch.nn.Module:
-    """A torchvision ResNet-family model in eval mode carrying ``weights``."""
-    if name not in RESNET_BACKBONES:
-        raise ValueError(f"backbone {name!r} is not supported; use one of {', '.join(RESNET_BACKBONES)}")
+    """A torchvision ResNet-family or timm EfficientNet model in eval mode carrying ``weights``."""
+    if name not in SUPPORTED_BACKBONES:
+        raise ValueError(f"backbone {name!r} is not supported; use one of {', '.join(SUPPORTED_BACKBONES)}")
     with torch.random.fork_rng():
         torch.manual_seed(0)  # `weights: random` must be the same network in fit, score and every worker
-        model = torchvision.models.get_model(name, weights=None)
+        model = _create_model(name)
     if weights.state_dict is not None:
+        head = ("fc.", "classifier.")
         missing, unexpected = model.load_state_dict(weights.state_dict, strict=False)
-        missing = [k for k in missing if not k.startswith("fc.")]
+        missing = [k for k in missing if not k.startswith(head)]
         if missing or unexpected:
             raise ValueError(
                 f"weights {weights.source} do not fit {name}: missing {missing[:5]}, unexpected {list(unexpected)[:5]}; "
@@ -42,24 +72,53 @@ def build_backbone(name: str, weights: ResolvedWeights) -> torch.nn.Module:
     return model.eval()
 
 
+def _timm_taps(model: torch.nn.Module) -> dict[int, str]:
+    """{block index: layer name}: the last block at each of the strides 4, 8, 16, 32."""
+    taps = {}
+    by_stride = {info["reduction"]: info["module"] for info in model.feature_info}
+    for layer, stride in LAYER_STRIDES.items():
+        module = by_stride.get(stride)
+        if module is None or not module.startswith("blocks."):
+            raise ValueError(f"{type(model).__name__} has no block at stride {stride} for {layer}")
+        taps[int(module.split(".")[1])] = layer
+    return taps
+
+
 class FeatureExtractor:
     """Runs the backbone once per batch and returns the pooled embedding and the chosen layer maps."""
 
     def __init__(self, config: SpadeConfig, weights: ResolvedWeights | None = None):
         self.config = config
         self.weights = weights if weights is not None else resolve_weights(config.backbone, config.weights)
+        check_preprocessing(self.weights, config.mean, config.std, config_name=f"the config (weights: {config.weights})")
         self.model = build_backbone(config.backbone, self.weights)
         self.layers = tuple(config.layers)
+        self.is_timm = config.backbone in TIMM_BACKBONES
+        self._taps = _timm_taps(self.model) if self.is_timm else {}
 
-    @torch.inference_mode()
-    def __call__(self, batch: torch.Tensor) -> Features:
+    def _resnet(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         m = self.model
         x = m.maxpool(m.relu(m.bn1(m.conv1(batch))))
         maps: dict[str, torch.Tensor] = {}
         for name in ("layer1", "layer2", "layer3", "layer4"):
             x = getattr(m, name)(x)
             maps[name] = x
-        embedding = torch.flatten(m.avgpool(x), 1)
+        return torch.flatten(m.avgpool(x), 1), maps
+
+    def _timm(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        m = self.model
+        x = m.bn1(m.conv_stem(batch))
+        maps: dict[str, torch.Tensor] = {}
+        for index, block in enumerate(m.blocks):
+            x = block(x)
+            if index in self._taps:
+                maps[self._taps[index]] = x
+        x = m.bn2(m.conv_head(x))
+        return m.forward_head(x, pre_logits=True), maps
+
+    @torch.inference_mode()
+    def __call__(self, batch: torch.Tensor) -> Features:
+        embedding, maps = self._timm(batch) if self.is_timm else self._resnet(batch)
         return Features(
             embedding=embedding.numpy().astype(np.float32, copy=False),
             pyramid={name: maps[name].numpy().astype(np.float32, copy=False) for name in self.layers},

