@@ -79,15 +79,19 @@ def write_parquet(url: str, table: pa.Table) -> None:
     atomic_write_bytes(url, buffer.getvalue())
 
 
-def list_files(url: str, suffix: str = "") -> list[str]:
-    """Sorted full URLs of the files directly under folder ``url`` ending in ``suffix`` (none if it is absent)."""
+def _children(url: str, kind: str, keep) -> list[str]:
+    """Sorted full URLs of the entries of type ``kind`` directly under folder ``url`` whose names pass ``keep``."""
     fs, path = filesystem(url)
     if not fs.exists(path):
         return []
     protocol = url.split("://", 1)[0] + "://" if "://" in url else ""
-    names = [p["name"] for p in fs.ls(path, detail=True)
-             if p["type"] == "file" and p["name"].endswith(suffix) and not p["name"].rsplit("/", 1)[-1].startswith(".")]
-    return sorted(protocol + p if protocol and not p.startswith(protocol) else p for p in names)
+    found = [p["name"] for p in fs.ls(path, detail=True) if p["type"] == kind and keep(p["name"].rstrip("/").rsplit("/", 1)[-1])]
+    return sorted(protocol + p if protocol and not p.startswith(protocol) else p for p in found)
+
+
+def list_files(url: str, suffix: str = "") -> list[str]:
+    """Sorted full URLs of the non-hidden files directly under folder ``url`` ending in ``suffix`` (none if it is absent)."""
+    return _children(url, "file", lambda name: name.endswith(suffix) and not name.startswith("."))
 
 
 def read_parquet(urls: list[str], columns: list[str] | None = None) -> pa.Table:
@@ -118,13 +122,7 @@ def remove(url: str, recursive: bool = False) -> None:
 
 def list_dirs(url: str, prefix: str = "") -> list[str]:
     """Sorted full URLs of the sub-folders of ``url`` whose names start with ``prefix``."""
-    fs, path = filesystem(url)
-    if not fs.exists(path):
-        return []
-    protocol = url.split("://", 1)[0] + "://" if "://" in url else ""
-    found = [p["name"] for p in fs.ls(path, detail=True)
-             if p["type"] == "directory" and p["name"].rstrip("/").rsplit("/", 1)[-1].startswith(prefix)]
-    return sorted(protocol + p if protocol and not p.startswith(protocol) else p for p in found)
+    return _children(url, "directory", lambda name: name.startswith(prefix))
 
 
 def publish_staged(staging: str, folder: str, tag: str | None = None, replace: bool = False) -> list[str]:
