@@ -41,6 +41,10 @@ class SpadeConfig:
     calibration_fpr: float = 0.001
     eval_region: str = "crop"
     shards: int = 1
+    scoring_mode: str = "exact"
+    coreset_ratio: float = 0.01
+    coreset_projection: int = 128
+    coreset_max_candidates: int = 200_000
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))
@@ -62,6 +66,10 @@ class SpadeConfig:
             problems.append("feature_dtype must be float16 or float32")
         if self.eval_region not in ("crop", "full"):
             problems.append("eval_region must be 'crop' or 'full'")
+        if self.scoring_mode not in ("exact", "approximate"):
+            problems.append("scoring_mode must be 'exact' (the paper) or 'approximate' (coreset memory bank)")
+        if not 0 < self.coreset_ratio <= 1:
+            problems.append("coreset_ratio must be in (0, 1]")
         if self.batch_size < 1 or self.shards < 1:
             problems.append("batch_size and shards must be >= 1")
         if problems:

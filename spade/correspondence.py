@@ -1,10 +1,49 @@
-"""Pixel-level correspondence: each test position's distance to its kappa closest gallery features at ANY position."""
+"""Pixel-level correspondence: each test position's distance to its kappa closest gallery features at ANY position.
+
+The exact kernel is a blocked GEMM with the expansion |q - g|^2 = |q|^2 - 2 q.g + |g|^2:
+
+* ``-2 q.g^T + |g|^2`` is one ``addmm`` into a preallocated, cache-sized output
+  block, followed by a fused row minimum (``torch.min`` with indices); |q|^2 is
+  constant per row and never enters the search;
+* the winners' distances are then recomputed directly as |q - g*| (O(Q x C)),
+  so float32 cancellation in the expansion cannot leak into the scores;
+* `batch_layer_distances` scores several test images at once: gallery images
+  shared by several test images' neighbour sets are read once and multiplied
+  against all those images' queries in one GEMM (each test image is still
+  compared with exactly its own K neighbours);
+* gallery rows are read with ``pread`` into one reused buffer, so scoring never
+  holds more than a few gallery images' features whatever the gallery size.
+"""
 from __future__ import annotations
+
+import os
+from typing import Callable
 
 import numpy as np
 import torch
 
 GALLERY_BLOCK = 4096
+COLUMN_BLOCK = 1024      # gallery vectors per GEMM block
+QUERY_BLOCK = 4096       # query rows per GEMM block; the output block (4096 x 1024 floats, 16 MB) stays in L3
+READ_POSITIONS = 4096    # gallery positions read (pread) per chunk
+
+
+def configure_threads(num_threads: int = 0) -> int:
+    """Set torch's and faiss's thread counts to one deliberate value (0: all cores) and return it.
+
+    Both libraries default to every core; two thread pools (or two workers) each
+    using every core oversubscribe a small machine.
+    """
+    n = num_threads if num_threads and num_threads > 0 else (os.cpu_count() or 1)
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    try:
+        import faiss
+
+        faiss.omp_set_num_threads(n)
+    except ImportError:  # pragma: no cover - faiss is a hard dependency of the project
+        pass
+    return n
 
 
 def _float_tensor(values: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -16,12 +55,68 @@ def _float_tensor(values: np.ndarray | torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(array)
 
 
+class _RunningMin:
+    """Per-query running minimum of ``-2 q.g + |g|^2`` (the kappa smallest) and the winning gallery ids."""
+
+    def __init__(self, rows: int, kappa: int):
+        self.kappa = kappa
+        self.values = torch.full((rows, kappa), float("inf"))
+        self.ids = torch.full((rows, kappa), -1, dtype=torch.int64)
+
+    def update(self, sl: slice, block: torch.Tensor, first_id: int) -> None:
+        values, ids = self.values[sl], self.ids[sl]
+        if self.kappa == 1:
+            # torch.min(dim) with indices is several times slower than amin; the winner's index is
+            # only needed for rows this block improves (fewer and fewer as the search proceeds)
+            vals = torch.amin(block, dim=1).numpy()
+            cur_v, cur_i = values.numpy()[:, 0], ids.numpy()[:, 0]
+            better = vals < cur_v
+            if better.all():
+                cur_i[:] = block.numpy().argmin(axis=1) + first_id
+                cur_v[:] = vals
+            elif better.any():
+                improved = np.flatnonzero(better)
+                cur_i[improved] = block.numpy()[improved].argmin(axis=1) + first_id
+                cur_v[improved] = vals[improved]
+            return
+        k = min(self.kappa, block.shape[1])
+        vals, idx = torch.topk(block, k, dim=1, largest=False, sorted=False)
+        merged_v, pick = torch.topk(torch.cat([values, vals], dim=1), self.kappa, dim=1, largest=False, sorted=False)
+        merged_i = torch.cat([ids, idx + first_id], dim=1).gather(1, pick)
+        values.copy_(merged_v)
+        ids.copy_(merged_i)
+
+
+def _search_block(q: torch.Tensor, g: torch.Tensor, g_sq: torch.Tensor, best: _RunningMin, row0: int, first_id: int,
+                  buf: torch.Tensor, query_block: int = QUERY_BLOCK, column_block: int = COLUMN_BLOCK) -> None:
+    """Fold gallery vectors ``g`` (N, C) with ids first_id.. into the running minimum of queries ``q`` (M, C)
+    (rows row0.. of ``best``)."""
+    n_blocks = -(-g.shape[0] // column_block)
+    column_block = -(-g.shape[0] // n_blocks)  # even blocks: no thin remainder GEMM
+    for c0 in range(0, g.shape[0], column_block):
+        gb = g[c0:c0 + column_block]
+        nb = gb.shape[0]
+        gt = gb.T
+        bias = g_sq[c0:c0 + nb].unsqueeze(0)
+        for r0 in range(0, q.shape[0], query_block):
+            qb = q[r0:r0 + query_block]
+            out = buf[:qb.shape[0] * nb].view(qb.shape[0], nb)
+            torch.addmm(bias, qb, gt, beta=1.0, alpha=-2.0, out=out)
+            best.update(slice(row0 + r0, row0 + r0 + qb.shape[0]), out, first_id + c0)
+
+
+def _exact_distances(q: torch.Tensor, winners: torch.Tensor) -> torch.Tensor:
+    """Mean over kappa of |q - winner| computed directly: q (M, C), winners (M, kappa, C) -> (M,)."""
+    return torch.linalg.vector_norm(winners - q.unsqueeze(1), dim=2).mean(dim=1)
+
+
 def nearest_feature_distances(queries: np.ndarray | torch.Tensor, gallery: np.ndarray | torch.Tensor, kappa: int = 1,
-                              block: int = GALLERY_BLOCK) -> np.ndarray:
+                              block: int = GALLERY_BLOCK, exact: bool = True) -> np.ndarray:
     """Mean Euclidean distance from each query row (Q, C) to its ``kappa`` nearest gallery rows (G, C).
 
-    Uses the expansion |q - g|^2 = |q|^2 - 2 q.g + |g|^2 as one matmul per
-    gallery block with a running minimum, so memory stays O(Q x block).
+    Blocked ``addmm`` search (memory O(query block x column block)); with ``exact``
+    the winners' distances are recomputed as |q - g| instead of taken from the
+    expansion. ``block`` bounds the gallery rows per GEMM column block.
     """
     q = _float_tensor(queries)
     g = _float_tensor(gallery)
@@ -29,19 +124,17 @@ def nearest_feature_distances(queries: np.ndarray | torch.Tensor, gallery: np.nd
         raise ValueError(f"queries (Q, C) and gallery (G, C) must share C; got {tuple(q.shape)} and {tuple(g.shape)}")
     if kappa > g.shape[0]:
         raise ValueError(f"kappa={kappa} exceeds the {g.shape[0]} gallery features")
-    q_norm = (q * q).sum(1)
-    g_norm = (g * g).sum(1)
-    best = torch.full((q.shape[0], kappa), float("inf"))
+    column_block = max(1, min(block, COLUMN_BLOCK))
     with torch.inference_mode():
-        for start in range(0, g.shape[0], block):
-            gb = g[start:start + block]
-            partial = torch.addmm(g_norm[start:start + block].unsqueeze(0), q, gb.T, beta=1.0, alpha=-2.0)
-            if kappa == 1:
-                best = torch.minimum(best, partial.min(dim=1, keepdim=True).values)
-            else:
-                best = torch.cat([best, partial], dim=1).topk(kappa, dim=1, largest=False).values
-        dist = (best + q_norm.unsqueeze(1)).clamp_min_(0.0).sqrt_()
-    return dist.mean(dim=1).numpy()
+        best = _RunningMin(q.shape[0], kappa)
+        buf = torch.empty(min(q.shape[0], QUERY_BLOCK) * min(g.shape[0], column_block))
+        g_sq = (g * g).sum(1)
+        _search_block(q, g, g_sq, best, 0, 0, buf, column_block=column_block)
+        if exact:
+            dist = _exact_distances(q, g[best.ids])
+        else:
+            dist = (best.values + (q * q).sum(1, keepdim=True)).clamp_min_(0.0).sqrt_().mean(dim=1)
+    return dist.numpy()
 
 
 def layer_distance_map(test_map: np.ndarray, gallery_positions: np.ndarray, kappa: int = 1) -> np.ndarray:
@@ -50,3 +143,154 @@ def layer_distance_map(test_map: np.ndarray, gallery_positions: np.ndarray, kapp
     channels, height, width = test_map.shape
     queries = np.ascontiguousarray(test_map.reshape(channels, height * width).T)
     return nearest_feature_distances(queries, gallery_positions, kappa).reshape(height, width)
+
+
+class PyramidReader:
+    """Reads gallery rows (images) of one pyramid layer (N, P, C) into a caller's float32 buffer.
+
+    A ``.npy`` memory map is read with ``pread`` from its file (page cache -> buffer,
+    nothing stays mapped, so resident memory does not grow with the rows touched);
+    any other array is gathered with ``np.take``.
+    """
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+        self.positions, self.channels = int(array.shape[1]), int(array.shape[2])
+        self.fd = None
+        filename = getattr(array, "filename", None)
+        if isinstance(array, np.memmap) and filename and array.flags.c_contiguous and os.path.exists(filename):
+            base = array
+            while isinstance(base.base, np.memmap):
+                base = base.base
+            if base.shape == array.shape:  # the whole file's array, not a slice of it
+                self.fd = os.open(filename, os.O_RDONLY)
+                self.offset = int(array.offset)
+                self.row_bytes = self.positions * self.channels * array.dtype.itemsize
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> "PyramidReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def read(self, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Rows ``rows`` into ``out[:len(rows)]`` ((n, P, C) float32); returns that view."""
+        target = out[:len(rows)]
+        if self.fd is None:
+            if self.array.dtype == np.float32:
+                np.take(self.array, rows, axis=0, out=target)
+            else:
+                target[...] = self.array[rows]
+            return target
+        raw = target if self.array.dtype == np.float32 else np.empty((len(rows), self.positions, self.channels), self.array.dtype)
+        start = 0
+        while start < len(rows):  # one pread per run of consecutive rows
+            stop = start + 1
+            while stop < len(rows) and rows[stop] == rows[stop - 1] + 1:
+                stop += 1
+            view = memoryview(raw[start:stop].reshape(-1)).cast("B")
+            done = 0
+            while done < len(view):
+                got = os.preadv(self.fd, [view[done:]], self.offset + int(rows[start]) * self.row_bytes + done)
+                if got <= 0:
+                    raise OSError(f"short read from {self.array.filename}")
+                done += got
+            start = stop
+        if raw is not target:
+            target[...] = raw
+        return target
+
+
+def batch_layer_distances(queries: np.ndarray | torch.Tensor, pyramid: np.ndarray, neighbours: np.ndarray, kappa: int = 1,
+                          exact: bool = True, read_positions: int = READ_POSITIONS,
+                          on_chunk: Callable[[int], None] | None = None) -> np.ndarray:
+    """Distances (B, P) of B test images' positions (B, P, C) to the kappa nearest features among ALL positions of
+    each image's own neighbour rows ``neighbours[i]`` of ``pyramid`` (N, Pg, C).
+
+    Gallery rows are grouped by the set of test images that use them; each group's
+    rows are read once and searched with the concatenated queries of those images.
+    """
+    q_all = _float_tensor(queries)
+    if q_all.ndim != 3:
+        raise ValueError(f"queries must be (B, P, C), got {tuple(q_all.shape)}")
+    batch, positions, channels = q_all.shape
+    neighbours = np.asarray(neighbours, dtype=np.int64).reshape(batch, -1)
+    if pyramid.ndim != 3 or pyramid.shape[2] != channels:
+        raise ValueError(f"gallery pyramid (N, P, C={channels}) expected, got {pyramid.shape}")
+    per_row = pyramid.shape[1]
+    if kappa > neighbours.shape[1] * per_row:
+        raise ValueError(f"kappa={kappa} exceeds the {neighbours.shape[1] * per_row} neighbour features")
+    rows = np.unique(neighbours)
+    members = np.zeros((len(rows), batch), dtype=bool)
+    for i in range(batch):
+        members[np.searchsorted(rows, neighbours[i]), i] = True
+    groups: dict[bytes, list[int]] = {}
+    for j, key in enumerate(np.packbits(members, axis=1)):
+        groups.setdefault(key.tobytes(), []).append(j)
+    rows_per_read = max(1, read_positions // per_row)
+    buffer = np.empty((min(rows_per_read, len(rows)), per_row, channels), dtype=np.float32)
+    flat = q_all.reshape(batch * positions, channels)
+    best = _RunningMin(batch * positions, kappa)
+    with torch.inference_mode(), PyramidReader(pyramid) as reader:
+        gemm_buf = torch.empty(min(batch * positions, QUERY_BLOCK) * COLUMN_BLOCK)
+        for group in groups.values():
+            images = np.flatnonzero(members[group[0]])
+            if len(images) == batch:
+                q, local = flat, best
+            else:
+                index = torch.from_numpy(images)
+                q = q_all.index_select(0, index).reshape(-1, channels)
+                local = _RunningMin(0, kappa)
+                local.values = best.values.view(batch, positions, kappa).index_select(0, index).reshape(-1, kappa)
+                local.ids = best.ids.view(batch, positions, kappa).index_select(0, index).reshape(-1, kappa)
+            group_rows = rows[group]
+            for r0 in range(0, len(group_rows), rows_per_read):
+                chunk_rows = group_rows[r0:r0 + rows_per_read]
+                chunk = reader.read(chunk_rows, buffer)
+                g = torch.from_numpy(chunk).reshape(-1, channels)
+                g_sq = (g * g).sum(1)
+                # ids: gallery row * per_row + position, valid within a run of consecutive rows
+                start = 0
+                while start < len(chunk_rows):
+                    stop = start + 1
+                    while stop < len(chunk_rows) and chunk_rows[stop] == chunk_rows[stop - 1] + 1:
+                        stop += 1
+                    sl = slice(start * per_row, stop * per_row)
+                    _search_block(q, g[sl], g_sq[sl], local, 0, int(chunk_rows[start]) * per_row, gemm_buf)
+                    start = stop
+                if on_chunk is not None:
+                    on_chunk(len(chunk_rows))
+            if local is not best:
+                index = torch.from_numpy(images)
+                best.values.view(batch, positions, kappa).index_copy_(0, index, local.values.view(len(images), positions, kappa))
+                best.ids.view(batch, positions, kappa).index_copy_(0, index, local.ids.view(len(images), positions, kappa))
+        if exact:
+            ids = best.ids.numpy()
+            winners = _gather_positions(reader, pyramid, ids // per_row, ids % per_row)
+            dist = _exact_distances(flat, torch.from_numpy(winners))
+        else:
+            dist = (best.values + (flat * flat).sum(1, keepdim=True)).clamp_min_(0.0).sqrt_().mean(dim=1)
+    return dist.numpy().reshape(batch, positions)
+
+
+def _gather_positions(reader: PyramidReader, pyramid: np.ndarray, rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Feature vectors pyramid[rows, positions] (any shape of ids) -> (..., C) float32, one gallery row at a time."""
+    out = np.empty(rows.shape + (pyramid.shape[2],), dtype=np.float32)
+    flat_rows, flat_pos, flat_out = rows.reshape(-1), positions.reshape(-1), out.reshape(-1, pyramid.shape[2])
+    order = np.argsort(flat_rows, kind="stable")
+    sorted_rows = flat_rows[order]
+    bounds = np.flatnonzero(np.diff(sorted_rows)) + 1
+    buffer = np.empty((1, pyramid.shape[1], pyramid.shape[2]), dtype=np.float32)
+    for part in np.split(np.arange(len(order)), bounds):
+        if len(part) == 0:
+            continue
+        row = sorted_rows[part[0]]
+        data = reader.read(np.array([row]), buffer)[0]
+        targets = order[part]
+        flat_out[targets] = data[flat_pos[targets]]
+    return out

@@ -1,4 +1,18 @@
-"""Scoring a batch of test images against a gallery: image kNN, then patch correspondence per layer."""
+"""Scoring a batch of test images against a gallery: image kNN, then patch correspondence per layer.
+
+Two pixel modes:
+
+* ``exact`` (default, the SPADE paper): each position's distance to the kappa
+  nearest features among all positions of the image's K nearest normal images,
+  computed for the whole batch at once (`spade.correspondence.batch_layer_distances`);
+* ``approximate``: each position's distance to the kappa nearest features of a
+  global per-layer memory bank reduced by greedy coreset subsampling
+  (PatchCore-style, `spade.coreset`), searched with a faiss index. For galleries
+  too large for exact correspondence; the image score is SPADE's kNN score in both.
+
+The mode and coreset ratio come from the config (``scoring_mode``,
+``coreset_ratio``) or are passed explicitly.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,10 +21,12 @@ import numpy as np
 
 from spade.backbone import Features
 from spade.config import SpadeConfig
-from spade.correspondence import layer_distance_map
+from spade.correspondence import batch_layer_distances, configure_threads
 from spade.gallery import Gallery
 from spade.knn import image_scores, nearest_images
 from spade.scoremap import combine_layer_maps, smooth
+
+MODES = ("exact", "approximate")
 
 
 @dataclass
@@ -22,20 +38,64 @@ class ImageScore:
     score_map: np.ndarray
 
 
+def scoring_mode(config: SpadeConfig, mode: str | None = None) -> str:
+    chosen = mode or config.scoring_mode
+    if chosen not in MODES:
+        raise ValueError(f"scoring_mode must be one of {', '.join(MODES)}, got {chosen!r}")
+    return chosen
+
+
+def layer_queries(pyramid_batch: np.ndarray) -> np.ndarray:
+    """(B, C, H, W) layer maps -> (B, H*W, C) contiguous float32 query rows."""
+    b, c, h, w = pyramid_batch.shape
+    return np.ascontiguousarray(np.asarray(pyramid_batch, dtype=np.float32).reshape(b, c, h * w).transpose(0, 2, 1))
+
+
+def layer_distance_maps(pyramid: dict[str, np.ndarray], gallery: Gallery, neighbours: np.ndarray, config: SpadeConfig,
+                        mode: str | None = None, coreset_ratio: float | None = None) -> dict[str, np.ndarray]:
+    """{layer: (B, h, w) distance maps} of a batch's pyramid {layer: (B, C, h, w)}; ``neighbours`` (B, K) gallery rows."""
+    mode = scoring_mode(config, mode)
+    out = {}
+    for layer in config.layers:
+        maps = pyramid[layer]
+        b, _, h, w = maps.shape
+        queries = layer_queries(maps)
+        if mode == "exact":
+            dist = batch_layer_distances(queries, gallery.pyramid[layer], neighbours, config.kappa)
+        else:
+            from spade.coreset import memory_bank_for
+
+            ratio = coreset_ratio if coreset_ratio is not None else config.coreset_ratio
+            bank = memory_bank_for(gallery, layer, ratio, projection=config.coreset_projection,
+                                   max_candidates=config.coreset_max_candidates)
+            dist = bank.distances(queries.reshape(b * h * w, -1), config.kappa).reshape(b, h * w)
+        out[layer] = dist.reshape(b, h, w)
+    return out
+
+
+def finish_map(layer_maps: list[np.ndarray], config: SpadeConfig) -> np.ndarray:
+    """Upsample + average + smooth one image's per-layer maps into its (crop, crop) score map."""
+    return smooth(combine_layer_maps(layer_maps, config.crop), config.sigma)
+
+
 def pixel_score_map(pyramid: dict[str, np.ndarray], gallery: Gallery, neighbours: np.ndarray, config: SpadeConfig) -> np.ndarray:
     """Smoothed (crop, crop) score map of one image's pyramid {layer: (C, H, W)} against its neighbours' features."""
-    maps = [layer_distance_map(pyramid[layer], gallery.neighbour_features(layer, neighbours), config.kappa)
-            for layer in config.layers]
-    return smooth(combine_layer_maps(maps, config.crop), config.sigma)
+    maps = layer_distance_maps({layer: pyramid[layer][None] for layer in config.layers}, gallery,
+                               np.asarray(neighbours)[None], config)
+    return finish_map([maps[layer][0] for layer in config.layers], config)
 
 
-def score_batch(features: Features, gallery: Gallery, config: SpadeConfig,
-                exclude_rows: np.ndarray | None = None) -> list[ImageScore]:
-    """Score every image of a batch; ``exclude_rows`` is for leave-one-out scoring of gallery images."""
+def score_batch(features: Features, gallery: Gallery, config: SpadeConfig, exclude_rows: np.ndarray | None = None,
+                mode: str | None = None, coreset_ratio: float | None = None) -> list[ImageScore]:
+    """Score every image of a batch; ``exclude_rows`` is for leave-one-out scoring of gallery images.
+
+    All images of the batch go through the correspondence together, so gallery
+    images shared by several test images' neighbour sets are read and multiplied once.
+    """
+    configure_threads(config.num_threads)
     distances, rows = nearest_images(gallery.index, features.embedding, config.k, exclude_rows=exclude_rows)
     scores = image_scores(distances)
-    return [
-        ImageScore(float(scores[i]), rows[i],
-                   pixel_score_map({layer: features.pyramid[layer][i] for layer in config.layers}, gallery, rows[i], config))
-        for i in range(len(rows))
-    ]
+    maps = layer_distance_maps({layer: features.pyramid[layer] for layer in config.layers}, gallery, rows, config,
+                               mode=mode, coreset_ratio=coreset_ratio)
+    return [ImageScore(float(scores[i]), rows[i], finish_map([maps[layer][i] for layer in config.layers], config))
+            for i in range(len(rows))]

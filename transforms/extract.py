@@ -11,16 +11,11 @@ from apache_beam.utils.shared import Shared
 
 from spade.backbone import FeatureExtractor
 from spade.config import SpadeConfig, stable_hash
+from spade.correspondence import configure_threads
 from transforms.cache import acquire
 from transforms.records import ImageFeatures, SplitErrors, error_row, image_columns
 
 LOG = logging.getLogger(__name__)
-
-
-def set_threads(config: SpadeConfig) -> None:
-    """Fix torch's thread count when the config asks (0 = torch's default, all cores)."""
-    if config.num_threads > 0 and torch.get_num_threads() != config.num_threads:
-        torch.set_num_threads(config.num_threads)
 
 
 class ExtractBatch(beam.DoFn):
@@ -33,7 +28,7 @@ class ExtractBatch(beam.DoFn):
         self.latency = Metrics.distribution("spade", "extract_ms_per_image")
 
     def setup(self):
-        set_threads(self.config)
+        configure_threads(self.config.num_threads)
         self.extractor = acquire(self._shared, stable_hash(self.config.feature_signature()),
                                  lambda: FeatureExtractor(self.config))
 

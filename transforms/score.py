@@ -13,11 +13,11 @@ from apache_beam.utils.shared import Shared
 from spade import storage
 from spade.backbone import Features
 from spade.config import SpadeConfig
+from spade.correspondence import configure_threads
 from spade.gallery import Gallery
 from spade.maps import encode_mask, encode_score_map
 from spade.scoremap import to_original_geometry
 from spade.scoring import score_batch
-from transforms.extract import set_threads
 from transforms.cache import acquire
 from transforms.records import SplitErrors, error_row, image_columns
 
@@ -66,7 +66,7 @@ class ScoreBatch(beam.DoFn):
         self.latency = Metrics.distribution("spade", "score_ms_per_image")
 
     def setup(self):
-        set_threads(self.config)
+        configure_threads(self.config.num_threads)
         self.gallery = acquire(self._shared, self.gallery_url, lambda: _GalleryHandle(self.gallery_url)).gallery
         self.gallery.check_compatible(self.config)
         used = resolve_thresholds(self.config, self.gallery.manifest, self.thresholds)

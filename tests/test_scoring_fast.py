@@ -1,0 +1,132 @@
+"""The fast scoring path: blocked correspondence, batching of images that share neighbours, coreset mode."""
+import numpy as np
+import pytest
+import torch
+
+from spade.backbone import Features
+from spade.config import SpadeConfig
+from spade.coreset import MemoryBank, greedy_coreset
+from spade.correspondence import PyramidReader, batch_layer_distances, nearest_feature_distances
+from spade.gallery import Gallery
+from spade.knn import build_index
+from spade.scoring import layer_distance_maps, score_batch
+
+
+def brute(queries, gallery, kappa=1):
+    d = np.sqrt(((queries[:, None, :].astype(np.float64) - gallery[None, :, :].astype(np.float64)) ** 2).sum(-1))
+    return np.sort(d, axis=1)[:, :kappa].mean(1)
+
+
+def cdist(queries, gallery, kappa=1):
+    d = torch.cdist(torch.from_numpy(queries), torch.from_numpy(np.ascontiguousarray(gallery)))
+    return d.topk(kappa, dim=1, largest=False).values.mean(1).numpy()
+
+
+def npy_pyramid(tmp_path, array, name="layer"):
+    path = tmp_path / f"{name}.npy"
+    out = np.lib.format.open_memmap(str(path), mode="w+", dtype=array.dtype, shape=array.shape)
+    out[:] = array
+    out.flush()
+    del out
+    return np.load(str(path), mmap_mode="r")
+
+
+@pytest.mark.parametrize("kappa", [1, 4])
+def test_blocked_search_matches_numpy_and_cdist(kappa):
+    rng = np.random.default_rng(0)
+    queries = (rng.normal(size=(300, 24)) + 5).astype(np.float32)  # large norms: cancellation in the expansion
+    gallery = (rng.normal(size=(1500, 24)) + 5).astype(np.float32)
+    got = nearest_feature_distances(queries, gallery, kappa=kappa, block=128)
+    np.testing.assert_allclose(got, brute(queries, gallery, kappa), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(got, cdist(queries, gallery, kappa), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("kappa", [1, 3])
+@pytest.mark.parametrize("memmap", [True, False])
+def test_batched_images_with_shared_neighbours_equal_one_by_one(tmp_path, kappa, memmap):
+    rng = np.random.default_rng(1)
+    n, positions, channels, batch = 12, 49, 16, 5
+    pyramid = rng.normal(size=(n, positions, channels)).astype(np.float32)
+    if memmap:
+        pyramid = npy_pyramid(tmp_path, pyramid)
+    queries = rng.normal(size=(batch, positions, channels)).astype(np.float32)
+    neighbours = np.array([[3, 4, 5], [5, 4, 3], [0, 3, 11], [7, 8, 9], [9, 1, 4]])  # shared, partly shared, disjoint
+    together = batch_layer_distances(queries, pyramid, neighbours, kappa, read_positions=100)
+    for i in range(batch):
+        alone = batch_layer_distances(queries[i:i + 1], pyramid, neighbours[i:i + 1], kappa)[0]
+        np.testing.assert_allclose(together[i], alone, rtol=0, atol=1e-5)
+        flat = np.asarray(pyramid)[np.sort(neighbours[i])].reshape(-1, channels)
+        np.testing.assert_allclose(together[i], brute(queries[i], flat, kappa), rtol=0, atol=1e-4)
+        np.testing.assert_allclose(together[i], cdist(queries[i], flat, kappa), rtol=0, atol=1e-4)
+
+
+def test_reader_reads_rows_from_npy_and_float16(tmp_path):
+    rng = np.random.default_rng(2)
+    data = rng.normal(size=(6, 4, 3)).astype(np.float16)
+    pyramid = npy_pyramid(tmp_path, data)
+    out = np.empty((4, 4, 3), dtype=np.float32)
+    with PyramidReader(pyramid) as reader:
+        assert reader.fd is not None
+        np.testing.assert_array_equal(reader.read(np.array([1, 2, 5]), out), data[[1, 2, 5]].astype(np.float32))
+
+
+def test_greedy_coreset_picks_farthest_points():
+    # a tight cluster at the origin, and three outliers at increasing distance
+    points = np.array([[0, 0], [0.1, 0], [0, 0.1], [10, 0], [0, 5], [-2, 0], [0.05, 0.05]], dtype=np.float32)
+    picked = greedy_coreset(points, 4, start=0, projection=0)
+    # (10,0) is farthest from the origin; then distance to the SET {origin, (10,0)}: (0,5) is 5 away, (-2,0) only 2
+    assert list(picked) == [0, 3, 4, 5]
+    assert sorted(greedy_coreset(points, len(points), start=0, projection=0)) == list(range(len(points)))
+
+
+def test_memory_bank_ratio_one_equals_exact_global_bank():
+    rng = np.random.default_rng(3)
+    bank_features = rng.normal(size=(400, 8)).astype(np.float32)
+    queries = rng.normal(size=(60, 8)).astype(np.float32)
+    for kappa in (1, 3):
+        bank = MemoryBank.build(bank_features, ratio=1.0)
+        assert len(bank.vectors) == 400
+        np.testing.assert_allclose(bank.distances(queries, kappa), brute(queries, bank_features, kappa), rtol=0, atol=1e-4)
+        small = MemoryBank.build(bank_features, ratio=0.1)
+        assert len(small.vectors) == 40
+        assert np.all(small.distances(queries, kappa) >= brute(queries, bank_features, kappa) - 1e-4)
+
+
+def _gallery(tmp_path, n=8, positions=(16, 4), channels=(8, 12), dim=6):
+    rng = np.random.default_rng(4)
+    layers = ("layer1", "layer2")
+    pyramid = {}
+    for layer, p, c in zip(layers, positions, channels):
+        pyramid[layer] = npy_pyramid(tmp_path, rng.normal(size=(n, p, c)).astype(np.float32), name=layer)
+    embeddings = rng.normal(size=(n, dim)).astype(np.float32)
+    manifest = {"gallery_hash": "test", "layers": list(layers)}
+    gallery = Gallery(url=str(tmp_path), manifest=manifest, images=None, index=build_index(embeddings), pyramid=pyramid)
+    features = Features(rng.normal(size=(3, dim)).astype(np.float32),
+                        {layer: rng.normal(size=(3, c, int(p ** 0.5), int(p ** 0.5))).astype(np.float32)
+                         for layer, p, c in zip(layers, positions, channels)})
+    config = SpadeConfig(backbone="resnet18", weights="random", layers=layers, k=3, crop=16, resize=16, sigma=1.0)
+    return gallery, features, config
+
+
+def test_score_batch_exact_matches_cdist_reference(tmp_path):
+    gallery, features, config = _gallery(tmp_path)
+    results = score_batch(features, gallery, config)
+    maps = layer_distance_maps(features.pyramid, gallery, np.stack([r.neighbours for r in results]), config)
+    for i, result in enumerate(results):
+        for layer in config.layers:
+            b_map = maps[layer][i]
+            c, h, w = features.pyramid[layer][i].shape
+            q = np.ascontiguousarray(features.pyramid[layer][i].reshape(c, h * w).T)
+            flat = np.asarray(gallery.pyramid[layer])[np.sort(result.neighbours)].reshape(-1, c)
+            np.testing.assert_allclose(b_map.reshape(-1), cdist(q, flat), rtol=0, atol=1e-4)
+        assert result.score_map.shape == (16, 16)
+
+
+def test_approximate_mode_with_full_coreset_equals_exact_global_bank(tmp_path):
+    gallery, features, config = _gallery(tmp_path)
+    config = config.replace(k=len(gallery.pyramid["layer1"]))  # every gallery image a neighbour: exact = global bank
+    exact = score_batch(features, gallery, config, mode="exact")
+    approx = score_batch(features, gallery, config, mode="approximate", coreset_ratio=1.0)
+    for e, a in zip(exact, approx):
+        assert e.image_score == a.image_score
+        np.testing.assert_allclose(a.score_map, e.score_map, rtol=0, atol=1e-4)
