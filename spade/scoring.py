@@ -78,13 +78,6 @@ def finish_map(layer_maps: list[np.ndarray], config: SpadeConfig) -> np.ndarray:
     return smooth(combine_layer_maps(layer_maps, config.crop), config.sigma)
 
 
-def pixel_score_map(pyramid: dict[str, np.ndarray], gallery: Gallery, neighbours: np.ndarray, config: SpadeConfig) -> np.ndarray:
-    """Smoothed (crop, crop) score map of one image's pyramid {layer: (C, H, W)} against its neighbours' features."""
-    maps = layer_distance_maps({layer: pyramid[layer][None] for layer in config.layers}, gallery,
-                               np.asarray(neighbours)[None], config)
-    return finish_map([maps[layer][0] for layer in config.layers], config)
-
-
 def score_batch(features: Features, gallery: Gallery, config: SpadeConfig, exclude_rows: np.ndarray | None = None,
                 mode: str | None = None, coreset_ratio: float | None = None) -> list[ImageScore]:
     """Score every image of a batch; ``exclude_rows`` is for leave-one-out scoring of gallery images.
