@@ -270,6 +270,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rss-sizes", default="200,5000", help="synthetic gallery sizes for the RSS check ('' skips it)")
     parser.add_argument("--probe-images", type=int, default=16, help="images scored in each RSS probe")
     parser.add_argument("--e2e", action="store_true", help="also time `spade fit` + `spade score` with 1 and 2 workers")
+    parser.add_argument("--no-refine", action="store_true", dest="no_refine",
+                        help="(b) without the float64 re-search of near-tied positions (refine_distances: false)")
     parser.add_argument("--approx", action="store_true", help="also run approximate (coreset) mode; pixel ROCAUC")
     parser.add_argument("--coreset-ratio", type=float, default=0.01)
     parser.add_argument("--smoke", action="store_true", help="tiny synthetic run (< 1 min): resnet18, small gallery")
@@ -303,9 +305,10 @@ def _benchmark(args) -> int:
     if args.std:
         extra["std"] = tuple(float(v) for v in args.std.split(","))
     config = SpadeConfig(backbone=args.backbone, weights=args.weights, k=args.k, kappa=args.kappa,
-                         batch_size=args.batch_size, num_threads=threads, **extra)
+                         batch_size=args.batch_size, num_threads=threads, refine_distances=not args.no_refine, **extra)
     say(f"scoring benchmark: {config.backbone} (weights {config.weights}), K={config.k}, kappa={config.kappa}, "
-        f"layers {','.join(config.layers)}, {threads} threads (torch and faiss), load {os.getloadavg()[0]:.2f}")
+        f"layers {','.join(config.layers)}, {threads} threads (torch and faiss), "
+        f"refine_distances={config.refine_distances}, load {os.getloadavg()[0]:.2f}")
     extractor = FeatureExtractor(config)
     data = Path(args.data)
     if args.smoke or not data.is_dir():

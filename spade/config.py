@@ -42,6 +42,7 @@ class SpadeConfig:
     eval_region: str = "crop"
     shards: int = 1
     scoring_mode: str = "exact"
+    refine_distances: bool = True
     coreset_ratio: float = 0.01
     coreset_projection: int = 128
     coreset_max_candidates: int = 200_000

@@ -7,6 +7,10 @@ The exact kernel is a blocked GEMM with the expansion |q - g|^2 = |q|^2 - 2 q.g 
   constant per row and never enters the search;
 * the winners' distances are then recomputed directly as |q - g*| (O(Q x C)),
   so float32 cancellation in the expansion cannot leak into the scores;
+* the winner itself may still be wrong when candidates lie within the expansion's
+  rounding noise of each other (near-duplicate features); the search also keeps the
+  runner-up value, and queries whose error could exceed REFINE_TOLERANCE are
+  re-searched in float64 (`_refine_flags`, `_refine_search`);
 * `batch_layer_distances` scores several test images at once: gallery images
   shared by several test images' neighbour sets are read once and multiplied
   against all those images' queries in one GEMM (each test image is still
@@ -26,6 +30,9 @@ GALLERY_BLOCK = 4096
 COLUMN_BLOCK = 1024      # gallery vectors per GEMM block
 QUERY_BLOCK = 4096       # query rows per GEMM block; the output block (4096 x 1024 floats, 16 MB) stays in L3
 READ_POSITIONS = 4096    # gallery positions read (pread) per chunk
+REFINE_TOLERANCE = 1e-6  # largest error of a reported distance that the float32 search may leave unrefined
+REFINE_BLOCK = 8 << 20   # float64 elements (64 MB) per output block of the float64 refinement
+EPS32 = 2.0 ** -24       # unit roundoff of float32
 
 
 def configure_threads(num_threads: int = 0) -> int:
@@ -56,12 +63,20 @@ def _float_tensor(values: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 class _RunningMin:
-    """Per-query running minimum of ``-2 q.g + |g|^2`` (the kappa smallest) and the winning gallery ids."""
+    """Per-query running minimum of ``-2 q.g + |g|^2`` (the kappa smallest) and the winning gallery ids.
 
-    def __init__(self, rows: int, kappa: int):
+    With ``gap`` one more candidate is tracked: the (kappa+1)-th smallest computed
+    value, which bounds from below every candidate the search did not pick (see
+    `_refine_flags`). For kappa == 1 it is kept in ``values[:, 1]`` (``ids[:, 1]``
+    unused); for kappa > 1 the kappa + 1 smallest are kept unsorted (`winners` sorts).
+    """
+
+    def __init__(self, rows: int, kappa: int, gap: bool = False):
         self.kappa = kappa
-        self.values = torch.full((rows, kappa), float("inf"))
-        self.ids = torch.full((rows, kappa), -1, dtype=torch.int64)
+        self.gap = gap
+        width = kappa + 1 if gap else kappa
+        self.values = torch.full((rows, width), float("inf"))
+        self.ids = torch.full((rows, width), -1, dtype=torch.int64)
 
     def update(self, sl: slice, block: torch.Tensor, first_id: int) -> None:
         values, ids = self.values[sl], self.ids[sl]
@@ -71,20 +86,47 @@ class _RunningMin:
             vals = torch.amin(block, dim=1).numpy()
             cur_v, cur_i = values.numpy()[:, 0], ids.numpy()[:, 0]
             better = vals < cur_v
+            if self.gap:
+                # second smallest: rows not improved compete with the block minimum; improved rows
+                # with the old minimum and (below) the block's own second smallest
+                sec = values.numpy()[:, 1]
+                np.minimum(sec, np.where(better, cur_v, vals), out=sec)
             if better.all():
-                cur_i[:] = block.numpy().argmin(axis=1) + first_id
-                cur_v[:] = vals
+                improved = np.arange(len(better))
             elif better.any():
                 improved = np.flatnonzero(better)
-                cur_i[improved] = block.numpy()[improved].argmin(axis=1) + first_id
-                cur_v[improved] = vals[improved]
+            else:
+                return
+            data = block.numpy()
+            rows = data[improved] if len(improved) < len(better) else data
+            arg = rows.argmin(axis=1)
+            if self.gap and data.shape[1] > 1:
+                # block second minimum without topk (several times slower): mask the winner, amin again
+                r = np.arange(len(arg))
+                won = rows[r, arg].copy()
+                rows[r, arg] = np.inf
+                sec[improved] = np.minimum(sec[improved], torch.amin(torch.from_numpy(rows), dim=1).numpy())
+                rows[r, arg] = won
+            cur_i[improved] = arg + first_id
+            cur_v[improved] = vals[improved]
             return
-        k = min(self.kappa, block.shape[1])
+        k = min(values.shape[1], block.shape[1])
         vals, idx = torch.topk(block, k, dim=1, largest=False, sorted=False)
-        merged_v, pick = torch.topk(torch.cat([values, vals], dim=1), self.kappa, dim=1, largest=False, sorted=False)
+        merged_v, pick = torch.topk(torch.cat([values, vals], dim=1), values.shape[1], dim=1, largest=False, sorted=False)
         merged_i = torch.cat([ids, idx + first_id], dim=1).gather(1, pick)
         values.copy_(merged_v)
         ids.copy_(merged_i)
+
+    def winners(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(values (M, kappa), ids (M, kappa), next value (M,) or None): the kappa winners and, with ``gap``,
+        the smallest computed value among the candidates not picked (inf if there are none)."""
+        if not self.gap:
+            return self.values, self.ids, None
+        if self.kappa == 1:
+            return self.values[:, :1], self.ids[:, :1], self.values[:, 1]
+        values, order = torch.sort(self.values, dim=1)
+        ids = self.ids.gather(1, order)
+        return values[:, :self.kappa], ids[:, :self.kappa].contiguous(), values[:, self.kappa]
 
 
 def _search_block(q: torch.Tensor, g: torch.Tensor, g_sq: torch.Tensor, best: _RunningMin, row0: int, first_id: int,
@@ -105,9 +147,71 @@ def _search_block(q: torch.Tensor, g: torch.Tensor, g_sq: torch.Tensor, best: _R
             best.update(slice(row0 + r0, row0 + r0 + qb.shape[0]), out, first_id + c0)
 
 
-def _exact_distances(q: torch.Tensor, winners: torch.Tensor) -> torch.Tensor:
-    """Mean over kappa of |q - winner| computed directly: q (M, C), winners (M, kappa, C) -> (M,)."""
-    return torch.linalg.vector_norm(winners - q.unsqueeze(1), dim=2).mean(dim=1)
+def _winner_distances(q: torch.Tensor, winners: torch.Tensor, rows: int = 4096) -> torch.Tensor:
+    """|q - winner| in float64 by direct subtraction: q (M, C), winners (M, kappa, C) -> (M, kappa) float64."""
+    out = torch.empty(winners.shape[:2], dtype=torch.float64)
+    for r0 in range(0, q.shape[0], rows):
+        diff = winners[r0:r0 + rows].double() - q[r0:r0 + rows].double().unsqueeze(1)
+        out[r0:r0 + rows] = torch.linalg.vector_norm(diff, dim=2)
+    return out
+
+
+def _refine_flags(q: torch.Tensor, dist: torch.Tensor, next_value: torch.Tensor, g_sq_max: float,
+                  tolerance: float = REFINE_TOLERANCE) -> np.ndarray:
+    """Queries whose float32 search may have picked winners more than ``tolerance`` too far (mean distance).
+
+    The search compares s(g) = fl(|g|^2 - 2 q.g) with |q - g|^2 = |q|^2 + |g|^2 - 2 q.g. Rounding bound
+    (dot products of length C in float32, any summation order, FMA or not; then one addition):
+        |s(g) - (|g|^2 - 2 q.g)| <= (gamma_C + u) (|g|^2 + 2 |q| |g|) <= (C + 2) u (|q|^2 + 2 max|g|^2) =: n
+    (u = 2^-24, 2|q||g| <= |q|^2 + |g|^2; a 10 % margin covers gamma_C's 1/(1 - Cu) and the float32 |g|^2 used
+    for max|g|^2). Measured errors reach only ~2 % of this worst-case bound (C = 256, uniform and duplicate-heavy
+    data: rounding errors grow like sqrt(C) u rather than C u), so it is conservative.
+    Every candidate the search did not pick has s(g) >= s_next (the (kappa+1)-th smallest computed value),
+    so its true squared distance is >= L = |q|^2 + s_next - n. Swapping a winner w (exact distance d_w, computed
+    directly) for a better unpicked candidate gains at most d_w - sqrt(L); the mean over kappa winners is off by
+    at most max_w d_w - sqrt(max(L, 0)). Flag where that can exceed ``tolerance``.
+    (Using only the best computed value, the lower bound would be d_w^2 - 2n, which on real features flags
+    nearly every query; the gap to the runner-up is what makes the test selective.)
+    """
+    channels = q.shape[1]
+    q64 = q.double()
+    q_sq = (q64 * q64).sum(1)
+    noise = 1.1 * (channels + 2) * EPS32 * (q_sq + 2.0 * g_sq_max)
+    lower = (q_sq + next_value.double() - noise).clamp_min(0.0).sqrt()
+    return (lower < dist.max(dim=1).values - tolerance).numpy()
+
+
+def _refine_search(q: torch.Tensor, chunks, kappa: int) -> torch.Tensor:
+    """Gallery ids (M, kappa) of the kappa nearest candidates of queries ``q`` (M, C), searched in float64.
+
+    ``chunks`` yields (g (n, C) float32, ids (n,) int64, slots): gallery vectors and the queries (an int64 index
+    tensor into ``q``, or None for all) that are compared with them. Queries and gallery are centred on the
+    queries' mean (distances are translation invariant) and compared with the float64 expansion, whose rounding
+    error (~ C 2^-53 |centred norms|^2) is 2^29 times smaller than float32's. Output blocks hold at most
+    REFINE_BLOCK float64 elements.
+    """
+    q64 = q.double()
+    centre = q64.mean(dim=0)
+    q64 -= centre
+    best_v = torch.full((q.shape[0], kappa), float("inf"), dtype=torch.float64)
+    best_i = torch.full((q.shape[0], kappa), -1, dtype=torch.int64)
+    for g, ids, slots in chunks:
+        g64 = g.double() - centre
+        g_sq = (g64 * g64).sum(1).unsqueeze(0)
+        gt = g64.T
+        step = max(1, REFINE_BLOCK // g64.shape[0])
+        count = q.shape[0] if slots is None else len(slots)
+        for r0 in range(0, count, step):
+            sl = slice(r0, r0 + step) if slots is None else slots[r0:r0 + step]
+            out = torch.addmm(g_sq, q64[sl], gt, beta=1.0, alpha=-2.0)
+            if kappa == 1:
+                vals, idx = torch.min(out, dim=1, keepdim=True)
+            else:
+                vals, idx = torch.topk(out, min(kappa, out.shape[1]), dim=1, largest=False, sorted=False)
+            merged_v, pick = torch.topk(torch.cat([best_v[sl], vals], dim=1), kappa, dim=1, largest=False)
+            best_i[sl] = torch.cat([best_i[sl], ids[idx]], dim=1).gather(1, pick)
+            best_v[sl] = merged_v
+    return best_i
 
 
 def nearest_feature_distances(queries: np.ndarray | torch.Tensor, gallery: np.ndarray | torch.Tensor, kappa: int = 1,
@@ -126,14 +230,24 @@ def nearest_feature_distances(queries: np.ndarray | torch.Tensor, gallery: np.nd
         raise ValueError(f"kappa={kappa} exceeds the {g.shape[0]} gallery features")
     column_block = max(1, min(block, COLUMN_BLOCK))
     with torch.inference_mode():
-        best = _RunningMin(q.shape[0], kappa)
+        best = _RunningMin(q.shape[0], kappa, gap=exact)
         buf = torch.empty(min(q.shape[0], QUERY_BLOCK) * min(g.shape[0], column_block))
         g_sq = (g * g).sum(1)
         _search_block(q, g, g_sq, best, 0, 0, buf, column_block=column_block)
+        values, ids, next_value = best.winners()
         if exact:
-            dist = _exact_distances(q, g[best.ids])
+            each = _winner_distances(q, g[ids])
+            flagged = np.flatnonzero(_refine_flags(q, each, next_value, float(g_sq.max())))
+            if len(flagged):
+                index = torch.from_numpy(flagged)
+                qf = q.index_select(0, index)
+                all_ids = torch.arange(g.shape[0])
+                step = max(1, READ_POSITIONS)
+                chunks = ((g[c0:c0 + step], all_ids[c0:c0 + step], None) for c0 in range(0, g.shape[0], step))
+                each[index] = _winner_distances(qf, g[_refine_search(qf, chunks, kappa)])
+            dist = each.mean(dim=1).float()
         else:
-            dist = (best.values + (q * q).sum(1, keepdim=True)).clamp_min_(0.0).sqrt_().mean(dim=1)
+            dist = (values + (q * q).sum(1, keepdim=True)).clamp_min_(0.0).sqrt_().mean(dim=1)
     return dist.numpy()
 
 
@@ -208,7 +322,7 @@ class PyramidReader:
 
 def batch_layer_distances(queries: np.ndarray | torch.Tensor, pyramid: np.ndarray, neighbours: np.ndarray, kappa: int = 1,
                           exact: bool = True, read_positions: int = READ_POSITIONS,
-                          on_chunk: Callable[[int], None] | None = None) -> np.ndarray:
+                          on_chunk: Callable[[int], None] | None = None, refine: bool = True) -> np.ndarray:
     """Distances (B, P) of B test images' positions (B, P, C) to the kappa nearest features among ALL positions of
     each image's own neighbour rows ``neighbours[i]`` of ``pyramid`` (N, Pg, C).
 
@@ -235,7 +349,8 @@ def batch_layer_distances(queries: np.ndarray | torch.Tensor, pyramid: np.ndarra
     rows_per_read = max(1, read_positions // per_row)
     buffer = np.empty((min(rows_per_read, len(rows)), per_row, channels), dtype=np.float32)
     flat = q_all.reshape(batch * positions, channels)
-    best = _RunningMin(batch * positions, kappa)
+    best = _RunningMin(batch * positions, kappa, gap=exact and refine)
+    g_sq_max = 0.0
     with torch.inference_mode(), PyramidReader(pyramid) as reader:
         gemm_buf = torch.empty(min(batch * positions, QUERY_BLOCK) * COLUMN_BLOCK)
         for group in groups.values():
@@ -245,15 +360,16 @@ def batch_layer_distances(queries: np.ndarray | torch.Tensor, pyramid: np.ndarra
             else:
                 index = torch.from_numpy(images)
                 q = q_all.index_select(0, index).reshape(-1, channels)
-                local = _RunningMin(0, kappa)
-                local.values = best.values.view(batch, positions, kappa).index_select(0, index).reshape(-1, kappa)
-                local.ids = best.ids.view(batch, positions, kappa).index_select(0, index).reshape(-1, kappa)
+                local = _RunningMin(0, kappa, gap=exact and refine)
+                local.values = best.values.view(batch, positions, -1).index_select(0, index).reshape(len(images) * positions, -1)
+                local.ids = best.ids.view(batch, positions, -1).index_select(0, index).reshape(len(images) * positions, -1)
             group_rows = rows[group]
             for r0 in range(0, len(group_rows), rows_per_read):
                 chunk_rows = group_rows[r0:r0 + rows_per_read]
                 chunk = reader.read(chunk_rows, buffer)
                 g = torch.from_numpy(chunk).reshape(-1, channels)
                 g_sq = (g * g).sum(1)
+                g_sq_max = max(g_sq_max, float(g_sq.max())) if len(g_sq) else g_sq_max
                 # ids: gallery row * per_row + position, valid within a run of consecutive rows
                 start = 0
                 while start < len(chunk_rows):
@@ -267,15 +383,45 @@ def batch_layer_distances(queries: np.ndarray | torch.Tensor, pyramid: np.ndarra
                     on_chunk(len(chunk_rows))
             if local is not best:
                 index = torch.from_numpy(images)
-                best.values.view(batch, positions, kappa).index_copy_(0, index, local.values.view(len(images), positions, kappa))
-                best.ids.view(batch, positions, kappa).index_copy_(0, index, local.ids.view(len(images), positions, kappa))
+                best.values.view(batch, positions, -1).index_copy_(0, index, local.values.view(len(images), positions, -1))
+                best.ids.view(batch, positions, -1).index_copy_(0, index, local.ids.view(len(images), positions, -1))
+        values, ids, next_value = best.winners()
         if exact:
-            ids = best.ids.numpy()
+            ids = ids.numpy()
             winners = _gather_positions(reader, pyramid, ids // per_row, ids % per_row)
-            dist = _exact_distances(flat, torch.from_numpy(winners))
+            each = _winner_distances(flat, torch.from_numpy(winners))
+            del winners
+            flagged = _refine_flags(flat, each, next_value, g_sq_max) if refine else np.zeros(0, dtype=bool)
+            if flagged.any():  # float64 re-search of the flagged queries; each gallery row is read once
+                index = torch.from_numpy(np.flatnonzero(flagged))
+                qf = flat.index_select(0, index)
+                chunks = _refine_chunks(reader, neighbours, index.numpy() // positions, buffer)
+                refined = _refine_search(qf, chunks, kappa).numpy()
+                found = _gather_positions(reader, pyramid, refined // per_row, refined % per_row)
+                each[index] = _winner_distances(qf, torch.from_numpy(found))
+            dist = each.mean(dim=1).float()
         else:
-            dist = (best.values + (flat * flat).sum(1, keepdim=True)).clamp_min_(0.0).sqrt_().mean(dim=1)
+            dist = (values + (flat * flat).sum(1, keepdim=True)).clamp_min_(0.0).sqrt_().mean(dim=1)
     return dist.numpy().reshape(batch, positions)
+
+
+def _refine_chunks(reader: PyramidReader, neighbours: np.ndarray, image_of: np.ndarray, buffer: np.ndarray):
+    """For `_refine_search`: each gallery row used by an image in ``image_of`` (the test image of each flagged
+    query), read once, as (features (P, C) float32, ids row * P + position, the flagged queries whose image has
+    the row among its neighbours)."""
+    per_row, channels = reader.positions, reader.channels
+    images = np.unique(image_of)
+    rows = np.unique(neighbours[images])
+    users = np.zeros((len(rows), int(neighbours.shape[0])), dtype=bool)
+    for i in images:
+        users[np.searchsorted(rows, neighbours[i]), i] = True
+    for r0 in range(0, len(rows), len(buffer)):
+        chunk_rows = rows[r0:r0 + len(buffer)]
+        chunk = reader.read(chunk_rows, buffer)
+        for j, row in enumerate(chunk_rows):
+            slots = np.flatnonzero(users[r0 + j][image_of])
+            ids = torch.arange(int(row) * per_row, (int(row) + 1) * per_row)
+            yield torch.from_numpy(chunk[j]).reshape(-1, channels), ids, torch.from_numpy(slots)
 
 
 def _gather_positions(reader: PyramidReader, pyramid: np.ndarray, rows: np.ndarray, positions: np.ndarray) -> np.ndarray:

@@ -61,7 +61,8 @@ def layer_distance_maps(pyramid: dict[str, np.ndarray], gallery: Gallery, neighb
         b, _, h, w = maps.shape
         queries = layer_queries(maps)
         if mode == "exact":
-            dist = batch_layer_distances(queries, gallery.pyramid[layer], neighbours, config.kappa)
+            dist = batch_layer_distances(queries, gallery.pyramid[layer], neighbours, config.kappa,
+                                         refine=config.refine_distances)
         else:
             from spade.coreset import memory_bank_for
 

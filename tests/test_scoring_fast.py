@@ -60,6 +60,52 @@ def test_batched_images_with_shared_neighbours_equal_one_by_one(tmp_path, kappa,
         np.testing.assert_allclose(together[i], cdist(queries[i], flat, kappa), rtol=0, atol=1e-4)
 
 
+def near_duplicates(seed, n_gallery, n_queries, channels=64):
+    """Gallery: a big constant + tiny perturbations, drawn from few distinct vectors (many exact duplicates), a third
+    of them moved by ~1e-3; queries: gallery vectors, half of them exactly, half moved by ~1e-3. Distances are
+    ~0-1e-2 while |x|^2 ~ 6e5, far below float32's rounding of the expansion -2 q.g + |g|^2."""
+    rng = np.random.default_rng(seed)
+    base = (100 + 1e-3 * rng.standard_normal((40, channels))).astype(np.float32)
+    gallery = base[rng.integers(0, len(base), size=n_gallery)]
+    gallery[::3] += (1e-3 * rng.standard_normal((len(gallery[::3]), channels))).astype(np.float32)
+    queries = gallery[rng.integers(0, n_gallery, size=n_queries)].copy()
+    queries[1::2] += (1e-3 * rng.standard_normal((len(queries[1::2]), channels))).astype(np.float32)
+    return queries, gallery
+
+
+def float32_expansion_only(queries, gallery, kappa):
+    """Winners picked by the float32 expansion alone, their distances then recomputed directly (no refinement)."""
+    q, g = torch.from_numpy(queries), torch.from_numpy(gallery)
+    ids = torch.addmm((g * g).sum(1), q, g.T, alpha=-2.0).topk(kappa, dim=1, largest=False).indices
+    return torch.linalg.vector_norm(g[ids] - q[:, None], dim=2).mean(1).numpy()
+
+
+@pytest.mark.parametrize("kappa", [1, 3])
+def test_near_duplicates_are_refined_to_float64_accuracy(kappa):
+    queries, gallery = near_duplicates(5, 600, 200)
+    reference = brute(queries, gallery, kappa)
+    assert np.abs(float32_expansion_only(queries, gallery, kappa) - reference).max() > 1e-4  # the case is hard
+    got = nearest_feature_distances(queries, gallery, kappa=kappa, block=128)
+    assert np.abs(got - reference).max() <= 1e-5
+
+
+@pytest.mark.parametrize("kappa", [1, 3])
+def test_batched_near_duplicates_are_refined_to_float64_accuracy(tmp_path, kappa):
+    n, positions, channels, batch = 8, 60, 64, 3
+    queries, gallery = near_duplicates(6, n * positions, batch * positions, channels)
+    pyramid = npy_pyramid(tmp_path, gallery.reshape(n, positions, channels))
+    queries = queries.reshape(batch, positions, channels)
+    neighbours = np.array([[0, 1, 2], [2, 1, 0], [5, 6, 7]])  # shared and disjoint neighbour sets
+    got = batch_layer_distances(queries, pyramid, neighbours, kappa, read_positions=100)
+    worst = 0.0
+    for i in range(batch):
+        flat = gallery.reshape(n, positions, channels)[np.sort(neighbours[i])].reshape(-1, channels)
+        reference = brute(queries[i], flat, kappa)
+        worst = max(worst, np.abs(float32_expansion_only(queries[i], flat, kappa) - reference).max())
+        assert np.abs(got[i] - reference).max() <= 1e-5
+    assert worst > 1e-4  # the float32 expansion alone fails here
+
+
 def test_reader_reads_rows_from_npy_and_float16(tmp_path):
     rng = np.random.default_rng(2)
     data = rng.normal(size=(6, 4, 3)).astype(np.float16)
