@@ -9,7 +9,7 @@ import math
 from typing import Any, Callable
 
 from spade import storage
-from spade.evaluation import GOOD, evaluate, format_table, load_pixels, metrics_table
+from spade.evaluation import GOOD, evaluate, format_table, labelled_rows, load_pixels, metrics_table
 from spade.results import read_run_info, read_score_table
 from spade.thresholds import AUTO, run_thresholds
 
@@ -29,13 +29,19 @@ def _json_safe(value: Any) -> Any:
 
 
 def select_run_thresholds(table, config: dict, masks_root: str | None, method: str = AUTO, image_fpr: float = 0.05,
-                          pixel_fpr: float | None = None, progress: Callable[[str], None] = lambda _: None) -> dict:
+                          pixel_fpr: float | None = None, progress: Callable[[str], None] = lambda _: None,
+                          pixels: tuple | None = None) -> dict:
     """thresholds.json of a run: image threshold from labelled image scores, pixel threshold from the
-    evaluated score maps (with ground truth; without ``masks_root``, from the good images' maps)."""
+    evaluated score maps (with ground truth; without ``masks_root``, from the good images' maps).
+    ``pixels``: `load_pixels` of the labelled rows with ground truth, when already read."""
     pixel_fpr = config.get("calibration_fpr", 0.001) if pixel_fpr is None else pixel_fpr
-    ok = [r for r in table.to_pylist() if r["status"] == "ok" and r["label"]]
-    pixel_rows = ok if masks_root is not None else [r for r in ok if r["label"] == GOOD]
-    _, maps, masks, _ = load_pixels(pixel_rows, masks_root, config["resize"], config["crop"], config["eval_region"], progress)
+    ok = labelled_rows(table)
+    if masks_root is not None and pixels is not None:
+        _, maps, masks, _ = pixels
+    else:
+        pixel_rows = ok if masks_root is not None else [r for r in ok if r["label"] == GOOD]
+        _, maps, masks, _ = load_pixels(pixel_rows, masks_root, config["resize"], config["crop"], config["eval_region"],
+                                        progress)
     chosen = run_thresholds([r["label"] != GOOD for r in ok] if ok else None, [r["image_score"] for r in ok],
                             maps, masks, method, image_fpr, pixel_fpr)
     chosen["source"] = "evaluate"
@@ -53,10 +59,15 @@ def run_evaluate(scores_url: str, masks_root: str | None, out_url: str, say: Cal
     """
     config = read_run_info(scores_url)["config"]
     table = read_score_table(scores_url)
-    result = evaluate(table, masks_root, config["resize"], config["crop"], config["eval_region"], progress=say)
+    pixels = None
+    if masks_root is not None:
+        pixels = load_pixels(labelled_rows(table), masks_root, config["resize"], config["crop"], config["eval_region"], say)
+    result = evaluate(table, masks_root, config["resize"], config["crop"], config["eval_region"], progress=say,
+                      pixels=pixels)
     for problem in result["problems"]:
         say(f"evaluate: {problem}")
-    result["thresholds"] = select_run_thresholds(table, config, masks_root, threshold_method, image_fpr, pixel_fpr)
+    result["thresholds"] = select_run_thresholds(table, config, masks_root, threshold_method, image_fpr, pixel_fpr,
+                                                 pixels=pixels)
     for kind in ("image", "pixel"):
         selection = result["thresholds"][f"{kind}_selection"]
         if selection["threshold"] is None:

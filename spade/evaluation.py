@@ -71,11 +71,20 @@ def _pixel_metrics(maps: list[np.ndarray], masks: list[np.ndarray], max_fpr: flo
     return {"pixel_rocauc": auroc(flat_masks, flat_maps), "pro": pro}
 
 
+def labelled_rows(table: pa.Table) -> list[dict[str, Any]]:
+    """The rows that take part in the metrics: scored, with an MVTec label."""
+    return [r for r in table.to_pylist() if r["status"] == "ok" and r["label"]]
+
+
 def evaluate(table: pa.Table, masks_root: str | None, resize: int, crop: int, region: str = "crop",
-             max_fpr: float = 0.3, progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
-    """Metrics of a score table: overall and per defect type (each defect type against the good images)."""
+             max_fpr: float = 0.3, progress: Callable[[str], None] = lambda _: None,
+             pixels: tuple | None = None) -> dict[str, Any]:
+    """Metrics of a score table: overall and per defect type (each defect type against the good images).
+
+    ``pixels``: `load_pixels` of `labelled_rows(table)`, when the caller has read them already.
+    """
     rows = table.to_pylist()
-    ok = [r for r in rows if r["status"] == "ok" and r["label"]]
+    ok = labelled_rows(table)
     counts = {
         "rows": len(rows), "scored": sum(r["status"] == "ok" for r in rows), "errors": sum(r["status"] != "ok" for r in rows),
         "unlabelled": sum(r["status"] == "ok" and not r["label"] for r in rows),
@@ -87,7 +96,7 @@ def evaluate(table: pa.Table, masks_root: str | None, resize: int, crop: int, re
         return result
     overall = {"image_rocauc": auroc([r["label"] != GOOD for r in ok], [r["image_score"] for r in ok])}
     if masks_root is not None:
-        used, maps, masks, problems = load_pixels(ok, masks_root, resize, crop, region, progress)
+        used, maps, masks, problems = pixels or load_pixels(ok, masks_root, resize, crop, region, progress)
         result["problems"] += problems
         overall |= _pixel_metrics(maps, masks, max_fpr)
     result["overall"] = overall
