@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from typing import Callable
 
 import apache_beam as beam
@@ -23,7 +22,7 @@ from transforms.extract import ExtractFeatures
 from transforms.parquet import WriteParquetShards
 from transforms.progress import CountProgress
 from transforms.read import ReadImages, input_batches
-from transforms.records import embedding_row, utc_now
+from transforms.records import embedding_row, new_run_id, utc_now
 from pipelines.progress import ProgressReporter
 from pipelines.runner import metrics_line, run_pipeline
 
@@ -67,10 +66,11 @@ def run_fit(config: SpadeConfig, images: str, gallery_url: str, beam_args: list[
         if not storage.exists(storage.join(gallery_url, MANIFEST)):
             raise GalleryMissing(f"--append needs an existing gallery at {gallery_url}; run `spade fit` without --append first")
         known = _known_uris(gallery_url, config)
-        say(f"fit --append: {len(uris) - len([u for u in uris if u not in known])} of {len(uris)} inputs already in the gallery")
-        uris = [u for u in uris if u not in known]
+        new = [u for u in uris if u not in known]
+        say(f"fit --append: {len(uris) - len(new)} of {len(uris)} inputs already in the gallery")
+        uris = new
     say(f"fit: {len(uris)} inputs from {images} -> gallery {gallery_url}")
-    run_id = utc_now().strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+    run_id = new_run_id(utc_now())
     staging = storage.join(gallery_url, f"_staging-{run_id}")
     storage.remove_stale_staging(gallery_url)
     metrics: dict = {}

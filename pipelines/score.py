@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from datetime import date as Date
 from datetime import datetime
 from typing import Callable
@@ -28,7 +27,7 @@ from transforms.extract import ExtractFeatures
 from transforms.parquet import WriteParquetShards
 from transforms.progress import CountProgress
 from transforms.read import ReadImages, input_batches
-from transforms.records import utc_now
+from transforms.records import new_run_id, utc_now
 from transforms.score import ScoreImages, resolve_thresholds
 from pipelines.progress import ProgressReporter
 from pipelines.runner import metrics_line, run_pipeline
@@ -105,7 +104,7 @@ def run_score(config: SpadeConfig, gallery_url: str, images: str, out_url: str, 
         say(f"score: nothing to do: 0 new, {skipped} already scored")
         return summary
     scored_at = utc_now()
-    run_id = scored_at.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+    run_id = new_run_id(scored_at)
     say(f"score: {len(uris)} inputs from {images} against gallery {gallery_url} ({gallery.hash}) -> {run_out}")
     scores_folder = storage.join(run_out, "scores")
     storage.remove_stale_staging(scores_folder)
@@ -121,12 +120,10 @@ def run_score(config: SpadeConfig, gallery_url: str, images: str, out_url: str, 
         "config": config.to_dict(), "gallery": gallery_url, "gallery_hash": gallery.hash, "images": images,
         "scored_at": scored_at.isoformat(), "thresholds": used_thresholds,
     })
-    table = read_score_table(run_out)
-    rows = table.to_pylist()
-    errors = [row for row in rows if row["status"] != "ok" and row["scored_at"] == scored_at]
+    this_run = [row for row in read_score_table(run_out).to_pylist() if row["scored_at"] == scored_at]
+    errors = [row for row in this_run if row["status"] != "ok"]
     for row in errors:
         say(f"score: error {row['error']}")
-    this_run = [row for row in rows if row["scored_at"] == scored_at]
     summary |= {"rows": len(this_run), "ok": sum(r["status"] == "ok" for r in this_run), "errors": len(errors),
                 "seconds": round(elapsed, 1), "metrics": metrics}
     say(metrics_line("score", metrics))

@@ -1,6 +1,7 @@
 """The elements that flow between our DoFns."""
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -60,6 +61,11 @@ def image_columns(image: ImageInput) -> dict[str, Any]:
 
 def utc_now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def new_run_id(now: datetime) -> str:
+    """A unique, time-ordered name for one run's staging folder and appended files."""
+    return now.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
 
 
 def embedding_row(item: ImageFeatures, feature_dtype: str) -> dict[str, Any]:
