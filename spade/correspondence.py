@@ -7,10 +7,13 @@ The exact kernel is a blocked GEMM with the expansion |q - g|^2 = |q|^2 - 2 q.g 
   constant per row and never enters the search;
 * the winners' distances are then recomputed directly as |q - g*| (O(Q x C)),
   so float32 cancellation in the expansion cannot leak into the scores;
+* queries and gallery are centred on a point amid the features (a fixed gallery row's
+  mean): distances are unchanged, the expansion's rounding error shrinks with the norms;
 * the winner itself may still be wrong when candidates lie within the expansion's
-  rounding noise of each other (near-duplicate features); the search also keeps the
-  runner-up value, and queries whose error could exceed REFINE_TOLERANCE are
-  re-searched in float64 (`_refine_flags`, `_refine_search`);
+  rounding noise of each other (near-tied features); the search also keeps the
+  runner-up value, and for queries whose error could exceed REFINE_TOLERANCE every
+  candidate within the rounding band of the farthest winner gets its distance
+  computed directly (`_refine_flags`, `_refine_band`): exact, at float32 speed;
 * `batch_layer_distances` scores several test images at once: gallery images
   shared by several test images' neighbour sets are read once and multiplied
   against all those images' queries in one GEMM (each test image is still
@@ -27,11 +30,11 @@ import numpy as np
 import torch
 
 GALLERY_BLOCK = 4096
-COLUMN_BLOCK = 1024      # gallery vectors per GEMM block
-QUERY_BLOCK = 4096       # query rows per GEMM block; the output block (4096 x 1024 floats, 16 MB) stays in L3
+COLUMN_BLOCK = 2048      # gallery vectors per GEMM block
+QUERY_BLOCK = 1024       # query rows per GEMM block; the output block (4096 x 1024 floats, 16 MB) stays in L3
 READ_POSITIONS = 4096    # gallery positions read (pread) per chunk
+BAND_SEGMENT = 128      # columns screened together by their minimum in the refinement's band search
 REFINE_TOLERANCE = 1e-6  # largest error of a reported distance that the float32 search may leave unrefined
-REFINE_BLOCK = 8 << 20   # float64 elements (64 MB) per output block of the float64 refinement
 EPS32 = 2.0 ** -24       # unit roundoff of float32
 
 
@@ -156,62 +159,150 @@ def _winner_distances(q: torch.Tensor, winners: torch.Tensor, rows: int = 4096) 
     return out
 
 
-def _refine_flags(q: torch.Tensor, dist: torch.Tensor, next_value: torch.Tensor, g_sq_max: float,
+def _noise(q_norm: torch.Tensor, reach: torch.Tensor, channels: int) -> torch.Tensor:
+    """Bound on the rounding error of a computed s(g) = fl(|g|^2 - 2 q.g) for any candidate with |g| <= reach.
+
+    Dot products of length C in float32 (any summation order, FMA or not), then one addition:
+        |s(g) - (|g|^2 - 2 q.g)| <= (gamma_C + u) (|g|^2 + 2 |q| |g|) <= 1.1 (C + 2) u (R^2 + 2 |q| R)
+    (u = 2^-24; the 10 % margin covers gamma_C's 1/(1 - Cu)). Measured errors reach a few % of this
+    worst case, so the bound is conservative.
+    """
+    return 1.1 * (channels + 2) * EPS32 * (reach * reach + 2.0 * q_norm * reach)
+
+
+def _refine_flags(q: torch.Tensor, dist: torch.Tensor, next_value: torch.Tensor,
                   tolerance: float = REFINE_TOLERANCE) -> np.ndarray:
     """Queries whose float32 search may have picked winners more than ``tolerance`` too far (mean distance).
 
-    The search compares s(g) = fl(|g|^2 - 2 q.g) with |q - g|^2 = |q|^2 + |g|^2 - 2 q.g. Rounding bound
-    (dot products of length C in float32, any summation order, FMA or not; then one addition):
-        |s(g) - (|g|^2 - 2 q.g)| <= (gamma_C + u) (|g|^2 + 2 |q| |g|) <= (C + 2) u (|q|^2 + 2 max|g|^2) =: n
-    (u = 2^-24, 2|q||g| <= |q|^2 + |g|^2; a 10 % margin covers gamma_C's 1/(1 - Cu) and the float32 |g|^2 used
-    for max|g|^2). Measured errors reach only ~2 % of this worst-case bound (C = 256, uniform and duplicate-heavy
-    data: rounding errors grow like sqrt(C) u rather than C u), so it is conservative.
-    Every candidate the search did not pick has s(g) >= s_next (the (kappa+1)-th smallest computed value),
-    so its true squared distance is >= L = |q|^2 + s_next - n. Swapping a winner w (exact distance d_w, computed
-    directly) for a better unpicked candidate gains at most d_w - sqrt(L); the mean over kappa winners is off by
-    at most max_w d_w - sqrt(max(L, 0)). Flag where that can exceed ``tolerance``.
-    (Using only the best computed value, the lower bound would be d_w^2 - 2n, which on real features flags
-    nearly every query; the gap to the runner-up is what makes the test selective.)
+    ``q`` (M, C) are the queries as searched (centred, float32), ``dist`` (M, kappa) the winners' exact distances,
+    ``next_value`` (M,) the (kappa+1)-th smallest computed value s(g) of the search.
+
+    Only a candidate g closer than the farthest winner (|q - g| < D = max_w d_w) can improve the mean, and such a
+    g has |g| < R = |q| + D, so its computed value is off by at most n = `_noise` (|q|, R). Every candidate the
+    search did not pick has s(g) >= s_next, so if it is within R its true squared distance (to the searched,
+    centred vectors) is >= L = |q|^2 + s_next - n. Centring rounded each coordinate once (relative error u),
+    which moves a distance by at most u (|q| + |g|) <= u (2|q| + D). Swapping a winner for a better unpicked
+    candidate therefore gains at most D - sqrt(max(L, 0)) + u (2|q| + D); flag where that can exceed
+    ``tolerance``. (Without the runner-up only the winner's own value bounds the rest and nearly every query
+    is flagged; centring shrinks |q| and R, hence n, by an order of magnitude.)
     """
-    channels = q.shape[1]
+    q64 = q.double()
+    q_norm = (q64 * q64).sum(1).sqrt()
+    far = dist.max(dim=1).values
+    noise = _noise(q_norm, q_norm + far, q.shape[1])
+    lower = (q_norm * q_norm + next_value.double() - noise).clamp_min(0.0).sqrt() - EPS32 * (2.0 * q_norm + far)
+    return (lower < far - tolerance).numpy()
+
+
+def _band_limits(q: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
+    """Per query, the largest computed s(g) a candidate can have if its true distance is <= the farthest winner's.
+
+    True distance <= D means distance <= D' = D + u (2|q| + D) between the centred, rounded vectors, hence
+    |q|^2 + (|g|^2 - 2 q.g) <= D'^2 and s(g) <= D'^2 - |q|^2 + n (|q|, |q| + D') (see `_refine_flags`).
+    Returned in float32, rounded up, to compare with float32 GEMM output.
+    """
     q64 = q.double()
     q_sq = (q64 * q64).sum(1)
-    noise = 1.1 * (channels + 2) * EPS32 * (q_sq + 2.0 * g_sq_max)
-    lower = (q_sq + next_value.double() - noise).clamp_min(0.0).sqrt()
-    return (lower < dist.max(dim=1).values - tolerance).numpy()
+    q_norm = q_sq.sqrt()
+    far = dist.max(dim=1).values
+    far = far + EPS32 * (2.0 * q_norm + far)
+    limit = far * far - q_sq + _noise(q_norm, q_norm + far, q.shape[1])
+    limit = limit + 4.0 * EPS32 * (limit.abs() + q_sq + far * far)  # float64 -> float32 and this sum's own rounding
+    return limit.float()
 
 
-def _refine_search(q: torch.Tensor, chunks, kappa: int) -> torch.Tensor:
-    """Gallery ids (M, kappa) of the kappa nearest candidates of queries ``q`` (M, C), searched in float64.
+def _merge_smallest(best: np.ndarray, query: np.ndarray, dist: np.ndarray) -> None:
+    """Fold (query index, distance) pairs into ``best`` (M, kappa), each row's kappa smallest distances so far."""
+    kappa = best.shape[1]
+    all_q = np.concatenate([np.repeat(np.arange(len(best)), kappa), query])
+    all_d = np.concatenate([best.reshape(-1), dist])
+    order = np.lexsort((all_d, all_q))
+    sorted_q = all_q[order]
+    first = np.searchsorted(sorted_q, sorted_q, side="left")
+    rank = np.arange(len(order)) - first
+    keep = rank < kappa
+    best[sorted_q[keep], rank[keep]] = all_d[order][keep]
 
-    ``chunks`` yields (g (n, C) float32, ids (n,) int64, slots): gallery vectors and the queries (an int64 index
-    tensor into ``q``, or None for all) that are compared with them. Queries and gallery are centred on the
-    queries' mean (distances are translation invariant) and compared with the float64 expansion, whose rounding
-    error (~ C 2^-53 |centred norms|^2) is 2^29 times smaller than float32's. Output blocks hold at most
-    REFINE_BLOCK float64 elements.
+
+def _band_members(out: torch.Tensor, limit: np.ndarray, segment: int = BAND_SEGMENT) -> tuple[np.ndarray, np.ndarray]:
+    """(row, column) of the entries of ``out`` (m, n) at or below their row's ``limit`` (m,).
+
+    Bands are sparse (a few members per row), so segments of ``segment`` columns are
+    screened by their minimum first (one multi-threaded ``torch.amin`` pass) and only hit
+    segments are compared entry by entry.
     """
+    rows, width = out.shape
+    whole = width - width % segment
+    parts = []
+    if whole:
+        parts.append(torch.amin(out[:, :whole].view(rows, whole // segment, segment), dim=2))
+    if whole < width:
+        parts.append(torch.amin(out[:, whole:], dim=1, keepdim=True))
+    seg_min = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)).numpy()
+    row, seg = np.divmod(np.flatnonzero(seg_min <= limit[:, None]), seg_min.shape[1])
+    cols = (seg * segment)[:, None] + np.arange(segment)
+    inside = cols < width
+    values = np.take(out.numpy().reshape(-1), row[:, None] * width + np.minimum(cols, width - 1))
+    hit_r, hit_c = np.nonzero((values <= limit[row][:, None]) & inside)
+    return row[hit_r], cols[hit_r, hit_c]
+
+
+def _refine_band(q: torch.Tensor, qc: torch.Tensor, dist: torch.Tensor, centre: torch.Tensor, chunks,
+                 pair_block: int = 1 << 16) -> torch.Tensor:
+    """Exact distances (M, kappa) float64 to the kappa nearest candidates of flagged queries.
+
+    ``q`` (M, C) the queries, ``qc`` the same centred as searched, ``dist`` (M, kappa) the float32 search's
+    winners' exact distances; ``chunks`` yields (g (n, C) float32, slots): gallery vectors and the queries
+    (an int64 index tensor into ``q``, or None for all) compared with them. Every candidate whose true distance
+    is at most the farthest winner's lies in the band s(g) <= `_band_limits` of a float32 search (the same
+    GEMM as the main search, on these few queries only); the band's distances are computed directly (|q - g|
+    in float64) and the kappa smallest kept. Near-ties are thus settled exactly at float32 speed.
+    """
+    kappa = dist.shape[1]
+    limits = _band_limits(qc, dist).numpy()
+    best = np.full((q.shape[0], kappa), np.inf)
     q64 = q.double()
-    centre = q64.mean(dim=0)
-    q64 -= centre
-    best_v = torch.full((q.shape[0], kappa), float("inf"), dtype=torch.float64)
-    best_i = torch.full((q.shape[0], kappa), -1, dtype=torch.int64)
-    for g, ids, slots in chunks:
-        g64 = g.double() - centre
-        g_sq = (g64 * g64).sum(1).unsqueeze(0)
-        gt = g64.T
-        step = max(1, REFINE_BLOCK // g64.shape[0])
+    found_q: list[np.ndarray] = []
+    found_d: list[np.ndarray] = []
+    pending = 0
+    buf = torch.empty(QUERY_BLOCK * COLUMN_BLOCK)  # reused: a fresh output per call costs page faults
+    for g, slots in chunks:
+        gc = g - centre
+        g_sq = (gc * gc).sum(1)
+        gt = gc.T
         count = q.shape[0] if slots is None else len(slots)
+        step = max(1, len(buf) // max(1, g.shape[0]))
         for r0 in range(0, count, step):
-            sl = slice(r0, r0 + step) if slots is None else slots[r0:r0 + step]
-            out = torch.addmm(g_sq, q64[sl], gt, beta=1.0, alpha=-2.0)
-            if kappa == 1:
-                vals, idx = torch.min(out, dim=1, keepdim=True)
-            else:
-                vals, idx = torch.topk(out, min(kappa, out.shape[1]), dim=1, largest=False, sorted=False)
-            merged_v, pick = torch.topk(torch.cat([best_v[sl], vals], dim=1), kappa, dim=1, largest=False)
-            best_i[sl] = torch.cat([best_i[sl], ids[idx]], dim=1).gather(1, pick)
-            best_v[sl] = merged_v
-    return best_i
+            rows = np.arange(r0, min(r0 + step, count)) if slots is None else slots[r0:r0 + step].numpy()
+            out = buf[:len(rows) * g.shape[0]].view(len(rows), g.shape[0])
+            torch.addmm(g_sq, qc[rows], gt, beta=1.0, alpha=-2.0, out=out)
+            qi, gi = _band_members(out, limits[rows])
+            for p0 in range(0, len(qi), pair_block):
+                qs, gs = rows[qi[p0:p0 + pair_block]], torch.from_numpy(gi[p0:p0 + pair_block])
+                found_q.append(qs)
+                found_d.append(torch.linalg.vector_norm(g[gs].double() - q64[qs], dim=1).numpy())
+                pending += len(qs)
+                if pending > pair_block:
+                    _merge_smallest(best, np.concatenate(found_q), np.concatenate(found_d))
+                    found_q, found_d, pending = [], [], 0
+    if found_q:
+        _merge_smallest(best, np.concatenate(found_q), np.concatenate(found_d))
+    result = torch.from_numpy(best)
+    missing = torch.isinf(result)
+    if missing.any():  # cannot happen while the rounding bound holds; keep the float32 search's winners then
+        result[missing] = dist[missing]
+    return result
+
+
+def centre_of(rows: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A point amid the features (their mean, float32) to centre the search on.
+
+    Distances do not change under translation, but the float32 expansion's rounding
+    error grows with the vectors' norms; CNN features (after ReLU) sit far from the
+    origin and close to each other, so centring cuts that error by an order of magnitude.
+    """
+    rows = torch.as_tensor(np.asarray(rows) if not isinstance(rows, torch.Tensor) else rows)
+    return rows.reshape(-1, rows.shape[-1]).double().mean(dim=0).float()
 
 
 def nearest_feature_distances(queries: np.ndarray | torch.Tensor, gallery: np.ndarray | torch.Tensor, kappa: int = 1,
@@ -230,24 +321,24 @@ def nearest_feature_distances(queries: np.ndarray | torch.Tensor, gallery: np.nd
         raise ValueError(f"kappa={kappa} exceeds the {g.shape[0]} gallery features")
     column_block = max(1, min(block, COLUMN_BLOCK))
     with torch.inference_mode():
+        centre = centre_of(g)
+        qc, gc = q - centre, g - centre
         best = _RunningMin(q.shape[0], kappa, gap=exact)
         buf = torch.empty(min(q.shape[0], QUERY_BLOCK) * min(g.shape[0], column_block))
-        g_sq = (g * g).sum(1)
-        _search_block(q, g, g_sq, best, 0, 0, buf, column_block=column_block)
+        g_sq = (gc * gc).sum(1)
+        _search_block(qc, gc, g_sq, best, 0, 0, buf, column_block=column_block)
         values, ids, next_value = best.winners()
         if exact:
             each = _winner_distances(q, g[ids])
-            flagged = np.flatnonzero(_refine_flags(q, each, next_value, float(g_sq.max())))
+            flagged = np.flatnonzero(_refine_flags(qc, each, next_value))
             if len(flagged):
                 index = torch.from_numpy(flagged)
-                qf = q.index_select(0, index)
-                all_ids = torch.arange(g.shape[0])
-                step = max(1, READ_POSITIONS)
-                chunks = ((g[c0:c0 + step], all_ids[c0:c0 + step], None) for c0 in range(0, g.shape[0], step))
-                each[index] = _winner_distances(qf, g[_refine_search(qf, chunks, kappa)])
+                chunks = ((g[c0:c0 + READ_POSITIONS], None) for c0 in range(0, g.shape[0], READ_POSITIONS))
+                each[index] = _refine_band(q.index_select(0, index), qc.index_select(0, index),
+                                           each.index_select(0, index), centre, chunks)
             dist = each.mean(dim=1).float()
         else:
-            dist = (values + (q * q).sum(1, keepdim=True)).clamp_min_(0.0).sqrt_().mean(dim=1)
+            dist = (values + (qc * qc).sum(1, keepdim=True)).clamp_min_(0.0).sqrt_().mean(dim=1)
     return dist.numpy()
 
 
@@ -350,16 +441,19 @@ def batch_layer_distances(queries: np.ndarray | torch.Tensor, pyramid: np.ndarra
     buffer = np.empty((min(rows_per_read, len(rows)), per_row, channels), dtype=np.float32)
     flat = q_all.reshape(batch * positions, channels)
     best = _RunningMin(batch * positions, kappa, gap=exact and refine)
-    g_sq_max = 0.0
     with torch.inference_mode(), PyramidReader(pyramid) as reader:
+        # centre on a fixed gallery row's mean: the same for every batch, so results do not depend on batching
+        centre = centre_of(reader.read(np.zeros(1, dtype=np.int64), buffer))
+        q_centred = q_all - centre
+        flat_centred = q_centred.reshape(batch * positions, channels)
         gemm_buf = torch.empty(min(batch * positions, QUERY_BLOCK) * COLUMN_BLOCK)
         for group in groups.values():
             images = np.flatnonzero(members[group[0]])
             if len(images) == batch:
-                q, local = flat, best
+                q, local = flat_centred, best
             else:
                 index = torch.from_numpy(images)
-                q = q_all.index_select(0, index).reshape(-1, channels)
+                q = q_centred.index_select(0, index).reshape(-1, channels)
                 local = _RunningMin(0, kappa, gap=exact and refine)
                 local.values = best.values.view(batch, positions, -1).index_select(0, index).reshape(len(images) * positions, -1)
                 local.ids = best.ids.view(batch, positions, -1).index_select(0, index).reshape(len(images) * positions, -1)
@@ -368,8 +462,8 @@ def batch_layer_distances(queries: np.ndarray | torch.Tensor, pyramid: np.ndarra
                 chunk_rows = group_rows[r0:r0 + rows_per_read]
                 chunk = reader.read(chunk_rows, buffer)
                 g = torch.from_numpy(chunk).reshape(-1, channels)
+                g -= centre
                 g_sq = (g * g).sum(1)
-                g_sq_max = max(g_sq_max, float(g_sq.max())) if len(g_sq) else g_sq_max
                 # ids: gallery row * per_row + position, valid within a run of consecutive rows
                 start = 0
                 while start < len(chunk_rows):
@@ -391,25 +485,23 @@ def batch_layer_distances(queries: np.ndarray | torch.Tensor, pyramid: np.ndarra
             winners = _gather_positions(reader, pyramid, ids // per_row, ids % per_row)
             each = _winner_distances(flat, torch.from_numpy(winners))
             del winners
-            flagged = _refine_flags(flat, each, next_value, g_sq_max) if refine else np.zeros(0, dtype=bool)
-            if flagged.any():  # float64 re-search of the flagged queries; each gallery row is read once
+            flagged = _refine_flags(flat_centred, each, next_value) if refine else np.zeros(0, dtype=bool)
+            if flagged.any():  # exact band search of the flagged queries; each gallery row is read once
                 index = torch.from_numpy(np.flatnonzero(flagged))
-                qf = flat.index_select(0, index)
                 chunks = _refine_chunks(reader, neighbours, index.numpy() // positions, buffer)
-                refined = _refine_search(qf, chunks, kappa).numpy()
-                found = _gather_positions(reader, pyramid, refined // per_row, refined % per_row)
-                each[index] = _winner_distances(qf, torch.from_numpy(found))
+                each[index] = _refine_band(flat.index_select(0, index), flat_centred.index_select(0, index),
+                                           each.index_select(0, index), centre, chunks)
             dist = each.mean(dim=1).float()
         else:
-            dist = (values + (flat * flat).sum(1, keepdim=True)).clamp_min_(0.0).sqrt_().mean(dim=1)
+            dist = (values + (flat_centred * flat_centred).sum(1, keepdim=True)).clamp_min_(0.0).sqrt_().mean(dim=1)
     return dist.numpy().reshape(batch, positions)
 
 
 def _refine_chunks(reader: PyramidReader, neighbours: np.ndarray, image_of: np.ndarray, buffer: np.ndarray):
-    """For `_refine_search`: each gallery row used by an image in ``image_of`` (the test image of each flagged
-    query), read once, as (features (P, C) float32, ids row * P + position, the flagged queries whose image has
-    the row among its neighbours)."""
-    per_row, channels = reader.positions, reader.channels
+    """For `_refine_band`: each gallery row used by an image in ``image_of`` (the test image of each flagged
+    query), read once, as (features (P, C) float32, the flagged queries whose image has the row among its
+    neighbours)."""
+    channels = reader.channels
     images = np.unique(image_of)
     rows = np.unique(neighbours[images])
     users = np.zeros((len(rows), int(neighbours.shape[0])), dtype=bool)
@@ -418,10 +510,9 @@ def _refine_chunks(reader: PyramidReader, neighbours: np.ndarray, image_of: np.n
     for r0 in range(0, len(rows), len(buffer)):
         chunk_rows = rows[r0:r0 + len(buffer)]
         chunk = reader.read(chunk_rows, buffer)
-        for j, row in enumerate(chunk_rows):
+        for j in range(len(chunk_rows)):
             slots = np.flatnonzero(users[r0 + j][image_of])
-            ids = torch.arange(int(row) * per_row, (int(row) + 1) * per_row)
-            yield torch.from_numpy(chunk[j]).reshape(-1, channels), ids, torch.from_numpy(slots)
+            yield torch.from_numpy(chunk[j]).reshape(-1, channels), torch.from_numpy(slots)
 
 
 def _gather_positions(reader: PyramidReader, pyramid: np.ndarray, rows: np.ndarray, positions: np.ndarray) -> np.ndarray:

@@ -6,7 +6,7 @@ import torch
 from spade.backbone import Features
 from spade.config import SpadeConfig
 from spade.coreset import MemoryBank, greedy_coreset
-from spade.correspondence import PyramidReader, batch_layer_distances, nearest_feature_distances
+from spade.correspondence import PyramidReader, _band_members, batch_layer_distances, nearest_feature_distances
 from spade.gallery import Gallery
 from spade.knn import build_index
 from spade.scoring import layer_distance_maps, score_batch
@@ -61,11 +61,13 @@ def test_batched_images_with_shared_neighbours_equal_one_by_one(tmp_path, kappa,
 
 
 def near_duplicates(seed, n_gallery, n_queries, channels=64):
-    """Gallery: a big constant + tiny perturbations, drawn from few distinct vectors (many exact duplicates), a third
-    of them moved by ~1e-3; queries: gallery vectors, half of them exactly, half moved by ~1e-3. Distances are
-    ~0-1e-2 while |x|^2 ~ 6e5, far below float32's rounding of the expansion -2 q.g + |g|^2."""
+    """Gallery: two far apart clusters (+-100 in every channel, so centring leaves the norms large) of tiny
+    perturbations, drawn from few distinct vectors (many exact duplicates), a third of them moved by ~1e-3;
+    queries: gallery vectors, half of them exactly, half moved by ~1e-3. Distances are ~0-1e-2 while
+    |x|^2 ~ 6e5, far below float32's rounding of the expansion -2 q.g + |g|^2."""
     rng = np.random.default_rng(seed)
-    base = (100 + 1e-3 * rng.standard_normal((40, channels))).astype(np.float32)
+    sign = np.where(np.arange(40) % 2 == 0, 1.0, -1.0)[:, None]
+    base = (100 * sign + 1e-3 * rng.standard_normal((40, channels))).astype(np.float32)
     gallery = base[rng.integers(0, len(base), size=n_gallery)]
     gallery[::3] += (1e-3 * rng.standard_normal((len(gallery[::3]), channels))).astype(np.float32)
     queries = gallery[rng.integers(0, n_gallery, size=n_queries)].copy()
@@ -97,13 +99,27 @@ def test_batched_near_duplicates_are_refined_to_float64_accuracy(tmp_path, kappa
     queries = queries.reshape(batch, positions, channels)
     neighbours = np.array([[0, 1, 2], [2, 1, 0], [5, 6, 7]])  # shared and disjoint neighbour sets
     got = batch_layer_distances(queries, pyramid, neighbours, kappa, read_positions=100)
-    worst = 0.0
+    unrefined = batch_layer_distances(queries, pyramid, neighbours, kappa, read_positions=100, refine=False)
+    worst, worst_unrefined = 0.0, 0.0
     for i in range(batch):
         flat = gallery.reshape(n, positions, channels)[np.sort(neighbours[i])].reshape(-1, channels)
         reference = brute(queries[i], flat, kappa)
         worst = max(worst, np.abs(float32_expansion_only(queries[i], flat, kappa) - reference).max())
+        worst_unrefined = max(worst_unrefined, np.abs(unrefined[i] - reference).max())
         assert np.abs(got[i] - reference).max() <= 1e-5
     assert worst > 1e-4  # the float32 expansion alone fails here
+    assert worst_unrefined > 1e-5  # and so does the centred search without the band refinement
+
+
+def test_band_members_equal_a_full_comparison():
+    rng = np.random.default_rng(7)
+    for rows, width in ((50, 300), (7, 128), (3, 5), (40, 1000)):
+        out = torch.from_numpy(rng.normal(size=(rows, width)).astype(np.float32))
+        limit = (out.numpy().min(axis=1) + rng.uniform(0, 0.3, size=rows)).astype(np.float32)
+        limit[::4] = -np.inf  # rows with no member
+        got_r, got_c = _band_members(out, limit, segment=64)
+        want_r, want_c = np.nonzero(out.numpy() <= limit[:, None])
+        assert sorted(zip(got_r.tolist(), got_c.tolist())) == sorted(zip(want_r.tolist(), want_c.tolist()))
 
 
 def test_reader_reads_rows_from_npy_and_float16(tmp_path):
