@@ -23,6 +23,7 @@ from transforms.parquet import WriteParquetShards
 from transforms.progress import CountProgress
 from transforms.read import ReadImages, input_batches
 from transforms.records import embedding_row, new_run_id, utc_now
+from pipelines.options import with_worker_threads
 from pipelines.progress import ProgressReporter
 from pipelines.runner import metrics_line, run_pipeline
 
@@ -57,6 +58,9 @@ def _known_uris(gallery_url: str, config: SpadeConfig) -> set[str]:
 def run_fit(config: SpadeConfig, images: str, gallery_url: str, beam_args: list[str] | None = None,
             say: Callable[[str], None] = LOG.info, append: bool = False) -> dict:
     """Fit a gallery from normal images (or add images to one); returns its manifest."""
+    run_config = with_worker_threads(config, beam_args)  # the manifest keeps the config as given
+    if run_config.num_threads:
+        say(f"fit: {run_config.num_threads} torch/faiss thread(s) per worker")
     weights = resolve_weights(config.backbone, config.weights)
     check_preprocessing(weights, config.mean, config.std)
     uris = expand_images(images, split="train")
@@ -77,7 +81,7 @@ def run_fit(config: SpadeConfig, images: str, gallery_url: str, beam_args: list[
     if uris:
         started = time.monotonic()
         with ProgressReporter("fit", len(uris), say) as progress:
-            metrics = run_pipeline(lambda p: build_fit_pipeline(p, uris, config, staging, progress.folder), beam_args)
+            metrics = run_pipeline(lambda p: build_fit_pipeline(p, uris, run_config, staging, progress.folder), beam_args)
         say(f"fit: features of {len(uris)} inputs extracted in {time.monotonic() - started:.1f}s")
         say(metrics_line("fit", metrics))
     manifest_url = storage.join(gallery_url, MANIFEST)
@@ -95,7 +99,7 @@ def run_fit(config: SpadeConfig, images: str, gallery_url: str, beam_args: list[
     manifest["rejected_inputs"] = len(rejected)
     write_manifest(gallery_url, manifest)
     gallery = Gallery.open(gallery_url)
-    image_scores, pixel_maps = leave_one_out_scores(gallery, config, config.calibration_images, progress=say)
+    image_scores, pixel_maps = leave_one_out_scores(gallery, run_config, config.calibration_images, progress=say)
     manifest["thresholds"] = thresholds_from_normals(image_scores, pixel_maps, config.calibration_fpr)
     write_manifest(gallery_url, manifest)
     say(f"fit: gallery of {manifest['num_images']} images ({len(rejected)} rejected) written to {gallery_url} "

@@ -29,6 +29,7 @@ from transforms.progress import CountProgress
 from transforms.read import ReadImages, input_batches
 from transforms.records import new_run_id, utc_now
 from transforms.score import ScoreImages, resolve_thresholds
+from pipelines.options import with_worker_threads
 from pipelines.progress import ProgressReporter
 from pipelines.runner import metrics_line, run_pipeline
 
@@ -78,6 +79,9 @@ def run_score(config: SpadeConfig, gallery_url: str, images: str, out_url: str, 
               say: Callable[[str], None] = LOG.info, day: str | None = None, since: str | None = None,
               rescore_all: bool = False, thresholds_url: str | None = None) -> dict:
     """Score images against a gallery; returns a summary (counts and output locations)."""
+    run_config = with_worker_threads(config, beam_args)  # run.json keeps the config as given
+    if run_config.num_threads:
+        say(f"score: {run_config.num_threads} torch/faiss thread(s) per worker")
     gallery = Gallery.open(gallery_url)
     gallery.check_compatible(config)
     weights = resolve_weights(config.backbone, config.weights)
@@ -111,7 +115,7 @@ def run_score(config: SpadeConfig, gallery_url: str, images: str, out_url: str, 
     staging = storage.join(scores_folder, f"_staging-{run_id}")
     started = time.monotonic()
     with ProgressReporter("score", len(uris), say) as progress:
-        metrics = run_pipeline(lambda p: build_score_pipeline(p, uris, config, gallery_url, run_out, storage.join(staging, "part"),
+        metrics = run_pipeline(lambda p: build_score_pipeline(p, uris, run_config, gallery_url, run_out, storage.join(staging, "part"),
                                                               gallery.hash, scored_at, progress.folder, explicit),
                                beam_args)
     elapsed = time.monotonic() - started
