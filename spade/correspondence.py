@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 GALLERY_BLOCK = 4096
-COLUMN_BLOCK = 2048      # gallery vectors per GEMM block
-QUERY_BLOCK = 1024       # query rows per GEMM block; the output block (4096 x 1024 floats, 16 MB) stays in L3
+COLUMN_BLOCK = 1024      # gallery vectors per GEMM block
+QUERY_BLOCK = 2048       # query rows per GEMM block; the output block (2048 x 1024 floats, 8 MB) stays in L3
 READ_POSITIONS = 4096    # gallery positions read (pread) per chunk
 BAND_SEGMENT = 128      # columns screened together by their minimum in the refinement's band search
 REFINE_TOLERANCE = 1e-6  # largest error of a reported distance that the float32 search may leave unrefined
