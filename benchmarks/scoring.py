@@ -208,8 +208,8 @@ def run_rss_probes(args, shapes: dict, dim: int, sizes: list[int]) -> dict[int, 
 
 # ---------------------------------------------------------------- end to end
 
-def run_e2e(args, config: SpadeConfig) -> dict[int, float]:
-    """`spade fit` once, then `spade score` on DirectRunner with 1 and 2 workers; images/s of score."""
+def run_e2e(args, config: SpadeConfig) -> dict[str, float]:
+    """`spade fit` once, then `spade score` on DirectRunner with 1 worker and with 2 (threads, processes); images/s."""
     import yaml
 
     spade = str(Path(sys.executable).with_name("spade"))
@@ -223,19 +223,19 @@ def run_e2e(args, config: SpadeConfig) -> dict[int, float]:
                         "--gallery", gallery, "--runner=FnApiRunner"], check=True, capture_output=True, text=True)
         test_images = str(Path(args.data) / "test")
         n_images = len(glob.glob(os.path.join(test_images, "*", "*.png")))
-        for workers in (1, 2):
-            cfg = os.path.join(work, f"score{workers}.yaml")
-            # num_threads 0: `spade score` splits the cores between the worker processes itself
-            Path(cfg).write_text(yaml.safe_dump(config.replace(num_threads=0).to_dict()))
-            beam = ["--runner=FnApiRunner"] if workers == 1 else \
-                ["--direct_num_workers", "2", "--direct_running_mode", "multi_processing"]
+        cfg = os.path.join(work, "score.yaml")
+        # num_threads 0: `spade score` splits the cores between the workers itself
+        Path(cfg).write_text(yaml.safe_dump(config.replace(num_threads=0).to_dict()))
+        runs = [("1 worker", 1, ["--runner=FnApiRunner"]),
+                ("2 workers, multi_threading", 2, ["--direct_num_workers", "2", "--direct_running_mode", "multi_threading"]),
+                ("2 workers, multi_processing", 2, ["--direct_num_workers", "2", "--direct_running_mode", "multi_processing"])]
+        for name, workers, beam in runs:
             start = time.perf_counter()
             subprocess.run([spade, "score", "--quiet", "--config", cfg, "--gallery", gallery, "--images", test_images,
-                            "--out", os.path.join(work, f"out{workers}"), *beam], check=True, capture_output=True, text=True)
-            rates[workers] = n_images / (time.perf_counter() - start)
-            say(f"e2e: spade score, DirectRunner {workers} worker(s) x {max(1, (os.cpu_count() or 1) // workers)} thread(s), "
-                f"{n_images} images: {rates[workers]:.2f} images/s "
-                f"(process start, model load and gallery open included)")
+                            "--out", os.path.join(work, f"out{len(rates)}"), *beam], check=True, capture_output=True, text=True)
+            rates[name] = n_images / (time.perf_counter() - start)
+            say(f"e2e: spade score, DirectRunner {name} x {max(1, (os.cpu_count() or 1) // workers)} thread(s), "
+                f"{n_images} images: {rates[name]:.2f} images/s (process start, model load and gallery open included)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return rates
