@@ -3,8 +3,9 @@
 The exact kernel is a blocked GEMM with the expansion |q - g|^2 = |q|^2 - 2 q.g + |g|^2:
 
 * ``-2 q.g^T + |g|^2`` is one ``addmm`` into a preallocated, cache-sized output
-  block, followed by a fused row minimum (``torch.min`` with indices); |q|^2 is
-  constant per row and never enters the search;
+  block, followed by a running row minimum (``torch.amin`` over the block; the
+  winner's index only for rows the block improves); |q|^2 is constant per row and
+  never enters the search;
 * the winners' distances are then recomputed directly as |q - g*| (O(Q x C)),
   so float32 cancellation in the expansion cannot leak into the scores;
 * queries and gallery are centred on a point amid the features (a fixed gallery row's
@@ -350,6 +351,21 @@ def layer_distance_map(test_map: np.ndarray, gallery_positions: np.ndarray, kapp
     return nearest_feature_distances(queries, gallery_positions, kappa).reshape(height, width)
 
 
+def _runs(rows: np.ndarray) -> list[tuple[int, int]]:
+    """(start, stop) index ranges of ``rows`` that hold consecutive values (one read or one id range each)."""
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    bounds = [0, *breaks.tolist(), len(rows)]
+    return [(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1) if bounds[i] < bounds[i + 1]]
+
+
+def _row_users(rows: np.ndarray, neighbours: np.ndarray, images) -> np.ndarray:
+    """(len(rows), B) bool: which of the test ``images`` have each sorted gallery row among their neighbours."""
+    users = np.zeros((len(rows), int(neighbours.shape[0])), dtype=bool)
+    for i in images:
+        users[np.searchsorted(rows, neighbours[i]), i] = True
+    return users
+
+
 class PyramidReader:
     """Reads gallery rows (images) of one pyramid layer (N, P, C) into a caller's float32 buffer.
 
@@ -393,11 +409,7 @@ class PyramidReader:
                 target[...] = self.array[rows]
             return target
         raw = target if self.array.dtype == np.float32 else np.empty((len(rows), self.positions, self.channels), self.array.dtype)
-        start = 0
-        while start < len(rows):  # one pread per run of consecutive rows
-            stop = start + 1
-            while stop < len(rows) and rows[stop] == rows[stop - 1] + 1:
-                stop += 1
+        for start, stop in _runs(rows):  # one pread per run of consecutive rows
             view = memoryview(raw[start:stop].reshape(-1)).cast("B")
             done = 0
             while done < len(view):
@@ -405,7 +417,6 @@ class PyramidReader:
                 if got <= 0:
                     raise OSError(f"short read from {self.array.filename}")
                 done += got
-            start = stop
         if raw is not target:
             target[...] = raw
         return target
@@ -431,9 +442,7 @@ def batch_layer_distances(queries: np.ndarray | torch.Tensor, pyramid: np.ndarra
     if kappa > neighbours.shape[1] * per_row:
         raise ValueError(f"kappa={kappa} exceeds the {neighbours.shape[1] * per_row} neighbour features")
     rows = np.unique(neighbours)
-    members = np.zeros((len(rows), batch), dtype=bool)
-    for i in range(batch):
-        members[np.searchsorted(rows, neighbours[i]), i] = True
+    members = _row_users(rows, neighbours, range(batch))
     groups: dict[bytes, list[int]] = {}
     for j, key in enumerate(np.packbits(members, axis=1)):
         groups.setdefault(key.tobytes(), []).append(j)
@@ -465,14 +474,9 @@ def batch_layer_distances(queries: np.ndarray | torch.Tensor, pyramid: np.ndarra
                 g -= centre
                 g_sq = (g * g).sum(1)
                 # ids: gallery row * per_row + position, valid within a run of consecutive rows
-                start = 0
-                while start < len(chunk_rows):
-                    stop = start + 1
-                    while stop < len(chunk_rows) and chunk_rows[stop] == chunk_rows[stop - 1] + 1:
-                        stop += 1
+                for start, stop in _runs(chunk_rows):
                     sl = slice(start * per_row, stop * per_row)
                     _search_block(q, g[sl], g_sq[sl], local, 0, int(chunk_rows[start]) * per_row, gemm_buf)
-                    start = stop
                 if on_chunk is not None:
                     on_chunk(len(chunk_rows))
             if local is not best:
@@ -504,9 +508,7 @@ def _refine_chunks(reader: PyramidReader, neighbours: np.ndarray, image_of: np.n
     channels = reader.channels
     images = np.unique(image_of)
     rows = np.unique(neighbours[images])
-    users = np.zeros((len(rows), int(neighbours.shape[0])), dtype=bool)
-    for i in images:
-        users[np.searchsorted(rows, neighbours[i]), i] = True
+    users = _row_users(rows, neighbours, images)
     for r0 in range(0, len(rows), len(buffer)):
         chunk_rows = rows[r0:r0 + len(buffer)]
         chunk = reader.read(chunk_rows, buffer)
