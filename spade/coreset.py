@@ -7,11 +7,17 @@ position's nearest bank features. The winners' distances are recomputed exactly.
 
 Off by default (``scoring_mode: exact``). With ``ratio`` 1.0 the bank holds every
 gallery position, so scores equal exact correspondence against the whole gallery.
+A bank remembers the gallery row of each vector, so a gallery image can be scored
+leave-one-out (calibration) without its own patches; `spade fit` stores the banks of an
+approximate-mode config in the gallery (`save_banks`), so workers load them instead of
+each repeating the greedy selection.
 """
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
+from typing import Any, Callable, Iterable
 
 import faiss
 import numpy as np
@@ -19,6 +25,8 @@ import torch
 
 DEFAULT_PROJECTION = 128
 DEFAULT_MAX_CANDIDATES = 200_000   # positions drawn at random before the greedy pass (bounds build time and memory)
+SEED = 0
+FOLDER = "coreset"                 # gallery sub-folder of stored banks: <layer>.npy vectors, <layer>-rows.npy rows
 
 
 def greedy_coreset(features: np.ndarray, n: int, start: int | None = None, projection: int = DEFAULT_PROJECTION,
@@ -56,34 +64,53 @@ def greedy_coreset(features: np.ndarray, n: int, start: int | None = None, proje
 
 @dataclass
 class MemoryBank:
-    """One layer's (sub-sampled) patch features and a faiss index over them."""
+    """One layer's (sub-sampled) patch features, the gallery row each came from, and a faiss index over them."""
 
     vectors: np.ndarray
     index: faiss.Index
+    rows: np.ndarray | None = None
 
     @classmethod
-    def build(cls, features: np.ndarray, ratio: float, projection: int = DEFAULT_PROJECTION, seed: int = 0,
-              max_candidates: int | None = None) -> "MemoryBank":
+    def from_vectors(cls, vectors: np.ndarray, rows: np.ndarray | None = None) -> "MemoryBank":
+        data = np.ascontiguousarray(vectors, dtype=np.float32)
+        index = faiss.IndexFlatL2(data.shape[1])
+        index.add(data)
+        return cls(vectors=data, index=index, rows=None if rows is None else np.asarray(rows, dtype=np.int64))
+
+    @classmethod
+    def build(cls, features: np.ndarray, ratio: float, projection: int = DEFAULT_PROJECTION, seed: int = SEED,
+              max_candidates: int | None = None, rows: np.ndarray | None = None) -> "MemoryBank":
+        """Greedy coreset of ``features`` (N, C) keeping ``ratio`` of them; ``rows`` (N,) their gallery rows."""
         if not 0 < ratio <= 1:
             raise ValueError(f"coreset ratio must be in (0, 1], got {ratio}")
         data = np.ascontiguousarray(features, dtype=np.float32)
         keep = max(1, int(round(ratio * len(data))))
         if keep < len(data):
-            candidates = data
+            pick = np.arange(len(data))
             if max_candidates and len(data) > max_candidates and keep < max_candidates:
                 pick = np.sort(np.random.default_rng(seed).choice(len(data), max_candidates, replace=False))
-                candidates = data[pick]
-            chosen = greedy_coreset(candidates, keep, projection=projection, seed=seed)
-            data = np.ascontiguousarray(candidates[np.sort(chosen)])
-        index = faiss.IndexFlatL2(data.shape[1])
-        index.add(data)
-        return cls(vectors=data, index=index)
+            chosen = pick[np.sort(greedy_coreset(data[pick], keep, projection=projection, seed=seed))]
+            data = np.ascontiguousarray(data[chosen])
+            rows = None if rows is None else np.asarray(rows)[chosen]
+        return cls.from_vectors(data, rows)
 
-    def distances(self, queries: np.ndarray, kappa: int = 1) -> np.ndarray:
-        """Mean Euclidean distance of each query (Q, C) to its ``kappa`` nearest bank vectors (exactly recomputed)."""
+    def distances(self, queries: np.ndarray, kappa: int = 1, exclude_row: int | None = None) -> np.ndarray:
+        """Mean Euclidean distance of each query (Q, C) to its ``kappa`` nearest bank vectors (exactly recomputed);
+        vectors from gallery row ``exclude_row`` are skipped (leave-one-out scoring of a gallery image)."""
         q = np.ascontiguousarray(queries, dtype=np.float32)
-        kappa = min(kappa, len(self.vectors))
-        _, ids = self.index.search(q, kappa)
+        own = 0
+        if exclude_row is not None:
+            if self.rows is None:
+                raise ValueError("this memory bank does not know its vectors' gallery rows; it cannot leave one out")
+            own = int(np.count_nonzero(self.rows == exclude_row))
+        kappa = min(kappa, len(self.vectors) - own)
+        if kappa < 1:
+            raise ValueError(f"the memory bank has no vectors outside gallery row {exclude_row}")
+        _, ids = self.index.search(q, kappa + own)
+        if own:
+            keep = self.rows[ids] != exclude_row  # faiss returns nearest first: keep the first kappa others
+            keep &= np.cumsum(keep, axis=1) <= kappa
+            ids = ids[keep].reshape(len(q), kappa)
         winners = self.vectors[ids]
         return np.linalg.norm(winners - q[:, None, :], axis=2).mean(axis=1).astype(np.float32)
 
@@ -92,14 +119,15 @@ _BANKS: dict[tuple, MemoryBank] = {}
 _LOCK = threading.Lock()
 
 
-def layer_bank(pyramid: np.ndarray, ratio: float, projection: int = DEFAULT_PROJECTION, seed: int = 0,
+def layer_bank(pyramid: np.ndarray, ratio: float, projection: int = DEFAULT_PROJECTION, seed: int = SEED,
                max_candidates: int | None = DEFAULT_MAX_CANDIDATES) -> MemoryBank:
     """A memory bank over every position of every gallery row of one layer (N, P, C); with
     ``max_candidates`` a seeded random subset of positions is drawn first (read row by row)."""
     n, positions, channels = pyramid.shape
     total = n * positions
     if ratio >= 1 or not max_candidates or total <= max_candidates:
-        return MemoryBank.build(np.asarray(pyramid, dtype=np.float32).reshape(total, channels), ratio, projection, seed)
+        return MemoryBank.build(np.asarray(pyramid, dtype=np.float32).reshape(total, channels), ratio, projection, seed,
+                                rows=np.repeat(np.arange(n), positions))
     pick = np.sort(np.random.default_rng(seed).choice(total, max_candidates, replace=False))
     rows = pick // positions
     candidates = np.empty((len(pick), channels), dtype=np.float32)
@@ -107,15 +135,45 @@ def layer_bank(pyramid: np.ndarray, ratio: float, projection: int = DEFAULT_PROJ
         sel = rows == row
         candidates[sel] = np.asarray(pyramid[row], dtype=np.float32)[pick[sel] % positions]
     keep = max(1, int(round(ratio * total)))
-    return MemoryBank.build(candidates, min(1.0, keep / len(candidates)), projection, seed)
+    return MemoryBank.build(candidates, min(1.0, keep / len(candidates)), projection, seed, rows=rows)
 
 
-def memory_bank_for(gallery, layer: str, ratio: float, projection: int = DEFAULT_PROJECTION, seed: int = 0,
+def bank_settings(ratio: float, projection: int = DEFAULT_PROJECTION, max_candidates: int | None = DEFAULT_MAX_CANDIDATES,
+                  seed: int = SEED) -> dict[str, Any]:
+    """What determines a bank (recorded in the gallery manifest next to stored banks)."""
+    return {"ratio": float(ratio), "projection": int(projection), "max_candidates": max_candidates, "seed": int(seed)}
+
+
+def save_banks(pyramid_folder: str, folder: str, layers: Iterable[str], settings: dict[str, Any],
+               progress: Callable[[str], None] = lambda _: None) -> dict[str, int]:
+    """Build each layer's bank from ``pyramid_folder``/<layer>.npy and store it in ``folder``; {layer: vectors kept}."""
+    os.makedirs(folder, exist_ok=True)
+    kept = {}
+    for layer in layers:
+        pyramid = np.load(os.path.join(pyramid_folder, f"{layer}.npy"), mmap_mode="r")
+        bank = layer_bank(pyramid, settings["ratio"], settings["projection"], settings["seed"], settings["max_candidates"])
+        np.save(os.path.join(folder, f"{layer}.npy"), bank.vectors)
+        np.save(os.path.join(folder, f"{layer}-rows.npy"), bank.rows)
+        kept[layer] = len(bank.vectors)
+        progress(f"gallery: coreset memory bank {layer}: {len(bank.vectors)} of {pyramid.shape[0] * pyramid.shape[1]} "
+                 f"positions kept (ratio {settings['ratio']})")
+    return kept
+
+
+def memory_bank_for(gallery, layer: str, ratio: float, projection: int = DEFAULT_PROJECTION, seed: int = SEED,
                     max_candidates: int | None = DEFAULT_MAX_CANDIDATES) -> MemoryBank:
-    """The gallery's bank for ``layer``, built on first use and kept for the process (one per worker)."""
+    """The gallery's bank for ``layer``: the one `spade fit` stored when its settings match, else built on first
+    use; kept for the process (one per worker)."""
     key = (getattr(gallery, "hash", None), id(gallery.pyramid[layer]), layer, float(ratio), projection, seed, max_candidates)
     with _LOCK:
         bank = _BANKS.get(key)
         if bank is None:
-            bank = _BANKS[key] = layer_bank(gallery.pyramid[layer], ratio, projection, seed, max_candidates)
+            stored = getattr(gallery, "banks", None) or {}
+            manifest = getattr(gallery, "manifest", None) or {}
+            if layer in stored and manifest.get("coreset") == bank_settings(ratio, projection, max_candidates, seed):
+                vectors, rows = stored[layer]
+                bank = MemoryBank.from_vectors(vectors, rows)
+            else:
+                bank = layer_bank(gallery.pyramid[layer], ratio, projection, seed, max_candidates)
+            _BANKS[key] = bank
     return bank

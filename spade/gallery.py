@@ -8,6 +8,8 @@ Layout of a gallery folder (local path or fsspec URL)::
     images.parquet       gallery row -> image_id, uri, label, width, height
     index.faiss          exact L2 index of the global embeddings (row order as images.parquet)
     pyramid/<layer>.npy  (images, positions, channels) arrays, memory-mapped when scoring
+    coreset/<layer>.npy  approximate-mode configs only: each layer's coreset memory bank (vectors, C) and
+    coreset/<layer>-rows.npy  the gallery row of each vector; the manifest's "coreset" says how it was built
 
 The manifest is written last: a folder without one is an unfinished gallery.
 """
@@ -29,6 +31,7 @@ import fsspec
 
 from spade import storage
 from spade.config import SpadeConfig, stable_hash
+from spade.coreset import FOLDER as CORESET_FOLDER, bank_settings, save_banks
 from spade.knn import build_index
 from spade.tables import decode_layer
 
@@ -118,6 +121,11 @@ def build_gallery(shard_urls: list[str], gallery_url: str, config: SpadeConfig, 
         del array
         os.replace(tmp_paths[layer], os.path.join(workdir, "pyramid", f"{layer}.npy"))
     arrays.clear()
+    coreset = None
+    if config.scoring_mode == "approximate":  # built once here instead of by every scoring worker
+        coreset = bank_settings(config.coreset_ratio, config.coreset_projection, config.coreset_max_candidates)
+        save_banks(os.path.join(workdir, "pyramid"), os.path.join(workdir, CORESET_FOLDER), config.layers, coreset,
+                   progress)
     pq.write_table(images, os.path.join(workdir, "images.parquet"))
     faiss.write_index(build_index(embeddings), os.path.join(workdir, "index.faiss"))
     ids = images.column("image_id").to_pylist()
@@ -140,12 +148,22 @@ def build_gallery(shard_urls: list[str], gallery_url: str, config: SpadeConfig, 
                                      "dtype": config.feature_dtype, "images": ids}),
         "thresholds": {},
     }
+    if coreset is not None:
+        manifest["coreset"] = coreset
     if not storage.is_local(gallery_url):
         fs, path = storage.filesystem(gallery_url)
-        for name in ["images.parquet", "index.faiss"] + [f"pyramid/{layer}.npy" for layer in config.layers]:
+        for name in _gallery_files(manifest):
             fs.put_file(os.path.join(workdir, name), f"{path}/{name}")
         shutil.rmtree(workdir, ignore_errors=True)
     return manifest
+
+
+def _gallery_files(manifest: dict[str, Any]) -> list[str]:
+    """The files of a gallery besides its manifest and embeddings, relative to its root."""
+    names = ["images.parquet", "index.faiss"] + [f"pyramid/{layer}.npy" for layer in manifest["layers"]]
+    if manifest.get("coreset"):
+        names += [f"{CORESET_FOLDER}/{layer}{suffix}.npy" for layer in manifest["layers"] for suffix in ("", "-rows")]
+    return names
 
 
 def write_manifest(gallery_url: str, manifest: dict[str, Any]) -> None:
@@ -161,6 +179,7 @@ class Gallery:
     images: pa.Table
     index: faiss.Index
     pyramid: dict[str, np.ndarray]
+    banks: dict[str, tuple[np.ndarray, np.ndarray]] | None = None  # stored coreset banks: {layer: (vectors, rows)}
 
     @property
     def hash(self) -> str:
@@ -183,17 +202,24 @@ class Gallery:
         if storage.is_local(url):
             root = storage.local_path(url)
         else:
-            root = os.path.join(cache_dir or os.path.expanduser("~/.cache/spade/galleries"), manifest["gallery_hash"])
+            key = manifest["gallery_hash"]
+            if manifest.get("coreset"):  # same features, other banks: another cache entry
+                key += "-coreset-" + stable_hash(manifest["coreset"])[:12]
+            root = os.path.join(cache_dir or os.path.expanduser("~/.cache/spade/galleries"), key)
             if not os.path.exists(os.path.join(root, ".complete")):
                 fs, path = storage.filesystem(url)
-                os.makedirs(os.path.join(root, "pyramid"), exist_ok=True)
-                for name in ["images.parquet", "index.faiss"] + [f"pyramid/{layer}.npy" for layer in manifest["layers"]]:
+                for name in _gallery_files(manifest):
+                    os.makedirs(os.path.dirname(os.path.join(root, name)), exist_ok=True)
                     fs.get_file(f"{path}/{name}", os.path.join(root, name))
                 open(os.path.join(root, ".complete"), "w").close()
         images = pq.read_table(os.path.join(root, "images.parquet"))
         index = faiss.read_index(os.path.join(root, "index.faiss"))
         pyramid = {layer: np.load(os.path.join(root, "pyramid", f"{layer}.npy"), mmap_mode="r") for layer in manifest["layers"]}
-        return cls(url=url, manifest=manifest, images=images, index=index, pyramid=pyramid)
+        banks = None
+        if manifest.get("coreset"):
+            banks = {layer: tuple(np.load(os.path.join(root, CORESET_FOLDER, f"{layer}{suffix}.npy"), mmap_mode="r")
+                                  for suffix in ("", "-rows")) for layer in manifest["layers"]}
+        return cls(url=url, manifest=manifest, images=images, index=index, pyramid=pyramid, banks=banks)
 
     def check_compatible(self, config: SpadeConfig, weights_sha256: str | None = None) -> None:
         """Raise `GalleryMismatch` naming every feature setting where ``config`` (and the weights

@@ -52,8 +52,13 @@ def layer_queries(pyramid_batch: np.ndarray) -> np.ndarray:
 
 
 def layer_distance_maps(pyramid: dict[str, np.ndarray], gallery: Gallery, neighbours: np.ndarray, config: SpadeConfig,
-                        mode: str | None = None, coreset_ratio: float | None = None) -> dict[str, np.ndarray]:
-    """{layer: (B, h, w) distance maps} of a batch's pyramid {layer: (B, C, h, w)}; ``neighbours`` (B, K) gallery rows."""
+                        mode: str | None = None, coreset_ratio: float | None = None,
+                        exclude_rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """{layer: (B, h, w) distance maps} of a batch's pyramid {layer: (B, C, h, w)}; ``neighbours`` (B, K) gallery rows.
+
+    ``exclude_rows[i]``: a gallery row whose patches image i may not match (leave-one-out). Exact mode
+    never sees it (it is not among the neighbours); the global memory bank skips its vectors.
+    """
     mode = scoring_mode(config, mode)
     out = {}
     for layer in config.layers:
@@ -69,7 +74,11 @@ def layer_distance_maps(pyramid: dict[str, np.ndarray], gallery: Gallery, neighb
             ratio = coreset_ratio if coreset_ratio is not None else config.coreset_ratio
             bank = memory_bank_for(gallery, layer, ratio, projection=config.coreset_projection,
                                    max_candidates=config.coreset_max_candidates)
-            dist = bank.distances(queries.reshape(b * h * w, -1), config.kappa).reshape(b, h * w)
+            if exclude_rows is None:
+                dist = bank.distances(queries.reshape(b * h * w, -1), config.kappa).reshape(b, h * w)
+            else:
+                dist = np.stack([bank.distances(queries[i], config.kappa, exclude_row=int(exclude_rows[i]))
+                                 for i in range(b)])
         out[layer] = dist.reshape(b, h, w)
     return out
 
@@ -90,6 +99,6 @@ def score_batch(features: Features, gallery: Gallery, config: SpadeConfig, exclu
     distances, rows = nearest_images(gallery.index, features.embedding, config.k, exclude_rows=exclude_rows)
     scores = image_scores(distances)
     maps = layer_distance_maps({layer: features.pyramid[layer] for layer in config.layers}, gallery, rows, config,
-                               mode=mode, coreset_ratio=coreset_ratio)
+                               mode=mode, coreset_ratio=coreset_ratio, exclude_rows=exclude_rows)
     return [ImageScore(float(scores[i]), rows[i], finish_map([maps[layer][i] for layer in config.layers], config))
             for i in range(len(rows))]

@@ -132,3 +132,35 @@ def test_fsspec_memory_urls_end_to_end(sample_root):
     fs = fsspec.filesystem("memory")
     assert fs.exists("/spade-test/gallery/manifest.json")
     assert len(fs.ls("/spade-test/out/maps")) == 3
+
+
+def test_approximate_mode_fit_stores_coreset_banks(sample_root, tmp_path, monkeypatch):
+    """An approximate-mode fit builds each layer's coreset bank once and stores it (here on memory://); scoring
+    workers load it; calibration scores gallery images without their own patches."""
+    import fsspec
+
+    from spade.coreset import bank_settings, layer_bank, memory_bank_for
+    from spade.gallery import Gallery
+
+    config = plumbing_config(calibration_images=3, scoring_mode="approximate", coreset_ratio=0.05)
+    url = "memory://spade-test/approx-gallery"
+    manifest = run_fit(config, f"{sample_root}/train/good", url, BEAM_ARGS)
+    assert manifest["coreset"] == bank_settings(0.05, config.coreset_projection, config.coreset_max_candidates)
+    assert fsspec.filesystem("memory").exists("/spade-test/approx-gallery/coreset/layer1-rows.npy")
+    assert set(manifest["thresholds"]) >= {"image", "pixel"}
+    gallery = Gallery.open(url, cache_dir=str(tmp_path / "cache"))
+    stored, rows = gallery.banks["layer1"]
+    assert len(stored) == round(0.05 * 8 * 56 * 56) and set(np.unique(rows)) <= set(range(8))
+    fresh = layer_bank(gallery.pyramid["layer1"], 0.05, config.coreset_projection, 0, config.coreset_max_candidates)
+    np.testing.assert_array_equal(fresh.vectors, stored)
+    np.testing.assert_array_equal(fresh.rows, rows)
+    def no_build(*args, **kwargs):
+        raise AssertionError("the stored bank should have been loaded, not rebuilt")
+
+    monkeypatch.setattr("spade.coreset.layer_bank", no_build)
+    loaded = memory_bank_for(gallery, "layer1", 0.05, config.coreset_projection, max_candidates=config.coreset_max_candidates)
+    np.testing.assert_array_equal(loaded.vectors, stored)
+    monkeypatch.undo()
+    assert len(memory_bank_for(gallery, "layer1", 0.1, config.coreset_projection).vectors) == round(0.1 * 8 * 56 * 56)
+    summary = run_score(config, url, f"{sample_root}/test/scratch", str(tmp_path / "out"), BEAM_ARGS)
+    assert summary["ok"] == 3

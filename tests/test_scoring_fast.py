@@ -192,3 +192,34 @@ def test_approximate_mode_with_full_coreset_equals_exact_global_bank(tmp_path):
     for e, a in zip(exact, approx):
         assert e.image_score == a.image_score
         np.testing.assert_allclose(a.score_map, e.score_map, rtol=0, atol=1e-4)
+
+
+def test_memory_bank_leaves_a_gallery_row_out():
+    rng = np.random.default_rng(7)
+    vectors = rng.normal(size=(60, 5)).astype(np.float32)
+    rows = np.repeat(np.arange(6), 10)
+    bank = MemoryBank.from_vectors(vectors, rows)
+    queries = vectors[20:30] + 1e-3  # row 2's own vectors, nearly
+    assert bank.distances(queries, 1).max() < 1e-2  # each query's own vector
+    for kappa in (1, 3):
+        np.testing.assert_allclose(bank.distances(queries, kappa, exclude_row=2), brute(queries, vectors[rows != 2], kappa),
+                                   rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="gallery rows"):
+        MemoryBank.from_vectors(vectors).distances(queries, 1, exclude_row=2)
+
+
+def test_leave_one_out_scoring_in_approximate_mode_skips_the_image_own_patches(tmp_path):
+    gallery, _, config = _gallery(tmp_path)
+    gallery.manifest["gallery_hash"] = "leave-one-out"  # its own bank cache entry
+    row = 3
+    pyramid = {layer: np.asarray(gallery.pyramid[layer][row]).T.reshape(1, -1, *([int(np.sqrt(gallery.pyramid[layer].shape[1]))] * 2))
+               for layer in config.layers}
+    features = Features(gallery.index.reconstruct_batch(np.array([row])), pyramid)
+    maps = layer_distance_maps(pyramid, gallery, np.array([[0]]), config, mode="approximate", coreset_ratio=1.0,
+                               exclude_rows=np.array([row]))
+    for layer in config.layers:
+        data = np.asarray(gallery.pyramid[layer], dtype=np.float32)
+        others = data[np.arange(len(data)) != row].reshape(-1, data.shape[2])
+        np.testing.assert_allclose(maps[layer].reshape(-1), brute(data[row], others), rtol=0, atol=1e-4)
+    result = score_batch(features, gallery, config, exclude_rows=np.array([row]), mode="approximate", coreset_ratio=1.0)[0]
+    assert row not in result.neighbours and result.score_map.min() > 0
