@@ -36,3 +36,14 @@ def test_evaluate_thresholds_drive_score(sample_root, tmp_path):
     assert "file" in used["source"]
     for row in read_score_table(second).to_pylist():
         assert row["is_anomalous"] == (row["image_score"] > chosen["image"])
+
+
+@pytest.mark.parametrize("name", ["default", "fast", "paper", "resnet152-resmem", "approximate"])
+def test_shipped_configs_load(name):
+    from pathlib import Path
+
+    from spade.config import load_config
+
+    config = load_config(str(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"))
+    assert config.layers == ("layer1", "layer2", "layer3") and config.kappa == 1
+    assert config.scoring_mode == ("approximate" if name == "approximate" else "exact")
