@@ -212,6 +212,8 @@ def run_e2e(args, config: SpadeConfig) -> dict[str, float]:
     """`spade fit` once, then `spade score` on DirectRunner with 1 worker and with 2 (threads, processes); images/s."""
     import yaml
 
+    from pipelines.options import with_worker_threads
+
     spade = str(Path(sys.executable).with_name("spade"))
     work = tempfile.mkdtemp(prefix="spade-e2e-", dir=args.workdir)
     rates = {}
@@ -226,15 +228,16 @@ def run_e2e(args, config: SpadeConfig) -> dict[str, float]:
         cfg = os.path.join(work, "score.yaml")
         # num_threads 0: `spade score` splits the cores between the workers itself
         Path(cfg).write_text(yaml.safe_dump(config.replace(num_threads=0).to_dict()))
-        runs = [("1 worker", 1, ["--runner=FnApiRunner"]),
-                ("2 workers, multi_threading", 2, ["--direct_num_workers", "2", "--direct_running_mode", "multi_threading"]),
-                ("2 workers, multi_processing", 2, ["--direct_num_workers", "2", "--direct_running_mode", "multi_processing"])]
-        for name, workers, beam in runs:
+        runs = [("1 worker", ["--runner=FnApiRunner"]),
+                ("2 workers, multi_threading", ["--direct_num_workers", "2", "--direct_running_mode", "multi_threading"]),
+                ("2 workers, multi_processing", ["--direct_num_workers", "2", "--direct_running_mode", "multi_processing"])]
+        for name, beam in runs:
+            threads = with_worker_threads(config.replace(num_threads=0), beam).num_threads or (os.cpu_count() or 1)
             start = time.perf_counter()
             subprocess.run([spade, "score", "--quiet", "--config", cfg, "--gallery", gallery, "--images", test_images,
                             "--out", os.path.join(work, f"out{len(rates)}"), *beam], check=True, capture_output=True, text=True)
             rates[name] = n_images / (time.perf_counter() - start)
-            say(f"e2e: spade score, DirectRunner {name} x {max(1, (os.cpu_count() or 1) // workers)} thread(s), "
+            say(f"e2e: spade score, DirectRunner {name} x {threads} thread(s), "
                 f"{n_images} images: {rates[name]:.2f} images/s (process start, model load and gallery open included)")
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -144,20 +144,28 @@ def bank_settings(ratio: float, projection: int = DEFAULT_PROJECTION, max_candid
     return {"ratio": float(ratio), "projection": int(projection), "max_candidates": max_candidates, "seed": int(seed)}
 
 
-def save_banks(pyramid_folder: str, folder: str, layers: Iterable[str], settings: dict[str, Any],
-               progress: Callable[[str], None] = lambda _: None) -> dict[str, int]:
-    """Build each layer's bank from ``pyramid_folder``/<layer>.npy and store it in ``folder``; {layer: vectors kept}."""
-    os.makedirs(folder, exist_ok=True)
-    kept = {}
+def bank_files(layer: str) -> tuple[str, str]:
+    """A stored bank's files, relative to the gallery root: (vectors (n, C), gallery row of each vector (n,))."""
+    return f"{FOLDER}/{layer}.npy", f"{FOLDER}/{layer}-rows.npy"
+
+
+def save_banks(root: str, layers: Iterable[str], settings: dict[str, Any],
+               progress: Callable[[str], None] = lambda _: None) -> None:
+    """Build each layer's bank from the gallery folder ``root`` (pyramid/<layer>.npy) and store it there (`bank_files`)."""
+    os.makedirs(os.path.join(root, FOLDER), exist_ok=True)
     for layer in layers:
-        pyramid = np.load(os.path.join(pyramid_folder, f"{layer}.npy"), mmap_mode="r")
+        pyramid = np.load(os.path.join(root, "pyramid", f"{layer}.npy"), mmap_mode="r")
         bank = layer_bank(pyramid, settings["ratio"], settings["projection"], settings["seed"], settings["max_candidates"])
-        np.save(os.path.join(folder, f"{layer}.npy"), bank.vectors)
-        np.save(os.path.join(folder, f"{layer}-rows.npy"), bank.rows)
-        kept[layer] = len(bank.vectors)
+        vectors_file, rows_file = bank_files(layer)
+        np.save(os.path.join(root, vectors_file), bank.vectors)
+        np.save(os.path.join(root, rows_file), bank.rows)
         progress(f"gallery: coreset memory bank {layer}: {len(bank.vectors)} of {pyramid.shape[0] * pyramid.shape[1]} "
                  f"positions kept (ratio {settings['ratio']})")
-    return kept
+
+
+def load_banks(root: str, layers: Iterable[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The banks `save_banks` stored under ``root``, memory-mapped: {layer: (vectors, rows)}."""
+    return {layer: tuple(np.load(os.path.join(root, name), mmap_mode="r") for name in bank_files(layer)) for layer in layers}
 
 
 def memory_bank_for(gallery, layer: str, ratio: float, projection: int = DEFAULT_PROJECTION, seed: int = SEED,

@@ -31,7 +31,7 @@ import fsspec
 
 from spade import storage
 from spade.config import SpadeConfig, stable_hash
-from spade.coreset import FOLDER as CORESET_FOLDER, bank_settings, save_banks
+from spade.coreset import bank_files, bank_settings, load_banks, save_banks
 from spade.knn import build_index
 from spade.tables import decode_layer
 
@@ -124,8 +124,7 @@ def build_gallery(shard_urls: list[str], gallery_url: str, config: SpadeConfig, 
     coreset = None
     if config.scoring_mode == "approximate":  # built once here instead of by every scoring worker
         coreset = bank_settings(config.coreset_ratio, config.coreset_projection, config.coreset_max_candidates)
-        save_banks(os.path.join(workdir, "pyramid"), os.path.join(workdir, CORESET_FOLDER), config.layers, coreset,
-                   progress)
+        save_banks(workdir, config.layers, coreset, progress)
     pq.write_table(images, os.path.join(workdir, "images.parquet"))
     faiss.write_index(build_index(embeddings), os.path.join(workdir, "index.faiss"))
     ids = images.column("image_id").to_pylist()
@@ -162,7 +161,7 @@ def _gallery_files(manifest: dict[str, Any]) -> list[str]:
     """The files of a gallery besides its manifest and embeddings, relative to its root."""
     names = ["images.parquet", "index.faiss"] + [f"pyramid/{layer}.npy" for layer in manifest["layers"]]
     if manifest.get("coreset"):
-        names += [f"{CORESET_FOLDER}/{layer}{suffix}.npy" for layer in manifest["layers"] for suffix in ("", "-rows")]
+        names += [name for layer in manifest["layers"] for name in bank_files(layer)]
     return names
 
 
@@ -215,10 +214,7 @@ class Gallery:
         images = pq.read_table(os.path.join(root, "images.parquet"))
         index = faiss.read_index(os.path.join(root, "index.faiss"))
         pyramid = {layer: np.load(os.path.join(root, "pyramid", f"{layer}.npy"), mmap_mode="r") for layer in manifest["layers"]}
-        banks = None
-        if manifest.get("coreset"):
-            banks = {layer: tuple(np.load(os.path.join(root, CORESET_FOLDER, f"{layer}{suffix}.npy"), mmap_mode="r")
-                                  for suffix in ("", "-rows")) for layer in manifest["layers"]}
+        banks = load_banks(root, manifest["layers"]) if manifest.get("coreset") else None
         return cls(url=url, manifest=manifest, images=images, index=index, pyramid=pyramid, banks=banks)
 
     def check_compatible(self, config: SpadeConfig, weights_sha256: str | None = None) -> None:
