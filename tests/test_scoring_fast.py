@@ -6,7 +6,8 @@ import torch
 from spade.backbone import Features
 from spade.config import SpadeConfig
 from spade.coreset import MemoryBank, greedy_coreset
-from spade.correspondence import PyramidReader, _band_members, batch_layer_distances, nearest_feature_distances
+from spade.correspondence import (PyramidReader, _band_members, _RunningMin, batch_layer_distances,
+                                  nearest_feature_distances)
 from spade.gallery import Gallery
 from spade.knn import build_index
 from spade.scoring import layer_distance_maps, score_batch
@@ -120,6 +121,31 @@ def test_band_members_equal_a_full_comparison():
         got_r, got_c = _band_members(out, limit, segment=64)
         want_r, want_c = np.nonzero(out.numpy() <= limit[:, None])
         assert sorted(zip(got_r.tolist(), got_c.tolist())) == sorted(zip(want_r.tolist(), want_c.tolist()))
+
+
+@pytest.mark.parametrize("gap", [False, True])
+def test_running_minimum_equals_a_full_sort(gap):
+    """Winner, its column and the runner-up (smallest value not picked) over blocks of ragged widths,
+    with exact ties (the first column of a tie wins, as a full argmin would pick)."""
+    rng = np.random.default_rng(11)
+    rows, widths = 37, (130, 64, 1, 200, 77)
+    values = np.round(rng.normal(size=(rows, sum(widths))), 1).astype(np.float32)  # rounding makes ties common
+    best = _RunningMin(rows, 1, gap=gap)
+    first = 0
+    for width in widths:
+        block = torch.from_numpy(values[:, first:first + width].copy())
+        best.update(slice(0, rows), block, first)
+        first += width
+    got_v, got_i, got_next = best.winners()
+    want_i = values.argmin(axis=1)
+    np.testing.assert_array_equal(got_v[:, 0].numpy(), values.min(axis=1))
+    np.testing.assert_array_equal(got_i[:, 0].numpy(), want_i)
+    if gap:
+        others = values.copy()
+        others[np.arange(rows), want_i] = np.inf
+        np.testing.assert_array_equal(got_next.numpy(), others.min(axis=1))
+    else:
+        assert got_next is None
 
 
 def test_reader_reads_rows_from_npy_and_float16(tmp_path):
