@@ -27,7 +27,6 @@ import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import fsspec
 
 from spade import storage
 from spade.config import SpadeConfig, stable_hash
@@ -94,27 +93,26 @@ def build_gallery(shard_urls: list[str], gallery_url: str, config: SpadeConfig, 
     filled = {layer: np.zeros(n, dtype=bool) for layer in config.layers}
     tmp_paths = {}
     for url in shard_urls:
-        with fsspec.open(url, "rb") as handle:
-            parquet = pq.ParquetFile(handle)
-            for group in range(parquet.num_row_groups):
-                cols = ["image_id", "feature_dtype"] + [c for layer in config.layers for c in (layer, f"{layer}_shape")]
-                chunk = parquet.read_row_group(group, columns=cols).to_pylist()
-                for row in chunk:
-                    target = row_of[row["image_id"]]
-                    for layer in config.layers:
-                        if filled[layer][target]:
-                            continue
-                        feats = decode_layer(row[layer], row[f"{layer}_shape"], row["feature_dtype"])
-                        if layer not in arrays:
-                            shapes[layer] = list(feats.shape)
-                            tmp_paths[layer] = os.path.join(workdir, "pyramid", f".tmp-{layer}.npy")
-                            arrays[layer] = np.lib.format.open_memmap(tmp_paths[layer], mode="w+", dtype=config.feature_dtype,
-                                                                      shape=(n, *feats.shape))
-                        if list(feats.shape) != shapes[layer]:
-                            raise GalleryMismatch(f"{url}: image {row['image_id']} has {layer} shape {feats.shape}, "
-                                                  f"others {shapes[layer]}; all gallery images must use one config")
-                        arrays[layer][target] = feats
-                        filled[layer][target] = True
+        parquet = pq.ParquetFile(storage.parquet_source(url))
+        for group in range(parquet.num_row_groups):
+            cols = ["image_id", "feature_dtype"] + [c for layer in config.layers for c in (layer, f"{layer}_shape")]
+            chunk = parquet.read_row_group(group, columns=cols).to_pylist()
+            for row in chunk:
+                target = row_of[row["image_id"]]
+                for layer in config.layers:
+                    if filled[layer][target]:
+                        continue
+                    feats = decode_layer(row[layer], row[f"{layer}_shape"], row["feature_dtype"])
+                    if layer not in arrays:
+                        shapes[layer] = list(feats.shape)
+                        tmp_paths[layer] = os.path.join(workdir, "pyramid", f".tmp-{layer}.npy")
+                        arrays[layer] = np.lib.format.open_memmap(tmp_paths[layer], mode="w+", dtype=config.feature_dtype,
+                                                                  shape=(n, *feats.shape))
+                    if list(feats.shape) != shapes[layer]:
+                        raise GalleryMismatch(f"{url}: image {row['image_id']} has {layer} shape {feats.shape}, "
+                                              f"others {shapes[layer]}; all gallery images must use one config")
+                    arrays[layer][target] = feats
+                    filled[layer][target] = True
         progress(f"gallery: pyramid rows from {url.rsplit('/', 1)[-1]} copied")
     for layer, array in arrays.items():
         array.flush()

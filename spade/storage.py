@@ -1,7 +1,6 @@
 """File access through fsspec: atomic writes, Parquet, and local copies for memory-mapping."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import uuid
@@ -74,9 +73,22 @@ def read_json(url: str) -> Any:
 
 
 def write_parquet(url: str, table: pa.Table) -> None:
-    buffer = io.BytesIO()
+    buffer = pa.BufferOutputStream()
     pq.write_table(table, buffer, row_group_size=64)
-    atomic_write_bytes(url, buffer.getvalue())
+    atomic_write_bytes(url, buffer.getvalue().to_pybytes())
+
+
+def parquet_source(url: str) -> str | pa.BufferReader:
+    """What to hand pyarrow's Parquet readers for ``url``: a local file's path, else its bytes in an Arrow buffer.
+
+    Never a Python file object: Arrow's scanners release their file on a thread of their own pool,
+    and releasing a Python object needs the interpreter; when that happens while the interpreter
+    shuts down, the process aborts ("terminate called without an active exception", exit 134)
+    after all its work is done.
+    """
+    if is_local(url):
+        return local_path(url)
+    return pa.BufferReader(read_bytes(url))
 
 
 def _children(url: str, kind: str, keep) -> list[str]:
@@ -97,8 +109,7 @@ def list_files(url: str, suffix: str = "") -> list[str]:
 def read_parquet(urls: list[str], columns: list[str] | None = None) -> pa.Table:
     tables = []
     for url in urls:
-        with fsspec.open(url, "rb") as handle:
-            tables.append(pq.read_table(handle, columns=columns))
+        tables.append(pq.read_table(parquet_source(url), columns=columns))
     if not tables:
         raise FileNotFoundError("no Parquet files to read")
     return pa.concat_tables(tables)
