@@ -15,6 +15,7 @@ The manifest is written last: a folder without one is an unfinished gallery.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
@@ -73,27 +74,18 @@ def _read_images_and_embeddings(shard_urls: list[str]) -> tuple[pa.Table, np.nda
     return table.drop(["embedding"]), embeddings
 
 
-def build_gallery(shard_urls: list[str], gallery_url: str, config: SpadeConfig, weights_source: str, weights_sha256: str,
-                  progress: Callable[[str], None] = LOG.info) -> dict[str, Any]:
-    """Assemble a gallery from embedding Parquet shards; returns the manifest (written last).
-
-    Pyramid layers are copied row group by row group into .npy files, so memory
-    holds one row group at a time whatever the gallery size.
-    """
-    if not shard_urls:
-        raise GalleryMissing(f"no embedding shards to build a gallery at {gallery_url}")
-    images, embeddings = _read_images_and_embeddings(shard_urls)
-    row_of = {image_id: row for row, image_id in enumerate(images.column("image_id").to_pylist())}
+def _copy_pyramid(shards: list[tuple[str, str]], row_of: dict[str, int], workdir: str, config: SpadeConfig,
+                  progress: Callable[[str], None]) -> dict[str, list[int]]:
+    """Copy each image's pyramid layers from the shards ((url, local path) pairs) into ``workdir``/pyramid/<layer>.npy
+    at its gallery row, one row group at a time; returns each layer's (positions, channels) shape."""
     n = len(row_of)
-    progress(f"gallery: {n} normal images, embedding dim {embeddings.shape[1]}")
-    workdir = storage.local_path(gallery_url) if storage.is_local(gallery_url) else tempfile.mkdtemp(prefix="spade-gallery-")
     os.makedirs(os.path.join(workdir, "pyramid"), exist_ok=True)
     shapes: dict[str, list[int]] = {}
     arrays: dict[str, np.ndarray] = {}
     filled = {layer: np.zeros(n, dtype=bool) for layer in config.layers}
     tmp_paths = {}
-    for url in shard_urls:
-        parquet = pq.ParquetFile(storage.parquet_source(url))
+    for url, path in shards:
+        parquet = pq.ParquetFile(path)
         for group in range(parquet.num_row_groups):
             cols = ["image_id", "feature_dtype"] + [c for layer in config.layers for c in (layer, f"{layer}_shape")]
             chunk = parquet.read_row_group(group, columns=cols).to_pylist()
@@ -118,7 +110,26 @@ def build_gallery(shard_urls: list[str], gallery_url: str, config: SpadeConfig, 
         array.flush()
         del array
         os.replace(tmp_paths[layer], os.path.join(workdir, "pyramid", f"{layer}.npy"))
-    arrays.clear()
+    return shapes
+
+
+def build_gallery(shard_urls: list[str], gallery_url: str, config: SpadeConfig, weights_source: str, weights_sha256: str,
+                  progress: Callable[[str], None] = LOG.info) -> dict[str, Any]:
+    """Assemble a gallery from embedding Parquet shards; returns the manifest (written last).
+
+    Pyramid layers are copied row group by row group into .npy files, so memory
+    holds one row group at a time whatever the gallery size.
+    """
+    if not shard_urls:
+        raise GalleryMissing(f"no embedding shards to build a gallery at {gallery_url}")
+    with contextlib.ExitStack() as copies:  # a remote shard is downloaded once and read twice
+        shards = [(url, copies.enter_context(storage.local_copy(url))) for url in shard_urls]
+        images, embeddings = _read_images_and_embeddings([path for _, path in shards])
+        row_of = {image_id: row for row, image_id in enumerate(images.column("image_id").to_pylist())}
+        n = len(row_of)
+        progress(f"gallery: {n} normal images, embedding dim {embeddings.shape[1]}")
+        workdir = storage.local_path(gallery_url) if storage.is_local(gallery_url) else tempfile.mkdtemp(prefix="spade-gallery-")
+        shapes = _copy_pyramid(shards, row_of, workdir, config, progress)
     coreset = None
     if config.scoring_mode == "approximate":  # built once here instead of by every scoring worker
         coreset = bank_settings(config.coreset_ratio, config.coreset_projection, config.coreset_max_candidates)

@@ -1,10 +1,13 @@
 """File access through fsspec: atomic writes, Parquet, and local copies for memory-mapping."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import tempfile
 import uuid
-from typing import Any
+from typing import Any, Iterator
 
 import fsspec
 import pyarrow as pa
@@ -73,22 +76,33 @@ def read_json(url: str) -> Any:
 
 
 def write_parquet(url: str, table: pa.Table) -> None:
-    buffer = pa.BufferOutputStream()
+    buffer = pa.BufferOutputStream()  # an Arrow stream, not a Python file object (see `local_copy`)
     pq.write_table(table, buffer, row_group_size=64)
     atomic_write_bytes(url, buffer.getvalue().to_pybytes())
 
 
-def parquet_source(url: str) -> str | pa.BufferReader:
-    """What to hand pyarrow's Parquet readers for ``url``: a local file's path, else its bytes in an Arrow buffer.
+@contextlib.contextmanager
+def local_copy(url: str) -> Iterator[str]:
+    """A local path with ``url``'s content for the ``with`` block: the file itself when it is local, else a
+    temporary copy, removed afterwards.
 
-    Never a Python file object: Arrow's scanners release their file on a thread of their own pool,
-    and releasing a Python object needs the interpreter; when that happens while the interpreter
-    shuts down, the process aborts ("terminate called without an active exception", exit 134)
-    after all its work is done.
+    Parquet is read from such a path, never through a Python file object: Arrow's scanners release
+    their file on a thread of their own pool, and releasing a Python object needs the interpreter; when
+    that happens while the interpreter shuts down, the process aborts ("terminate called without an
+    active exception", exit 134) after all its work is done. From a path Arrow reads only the columns
+    and row groups asked for.
     """
     if is_local(url):
-        return local_path(url)
-    return pa.BufferReader(read_bytes(url))
+        yield local_path(url)
+        return
+    fs, path = filesystem(url)
+    folder = tempfile.mkdtemp(prefix="spade-copy-")
+    try:
+        target = os.path.join(folder, path.rsplit("/", 1)[-1])
+        fs.get_file(path, target)
+        yield target
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _children(url: str, kind: str, keep) -> list[str]:
@@ -109,7 +123,8 @@ def list_files(url: str, suffix: str = "") -> list[str]:
 def read_parquet(urls: list[str], columns: list[str] | None = None) -> pa.Table:
     tables = []
     for url in urls:
-        tables.append(pq.read_table(parquet_source(url), columns=columns))
+        with local_copy(url) as path:
+            tables.append(pq.read_table(path, columns=columns))
     if not tables:
         raise FileNotFoundError("no Parquet files to read")
     return pa.concat_tables(tables)

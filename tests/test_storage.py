@@ -1,4 +1,5 @@
 """Parquet through fsspec: round trips, and processes that read Parquet exit cleanly."""
+import os
 import subprocess
 import sys
 import textwrap
@@ -19,15 +20,18 @@ def test_parquet_round_trip_local_and_remote(tmp_path):
             table().column("status").to_pylist() * 2
 
 
-def test_arrow_never_gets_a_python_file_object(tmp_path):
+def test_parquet_is_read_from_a_local_path_never_a_python_file_object(tmp_path):
     """Arrow releases a Python file object on its own threads; at interpreter exit that aborts the process."""
     local = str(tmp_path / "t.parquet")
     remote = "memory://spade-test-storage/t.parquet"
     for url in (local, remote):
         storage.write_parquet(url, table())
-    assert storage.parquet_source(local) == local
-    source = storage.parquet_source(remote)
-    assert isinstance(source, pa.BufferReader)
+    with storage.local_copy(local) as path:
+        assert path == local
+    with storage.local_copy(remote) as path:
+        assert os.path.isfile(path)
+        assert open(path, "rb").read() == storage.read_bytes(remote)
+    assert not os.path.exists(path)  # the temporary copy is gone
 
 
 def test_reading_parquet_then_exiting_never_aborts(tmp_path):
