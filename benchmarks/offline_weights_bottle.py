@@ -22,13 +22,13 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from spade.backbone import FeatureExtractor  # noqa: E402
+from spade.features.backbone import FeatureExtractor  # noqa: E402
 from spade.config import SpadeConfig  # noqa: E402
-from spade.correspondence import layer_distance_map  # noqa: E402
-from spade.images import crop_origin, decode_rgb, preprocess, resize_short_side  # noqa: E402
-from spade.knn import build_index, image_scores, nearest_images  # noqa: E402
-from spade.metrics import auroc, pro_auc  # noqa: E402
-from spade.scoremap import combine_layer_maps, smooth  # noqa: E402
+from spade.scoring.correspondence import layer_distance_map  # noqa: E402
+from spade.io.images import crop_origin, decode_rgb, preprocess, resize_short_side  # noqa: E402
+from spade.index.knn import build_index, image_scores, nearest_images  # noqa: E402
+from spade.evaluation.metrics import auroc, pro_auc  # noqa: E402
+from spade.scoring.scoremap import combine_layer_maps, smooth  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec_ad_bottle"
 COMMON = dict(layers=("layer1", "layer2", "layer3"), resize=256, crop=224, k=5, kappa=1, sigma=4.0)

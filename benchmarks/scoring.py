@@ -24,15 +24,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from spade.backbone import FeatureExtractor  # noqa: E402
+from spade.features.backbone import FeatureExtractor  # noqa: E402
 from spade.config import SpadeConfig  # noqa: E402
-from spade.correspondence import configure_threads  # noqa: E402
-from spade.gallery import Gallery  # noqa: E402
-from spade.images import decode_rgb, preprocess  # noqa: E402
-from spade.knn import build_index, image_scores, nearest_images  # noqa: E402
-from spade.maps import encode_score_map  # noqa: E402
-from spade.scoremap import to_original_geometry  # noqa: E402
-from spade.scoring import finish_map, layer_distance_maps, layer_queries  # noqa: E402
+from spade.scoring.correspondence import configure_threads  # noqa: E402
+from spade.index.gallery import Gallery  # noqa: E402
+from spade.io.images import decode_rgb, preprocess  # noqa: E402
+from spade.index.knn import build_index, image_scores, nearest_images  # noqa: E402
+from spade.io.maps import encode_score_map  # noqa: E402
+from spade.scoring.scoremap import to_original_geometry  # noqa: E402
+from spade.scoring.batch import finish_map, layer_distance_maps, layer_queries  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "mvtec_ad_bottle"
 STAGES = ("feature extraction", "image kNN", "pixel correspondence", "upsample+smooth", "writing")
@@ -180,8 +180,8 @@ def rss_probe(args) -> None:
         baseline = peak_rss_mb()
         pyramid = {layer: rng.random((args.probe_images, c, int(p ** 0.5), int(p ** 0.5)), dtype=np.float32)
                    for layer, (p, c) in shapes.items()}
-        from spade.backbone import Features
-        from spade.scoring import score_batch
+        from spade.features.backbone import Features
+        from spade.scoring.batch import score_batch
 
         start = time.perf_counter()
         for b0 in range(0, args.probe_images, args.batch_size):
@@ -249,7 +249,7 @@ def run_e2e(args, config: SpadeConfig) -> dict[str, float]:
 def load_masks(paths: list[str], config: SpadeConfig) -> np.ndarray:
     from PIL import Image
 
-    from spade.images import crop_origin, resize_short_side
+    from spade.io.images import crop_origin, resize_short_side
 
     masks = []
     for p in paths:
@@ -524,7 +524,7 @@ def _size(path: str) -> tuple[int, int]:
 
 
 def _approx(args, config, pyr, rows, gallery, b_maps, exact_time, test_paths, n_test) -> None:
-    from spade.coreset import memory_bank_for
+    from spade.index.coreset import memory_bank_for
 
     start = time.perf_counter()
     for layer in config.layers:
@@ -545,7 +545,7 @@ def _approx(args, config, pyr, rows, gallery, b_maps, exact_time, test_paths, n_
         f"correspondence {n_test / exact_time:.3g} images/s")
     if test_paths is None:
         return
-    from spade.metrics import auroc
+    from spade.evaluation.metrics import auroc
 
     masks = load_masks(test_paths, config)
     exact_auc = auroc(masks, np.stack(b_maps))

@@ -4,9 +4,9 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-from spade import storage
+from spade.io import storage
 from spade.config import SpadeConfig
-from spade.samples import write_sample_dataset
+from spade.io.samples import write_sample_dataset
 from pipelines.evaluate import run_evaluate
 from pipelines.fit import run_fit
 from pipelines.score import run_score

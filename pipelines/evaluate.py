@@ -8,10 +8,10 @@ import logging
 import math
 from typing import Any, Callable
 
-from spade import storage
-from spade.evaluation import GOOD, evaluate, format_table, labelled_rows, load_pixels, metrics_table
-from spade.results import read_run_info, read_score_table
-from spade.thresholds import AUTO, run_thresholds
+from spade.io import storage
+from spade.evaluation.ground_truth import GOOD, evaluate, format_table, labelled_rows, load_pixels, metrics_table
+from spade.io.results import read_run_info, read_score_table
+from spade.evaluation.thresholds import AUTO, run_thresholds
 
 THRESHOLDS = "thresholds.json"
 
@@ -53,7 +53,7 @@ def run_evaluate(scores_url: str, masks_root: str | None, out_url: str, say: Cal
                  threshold_method: str = AUTO, image_fpr: float = 0.05, pixel_fpr: float | None = None) -> dict:
     """Evaluate the run in ``scores_url``; writes metrics.json, metrics.csv and thresholds.json under ``out_url``.
 
-    Thresholds (see spade.thresholds): ``threshold_method`` 'auto' takes max F1 where defects are
+    Thresholds (see spade.evaluation.thresholds): ``threshold_method`` 'auto' takes max F1 where defects are
     labelled, else the rate ``image_fpr`` / ``pixel_fpr`` (default: the run's calibration_fpr)
     of flagged good images / pixels. `spade score --thresholds out/thresholds.json` applies them.
     """

@@ -11,13 +11,13 @@ from typing import Callable
 
 import apache_beam as beam
 
-from spade import storage
-from spade.calibration import leave_one_out_scores, thresholds_from_normals
+from spade.io import storage
+from spade.scoring.calibration import leave_one_out_scores, thresholds_from_normals
 from spade.config import SpadeConfig
-from spade.gallery import MANIFEST, Gallery, GalleryMissing, build_gallery, write_manifest
-from spade.sources import expand_images
-from spade.tables import ERRORS_SCHEMA, embeddings_schema
-from spade.weights import check_preprocessing, resolve_weights
+from spade.index.gallery import MANIFEST, Gallery, GalleryMissing, build_gallery, write_manifest
+from spade.io.sources import expand_images
+from spade.io.tables import ERRORS_SCHEMA, embeddings_schema
+from spade.features.weights import check_preprocessing, resolve_weights
 from transforms.extract import ExtractFeatures
 from transforms.parquet import WriteParquetShards
 from transforms.progress import CountProgress

@@ -1,7 +1,7 @@
 """`spade report`: a score run (+ ground truth) → a static HTML report with metrics, curves and a top-N gallery.
 
 No Beam: the report reads the score table and the top-N images' files directly. Metrics are
-spade.evaluation's (the numbers `spade evaluate` prints); thresholds are spade.thresholds' (the
+spade.evaluation.ground_truth's (the numbers `spade evaluate` prints); thresholds are spade.evaluation.thresholds' (the
 ones `spade evaluate` writes to thresholds.json).
 """
 from __future__ import annotations
@@ -14,13 +14,14 @@ from typing import Any, Callable
 import numpy as np
 from sklearn.metrics import roc_curve
 
-from spade import report, storage
-from spade.evaluation import GOOD, evaluate, load_pixels, metrics_table
-from spade.images import decode_rgb
-from spade.maps import decode_mask, decode_score_map
-from spade.metrics import pro_curve
-from spade.results import read_run_info, read_score_table
-from spade.sources import is_tar, mask_uri, read_inputs
+from spade.evaluation import report
+from spade.io import storage
+from spade.evaluation.ground_truth import GOOD, evaluate, load_pixels, metrics_table
+from spade.io.images import decode_rgb
+from spade.io.maps import decode_mask, decode_score_map
+from spade.evaluation.metrics import pro_curve
+from spade.io.results import read_run_info, read_score_table
+from spade.io.sources import is_tar, mask_uri, read_inputs
 from pipelines.evaluate import select_run_thresholds
 
 LOG = logging.getLogger("spade")

@@ -15,14 +15,14 @@ from typing import Callable
 
 import apache_beam as beam
 
-from spade import storage
+from spade.io import storage
 from spade.config import SpadeConfig
-from spade.gallery import Gallery
-from spade.results import RUN_INFO, read_score_table
-from spade.sources import expand_images, modified_since
-from spade.tables import SCORES_SCHEMA
-from spade.thresholds import validate_thresholds
-from spade.weights import check_preprocessing, resolve_weights
+from spade.index.gallery import Gallery
+from spade.io.results import RUN_INFO, read_score_table
+from spade.io.sources import expand_images, modified_since
+from spade.io.tables import SCORES_SCHEMA
+from spade.evaluation.thresholds import validate_thresholds
+from spade.features.weights import check_preprocessing, resolve_weights
 from transforms.extract import ExtractFeatures
 from transforms.parquet import WriteParquetShards
 from transforms.progress import CountProgress

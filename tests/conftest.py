@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from spade.config import SpadeConfig
-from spade.samples import SampleSpec, write_sample_dataset
+from spade.io.samples import SampleSpec, write_sample_dataset
 
 BEAM_ARGS = ["--runner=FnApiRunner"]
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from pipelines.cli import build_parser, main
-from spade.results import read_run_info, read_score_table
+from spade.io.results import read_run_info, read_score_table
 
 
 def test_beam_arguments_pass_through_untouched():

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torchvision
 
-from spade.results import read_score_table
+from spade.io.results import read_score_table
 from pipelines.fit import run_fit
 from pipelines.score import run_score
 from tests.conftest import BEAM_ARGS, plumbing_config

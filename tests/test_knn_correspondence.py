@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from spade.correspondence import layer_distance_map, nearest_feature_distances
-from spade.knn import build_index, image_scores, nearest_images
+from spade.scoring.correspondence import layer_distance_map, nearest_feature_distances
+from spade.index.knn import build_index, image_scores, nearest_images
 
 
 def brute_distances(a, b):

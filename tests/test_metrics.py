@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from spade.metrics import auroc, pro_auc, pro_curve
+from spade.evaluation.metrics import auroc, pro_auc, pro_curve
 
 
 def test_auroc_hand_computed():

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from spade.results import read_score_table
-from spade.sources import image_date, modified_since
+from spade.io.results import read_score_table
+from spade.io.sources import image_date, modified_since
 from pipelines.fit import run_fit
 from pipelines.score import run_score
 from tests.conftest import BEAM_ARGS, plumbing_config

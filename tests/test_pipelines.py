@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from spade.gallery import GalleryMismatch, GalleryMissing
-from spade.results import read_score_table
-from spade.tables import SCORES_SCHEMA
+from spade.index.gallery import GalleryMismatch, GalleryMissing
+from spade.io.results import read_score_table
+from spade.io.tables import SCORES_SCHEMA
 from pipelines.evaluate import run_evaluate
 from pipelines.fit import run_fit
 from pipelines.score import run_score
@@ -139,8 +139,8 @@ def test_approximate_mode_fit_stores_coreset_banks(sample_root, tmp_path, monkey
     workers load it; calibration scores gallery images without their own patches."""
     import fsspec
 
-    from spade.coreset import bank_settings, layer_bank, memory_bank_for
-    from spade.gallery import Gallery
+    from spade.index.coreset import bank_settings, layer_bank, memory_bank_for
+    from spade.index.gallery import Gallery
 
     config = plumbing_config(calibration_images=3, scoring_mode="approximate", coreset_ratio=0.05)
     url = "memory://spade-test/approx-gallery"
@@ -157,7 +157,7 @@ def test_approximate_mode_fit_stores_coreset_banks(sample_root, tmp_path, monkey
     def no_build(*args, **kwargs):
         raise AssertionError("the stored bank should have been loaded, not rebuilt")
 
-    monkeypatch.setattr("spade.coreset.layer_bank", no_build)
+    monkeypatch.setattr("spade.index.coreset.layer_bank", no_build)
     loaded = memory_bank_for(gallery, "layer1", 0.05, config.coreset_projection, max_candidates=config.coreset_max_candidates)
     np.testing.assert_array_equal(loaded.vectors, stored)
     monkeypatch.undo()

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from spade import report
-from spade.evaluation import metrics_table
+from spade.evaluation import report
+from spade.evaluation.ground_truth import metrics_table
 from pipelines.cli import build_parser, main
 from pipelines.evaluate import run_evaluate
 from pipelines.fit import run_fit

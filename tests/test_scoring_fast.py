@@ -3,14 +3,14 @@ import numpy as np
 import pytest
 import torch
 
-from spade.backbone import Features
+from spade.features.backbone import Features
 from spade.config import SpadeConfig
-from spade.coreset import MemoryBank, greedy_coreset
-from spade.correspondence import (PyramidReader, _band_members, _RunningMin, batch_layer_distances,
+from spade.index.coreset import MemoryBank, greedy_coreset
+from spade.scoring.correspondence import (PyramidReader, _band_members, _RunningMin, batch_layer_distances,
                                   nearest_feature_distances)
-from spade.gallery import Gallery
-from spade.knn import build_index
-from spade.scoring import layer_distance_maps, score_batch
+from spade.index.gallery import Gallery
+from spade.index.knn import build_index
+from spade.scoring.batch import layer_distance_maps, score_batch
 
 
 def brute(queries, gallery, kappa=1):

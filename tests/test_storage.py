@@ -6,7 +6,7 @@ import textwrap
 
 import pyarrow as pa
 
-from spade import storage
+from spade.io import storage
 
 
 def table():
@@ -41,7 +41,7 @@ def test_reading_parquet_then_exiting_never_aborts(tmp_path):
     path = tmp_path / "t.parquet"
     storage.write_parquet(str(path), table())
     script = textwrap.dedent(f"""
-        from spade import storage
+        from spade.io import storage
         for _ in range(3):
             storage.read_parquet([{str(path)!r}], columns=["uri", "status"])
     """)

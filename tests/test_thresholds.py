@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from spade.thresholds import fpr_threshold, max_f1_threshold, run_thresholds, select_threshold
+from spade.evaluation.thresholds import fpr_threshold, max_f1_threshold, run_thresholds, select_threshold
 
 
 def test_max_f1_separable_scores_split_between_classes():
@@ -128,7 +128,7 @@ def test_run_thresholds_images_and_pixels():
 
 
 def test_validate_thresholds_file_payloads():
-    from spade.thresholds import validate_thresholds
+    from spade.evaluation.thresholds import validate_thresholds
 
     assert validate_thresholds({"image": 1, "pixel": 2.5, "rule": "x"}, "t.json") == {"image": 1.0, "pixel": 2.5, "source": "file t.json"}
     assert validate_thresholds({"image": None, "pixel": 0.5})["image"] is None

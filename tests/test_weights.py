@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from spade import offline_weights
-from spade.backbone import FeatureExtractor
+from spade.features import offline_weights
+from spade.features.backbone import FeatureExtractor
 from spade.config import SpadeConfig
-from spade.images import preprocess
-from spade.weights import PreprocessingMismatch, WeightsUnavailable, resolve_weights
+from spade.io.images import preprocess
+from spade.features.weights import PreprocessingMismatch, WeightsUnavailable, resolve_weights
 
 # ImageNet classes: 281-285 are the domestic cats (tabby, tiger cat, Persian, Siamese, Egyptian); 967 espresso, 968 cup.
 CATS = set(range(281, 286))
@@ -80,7 +80,7 @@ def test_named_package_for_wrong_backbone_says_which_backbone():
 
 
 def test_random_weights_warn_and_are_recorded_as_random(caplog):
-    with caplog.at_level(logging.WARNING, logger="spade.weights"):
+    with caplog.at_level(logging.WARNING, logger="spade.features.weights"):
         resolved = resolve_weights("resnet18", "random")
     assert resolved.source == "random" and resolved.sha256 == "random" and resolved.is_random
     assert "RANDOM BACKBONE WEIGHTS" in caplog.text

@@ -9,9 +9,9 @@ import torch
 from apache_beam.metrics import Metrics
 from apache_beam.utils.shared import Shared
 
-from spade.backbone import FeatureExtractor
+from spade.features.backbone import FeatureExtractor
 from spade.config import SpadeConfig, stable_hash
-from spade.correspondence import configure_threads
+from spade.scoring.correspondence import configure_threads
 from transforms.cache import acquire
 from transforms.records import ImageFeatures, SplitErrors, error_row, image_columns
 

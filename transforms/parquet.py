@@ -7,8 +7,8 @@ from typing import Any, Callable
 import apache_beam as beam
 import pyarrow as pa
 
-from spade import storage
-from spade.tables import rows_to_table
+from spade.io import storage
+from spade.io.tables import rows_to_table
 
 
 def shard_of(key: str, shards: int) -> int:

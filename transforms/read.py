@@ -7,8 +7,8 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from spade.config import SpadeConfig
-from spade.images import ImageDecodeError, content_id, decode_rgb, preprocess
-from spade.sources import label_from_uri, read_inputs
+from spade.io.images import ImageDecodeError, content_id, decode_rgb, preprocess
+from spade.io.sources import label_from_uri, read_inputs
 from transforms.records import ImageInput, SplitErrors, error_row
 
 LOG = logging.getLogger(__name__)

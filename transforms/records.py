@@ -69,8 +69,8 @@ def new_run_id(now: datetime) -> str:
 
 
 def embedding_row(item: ImageFeatures, feature_dtype: str) -> dict[str, Any]:
-    """The embeddings-table row of one image (see `spade.tables.embeddings_schema`)."""
-    from spade.tables import encode_layer
+    """The embeddings-table row of one image (see `spade.io.tables.embeddings_schema`)."""
+    from spade.io.tables import encode_layer
 
     row = {**image_columns(item.image), "embedding": np.asarray(item.embedding, dtype=np.float32).tolist(),
            "feature_dtype": feature_dtype}

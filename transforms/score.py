@@ -10,14 +10,14 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.utils.shared import Shared
 
-from spade import storage
-from spade.backbone import Features
+from spade.io import storage
+from spade.features.backbone import Features
 from spade.config import SpadeConfig
-from spade.correspondence import configure_threads
-from spade.gallery import Gallery
-from spade.maps import encode_mask, encode_score_map
-from spade.scoremap import to_original_geometry
-from spade.scoring import score_batch
+from spade.scoring.correspondence import configure_threads
+from spade.index.gallery import Gallery
+from spade.io.maps import encode_mask, encode_score_map
+from spade.scoring.scoremap import to_original_geometry
+from spade.scoring.batch import score_batch
 from transforms.cache import acquire
 from transforms.records import SplitErrors, error_row, image_columns
 

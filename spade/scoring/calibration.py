@@ -5,10 +5,10 @@ from typing import Callable
 
 import numpy as np
 
-from spade.backbone import Features
+from spade.features.backbone import Features
 from spade.config import SpadeConfig
-from spade.gallery import Gallery
-from spade.scoring import score_batch
+from spade.index.gallery import Gallery
+from spade.scoring.batch import score_batch
 
 
 def leave_one_out_scores(gallery: Gallery, config: SpadeConfig, count: int,

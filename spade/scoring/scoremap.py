@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from spade.images import crop_origin, resize_short_side
+from spade.io.images import crop_origin, resize_short_side
 
 
 def combine_layer_maps(layer_maps: list[np.ndarray], size: int) -> np.ndarray:

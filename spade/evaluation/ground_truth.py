@@ -7,11 +7,11 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 
-from spade import storage
-from spade.maps import decode_mask, decode_score_map
-from spade.metrics import auroc, pro_auc
-from spade.scoremap import crop_box_pixels
-from spade.sources import mask_uri
+from spade.io import storage
+from spade.io.maps import decode_mask, decode_score_map
+from spade.evaluation.metrics import auroc, pro_auc
+from spade.scoring.scoremap import crop_box_pixels
+from spade.io.sources import mask_uri
 
 GOOD = "good"
 

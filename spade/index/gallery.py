@@ -29,11 +29,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from spade import storage
+from spade.io import storage
 from spade.config import SpadeConfig, stable_hash
-from spade.coreset import bank_files, bank_settings, load_banks, save_banks
-from spade.knn import build_index
-from spade.tables import decode_layer
+from spade.index.coreset import bank_files, bank_settings, load_banks, save_banks
+from spade.index.knn import build_index
+from spade.io.tables import decode_layer
 
 LOG = logging.getLogger(__name__)
 MANIFEST = "manifest.json"

@@ -10,58 +10,19 @@ import io
 import logging
 import os
 import socket
-from dataclasses import dataclass
 from typing import Callable
 
 import fsspec
 import torch
 import torchvision
 
+from spade.features.offline_weights import PACKAGE_LOADERS
+from spade.features.resolved import (  # noqa: F401  (re-exported: callers import them from here)
+    PreprocessingMismatch, ResolvedWeights, WeightsUnavailable, check_preprocessing)
+
 LOG = logging.getLogger(__name__)
 
 WEIGHTS_ENV = "SPADE_WEIGHTS"
-
-
-class WeightsUnavailable(RuntimeError):
-    """No usable weights were found; the message lists how to supply them."""
-
-
-class PreprocessingMismatch(ValueError):
-    """The config's mean/std differ from the normalisation the weights were trained (or re-calibrated) with."""
-
-
-@dataclass(frozen=True)
-class ResolvedWeights:
-    """A backbone state dict and where it came from.
-
-    ``mean``/``std``, when set, are the input normalisation these weights only work with
-    (e.g. ResMem's ResNet-152 re-estimated its BatchNorm statistics on un-normalised [0, 1]
-    inputs); None means the usual ImageNet normalisation is fine.
-    """
-
-    source: str
-    sha256: str
-    state_dict: dict[str, torch.Tensor] | None
-    mean: tuple[float, float, float] | None = None
-    std: tuple[float, float, float] | None = None
-
-    @property
-    def is_random(self) -> bool:
-        return self.state_dict is None
-
-
-def check_preprocessing(weights: ResolvedWeights, mean, std, config_name: str = "the config") -> None:
-    """Raise `PreprocessingMismatch`, naming the fix, when ``mean``/``std`` differ from what ``weights`` need."""
-    for key, need, have in (("mean", weights.mean, mean), ("std", weights.std, std)):
-        if need is None:
-            continue
-        have = tuple(float(v) for v in have)
-        if len(have) != len(need) or any(abs(a - b) > 1e-6 for a, b in zip(have, need)):
-            raise PreprocessingMismatch(
-                f"weights {weights.source} need input normalisation mean={list(weights.mean)}, std={list(weights.std)} "
-                f"but {config_name} has {key}={list(have)}. Fix: set `mean: {list(weights.mean)}` and "
-                f"`std: {list(weights.std)}` in the config (features computed otherwise are meaningless)."
-            )
 
 
 def _offline_hint(backbone: str) -> str:
@@ -176,8 +137,8 @@ def load_torchvision_imagenet(backbone: str, allow_download: bool = True) -> Res
 
 
 OfflineLoader = Callable[[str], "ResolvedWeights | None"]
-_OFFLINE_LOADERS: list[OfflineLoader] = []
-_NAMED_OFFLINE_LOADERS: dict[str, OfflineLoader] = {}
+_OFFLINE_LOADERS: list[OfflineLoader] = list(PACKAGE_LOADERS)
+_NAMED_OFFLINE_LOADERS: dict[str, OfflineLoader] = {loader.spec: loader for loader in PACKAGE_LOADERS}
 
 
 def register_offline_loader(loader: OfflineLoader, spec: str | None = None) -> OfflineLoader:
@@ -196,8 +157,6 @@ def register_offline_loader(loader: OfflineLoader, spec: str | None = None) -> O
 
 def offline_specs() -> tuple[str, ...]:
     """The `weights:` values that name an offline package explicitly."""
-    from spade import offline_weights  # noqa: F401
-
     return tuple(_NAMED_OFFLINE_LOADERS)
 
 
@@ -230,8 +189,6 @@ def resolve_weights(backbone: str, spec: str) -> ResolvedWeights:
     a registered offline package name (``resmem``, ``efficientnet_lite0_package``): that package's weights.
     anything else: a path or fsspec URL of a state-dict file.
     """
-    from spade import offline_weights  # noqa: F401  (registers the offline package loaders)
-
     if spec == "random":
         LOG.warning(
             "\n%s\nUSING RANDOM BACKBONE WEIGHTS (weights: random). Anomaly scores will be meaningless;\n"

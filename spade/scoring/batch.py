@@ -4,10 +4,10 @@ Two pixel modes:
 
 * ``exact`` (default, the SPADE paper): each position's distance to the kappa
   nearest features among all positions of the image's K nearest normal images,
-  computed for the whole batch at once (`spade.correspondence.batch_layer_distances`);
+  computed for the whole batch at once (`spade.scoring.correspondence.batch_layer_distances`);
 * ``approximate``: each position's distance to the kappa nearest features of a
   global per-layer memory bank reduced by greedy coreset subsampling
-  (PatchCore-style, `spade.coreset`), searched with a faiss index. For galleries
+  (PatchCore-style, `spade.index.coreset`), searched with a faiss index. For galleries
   too large for exact correspondence; the image score is SPADE's kNN score in both.
 
 The mode and coreset ratio come from the config (``scoring_mode``,
@@ -19,12 +19,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from spade.backbone import Features
+from spade.features.backbone import Features
 from spade.config import SpadeConfig
-from spade.correspondence import batch_layer_distances, configure_threads
-from spade.gallery import Gallery
-from spade.knn import image_scores, nearest_images
-from spade.scoremap import combine_layer_maps, smooth
+from spade.scoring.correspondence import batch_layer_distances, configure_threads
+from spade.index.gallery import Gallery
+from spade.index.knn import image_scores, nearest_images
+from spade.scoring.scoremap import combine_layer_maps, smooth
 
 MODES = ("exact", "approximate")
 
@@ -69,7 +69,7 @@ def layer_distance_maps(pyramid: dict[str, np.ndarray], gallery: Gallery, neighb
             dist = batch_layer_distances(queries, gallery.pyramid[layer], neighbours, config.kappa,
                                          refine=config.refine_distances)
         else:
-            from spade.coreset import memory_bank_for
+            from spade.index.coreset import memory_bank_for
 
             ratio = coreset_ratio if coreset_ratio is not None else config.coreset_ratio
             bank = memory_bank_for(gallery, layer, ratio, projection=config.coreset_projection,

@@ -8,7 +8,7 @@ from typing import Iterator
 
 import fsspec
 
-from spade.images import IMAGE_SUFFIXES
+from spade.io.images import IMAGE_SUFFIXES
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 _GLOB_CHARS = re.compile(r"[*?\[]")

@@ -1,0 +1,1 @@
+"""Evaluation: metrics against ground truth, threshold selection, and the HTML report."""

@@ -1,0 +1,1 @@
+"""Features: the ImageNet backbone and its feature pyramid, and where its weights come from."""

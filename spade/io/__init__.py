@@ -1,0 +1,1 @@
+"""Input and output: storage through fsspec, image sources and decoding, table schemas, map PNGs, run results."""
