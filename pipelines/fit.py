@@ -5,6 +5,7 @@ embedding shards, old and new, so old images are never extracted again.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Callable
@@ -14,94 +15,119 @@ import apache_beam as beam
 from spade.io import storage
 from spade.scoring.calibration import leave_one_out_scores, thresholds_from_normals
 from spade.config import SpadeConfig
-from spade.index.gallery import MANIFEST, Gallery, GalleryMissing, build_gallery, write_manifest
-from spade.io.sources import expand_images
+from spade.index.gallery import MANIFEST, Gallery, GalleryMissing, build_gallery, check_compatible, read_manifest, write_manifest
+from spade.io.listing import check_spec
+from spade.io.results import ok_uris
 from spade.io.tables import ERRORS_SCHEMA, embeddings_schema
 from spade.features.weights import check_preprocessing, resolve_weights
 from transforms.extract import ExtractFeatures
 from transforms.parquet import WriteParquetShards
 from transforms.progress import CountProgress
-from transforms.read import ReadImages, input_batches
+from transforms.inputs import ListInputs
+from transforms.read import ReadImages
 from transforms.records import embedding_row, new_run_id, utc_now
-from pipelines.options import with_worker_threads
+from transforms.summary import SUMMARY, WriteSummary, read_summary
+from pipelines.options import refuse_local_paths, with_worker_threads
 from pipelines.progress import ProgressReporter
 from pipelines.runner import metrics_line, run_pipeline
 
 LOG = logging.getLogger("spade")
 
 
-def build_fit_pipeline(pipeline: beam.Pipeline, uris: list[str], config: SpadeConfig, staging_url: str,
-                       progress_folder: str | None = None):
-    """The fit graph; its single final PCollection lists the files written (one sink step, Dask-friendly)."""
-    images, read_errors = pipeline | "Inputs" >> beam.Create(input_batches(uris, config.batch_size)) | "Read" >> ReadImages(config)
-    features, extract_errors = images | "Extract" >> ExtractFeatures(config)
+def build_fit_pipeline(pipeline: beam.Pipeline, images: str, config: SpadeConfig, staging_url: str,
+                       progress_folder: str | None = None, known_gallery: str | None = None):
+    """The fit graph; its single final PCollection lists the files written (one sink step, Dask-friendly).
+
+    The graph holds the ``--images`` spec, not the inputs: workers list them (`ListInputs`); with
+    ``known_gallery`` (``--append``) they leave out the URIs already in that gallery's embeddings tables.
+    The run's counts go to ``staging_url``/summary.json.
+    """
+    done_tables = functools.partial(storage.list_files, storage.join(known_gallery, "embeddings"), ".parquet") if known_gallery else None
+    batches, skipped = pipeline | "Inputs" >> ListInputs(images, "train", config.batch_size, done_tables=done_tables,
+                                                          read_done=ok_uris, progress_folder=progress_folder)
+    images_in, read_errors = batches | "Read" >> ReadImages(config)
+    features, extract_errors = images_in | "Extract" >> ExtractFeatures(config)
     dtype = config.feature_dtype
-    embeddings = (features
-                  | "ToRows" >> beam.FlatMap(lambda batch: [embedding_row(item, dtype) for item in batch])
-                  | "CountImages" >> beam.ParDo(CountProgress(progress_folder))
-                  | "WriteEmbeddings" >> WriteParquetShards(storage.join(staging_url, "embeddings", "part"),
-                                                            embeddings_schema(config.layers), config.shards))
-    rejected = ((read_errors, extract_errors)
-                | "Errors" >> beam.Flatten()
-                | "CountErrors" >> beam.ParDo(CountProgress(progress_folder))
-                | "WriteRejected" >> WriteParquetShards(storage.join(staging_url, "rejected", "part"), ERRORS_SCHEMA, 1))
-    return (embeddings, rejected) | "Written" >> beam.Flatten()
+    rows = (features
+            | "ToRows" >> beam.FlatMap(lambda batch: [embedding_row(item, dtype) for item in batch])
+            | "CountImages" >> beam.ParDo(CountProgress(progress_folder)))
+    embeddings = rows | "WriteEmbeddings" >> WriteParquetShards(storage.join(staging_url, "embeddings", "part"),
+                                                                embeddings_schema(config.layers), config.shards)
+    errors = ((read_errors, extract_errors)
+              | "Errors" >> beam.Flatten()
+              | "CountErrors" >> beam.ParDo(CountProgress(progress_folder)))
+    rejected = errors | "WriteRejected" >> WriteParquetShards(storage.join(staging_url, "rejected", "part"), ERRORS_SCHEMA, 1)
+    all_rows = (rows | "Slim" >> beam.Map(lambda row: {"uri": row["uri"], "status": "ok"}), errors) | "AllRows" >> beam.Flatten()
+    summary = (all_rows, skipped) | "Summary" >> WriteSummary(storage.join(staging_url, SUMMARY))
+    return (embeddings, rejected, summary) | "Written" >> beam.Flatten()
 
 
-def _known_uris(gallery_url: str, config: SpadeConfig) -> set[str]:
-    """URIs already in the gallery being appended to (after checking it has the same features)."""
-    gallery = Gallery.open(gallery_url)
-    gallery.check_compatible(config)
-    return set(gallery.images.column("uri").to_pylist())
+def launch_fit(config: SpadeConfig, images: str, gallery_url: str, beam_args: list[str] | None = None,
+               say: Callable[[str], None] = LOG.info, append: bool = False) -> tuple[str, str, dict, dict]:
+    """The launcher's part of `run_fit`: checks, then builds and runs the fit pipeline into a staging folder.
 
-
-def run_fit(config: SpadeConfig, images: str, gallery_url: str, beam_args: list[str] | None = None,
-            say: Callable[[str], None] = LOG.info, append: bool = False) -> dict:
-    """Fit a gallery from normal images (or add images to one); returns its manifest."""
+    Returns (staging folder, run id, the run's summary counts, Beam metrics). Nothing here grows with
+    the number of inputs: the workers list them.
+    """
+    refuse_local_paths(beam_args, images=images, gallery=gallery_url)
     run_config = with_worker_threads(config, beam_args)  # the manifest keeps the config as given
     if run_config.num_threads:
         say(f"fit: {run_config.num_threads} torch/faiss thread(s) per worker")
     weights = resolve_weights(config.backbone, config.weights)
     check_preprocessing(weights, config.mean, config.std)
-    uris = expand_images(images, split="train")
-    embeddings_folder = storage.join(gallery_url, "embeddings")
-    rejected_folder = storage.join(gallery_url, "rejected")
+    check_spec(images)
     if append:
         if not storage.exists(storage.join(gallery_url, MANIFEST)):
             raise GalleryMissing(f"--append needs an existing gallery at {gallery_url}; run `spade fit` without --append first")
-        known = _known_uris(gallery_url, config)
-        new = [u for u in uris if u not in known]
-        say(f"fit --append: {len(uris) - len(new)} of {len(uris)} inputs already in the gallery")
-        uris = new
-    say(f"fit: {len(uris)} inputs from {images} -> gallery {gallery_url}")
+        check_compatible(read_manifest(gallery_url), gallery_url, config)
+    say(f"fit: inputs {images} (listed by the workers) -> gallery {gallery_url}")
     run_id = new_run_id(utc_now())
     staging = storage.join(gallery_url, f"_staging-{run_id}")
     storage.remove_stale_staging(gallery_url)
-    metrics: dict = {}
-    if uris:
-        started = time.monotonic()
-        with ProgressReporter("fit", len(uris), say) as progress:
-            metrics = run_pipeline(lambda p: build_fit_pipeline(p, uris, run_config, staging, progress.folder), beam_args)
-        say(f"fit: features of {len(uris)} inputs extracted in {time.monotonic() - started:.1f}s")
-        say(metrics_line("fit", metrics))
+    started = time.monotonic()
+    with ProgressReporter("fit", say) as progress:
+        metrics = run_pipeline(lambda p: build_fit_pipeline(p, images, run_config, staging, progress.folder,
+                                                            known_gallery=gallery_url if append else None),
+                               beam_args, progress)
+    counts = read_summary(storage.join(staging, SUMMARY))
+    say(f"fit: features of {counts['ok']} inputs extracted in {time.monotonic() - started:.1f}s"
+        + (f" ({counts['skipped']} already in the gallery)" if append else ""))
+    for _, message in counts["error_messages"]:
+        say(f"fit: rejected {message}")
+    say(metrics_line("fit", metrics))
+    return staging, run_id, counts, metrics
+
+
+def run_fit(config: SpadeConfig, images: str, gallery_url: str, beam_args: list[str] | None = None,
+            say: Callable[[str], None] = LOG.info, append: bool = False) -> dict:
+    """Fit a gallery from normal images (or add images to one); returns its manifest."""
+    run_config = with_worker_threads(config, beam_args)
+    weights = resolve_weights(config.backbone, config.weights)
+    embeddings_folder = storage.join(gallery_url, "embeddings")
+    rejected_folder = storage.join(gallery_url, "rejected")
+    staging, run_id, counts, _ = launch_fit(config, images, gallery_url, beam_args, say, append)
+    if counts["rows"] == 0:
+        storage.remove(staging, recursive=True)
+        if not append:
+            raise FileNotFoundError(f"--images {images!r} matches no files")
+        say(f"fit --append: nothing new: {counts['skipped']} inputs already in the gallery")
     manifest_url = storage.join(gallery_url, MANIFEST)
+    rejected = counts["errors"]
     if storage.exists(manifest_url):
+        rejected += read_manifest(gallery_url).get("rejected_inputs", 0) if append else 0
         storage.remove(manifest_url)
     tag = run_id if append else None
     storage.publish_staged(storage.join(staging, "embeddings"), embeddings_folder, tag=tag, replace=not append)
     storage.publish_staged(storage.join(staging, "rejected"), rejected_folder, tag=tag, replace=not append)
     storage.remove(staging, recursive=True)
-    rejected = storage.read_parquet(storage.list_files(rejected_folder, ".parquet")).to_pylist()
-    for row in rejected:
-        say(f"fit: rejected {row['error']}")
     manifest = build_gallery(storage.list_files(embeddings_folder, ".parquet"), gallery_url, config, weights.source,
                              weights.sha256, progress=say)
-    manifest["rejected_inputs"] = len(rejected)
+    manifest["rejected_inputs"] = rejected
     write_manifest(gallery_url, manifest)
     gallery = Gallery.open(gallery_url)
     image_scores, pixel_maps = leave_one_out_scores(gallery, run_config, config.calibration_images, progress=say)
     manifest["thresholds"] = thresholds_from_normals(image_scores, pixel_maps, config.calibration_fpr)
     write_manifest(gallery_url, manifest)
-    say(f"fit: gallery of {manifest['num_images']} images ({len(rejected)} rejected) written to {gallery_url} "
+    say(f"fit: gallery of {manifest['num_images']} images ({rejected} rejected) written to {gallery_url} "
         f"(hash {manifest['gallery_hash']}); thresholds {manifest['thresholds'] or 'none (need 2+ images)'}")
     return manifest

@@ -40,11 +40,73 @@ def load_runner_profile(path: str) -> list[str]:
     return args
 
 
+LOCAL_RUNNERS = ("FnApiRunner", "DirectRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner")
+_LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]", "0.0.0.0")
+
+
+def _on_this_machine(address: str | None) -> bool:
+    """Whether a host:port / URL names this machine (or is empty: a runner's default, local, service)."""
+    if not address:
+        return True
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0]
+    return host in _LOCAL_HOSTS or address.startswith(("[local]", "[auto]", "local"))
+
+
+def _arg_value(beam_args: list[str] | None, name: str) -> str | None:
+    """The value of ``--name=value`` / ``--name value`` among Beam arguments (also for options of runners whose
+    module is not imported, which Beam's parser would discard)."""
+    args = list(beam_args or [])
+    for i, arg in enumerate(args):
+        if arg.startswith(f"--{name}="):
+            return arg.split("=", 1)[1]
+        if arg == f"--{name}" and i + 1 < len(args):
+            return args[i + 1]
+    return None
+
+
+def runner_is_remote(beam_args: list[str] | None) -> bool:
+    """Whether this run's workers may run on other machines, where the launcher's local paths are not theirs.
+
+    Local: the FnApiRunner family; Dask with a local or localhost cluster; portable runners (Flink, Spark,
+    PortableRunner) whose SDK workers run in this process (LOOPBACK) or in a worker pool on this machine
+    (EXTERNAL at localhost) with the engine on this machine too. Everything else (Dataflow, DOCKER or PROCESS
+    environments on a cluster) is remote.
+    """
+    opts = {name: _arg_value(beam_args, name) for name in
+            ("dask_client_address", "environment_type", "environment_config", "job_endpoint", "flink_master", "spark_master_url")}
+    runner = str(beam_options(beam_args).get_all_options().get("runner") or "").rsplit(".", 1)[-1]
+    if runner in LOCAL_RUNNERS or runner == "GraphOnlyRunner":
+        return False
+    if runner == "DaskRunner":
+        return not _on_this_machine(opts.get("dask_client_address"))
+    if runner in ("PortableRunner", "FlinkRunner", "SparkRunner", "PrismRunner"):
+        environment = str(opts.get("environment_type") or "DOCKER").upper()
+        engine_local = all(_on_this_machine(opts.get(name)) for name in ("job_endpoint", "flink_master", "spark_master_url"))
+        if environment == "LOOPBACK":
+            return not engine_local
+        if environment == "EXTERNAL":
+            return not (engine_local and _on_this_machine(opts.get("environment_config")))
+        return True
+    return True
+
+
+def refuse_local_paths(beam_args: list[str] | None, **urls: str | None) -> None:
+    """Stop at once when a remote runner would be given local paths: its workers would read and write their
+    own disks. An explicit ``file://`` URL is taken as a folder mounted at the same path on every worker."""
+    if not runner_is_remote(beam_args):
+        return
+    local = [f"--{name.replace('_', '-')} {url}" for name, url in urls.items() if url and "://" not in url]
+    if local:
+        raise ValueError(f"a remote runner's workers cannot reach local paths ({', '.join(local)}): use a shared URL "
+                         "that every worker reaches (gs://..., s3://..., hdfs://...), or file:///... for a folder "
+                         "mounted at the same path on every worker")
+
+
 def local_workers(beam_args: list[str] | None) -> int:
     """Worker processes/threads the local runner runs side by side on this machine (1 for remote runners)."""
     options = beam_options(beam_args)
     runner = str(options.get_all_options().get("runner") or "")
-    if runner not in ("FnApiRunner", "DirectRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner"):
+    if runner not in LOCAL_RUNNERS:
         return 1
     workers = options.view_as(DirectOptions).direct_num_workers
     return max(1, workers if workers else (os.cpu_count() or 1))

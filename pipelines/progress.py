@@ -1,13 +1,22 @@
-"""Progress of a running pipeline on local runners: images done / total, rate, ETA."""
+"""Progress of a running pipeline: images done / to do, rate, ETA, on every runner.
+
+Two sources, whichever knows more: count files that `transforms.progress.CountProgress` leaves in a
+temporary folder (local runners, whose `run()` returns only when the job is done and whose workers
+share this machine), and the job's Beam metrics ``progress_done`` / ``progress_total``, polled while
+the job runs (remote and portable runners: Dataflow, Flink, Spark).
+"""
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import shutil
 import tempfile
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
+
+LOG = logging.getLogger("spade")
 
 
 def _format_duration(seconds: float) -> str:
@@ -15,25 +24,35 @@ def _format_duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-class ProgressReporter:
-    """Sums the counts that `transforms.progress.CountProgress` leaves in a temp folder and reports
-    ``what: done/total (rate/s, ETA)`` every ``interval`` seconds while the pipeline runs.
+def counter_value(counter: Any) -> int:
+    """A counter's committed value, or its attempted one where the runner reports only that (portable runners)."""
+    value = counter.committed if counter.committed is not None else counter.attempted
+    return int(value or 0)
 
-    Workers on other machines (Dataflow, a remote Dask cluster) cannot reach the
-    folder; there the report stays at 0 and the final summary line still comes.
+
+class ProgressReporter:
+    """Reports ``what: done/total images (rate/s, ETA)`` every ``interval`` seconds while the pipeline runs.
+
+    The total is not known at launch (inputs are listed on workers); it grows as listing proceeds.
     """
 
-    def __init__(self, what: str, total: int, say: Callable[[str], None], interval: float = 5.0):
-        self.what, self.total, self.say, self.interval = what, total, say, interval
+    def __init__(self, what: str, say: Callable[[str], None], interval: float = 5.0):
+        self.what, self.say, self.interval = what, say, interval
         self.folder = tempfile.mkdtemp(prefix="spade-progress-")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._start = time.monotonic()
-        self._reported = -1
+        self._reported: tuple[int, int] | None = None
+        self._result: Any = None
+        self._from_metrics = (0, 0)
 
-    def done(self) -> int:
+    def watch(self, result: Any) -> None:
+        """Also read progress from a running job's metrics (``result`` is Beam's PipelineResult)."""
+        self._result = result
+
+    def _file_counts(self, kind: str) -> int:
         total = 0
-        for path in glob.glob(os.path.join(self.folder, "*.count")):
+        for path in glob.glob(os.path.join(self.folder, f"*.{kind}")):
             try:
                 with open(path) as handle:
                     total += int(handle.read() or 0)
@@ -41,18 +60,38 @@ class ProgressReporter:
                 continue
         return total
 
+    def _poll_metrics(self) -> None:
+        if self._result is None:
+            return
+        try:
+            from apache_beam.metrics.metric import MetricsFilter
+
+            counters = self._result.metrics().query(MetricsFilter().with_namespace("spade"))["counters"]
+        except Exception:  # runners without metrics, or a job service that went away: the files still count
+            return
+        done = sum(counter_value(c) for c in counters if c.key.metric.name == "progress_done")
+        total = sum(counter_value(c) for c in counters if c.key.metric.name == "progress_total")
+        self._from_metrics = (done, total)
+
+    def counts(self) -> tuple[int, int]:
+        """(images done, images to do) as far as known now."""
+        self._poll_metrics()
+        done = max(self._file_counts("done"), self._from_metrics[0])
+        total = max(self._file_counts("total"), self._from_metrics[1], done)
+        return done, total
+
     def line(self) -> str:
-        done = self.done()
+        done, total = self.counts()
         elapsed = time.monotonic() - self._start
         rate = done / elapsed if elapsed > 0 else 0.0
-        eta = _format_duration((self.total - done) / rate) if rate > 0 and done < self.total else "-"
-        return f"{self.what}: {done}/{self.total} images ({rate:.2f}/s, ETA {eta})"
+        eta = _format_duration((total - done) / rate) if rate > 0 and done < total else "-"
+        return f"{self.what}: {done}/{total} images ({rate:.2f}/s, ETA {eta})"
 
     def _run(self):
         while not self._stop.wait(self.interval):
-            done = self.done()
-            if done != self._reported:
-                self._reported = done
+            counts = self.counts()
+            if counts != self._reported and counts != (0, 0):
+                self._reported = counts
                 self.say(self.line())
 
     def __enter__(self) -> "ProgressReporter":

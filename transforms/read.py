@@ -78,7 +78,3 @@ class ReadImages(beam.PTransform):
                 | "Decode" >> beam.ParDo(DecodeImages(self.config))
                 | "Split" >> SplitErrors())
 
-
-def input_batches(uris: list[str], batch_size: int) -> list[list[str]]:
-    """Consecutive groups of ``batch_size`` input URIs: the unit of work of a pipeline."""
-    return [uris[i:i + batch_size] for i in range(0, len(uris), batch_size)]

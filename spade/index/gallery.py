@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 
 from spade.io import storage
 from spade.config import SpadeConfig, stable_hash
+from spade.index.cache import cached_folder
 from spade.index.coreset import bank_files, bank_settings, load_banks, save_banks
 from spade.index.knn import build_index
 from spade.io.tables import decode_layer
@@ -178,6 +179,38 @@ def write_manifest(gallery_url: str, manifest: dict[str, Any]) -> None:
     storage.write_json(storage.join(gallery_url, MANIFEST), manifest)
 
 
+def read_manifest(url: str) -> dict[str, Any]:
+    """A finished gallery's manifest, without opening the rest (what a launcher needs: hash, thresholds, features)."""
+    manifest_url = storage.join(url, MANIFEST)
+    if not storage.exists(manifest_url):
+        raise GalleryMissing(f"{url} has no {MANIFEST}: not a finished gallery. Run `spade fit --gallery {url}` first "
+                             "(an interrupted fit leaves no manifest; re-run it).")
+    manifest = storage.read_json(manifest_url)
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise GalleryMismatch(f"{url}: gallery format {manifest.get('format_version')} is not {FORMAT_VERSION}; rebuild it with `spade fit`")
+    return manifest
+
+
+def check_compatible(manifest: dict[str, Any], url: str, config: SpadeConfig, weights_sha256: str | None = None) -> None:
+    """Raise `GalleryMismatch` naming every feature setting where ``config`` (and the weights
+    actually loaded, when given) and the gallery differ."""
+    built = dict(manifest["feature_signature"])
+    built_sha = built.pop("weights_sha256", None)
+    if weights_sha256 is not None and built_sha != weights_sha256:
+        raise GalleryMismatch(f"gallery {url} was built with backbone weights sha256 {built_sha[:12]}..., "
+                              f"but this run loaded {weights_sha256[:12]}... ({config.weights!r}). Point `weights:` at "
+                              f"the file the gallery used ({manifest['weights']['source']}) or re-run `spade fit`.")
+    wanted = config.feature_signature()
+    if built.get("weights") != wanted["weights"] and "auto" in (built.get("weights"), wanted["weights"]):
+        built.pop("weights")
+        wanted = {k: v for k, v in wanted.items() if k != "weights"}
+    diffs = [f"{key}: gallery has {built.get(key)!r}, config has {wanted[key]!r}" for key in wanted if built.get(key) != wanted[key]]
+    if diffs:
+        raise GalleryMismatch(f"gallery {url} was built with other features than this config ("
+                              + "; ".join(diffs) + "). Score with the config the gallery was fitted with "
+                              "(its manifest.json lists it), or re-run `spade fit` with this config.")
+
+
 @dataclass
 class Gallery:
     """A finished gallery opened for scoring: index in memory, pyramids memory-mapped."""
@@ -199,27 +232,18 @@ class Gallery:
 
     @classmethod
     def open(cls, url: str, cache_dir: str | None = None) -> "Gallery":
-        """Open a gallery; a remote one is copied once into a local cache (keyed by its hash) for memory-mapping."""
-        manifest_url = storage.join(url, MANIFEST)
-        if not storage.exists(manifest_url):
-            raise GalleryMissing(f"{url} has no {MANIFEST}: not a finished gallery. Run `spade fit --gallery {url}` first "
-                                 "(an interrupted fit leaves no manifest; re-run it).")
-        manifest = storage.read_json(manifest_url)
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise GalleryMismatch(f"{url}: gallery format {manifest.get('format_version')} is not {FORMAT_VERSION}; rebuild it with `spade fit`")
+        """Open a gallery; a remote one is copied once per machine into a local cache (keyed by its hash; see
+        `spade.index.cache`) for memory-mapping."""
+        manifest = read_manifest(url)
         if storage.is_local(url):
             root = storage.local_path(url)
         else:
             key = manifest["gallery_hash"]
             if manifest.get("coreset"):  # same features, other banks: another cache entry
                 key += "-coreset-" + stable_hash(manifest["coreset"])[:12]
-            root = os.path.join(cache_dir or os.path.expanduser("~/.cache/spade/galleries"), key)
-            if not os.path.exists(os.path.join(root, ".complete")):
-                fs, path = storage.filesystem(url)
-                for name in _gallery_files(manifest):
-                    os.makedirs(os.path.dirname(os.path.join(root, name)), exist_ok=True)
-                    fs.get_file(f"{path}/{name}", os.path.join(root, name))
-                open(os.path.join(root, ".complete"), "w").close()
+            fs, path = storage.filesystem(url)
+            root = cached_folder(key, _gallery_files(manifest), lambda name, target: fs.get_file(f"{path}/{name}", target),
+                                 cache_dir)
         images = pq.read_table(os.path.join(root, "images.parquet"))
         index = faiss.read_index(os.path.join(root, "index.faiss"))
         pyramid = {layer: np.load(os.path.join(root, "pyramid", f"{layer}.npy"), mmap_mode="r") for layer in manifest["layers"]}
@@ -227,23 +251,8 @@ class Gallery:
         return cls(url=url, manifest=manifest, images=images, index=index, pyramid=pyramid, banks=banks)
 
     def check_compatible(self, config: SpadeConfig, weights_sha256: str | None = None) -> None:
-        """Raise `GalleryMismatch` naming every feature setting where ``config`` (and the weights
-        actually loaded, when given) and the gallery differ."""
-        built = dict(self.manifest["feature_signature"])
-        built_sha = built.pop("weights_sha256", None)
-        if weights_sha256 is not None and built_sha != weights_sha256:
-            raise GalleryMismatch(f"gallery {self.url} was built with backbone weights sha256 {built_sha[:12]}..., "
-                                  f"but this run loaded {weights_sha256[:12]}... ({config.weights!r}). Point `weights:` at "
-                                  f"the file the gallery used ({self.manifest['weights']['source']}) or re-run `spade fit`.")
-        wanted = config.feature_signature()
-        if built.get("weights") != wanted["weights"] and "auto" in (built.get("weights"), wanted["weights"]):
-            built.pop("weights")
-            wanted = {k: v for k, v in wanted.items() if k != "weights"}
-        diffs = [f"{key}: gallery has {built.get(key)!r}, config has {wanted[key]!r}" for key in wanted if built.get(key) != wanted[key]]
-        if diffs:
-            raise GalleryMismatch(f"gallery {self.url} was built with other features than this config ("
-                                  + "; ".join(diffs) + "). Score with the config the gallery was fitted with "
-                                  "(its manifest.json lists it), or re-run `spade fit` with this config.")
+        """See `check_compatible`."""
+        check_compatible(self.manifest, self.url, config, weights_sha256)
 
     def neighbour_features(self, layer: str, rows: np.ndarray) -> np.ndarray:
         """All positions' features of the given gallery rows, stacked: (len(rows) * positions, channels)."""

@@ -30,3 +30,22 @@ def read_score_table(out_url: str, columns: list[str] | None = None) -> pa.Table
     if not urls:
         raise FileNotFoundError(f"{out_url} holds no score table; did `spade score --out {out_url}` finish?")
     return storage.read_parquet(urls, columns=columns)
+
+
+def scored_tables(partition_root: str) -> list[str]:
+    """The score-table files of every date partition under one gallery's folder (``gallery=<hash>/date=*/scores``)."""
+    return [u for day in storage.list_dirs(partition_root, "date=")
+            for u in storage.list_files(storage.join(day, "scores"), ".parquet")]
+
+
+def ok_uris(table_url: str) -> list[str]:
+    """The URIs one table records as done: rows with status ok (every row of a table without a status column)."""
+    import pyarrow.parquet as pq
+
+    with storage.local_copy(table_url) as path:
+        names = pq.read_schema(path).names
+        table = pq.read_table(path, columns=["uri", "status"] if "status" in names else ["uri"])
+    uris = table.column("uri").to_pylist()
+    if "status" not in table.column_names:
+        return uris
+    return [uri for uri, status in zip(uris, table.column("status").to_pylist()) if status == "ok"]

@@ -128,7 +128,11 @@ def image_date(uri: str) -> date:
     raise ValueError(f"{uri}: cannot tell its date (no YYYY-MM-DD in the path, no modification time); drop --since")
 
 
+def dated_on_or_after(uri: str, since: str) -> bool:
+    """Whether input ``uri``'s `image_date` is ``since`` (YYYY-MM-DD) or later."""
+    return image_date(uri) >= date.fromisoformat(since)
+
+
 def modified_since(uris: list[str], since: str) -> list[str]:
     """The inputs whose `image_date` is ``since`` (YYYY-MM-DD) or later."""
-    first = date.fromisoformat(since)
-    return [uri for uri in uris if image_date(uri) >= first]
+    return [uri for uri in uris if dated_on_or_after(uri, since)]

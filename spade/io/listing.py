@@ -1,0 +1,113 @@
+"""Expanding ``--images`` in parts that separate workers can list: one part per folder (date partition) below its root.
+
+`expand_images` lists everything in one process; for an archive of millions of files that process
+would be the launcher, and the list would travel inside the job graph. Here the launcher keeps the
+spec only: `plan_listing` (one directory listing) splits it into `ListingPart`s, one per
+sub-folder of the spec's root, and `list_part` lists one part. The parts are disjoint and together
+list exactly what `expand_images` lists (same filters: hidden names, MVTec ``ground_truth/``, the
+``train``/``test`` split of an MVTec category folder).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import fsspec
+
+from spade.io.sources import _GLOB_CHARS, _protocol_prefix, _with_protocol
+
+
+@dataclass(frozen=True)
+class ListingPart:
+    """What one worker lists.
+
+    kind: ``file`` (``path`` itself), ``files`` (the files directly in folder ``path``), ``find``
+    (every file below folder ``path``, leaving out ``ground_truth/`` below ``root``) or ``glob``
+    (the files matching pattern ``path``). Paths carry the spec's protocol.
+    """
+
+    kind: str
+    path: str
+    root: str = ""
+
+
+class InputsMissing(FileNotFoundError):
+    """``--images`` names nothing that exists."""
+
+
+def _nothing(spec: str) -> InputsMissing:
+    return InputsMissing(f"--images {spec!r} matches nothing: no such file or folder, and no glob pattern matched")
+
+
+def check_spec(spec: str) -> None:
+    """A cheap launcher-side check (one or two metadata calls, whatever the archive size) that ``spec`` can match
+    something: the file or folder exists, or, for a glob, the folder before its first wildcard does."""
+    fs, path = fsspec.core.url_to_fs(spec)
+    if _GLOB_CHARS.search(path):
+        literal = _literal_prefix(path)[0]
+        if literal and not fs.isdir(literal):
+            raise _nothing(spec)
+    elif not fs.exists(path):
+        raise _nothing(spec)
+
+
+def _literal_prefix(path: str) -> tuple[str, list[str]]:
+    """A glob pattern split into the folder before its first wildcard component and the components from there on."""
+    parts = path.split("/")
+    first = next(i for i, part in enumerate(parts) if _GLOB_CHARS.search(part))
+    return "/".join(parts[:first]), parts[first:]
+
+
+def plan_listing(spec: str, split: str | None = None) -> list[ListingPart]:
+    """The parts that list ``spec`` (see `spade.io.sources.expand_images` for what a spec is); one listing of the
+    spec's root folder, so it costs the same whatever lies below. Raises `InputsMissing` when nothing exists."""
+    fs, path = fsspec.core.url_to_fs(spec)
+    prefix = _protocol_prefix(spec)
+    full = lambda p: _with_protocol(prefix, p)  # noqa: E731
+    if _GLOB_CHARS.search(path):
+        return [ListingPart("glob", full(p)) for p in _glob_parts(fs, path)]
+    if fs.isdir(path):
+        root = path.rstrip("/")
+        if split and fs.isdir(f"{root}/train") and fs.isdir(f"{root}/test"):
+            root = f"{root}/{split}"
+        children = fs.ls(root, detail=True)
+        parts = [ListingPart("files", full(root), full(root))]
+        parts += [ListingPart("find", full(c["name"].rstrip("/")), full(root)) for c in children
+                  if c["type"] == "directory" and c["name"].rstrip("/").rsplit("/", 1)[-1] != "ground_truth"]
+        return parts
+    if fs.exists(path):
+        return [ListingPart("file", full(path))]
+    raise _nothing(spec)
+
+
+def _glob_parts(fs, path: str) -> list[str]:
+    """Patterns, one per sub-folder of the literal prefix where the first wildcard component allows it, whose
+    matches together are ``fs.glob(path)``'s."""
+    literal, rest = _literal_prefix(path)
+    if len(rest) == 1 or not literal or not fs.isdir(literal):
+        return [path]
+    first, tail = rest[0], "/".join(rest[1:])
+    folders = sorted(c["name"].rstrip("/") for c in fs.ls(literal, detail=True) if c["type"] == "directory")
+    if first == "**":
+        # `**` matches zero folders (the literal folder itself) or any folder below one of its children
+        return [f"{literal}/{tail}"] + [f"{folder}/**/{tail}" for folder in folders]
+    import fnmatch
+
+    return [f"{folder}/{tail}" for folder in folders if fnmatch.fnmatchcase(folder.rsplit("/", 1)[-1], first)]
+
+
+def list_part(part: ListingPart) -> list[str]:
+    """The sorted input URIs of one part (hidden names left out, as `expand_images` does)."""
+    fs, path = fsspec.core.url_to_fs(part.path)
+    prefix = _protocol_prefix(part.path)
+    if part.kind == "file":
+        found = [path]
+    elif part.kind == "files":
+        found = [c["name"] for c in fs.ls(path, detail=True) if c["type"] == "file"]
+    elif part.kind == "find":
+        root = fsspec.core.url_to_fs(part.root)[1].rstrip("/")
+        found = [p for p in fs.find(path) if "/ground_truth/" not in p[len(root):] + "/"]
+    elif part.kind == "glob":
+        found = [p for p in fs.glob(path) if fs.isfile(p)]
+    else:
+        raise ValueError(f"unknown listing part kind {part.kind!r}")
+    return sorted({_with_protocol(prefix, p) for p in found if not p.rsplit("/", 1)[-1].startswith(".")})

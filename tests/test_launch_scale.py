@@ -1,0 +1,196 @@
+"""Nothing on the launcher grows with the archive: inputs are listed on workers, the job graph holds the spec only."""
+import multiprocessing
+import os
+import shutil
+import tarfile
+from pathlib import Path
+
+import fsspec
+import pytest
+from apache_beam.metrics.execution import MetricKey, MetricResult
+from apache_beam.metrics.metricbase import MetricName
+
+from spade.index.cache import cached_folder
+from spade.io.listing import InputsMissing, check_spec, list_part, plan_listing
+from spade.io.sources import expand_images
+from pipelines.cli import main
+from pipelines.fit import run_fit
+from pipelines.options import refuse_local_paths, runner_is_remote
+from pipelines.progress import ProgressReporter, counter_value
+from pipelines.runner import JobSubmitted
+from pipelines.score import run_score
+from tests.conftest import BEAM_ARGS, plumbing_config
+
+GRAPH_ONLY = ["--runner=pipelines.runner.GraphOnlyRunner"]
+
+
+def listed_by_parts(spec: str, split: str | None = None) -> list[str]:
+    found = [uri for part in plan_listing(spec, split) for uri in list_part(part)]
+    assert len(found) == len(set(found)), "listing parts overlap"
+    return sorted(found)
+
+
+@pytest.fixture()
+def archive(tmp_path):
+    """A date-partitioned archive with nesting, hidden files, an MVTec-like category and a tar shard."""
+    for rel in ["2026-11-27/a.png", "2026-11-27/cam1/b.png", "2026-11-28/c.png", "2026-11-28/.hidden.png",
+                "top.png", "notes.txt", "cat/train/good/t.png", "cat/test/good/g.png", "cat/test/crack/k.png",
+                "cat/ground_truth/crack/k_mask.png", "other/x/ground_truth/m.png", "other/x/y.png"]:
+        path = tmp_path / "archive" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    with tarfile.open(tmp_path / "archive" / "shard-0.tar", "w") as tar:
+        tar.add(tmp_path / "archive" / "top.png", arcname="top.png")
+    return tmp_path / "archive"
+
+
+@pytest.mark.parametrize("spec", ["", "/**/*.png", "/2026-*/*.png", "/2026-*/**", "/*.png", "/*.tar", "/top.png",
+                                  "/cat", "/2026-11-27", "/other", "/**/cam1/*.png"])
+def test_listing_parts_list_exactly_what_expand_images_lists(archive, spec):
+    for split in (None, "train", "test"):
+        assert listed_by_parts(f"{archive}{spec}", split) == expand_images(f"{archive}{spec}", split)
+    assert listed_by_parts(f"file://{archive}{spec}") == expand_images(f"file://{archive}{spec}")
+
+
+def test_listing_splits_per_folder_and_needs_one_listing_to_plan(archive):
+    parts = plan_listing(f"{archive}/**/*.png")
+    assert sorted(p.path for p in parts) == sorted([f"{archive}/*.png"] + [f"{archive}/{d}/**/*.png" for d in
+                                                   ("2026-11-27", "2026-11-28", "cat", "other")])
+    assert len(plan_listing(str(archive))) == 1 + 4  # the root's own files + one part per sub-folder
+    fs = fsspec.filesystem("memory")
+    for i in range(30):
+        fs.pipe(f"/listing-test/day{i % 3}/{i:03d}.png", b"x")
+    assert listed_by_parts("memory://listing-test/**/*.png") == expand_images("memory://listing-test/**/*.png")
+    assert len(plan_listing("memory://listing-test")) == 4
+
+
+def test_missing_inputs_are_refused_cheaply(tmp_path):
+    for spec in (str(tmp_path / "nope"), f"{tmp_path}/nope/**/*.png", "memory://nothing-here/*.png"):
+        with pytest.raises(InputsMissing, match="matches nothing"):
+            check_spec(spec)
+    check_spec(f"{tmp_path}/*.png")  # the folder exists: workers will find out whether anything matches
+
+
+def _tiny_inputs(root: str, count: int) -> str:
+    fs = fsspec.filesystem("memory")
+    for i in range(count):
+        fs.pipe(f"/{root}/day={i % 10}/{i:06d}.png", b"")
+    return f"memory://{root}"
+
+
+def _graph_bytes(launch) -> int:
+    with pytest.raises(JobSubmitted) as submitted:
+        launch()
+    return submitted.value.graph_bytes
+
+
+def test_job_graph_does_not_grow_with_the_inputs(sample_root, tmp_path):
+    """The serialized fit and score pipelines for 10 and 10,000 inputs differ by < 10 % (they hold the spec only)."""
+    config = plumbing_config(calibration_images=2)
+    gallery = str(tmp_path / "gallery")
+    run_fit(config, f"{sample_root}/train/good", gallery, BEAM_ARGS)
+    sizes = {}
+    for count in (10, 10_000):
+        images = _tiny_inputs(f"graph-{count}", count)
+        sizes["fit", count] = _graph_bytes(lambda: run_fit(config, images, str(tmp_path / "g2"), GRAPH_ONLY))
+        sizes["score", count] = _graph_bytes(lambda: run_score(config, gallery, images, str(tmp_path / "o"), GRAPH_ONLY))
+        sizes["nightly", count] = _graph_bytes(lambda: run_score(config, gallery, images, str(tmp_path / "n"), GRAPH_ONLY,
+                                                                 day="2026-11-28", since="2026-11-01"))
+    for what in ("fit", "score", "nightly"):
+        small, large = sizes[what, 10], sizes[what, 10_000]
+        assert abs(large - small) / small < 0.10, (what, small, large)
+
+
+def test_metrics_without_committed_values():
+    """Portable runners report only attempted metrics (committed is None): counted, not a crash."""
+    key = MetricKey("step", MetricName("spade", "images_read"))
+    assert counter_value(MetricResult(key, None, 7)) == 7
+    assert counter_value(MetricResult(key, 5, 7)) == 5
+    assert counter_value(MetricResult(key, None, None)) == 0
+
+
+class _RunningJob:
+    def __init__(self, done, total, committed=True):
+        self.values = {"progress_done": done, "progress_total": total}
+        self.committed = committed
+
+    def metrics(self):
+        job = self
+
+        class Query:
+            def query(self, _filter):
+                return {"counters": [MetricResult(MetricKey("s", MetricName("spade", name)),
+                                                  value if job.committed else None, value)
+                                     for name, value in job.values.items()]}
+
+        return Query()
+
+
+def test_progress_comes_from_metrics_on_remote_runners():
+    lines = []
+    with ProgressReporter("score", lines.append, interval=0.05) as progress:
+        assert progress.counts() == (0, 0)
+        progress.watch(_RunningJob(40, 83, committed=False))
+        assert progress.counts() == (40, 83)
+        assert progress.line().startswith("score: 40/83 images")
+        import time
+
+        time.sleep(0.3)
+    assert any(line.startswith("score: 40/83 images") for line in lines)
+
+
+@pytest.mark.parametrize("args,remote", [
+    (["--runner=FnApiRunner"], False),
+    (["--runner=DaskRunner"], False),
+    (["--runner=DaskRunner", "--dask_client_address=tcp://10.0.0.5:8786"], True),
+    (["--runner=DataflowRunner", "--project=p", "--region=r"], True),
+    (["--runner=FlinkRunner", "--flink_master=[local]", "--environment_type=LOOPBACK"], False),
+    (["--runner=SparkRunner", "--spark_master_url=local[2]", "--environment_type=LOOPBACK"], False),
+    (["--runner=PortableRunner", "--job_endpoint=localhost:8099", "--environment_type=EXTERNAL",
+      "--environment_config=localhost:50000"], False),
+    (["--runner=FlinkRunner", "--flink_master=flink-jm:8081", "--environment_type=DOCKER"], True),
+    (["--runner=PortableRunner", "--job_endpoint=jobs.example:8099", "--environment_type=LOOPBACK"], True),
+])
+def test_which_runners_are_remote(args, remote):
+    assert runner_is_remote(args) is remote
+
+
+def test_remote_runner_with_local_paths_stops_at_once(tmp_path, capsys):
+    args = ["--runner=FlinkRunner", "--flink_master=flink-jm:8081", "--environment_type=DOCKER"]
+    with pytest.raises(ValueError, match="use a shared URL"):
+        refuse_local_paths(args, gallery=str(tmp_path / "g"), out="gs://bucket/out")
+    refuse_local_paths(args, gallery="gs://bucket/g", out="file:///mnt/shared/out")
+    refuse_local_paths(["--runner=FnApiRunner"], gallery=str(tmp_path / "g"))
+    code = main(["fit", "--images", str(tmp_path), "--gallery", str(tmp_path / "g"), "--weights", "random", *args])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--gallery" in err and "use a shared URL" in err and "gs://" in err
+    assert not (tmp_path / "g").exists()
+
+
+def _fill(args):
+    cache, calls, key = args
+    def fetch(name, target):
+        with open(calls, "a") as handle:
+            handle.write(f"{os.getpid()} {name}\n")
+        Path(target).write_text(name)
+    return cached_folder(key, ["a.npy", "pyramid/b.npy"], fetch, cache)
+
+
+def test_gallery_cache_is_filled_once_atomically(tmp_path):
+    cache, calls = str(tmp_path / "cache"), str(tmp_path / "calls.txt")
+    os.makedirs(cache)
+    stale = Path(cache) / ".tmp-g1-killed"  # what a filler killed midway leaves
+    (stale / "pyramid").mkdir(parents=True)
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        roots = pool.map(_fill, [(cache, calls, "g1")] * 8)
+    assert len(set(roots)) == 1 and (Path(roots[0]) / "pyramid" / "b.npy").read_text() == "pyramid/b.npy"
+    assert len(Path(calls).read_text().splitlines()) == 2  # one filler, each file fetched once
+    assert not stale.exists() and not any(p.name.startswith(".tmp-") for p in Path(cache).iterdir())
+
+    def broken(name, target):
+        raise OSError("storage went away")
+
+    with pytest.raises(OSError):
+        cached_folder("g2", ["a.npy"], broken, cache)
+    assert not (Path(cache) / "g2").exists() and not any(p.name.startswith(".tmp-") for p in Path(cache).iterdir())

@@ -1,0 +1,67 @@
+"""A run's summary written by the pipeline itself: the launcher reads one small JSON file instead of the tables."""
+from __future__ import annotations
+
+from typing import Any
+
+import apache_beam as beam
+
+from spade.io import storage
+
+MAX_ERRORS = 100
+SUMMARY = "summary.json"
+COUNTS = ("rows", "ok", "errors", "skipped")
+
+
+def row_counts(row: dict[str, Any]) -> dict[str, Any]:
+    """One output row's contribution to the summary."""
+    failed = row.get("status") == "error"
+    return {"rows": 1, "ok": 0 if failed else 1, "errors": int(failed),
+            "error_messages": [(row.get("uri") or "", row.get("error") or "")] if failed else []}
+
+
+class MergeCounts(beam.CombineFn):
+    """Sums the counts; keeps the first `MAX_ERRORS` error messages by URI (the same ones on every run)."""
+
+    def create_accumulator(self) -> dict[str, Any]:
+        return {**{name: 0 for name in COUNTS}, "error_messages": []}
+
+    def add_input(self, accumulator: dict[str, Any], element: dict[str, Any]) -> dict[str, Any]:
+        for name in COUNTS:
+            accumulator[name] += element.get(name, 0)
+        if element.get("error_messages"):
+            accumulator["error_messages"] = sorted(accumulator["error_messages"] + [tuple(pair) for pair in element["error_messages"]])[:MAX_ERRORS]
+        return accumulator
+
+    def merge_accumulators(self, accumulators):
+        merged = self.create_accumulator()
+        for accumulator in accumulators:
+            self.add_input(merged, accumulator)
+        return merged
+
+    def extract_output(self, accumulator: dict[str, Any]) -> dict[str, Any]:
+        return {**accumulator, "error_messages": [list(pair) for pair in accumulator["error_messages"]]}
+
+
+def read_summary(url: str) -> dict[str, Any]:
+    """The summary a run wrote (zeros when it had nothing to count: an empty run writes none)."""
+    if storage.exists(url):
+        return storage.read_json(url)
+    return {**{name: 0 for name in COUNTS}, "error_messages": []}
+
+
+class WriteSummary(beam.PTransform):
+    """(output rows, counts of inputs an earlier run already did) → ``url`` (JSON: rows, ok, errors, skipped,
+    error_messages); outputs the URL written, to be flattened with the sinks' outputs."""
+
+    def __init__(self, url: str):
+        super().__init__()
+        self.url = url
+
+    def expand(self, pcolls):
+        rows, skipped = pcolls
+        url = self.url
+        return ((rows | "RowCounts" >> beam.Map(row_counts),
+                 skipped | "SkippedCounts" >> beam.Map(lambda n: {"skipped": n}))
+                | "AllCounts" >> beam.Flatten()
+                | "Merge" >> beam.CombineGlobally(MergeCounts()).without_defaults()
+                | "Write" >> beam.Map(lambda summary: (storage.write_json(url, summary), url)[1]))
