@@ -194,3 +194,15 @@ def test_gallery_cache_is_filled_once_atomically(tmp_path):
     with pytest.raises(OSError):
         cached_folder("g2", ["a.npy"], broken, cache)
     assert not (Path(cache) / "g2").exists() and not any(p.name.startswith(".tmp-") for p in Path(cache).iterdir())
+
+
+def test_runner_profiles_load_and_production_ones_refuse_local_paths(tmp_path):
+    from pipelines.options import load_runner_profile
+
+    profiles = {p.stem: load_runner_profile(str(p)) for p in (Path(__file__).resolve().parents[1] / "configs" / "runners").glob("*.yaml")}
+    assert {"flink-local", "spark-local", "portable-external", "flink", "spark", "dataflow", "direct", "dask"} <= set(profiles)
+    assert {name for name, args in profiles.items() if runner_is_remote(args)} == {"flink", "spark", "dataflow"}
+    for name in ("flink", "spark"):
+        assert any(a.startswith("--sdk_container_image=") for a in profiles[name])
+        with pytest.raises(ValueError, match="shared URL"):
+            refuse_local_paths(profiles[name], out=str(tmp_path))
