@@ -32,6 +32,7 @@ from pipelines.progress import ProgressReporter
 from pipelines.runner import metrics_line, run_pipeline
 
 LOG = logging.getLogger("spade")
+EMBEDDING_ROWS_PER_SHARD = 128  # embedding rows carry the whole feature pyramid (~0.5-1.5 MB each)
 
 
 def build_fit_pipeline(pipeline: beam.Pipeline, images: str, config: SpadeConfig, staging_url: str,
@@ -52,11 +53,13 @@ def build_fit_pipeline(pipeline: beam.Pipeline, images: str, config: SpadeConfig
             | "ToRows" >> beam.FlatMap(lambda batch: [embedding_row(item, dtype) for item in batch])
             | "CountImages" >> beam.ParDo(CountProgress(progress_folder)))
     embeddings = rows | "WriteEmbeddings" >> WriteParquetShards(storage.join(staging_url, "embeddings", "part"),
-                                                                embeddings_schema(config.layers), config.shards)
+                                                                embeddings_schema(config.layers), config.shards,
+                                                                rows_per_shard=EMBEDDING_ROWS_PER_SHARD)
     errors = ((read_errors, extract_errors)
               | "Errors" >> beam.Flatten()
               | "CountErrors" >> beam.ParDo(CountProgress(progress_folder)))
-    rejected = errors | "WriteRejected" >> WriteParquetShards(storage.join(staging_url, "rejected", "part"), ERRORS_SCHEMA, 1)
+    rejected = errors | "WriteRejected" >> WriteParquetShards(storage.join(staging_url, "rejected", "part"), ERRORS_SCHEMA,
+                                                                 config.shards, rows_per_shard=config.rows_per_shard)
     all_rows = (rows | "Slim" >> beam.Map(lambda row: {"uri": row["uri"], "status": "ok"}), errors) | "AllRows" >> beam.Flatten()
     summary = (all_rows, skipped) | "Summary" >> WriteSummary(storage.join(staging_url, SUMMARY))
     return (embeddings, rejected, summary) | "Written" >> beam.Flatten()

@@ -60,7 +60,8 @@ def build_score_pipeline(pipeline: beam.Pipeline, images: str, config: SpadeConf
               | "CountErrors" >> beam.ParDo(CountProgress(progress_folder)))
     scored = scored | "CountScored" >> beam.ParDo(CountProgress(progress_folder))
     rows = (scored, errors) | "AllRows" >> beam.Flatten()
-    written = rows | "WriteScores" >> WriteParquetShards(table_prefix, SCORES_SCHEMA, config.shards)
+    written = rows | "WriteScores" >> WriteParquetShards(table_prefix, SCORES_SCHEMA, config.shards,
+                                                          rows_per_shard=config.rows_per_shard)
     if summary_url is None:
         return written
     summary = (rows, skipped) | "Summary" >> WriteSummary(summary_url)

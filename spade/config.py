@@ -40,7 +40,8 @@ class SpadeConfig:
     calibration_images: int = 10
     calibration_fpr: float = 0.001
     eval_region: str = "crop"
-    shards: int = 1
+    shards: int = 0  # table files per output table; 0: follow the row count (rows_per_shard rows per file)
+    rows_per_shard: int = 10_000
     scoring_mode: str = "exact"
     refine_distances: bool = True
     coreset_ratio: float = 0.01
@@ -71,8 +72,10 @@ class SpadeConfig:
             problems.append("scoring_mode must be 'exact' (the paper) or 'approximate' (coreset memory bank)")
         if not 0 < self.coreset_ratio <= 1:
             problems.append("coreset_ratio must be in (0, 1]")
-        if self.batch_size < 1 or self.shards < 1:
-            problems.append("batch_size and shards must be >= 1")
+        if self.batch_size < 1 or self.rows_per_shard < 1:
+            problems.append("batch_size and rows_per_shard must be >= 1")
+        if self.shards < 0:
+            problems.append("shards must be >= 0 (0: as many as the row count needs)")
         if problems:
             raise ValueError("invalid SPADE config: " + "; ".join(problems))
 

@@ -1,14 +1,21 @@
-"""Parquet sinks through fsspec: a fixed number of deterministic shards, each written atomically."""
+"""Parquet sinks through fsspec: deterministic shards, as many as the row count needs, each written atomically."""
 from __future__ import annotations
 
+import math
+import os
+import tempfile
 import zlib
 from typing import Any, Callable
 
 import apache_beam as beam
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from spade.io import storage
 from spade.io.tables import rows_to_table
+
+
+ROW_GROUP = 64  # rows per Parquet row group (as `spade.io.storage.write_parquet`): readers fetch a group at a time
 
 
 def shard_of(key: str, shards: int) -> int:
@@ -20,35 +27,59 @@ def shard_url(prefix: str, index: int, shards: int) -> str:
     return f"{prefix}-{index:05d}-of-{shards:05d}.parquet"
 
 
+def shard_count(rows: int, shards: int, rows_per_shard: int) -> int:
+    """``shards`` when fixed (> 0); else enough shards for ``rows_per_shard`` rows each (at least one)."""
+    if shards > 0:
+        return shards
+    return max(1, math.ceil(rows / max(1, rows_per_shard)))
+
+
 class _WriteShard(beam.DoFn):
-    def __init__(self, prefix: str, shards: int, schema: pa.Schema, sort_key: Callable[[dict], Any]):
-        self.prefix, self.shards, self.schema, self.sort_key = prefix, shards, schema, sort_key
+    def __init__(self, prefix: str, schema: pa.Schema, sort_key: Callable[[dict], Any]):
+        self.prefix, self.schema, self.sort_key = prefix, schema, sort_key
 
     def process(self, keyed):
-        index, rows = keyed
+        (index, shards), rows = keyed
         rows = sorted((r for r in rows if r is not None), key=self.sort_key)
-        url = shard_url(self.prefix, index, self.shards)
-        storage.write_parquet(url, rows_to_table(rows, self.schema))
+        url = shard_url(self.prefix, index, shards)
+        with tempfile.TemporaryDirectory(prefix="spade-shard-") as folder:
+            local = os.path.join(folder, "shard.parquet")
+            with pq.ParquetWriter(local, self.schema) as writer:  # one row group in memory at a time
+                for start in range(0, len(rows), ROW_GROUP):
+                    writer.write_table(rows_to_table(rows[start:start + ROW_GROUP], self.schema))
+                if not rows:
+                    writer.write_table(rows_to_table([], self.schema))
+            storage.atomic_put_file(local, url)
         yield url
 
 
 class WriteParquetShards(beam.PTransform):
     """Rows (dicts) → ``{prefix}-0000i-of-0000n.parquet`` files; outputs the URLs written.
 
-    Every shard is written, empty ones included, so a re-run over the same
-    inputs replaces exactly the same files with the same content.
+    ``n`` is ``shards`` when given (> 0), else follows the row count (``rows_per_shard`` rows per file), so no
+    single key holds the whole table. Rows go to shards by a stable hash of ``key``; each file is sorted by
+    ``sort_key``. Every shard is written, empty ones included, so a re-run over the same inputs replaces exactly
+    the same files with the same content.
     """
 
-    def __init__(self, prefix: str, schema: pa.Schema, shards: int = 1, key: Callable[[dict], str] = lambda r: r["uri"],
-                 sort_key: Callable[[dict], Any] = lambda r: r["uri"]):
+    def __init__(self, prefix: str, schema: pa.Schema, shards: int = 0, key: Callable[[dict], str] = lambda r: r["uri"],
+                 sort_key: Callable[[dict], Any] = lambda r: r["uri"], rows_per_shard: int = 10_000):
         super().__init__()
         self.prefix, self.schema, self.shards, self.key, self.sort_key = prefix, schema, shards, key, sort_key
+        self.rows_per_shard = rows_per_shard
 
     def expand(self, rows):
-        shards, key = self.shards, self.key
-        keyed = rows | "Key" >> beam.Map(lambda row: (shard_of(key(row), shards), row))
-        every_shard = rows.pipeline | "AllShards" >> beam.Create([(i, None) for i in range(shards)])
+        fixed, per_shard, key = self.shards, self.rows_per_shard, self.key
+        count = (rows
+                 | "One" >> beam.Map(lambda row: 1)
+                 | "Count" >> beam.CombineGlobally(sum)
+                 | "Shards" >> beam.Map(shard_count, fixed, per_shard))
+        shards = beam.pvalue.AsSingleton(count)
+        keyed = rows | "Key" >> beam.Map(lambda row, n: ((shard_of(key(row), n), n), row), shards)
+        every_shard = (rows.pipeline
+                       | "Once" >> beam.Create([None])
+                       | "AllShards" >> beam.FlatMap(lambda _, n: [((i, n), None) for i in range(n)], shards))
         return ((keyed, every_shard)
                 | "Merge" >> beam.Flatten()
                 | "Group" >> beam.GroupByKey()
-                | "Write" >> beam.ParDo(_WriteShard(self.prefix, shards, self.schema, self.sort_key)))
+                | "Write" >> beam.ParDo(_WriteShard(self.prefix, self.schema, self.sort_key)))

@@ -7,7 +7,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import fsspec
 import pyarrow as pa
@@ -47,19 +47,31 @@ def makedirs(url: str) -> None:
     fs.makedirs(path, exist_ok=True)
 
 
-def atomic_write_bytes(url: str, data: bytes) -> None:
-    """Write ``data`` to ``url`` so that readers see the old file or the whole new one, never a part."""
+def _atomic_write(url: str, write: Callable[[fsspec.AbstractFileSystem, str], None]) -> None:
     fs, path = filesystem(url)
     parent = path.rsplit("/", 1)[0] if "/" in path else ""
     if parent:
         fs.makedirs(parent, exist_ok=True)
     tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{path.rsplit('/', 1)[-1]}" if parent else f".tmp-{uuid.uuid4().hex}"
-    with fs.open(tmp, "wb") as handle:
-        handle.write(data)
+    write(fs, tmp)
     if is_local(url):
         os.replace(tmp, path)
     else:
         fs.mv(tmp, path)
+
+
+def atomic_write_bytes(url: str, data: bytes) -> None:
+    """Write ``data`` to ``url`` so that readers see the old file or the whole new one, never a part."""
+    def write(fs, tmp):
+        with fs.open(tmp, "wb") as handle:
+            handle.write(data)
+
+    _atomic_write(url, write)
+
+
+def atomic_put_file(local: str, url: str) -> None:
+    """Copy local file ``local`` to ``url`` atomically (as `atomic_write_bytes`), without reading it into memory."""
+    _atomic_write(url, lambda fs, tmp: fs.put_file(local, tmp))
 
 
 def read_bytes(url: str) -> bytes:
