@@ -11,6 +11,7 @@ from spade.scoring.correspondence import (PyramidReader, _band_members, _Running
 from spade.index.gallery import Gallery
 from spade.index.knn import build_index
 from spade.scoring.batch import layer_distance_maps, score_batch
+from spade.scoring.calibration import leave_one_out_scores
 
 
 def brute(queries, gallery, kappa=1):
@@ -249,3 +250,21 @@ def test_leave_one_out_scoring_in_approximate_mode_skips_the_image_own_patches(t
         np.testing.assert_allclose(maps[layer].reshape(-1), brute(data[row], others), rtol=0, atol=1e-4)
     result = score_batch(features, gallery, config, exclude_rows=np.array([row]), mode="approximate", coreset_ratio=1.0)[0]
     assert row not in result.neighbours and result.score_map.min() > 0
+
+
+@pytest.mark.parametrize("mode", ["exact", "approximate"])
+def test_calibration_in_batches_equals_scoring_each_image_alone(tmp_path, mode):
+    gallery, _, config = _gallery(tmp_path)
+    gallery.manifest["gallery_hash"] = f"calibration-{mode}"  # its own bank cache entry
+    config = config.replace(batch_size=3, scoring_mode=mode, coreset_ratio=1.0)
+    scores, maps = leave_one_out_scores(gallery, config, count=7)
+    rows = np.unique(np.linspace(0, 7, num=7).round().astype(int))
+    assert len(scores) == len(rows) == 7 and maps.shape == (7, 16, 16)
+    for i, row in enumerate(rows):
+        pyramid = {layer: np.asarray(gallery.pyramid[layer][row]).T.reshape(1, -1, *([int(np.sqrt(gallery.pyramid[layer].shape[1]))] * 2))
+                   for layer in config.layers}
+        alone = score_batch(Features(gallery.index.reconstruct_batch(np.array([row])), pyramid), gallery, config,
+                            exclude_rows=np.array([row]))[0]
+        assert row not in alone.neighbours
+        assert scores[i] == alone.image_score
+        np.testing.assert_allclose(maps[i], alone.score_map, rtol=0, atol=1e-6)

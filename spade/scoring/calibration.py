@@ -20,19 +20,21 @@ def leave_one_out_scores(gallery: Gallery, config: SpadeConfig, count: int,
         return np.zeros(0), np.zeros((0, config.crop, config.crop), dtype=np.float32)
     rows = np.unique(np.linspace(0, n - 1, num=min(count, n)).round().astype(int))
     image_scores, maps = [], []
-    embeddings = gallery.index.reconstruct_batch(rows)
-    for done, row in enumerate(rows, 1):
+    # A batch at a time, as `spade score` does: images sharing neighbours share their GEMMs. Each image still
+    # excludes only its own row, so the results are those of scoring the images one by one.
+    for start in range(0, len(rows), config.batch_size):
+        chunk = rows[start:start + config.batch_size]
         pyramid = {}
         for layer in config.layers:
-            positions = np.asarray(gallery.pyramid[layer][row], dtype=np.float32)
-            side = int(round(np.sqrt(positions.shape[0])))
-            pyramid[layer] = positions.T.reshape(-1, side, side)[None]
-        features = Features(embedding=embeddings[done - 1:done], pyramid=pyramid)
-        result = score_batch(features, gallery, config, exclude_rows=np.array([row]))[0]
-        image_scores.append(result.image_score)
-        maps.append(result.score_map)
-        if done == len(rows) or done % 10 == 0:
-            progress(f"calibration: {done}/{len(rows)} normal images scored leave-one-out")
+            positions = np.asarray(gallery.pyramid[layer][chunk], dtype=np.float32)  # (B, positions, C)
+            side = int(round(np.sqrt(positions.shape[1])))
+            pyramid[layer] = positions.transpose(0, 2, 1).reshape(len(chunk), -1, side, side)
+        features = Features(embedding=gallery.index.reconstruct_batch(chunk), pyramid=pyramid)
+        for result in score_batch(features, gallery, config, exclude_rows=chunk):
+            image_scores.append(result.image_score)
+            maps.append(result.score_map)
+        done = start + len(chunk)
+        progress(f"calibration: {done}/{len(rows)} normal images scored leave-one-out")
     return np.asarray(image_scores), np.stack(maps)
 
 
