@@ -34,6 +34,9 @@ setup(
         "dask": ["dask[distributed]"],
         # ResNet-152 with ImageNet weights (torchvision architecture), 490 MB, non-commercial licence.
         "resmem": ["resmem==1.1.6"],
+        # Only for benchmarks/peers.py (our configs side by side with anomalib's PatchCore); never imported by
+        # the package, its tests or CI. Best installed in a venv of its own (it pulls Lightning and more).
+        "peers": ["anomalib==2.7.*"],
     },
     entry_points={"console_scripts": ["spade=pipelines.cli:main"]},
 )
