@@ -47,6 +47,8 @@ class SpadeConfig:
     coreset_ratio: float = 0.01
     coreset_projection: int = 128
     coreset_max_candidates: int = 200_000
+    max_source_pixels: int | None = 40_000_000
+    max_aspect_ratio: float | None = 50.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))
@@ -72,6 +74,10 @@ class SpadeConfig:
             problems.append("scoring_mode must be 'exact' (the paper) or 'approximate' (coreset memory bank)")
         if not 0 < self.coreset_ratio <= 1:
             problems.append("coreset_ratio must be in (0, 1]")
+        if self.max_source_pixels is not None and self.max_source_pixels < 1:
+            problems.append("max_source_pixels must be >= 1 (or null for no limit)")
+        if self.max_aspect_ratio is not None and self.max_aspect_ratio < 1:
+            problems.append("max_aspect_ratio must be >= 1 (or null for no limit)")
         if self.batch_size < 1 or self.rows_per_shard < 1:
             problems.append("batch_size and rows_per_shard must be >= 1")
         if self.shards < 0:

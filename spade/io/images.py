@@ -4,10 +4,12 @@ from __future__ import annotations
 import hashlib
 import io
 import warnings
+from dataclasses import dataclass
+from struct import error as struct_error
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -16,44 +18,100 @@ class ImageDecodeError(ValueError):
     """An input could not be turned into an RGB image; the message says why."""
 
 
+class ImageBeyondLimits(ImageDecodeError):
+    """An image whose header is beyond a `DecodeLimits` bound; the message names the config key to raise."""
+
+
 def content_id(data: bytes) -> str:
     """Stable identity of an image: the first 16 hex digits of the SHA-256 of its bytes."""
     return hashlib.sha256(data).hexdigest()[:16]
 
 
-def decode_rgb(data: bytes) -> np.ndarray:
-    """Decode encoded image bytes into an ``(H, W, 3)`` uint8 array.
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Bounds checked on an image's header before its pixels are decoded, so that no single input can take
+    the machine's memory: ``max_source_pixels`` (width x height of the file) and ``max_aspect_ratio`` (long side
+    / short side; the short side is resized to ``resize`` first, so the resized image grows with it).
+    ``None`` switches a bound off. The config keys of the same names set them."""
 
-    Grayscale, palette, 16-bit and RGBA inputs are converted to RGB (alpha is
-    dropped onto black, as most inspection cameras have no alpha). Empty,
-    truncated and non-image inputs raise `ImageDecodeError`.
+    max_source_pixels: int | None = None
+    max_aspect_ratio: float | None = None
+
+    def check(self, size: tuple[int, int]) -> None:
+        """Raise `ImageDecodeError` naming the limit and the config key to raise when ``size`` is beyond one."""
+        width, height = size
+        if width < 1 or height < 1:
+            raise ImageDecodeError(f"image has no pixels ({width}x{height})")
+        if self.max_source_pixels is not None and width * height > self.max_source_pixels:
+            raise ImageBeyondLimits(
+                f"image is {width}x{height} = {width * height / 1e6:.1f} megapixels, above the limit max_source_pixels="
+                f"{self.max_source_pixels} (memory grows with it); not decoded. Raise `max_source_pixels` in the "
+                "config to score it, or remove the file")
+        aspect = max(width, height) / min(width, height)
+        if self.max_aspect_ratio is not None and aspect > self.max_aspect_ratio:
+            raise ImageBeyondLimits(
+                f"image is {width}x{height}, aspect ratio {aspect:.1f}, above the limit max_aspect_ratio="
+                f"{self.max_aspect_ratio:g} (the short side is resized first, so memory grows with it); not decoded. "
+                "Raise `max_aspect_ratio` in the config to score it, or remove the file")
+
+
+def decode_rgb(data: bytes, limits: DecodeLimits | None = None) -> np.ndarray:
+    """Decode encoded image bytes into an ``(H, W, 3)`` uint8 array, upright.
+
+    The EXIF orientation is applied (as every photo viewer does), so a camera JPEG tagged "rotate 90" is scored
+    as it is seen. Grayscale, palette, 16-bit and RGBA inputs are converted to RGB (alpha is dropped onto
+    black, as most inspection cameras have no alpha); a multi-frame file gives its first frame. ``limits``
+    are checked on the header, before any pixel is decoded. Empty, truncated, oversized and non-image
+    inputs raise `ImageDecodeError`.
     """
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # Pillow's notes on damaged metadata; the pixels decide
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:
+                if limits is not None:
+                    limits.check(img.size)
                 img.load()
-                return _to_rgb(img)
+                return _to_rgb(_upright(img))
+    except ImageDecodeError:
+        raise
     except UnidentifiedImageError:
         raise ImageDecodeError("not a readable image (unknown format or not an image file)") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as exc:
-        raise ImageDecodeError(f"corrupt or truncated image: {exc}") from None
+    except (OSError, SyntaxError, ValueError, TypeError, IndexError, KeyError, EOFError, struct_error,
+            Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise ImageDecodeError(f"corrupt or truncated image: {exc.__class__.__name__}: {exc}") from None
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation tag says; unchanged without one (or with an unreadable one)."""
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+    except Exception:  # a damaged EXIF block is no reason to refuse the pixels
+        return img
+    if orientation in (None, 1):
+        return img
+    return ImageOps.exif_transpose(img) or img
 
 
 def _to_rgb(img: Image.Image) -> np.ndarray:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = arr.max() if arr.max() > 0 else 1.0
-        gray = np.clip(arr / top * 255.0, 0, 255).astype(np.uint8)
+    """RGB uint8 pixels of any PIL mode; 16/32-bit and float images are scaled into 0..255 (float32, in place,
+    so a large one costs a few bytes per pixel, not tens)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.array(img, dtype=np.float32)
+        if arr.ndim != 2:
+            raise ImageDecodeError(f"unsupported pixel layout for mode {img.mode}: shape {arr.shape}")
+        np.nan_to_num(arr, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+        low = float(arr.min()) if img.mode == "F" else 0.0
+        span = float(arr.max()) - low
+        arr -= low
+        arr *= 255.0 / (span if span > 0 else 1.0)
+        np.clip(arr, 0, 255, out=arr)
+        gray = arr.astype(np.uint8)
+        del arr
         return np.repeat(gray[:, :, None], 3, axis=2)
-    if img.mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
-        span = float(arr.max() - arr.min()) or 1.0
-        gray = ((arr - arr.min()) / span * 255.0).astype(np.uint8)
-        return np.repeat(gray[:, :, None], 3, axis=2)
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         canvas = Image.new("RGB", rgba.size, (0, 0, 0))
         canvas.paste(rgba, mask=rgba.getchannel("A"))

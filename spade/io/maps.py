@@ -7,6 +7,7 @@ import numpy as np
 from PIL import Image, PngImagePlugin
 
 SCALE_KEY = "spade_scale"
+_BLOCK = 1 << 20  # pixels per block when quantising a score map
 
 
 def encode_score_map(score_map: np.ndarray) -> tuple[bytes, float]:
@@ -14,10 +15,17 @@ def encode_score_map(score_map: np.ndarray) -> tuple[bytes, float]:
 
     The scale is kept in the PNG (text chunk ``spade_scale``) and, by the
     pipelines, as ``pixel_max`` in the score table: score = value / 65535 * scale.
+    Quantised in blocks of rows, so a map the size of a large original image needs
+    a few bytes per pixel, not several float64 copies.
     """
-    values = np.clip(np.asarray(score_map, dtype=np.float64), 0.0, None)
-    scale = float(values.max()) if values.size and values.max() > 0 else 1.0
-    quantised = np.round(values / scale * 65535.0).astype(np.uint16)
+    values = np.asarray(score_map)
+    top = float(np.max(values)) if values.size else 0.0
+    scale = top if top > 0 else 1.0
+    quantised = np.empty(values.shape, dtype=np.uint16)
+    step = max(1, _BLOCK // max(1, values.shape[1]))  # a (height, width) map
+    for start in range(0, values.shape[0], step):
+        block = np.clip(np.asarray(values[start:start + step], dtype=np.float64), 0.0, None)
+        quantised[start:start + step] = np.round(block / scale * 65535.0)
     info = PngImagePlugin.PngInfo()
     info.add_text(SCALE_KEY, repr(scale))
     buffer = io.BytesIO()
@@ -36,7 +44,7 @@ def decode_score_map(data: bytes) -> np.ndarray:
 def encode_mask(mask: np.ndarray) -> bytes:
     """Binary mask → 8-bit PNG (0 normal, 255 anomalous), the MVTec ground-truth convention."""
     buffer = io.BytesIO()
-    Image.fromarray(np.where(np.asarray(mask, dtype=bool), 255, 0).astype(np.uint8)).save(buffer, format="PNG")
+    Image.fromarray(np.asarray(mask, dtype=bool).astype(np.uint8) * np.uint8(255)).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
