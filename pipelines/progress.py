@@ -18,6 +18,8 @@ from typing import Any, Callable
 
 LOG = logging.getLogger("spade")
 
+from spade.io.lease import pid_alive
+
 
 def _format_duration(seconds: float) -> str:
     seconds = int(max(seconds, 0))
@@ -30,6 +32,15 @@ def counter_value(counter: Any) -> int:
     return int(value or 0)
 
 
+def remove_dead_progress_folders() -> None:
+    """Delete the progress folders that runs killed with SIGKILL left in the temporary directory (their
+    process id, in the name, no longer runs)."""
+    for folder in glob.glob(os.path.join(tempfile.gettempdir(), "spade-progress-*-*")):
+        pid = os.path.basename(folder).split("-")[2]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 class ProgressReporter:
     """Reports ``what: done/total images (rate/s, ETA)`` every ``interval`` seconds while the pipeline runs.
 
@@ -38,7 +49,8 @@ class ProgressReporter:
 
     def __init__(self, what: str, say: Callable[[str], None], interval: float = 5.0):
         self.what, self.say, self.interval = what, say, interval
-        self.folder = tempfile.mkdtemp(prefix="spade-progress-")
+        remove_dead_progress_folders()
+        self.folder = tempfile.mkdtemp(prefix=f"spade-progress-{os.getpid()}-")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._start = time.monotonic()

@@ -35,19 +35,23 @@ class _ListPart(beam.DoFn):
 
 
 class _DoneUris(beam.DoFn):
-    """A table URL → (URI, True) for each URI that table records as done."""
+    """A table URL → (URI, how it is done) for each URI that table records as done: "skipped" (an earlier run's
+    table) or what ``done_kind(url)`` says (e.g. "resumed": committed to this run's ledger by a killed run)."""
 
-    def __init__(self, read_done: Callable[[str], Iterable[str]]):
-        self.read_done = read_done
+    def __init__(self, read_done: Callable[[str], Iterable[str]], done_kind: Callable[[str], str] | None = None):
+        self.read_done, self.done_kind = read_done, done_kind
 
     def process(self, table_url: str):
+        kind = self.done_kind(table_url) if self.done_kind else "skipped"
         for uri in self.read_done(table_url):
-            yield uri, True
+            yield uri, kind
 
 
-def _todo_and_done(joined) -> tuple[str, list[str], bool]:
+def _todo_and_done(joined) -> tuple[str, list[str], str | None]:
+    """(URI, the listing parts it was found in, how it is done or None); an earlier table wins over a ledger."""
     uri, groups = joined
-    return uri, list(groups["todo"]), any(True for _ in groups["done"])
+    kinds = set(groups["done"])
+    return uri, list(groups["todo"]), ("skipped" if "skipped" in kinds else min(kinds)) if kinds else None
 
 
 class _KeepNotDone(beam.DoFn):
@@ -65,9 +69,9 @@ class _KeepNotDone(beam.DoFn):
             yield part, uri
 
 
-def _already_done(joined) -> list[int]:
+def _already_done(joined) -> list[dict[str, int]]:
     _, parts, done = _todo_and_done(joined)
-    return [len(parts)] if done and parts else []
+    return [{done: len(parts)}] if done and parts else []
 
 
 def _batches(keyed, batch_size: int):
@@ -78,19 +82,22 @@ def _batches(keyed, batch_size: int):
 
 
 class ListInputs(beam.PTransform):
-    """PBegin → (lists of up to ``batch_size`` input URIs, listed on workers; counts of inputs already done).
+    """PBegin → (lists of up to ``batch_size`` input URIs, listed on workers; counts of inputs already done, as
+    ``{"skipped": n}`` or ``{kind: n}`` dicts).
 
     ``done_tables`` (a function run on a worker: → URLs of earlier tables) and ``read_done`` (table URL → its done
-    URIs) make this an incremental run: inputs an earlier run did are left out (nightly rescoring, ``fit --append``).
+    URIs) make this an incremental run: inputs an earlier run did are left out (nightly rescoring, ``fit --append``,
+    units a killed run committed to its ledger; ``done_kind`` names how a table's inputs count).
     The batches' total is counted for progress (``progress_folder``, metric ``progress_total``).
     """
 
     def __init__(self, spec: str, split: str | None, batch_size: int, since: str | None = None,
                  done_tables: Callable[[], list[str]] | None = None, read_done: Callable[[str], Iterable[str]] | None = None,
-                 progress_folder: str | None = None):
+                 progress_folder: str | None = None, done_kind: Callable[[str], str] | None = None):
         super().__init__()
         self.spec, self.split, self.batch_size, self.since = spec, split, batch_size, since
         self.done_tables, self.read_done, self.progress_folder = done_tables, read_done, progress_folder
+        self.done_kind = done_kind
 
     def expand(self, pbegin):
         listed = (pbegin
@@ -104,7 +111,7 @@ class ListInputs(beam.PTransform):
                     | "DoneSource" >> beam.Create([None])
                     | "DoneTables" >> beam.FlatMap(lambda _: done_tables())
                     | "SpreadTables" >> beam.Reshuffle()
-                    | "DoneUris" >> beam.ParDo(_DoneUris(self.read_done)))
+                    | "DoneUris" >> beam.ParDo(_DoneUris(self.read_done, self.done_kind)))
             todo = listed | "ByUri" >> beam.Map(lambda part_uri: (part_uri[1], part_uri[0]))
             joined = {"todo": todo, "done": done} | "Join" >> beam.CoGroupByKey()
             listed = joined | "NotDone" >> beam.ParDo(_KeepNotDone())

@@ -7,9 +7,10 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from spade.config import SpadeConfig
-from spade.io.images import ImageDecodeError, content_id, decode_rgb, preprocess
-from spade.io.sources import label_from_uri, read_inputs
-from transforms.records import ImageInput, SplitErrors, error_row
+from spade.io.images import DecodeLimits, ImageBeyondLimits, ImageDecodeError, content_id, decode_rgb, preprocess
+from spade.io.ledger import unit_key
+from spade.io.sources import count_inputs, label_from_uri, read_inputs
+from transforms.records import ImageInput, SplitErrors, WorkUnit, error_row
 
 LOG = logging.getLogger(__name__)
 
@@ -41,28 +42,43 @@ class DecodeImages(beam.DoFn):
             yield batch
 
     def _decode_all(self, uris: list[str]):
-        for image_uri, data, problem in (item for uri in uris for item in read_inputs(uri)):
-            label = label_from_uri(image_uri)
-            if problem is not None:
-                self.failed.inc()
-                yield error_row(image_uri, f"{image_uri}: {problem}", label=label)
-                continue
-            image_id = content_id(data)
-            try:
-                rgb = decode_rgb(data)
-                cfg = self.config
-                tensor = preprocess(rgb, cfg.resize, cfg.crop, cfg.mean, cfg.std).numpy()
-            except ImageDecodeError as exc:
-                self.failed.inc()
-                yield error_row(image_uri, f"{image_uri}: {exc}; replace or remove the file", image_id=image_id, label=label)
-                continue
-            except Exception as exc:  # one odd image must not end the batch
-                LOG.exception("unexpected failure decoding %s", image_uri)
-                self.failed.inc()
-                yield error_row(image_uri, f"{image_uri}: {exc.__class__.__name__}: {exc}", image_id=image_id, label=label)
-                continue
-            self.read.inc()
-            yield ImageInput(image_uri, image_id, label, int(rgb.shape[1]), int(rgb.shape[0]), tensor)
+        key, size = unit_key(uris), sum(count_inputs(uri) for uri in uris)
+        for source in uris:
+            work = WorkUnit(source, key, size)
+            for image_uri, data, problem in read_inputs(source):
+                yield from self._decode_one(image_uri, data, problem, work)
+
+    def _decode_one(self, image_uri: str, data: bytes | None, problem: str | None, work: WorkUnit):
+        label = label_from_uri(image_uri)
+        if problem is not None:
+            self.failed.inc()
+            yield error_row(image_uri, f"{image_uri}: {problem}", label=label, **work.columns())
+            return
+        image_id = content_id(data)
+        try:
+            rgb = decode_rgb(data, decode_limits(self.config))
+            cfg = self.config
+            tensor = preprocess(rgb, cfg.resize, cfg.crop, cfg.mean, cfg.std).numpy()
+            height, width = rgb.shape[:2]
+            del rgb, data  # not held while the batch is extracted and scored downstream
+        except ImageDecodeError as exc:
+            self.failed.inc()
+            fix = "" if isinstance(exc, ImageBeyondLimits) else "; replace or remove the file"
+            yield error_row(image_uri, f"{image_uri}: {exc}{fix}", image_id=image_id, label=label, **work.columns())
+            return
+        except Exception as exc:  # one odd image must not end the batch
+            LOG.exception("unexpected failure decoding %s", image_uri)
+            self.failed.inc()
+            yield error_row(image_uri, f"{image_uri}: {exc.__class__.__name__}: {exc}", image_id=image_id, label=label,
+                            **work.columns())
+            return
+        self.read.inc()
+        yield ImageInput(image_uri, image_id, label, int(width), int(height), tensor, work)
+
+
+def decode_limits(config: SpadeConfig) -> DecodeLimits:
+    """The header checks of `decode_rgb` that the config asks for (max_source_pixels, max_aspect_ratio)."""
+    return DecodeLimits(config.max_source_pixels, config.max_aspect_ratio)
 
 
 class ReadImages(beam.PTransform):

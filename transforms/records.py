@@ -11,6 +11,20 @@ import numpy as np
 import apache_beam as beam
 
 
+@dataclass(frozen=True)
+class WorkUnit:
+    """Where an input came from: its source URI (a file, or the tar shard holding it), and the unit of work
+    (a batch of sources) it belongs to: the unit's stable key and how many rows the unit gives in all."""
+
+    source: str
+    key: str
+    size: int
+
+    def columns(self) -> dict[str, Any]:
+        """What every row of this unit carries, so the ledger can commit the unit when all its rows are in."""
+        return {"source": self.source, "unit": self.key, "unit_size": self.size}
+
+
 @dataclass
 class ImageInput:
     """A decoded, preprocessed image: identity, original size, MVTec label, and its (3, crop, crop) tensor."""
@@ -21,6 +35,7 @@ class ImageInput:
     width: int
     height: int
     tensor: np.ndarray
+    work: WorkUnit | None = None
 
 
 @dataclass
@@ -56,7 +71,10 @@ class SplitErrors(beam.PTransform):
 
 
 def image_columns(image: ImageInput) -> dict[str, Any]:
-    return {"uri": image.uri, "image_id": image.image_id, "label": image.label, "width": image.width, "height": image.height}
+    """An image's identity columns (and its unit of work's, which tables without those columns drop)."""
+    work = image.work.columns() if image.work is not None else {}
+    return {"uri": image.uri, "image_id": image.image_id, "label": image.label, "width": image.width,
+            "height": image.height, **work}
 
 
 def utc_now() -> datetime:

@@ -9,7 +9,7 @@ from spade.io import storage
 
 MAX_ERRORS = 100
 SUMMARY = "summary.json"
-COUNTS = ("rows", "ok", "errors", "skipped")
+COUNTS = ("rows", "ok", "errors", "skipped", "resumed")
 
 
 def row_counts(row: dict[str, Any]) -> dict[str, Any]:
@@ -50,8 +50,9 @@ def read_summary(url: str) -> dict[str, Any]:
 
 
 class WriteSummary(beam.PTransform):
-    """(output rows, counts of inputs an earlier run already did) → ``url`` (JSON: rows, ok, errors, skipped,
-    error_messages); outputs the URL written, to be flattened with the sinks' outputs."""
+    """(output rows, counts of inputs an earlier run already did: ``{"skipped": n}`` or ``{"resumed": n}``, inputs
+    a killed run committed) → ``url`` (JSON: rows, ok, errors, skipped, resumed, error_messages); outputs the URL
+    written, to be flattened with the sinks' outputs."""
 
     def __init__(self, url: str):
         super().__init__()
@@ -61,7 +62,7 @@ class WriteSummary(beam.PTransform):
         rows, skipped = pcolls
         url = self.url
         return ((rows | "RowCounts" >> beam.Map(row_counts),
-                 skipped | "SkippedCounts" >> beam.Map(lambda n: {"skipped": n}))
+                 skipped)
                 | "AllCounts" >> beam.Flatten()
                 | "Merge" >> beam.CombineGlobally(MergeCounts()).without_defaults()
                 | "Write" >> beam.Map(lambda summary: (storage.write_json(url, summary), url)[1]))

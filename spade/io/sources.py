@@ -69,7 +69,15 @@ def read_inputs(uri: str) -> Iterator[tuple[str, bytes | None, str | None]]:
         yield uri, None, f"cannot read file: {exc}"
 
 
-def _read_tar(uri: str) -> Iterator[tuple[str, bytes | None, str | None]]:
+def count_inputs(uri: str) -> int:
+    """How many (uri, bytes, error) items `read_inputs` yields for ``uri``: 1 for a file; for a tar shard its
+    members, read without their data (a unit of work knows when all its rows are in)."""
+    if not is_tar(uri):
+        return 1
+    return sum(1 for _ in _read_tar(uri, with_data=False))
+
+
+def _read_tar(uri: str, with_data: bool = True) -> Iterator[tuple[str, bytes | None, str | None]]:
     try:
         with fsspec.open(uri, "rb") as handle, tarfile.open(fileobj=handle, mode="r:*") as archive:
             for member in archive:
@@ -78,6 +86,9 @@ def _read_tar(uri: str) -> Iterator[tuple[str, bytes | None, str | None]]:
                 member_uri = f"{uri}#{member.name}"
                 if not member.name.lower().endswith(IMAGE_SUFFIXES):
                     yield member_uri, None, "not an image member (webdataset side file); skipped from scoring"
+                    continue
+                if not with_data:
+                    yield member_uri, b"", None
                     continue
                 extracted = archive.extractfile(member)
                 yield member_uri, extracted.read() if extracted else b"", None

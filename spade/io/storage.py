@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -163,30 +164,76 @@ def list_dirs(url: str, prefix: str = "") -> list[str]:
     return _children(url, "directory", lambda name: name.startswith(prefix))
 
 
-def publish_staged(staging: str, folder: str, tag: str | None = None, replace: bool = False) -> list[str]:
-    """Move the Parquet files a finished run wrote under ``staging`` into ``folder``.
+PUBLISH_PLAN = "_publish.json"
 
-    A run writes only to its own staging folder, so a run killed midway leaves
-    nothing readers see. ``tag`` prefixes the names (runs that add files beside
-    earlier ones); ``replace`` removes the folder's other Parquet files, so a re-run
-    replaces rather than duplicates.
+
+def publish_staged(staging: str, folder: str, tag: str | None = None, replace: bool = False,
+                   then_remove: tuple[str, ...] = ()) -> list[str]:
+    """Move the Parquet files a finished run wrote under ``staging`` into ``folder``; returns their new URLs.
+
+    A run writes only to its own staging folder, so a run killed midway leaves nothing readers see. ``tag``
+    prefixes the names (runs that add files beside earlier ones); ``replace`` removes the folder's other
+    Parquet files, so a re-run replaces rather than duplicates; ``then_remove`` lists folders to delete once
+    published (a run ledger). The whole publication is first written down as a plan in the staging folder:
+    a run killed while publishing is finished by the next one (`remove_stale_staging`) exactly as planned,
+    so no file is published twice or lost.
     """
-    published = []
+    moves = []
     for url in list_files(staging, ".parquet"):
         name = url.rsplit("/", 1)[-1]
-        dest = join(folder, f"{tag}-{name}" if tag else name)
-        move(url, dest)
-        published.append(dest)
-    if replace:
-        keep = {filesystem(url)[1] for url in published}
-        for old in list_files(folder, ".parquet"):
+        moves.append([url, join(folder, f"{tag}-{name}" if tag else name)])
+    plan = {"folder": folder, "moves": moves, "replace": replace, "then_remove": list(then_remove)}
+    write_json(join(staging, PUBLISH_PLAN), plan)
+    _carry_out(plan)
+    remove(staging, recursive=True)
+    return [dest for _, dest in moves]
+
+
+def _carry_out(plan: dict[str, Any]) -> None:
+    """Apply a publication plan; idempotent, so an interrupted one can be applied again."""
+    for src, dest in plan["moves"]:
+        if exists(src):
+            move(src, dest)
+    if plan["replace"]:
+        keep = {filesystem(dest)[1] for _, dest in plan["moves"]}
+        for old in list_files(plan["folder"], ".parquet"):
             if filesystem(old)[1] not in keep:
                 remove(old)
-    remove(staging, recursive=True)
-    return published
+    for url in plan["then_remove"]:
+        remove(url, recursive=True)
 
 
-def remove_stale_staging(folder: str) -> None:
-    """Delete staging folders that killed runs left behind."""
-    for stale in list_dirs(folder, "_staging-"):
-        remove(stale, recursive=True)
+def remove_stale_staging(folder: str, is_live: Callable[[str], bool]) -> list[str]:
+    """Clean up after killed runs: finish any publication one was killed in (its plan is in its staging
+    folder), and delete the staging folders of runs that are gone. ``is_live(staging_url)`` decides (a heartbeat
+    and process check, `spade.io.lease.staging_is_live`): a live run's folder is never touched. Returns the
+    folders removed."""
+    removed = []
+    for staging in list_dirs(folder, "_staging-"):
+        plan_url = join(staging, PUBLISH_PLAN)
+        if exists(plan_url):
+            _carry_out(read_json(plan_url))
+        elif is_live(staging):
+            continue
+        remove(staging, recursive=True)
+        removed.append(staging)
+    return removed
+
+
+def file_digest(url: str, chunk: int = 8 << 20) -> dict[str, Any]:
+    """``{"bytes": size, "sha256": hex}`` of a file, read in chunks: what a manifest records of each file it lists."""
+    digest = hashlib.sha256()
+    size = 0
+    with fsspec.open(url, "rb") as handle:
+        while True:
+            block = handle.read(chunk)
+            if not block:
+                break
+            digest.update(block)
+            size += len(block)
+    return {"bytes": size, "sha256": digest.hexdigest()}
+
+
+def file_size(url: str) -> int:
+    fs, path = filesystem(url)
+    return int(fs.size(path))
