@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
 from typing import Sequence
 
@@ -15,7 +17,11 @@ EXAMPLES = {
     "evaluate": "spade evaluate --scores runs/scores --masks data/bottle/ground_truth --out runs/eval",
     "report": "spade report --scores runs/scores --masks data/bottle/ground_truth --out runs/report",
     "demo": "spade demo --out runs/demo",
+    "verify-gallery": "spade verify-gallery --gallery runs/gallery",
 }
+EXIT_ERROR, EXIT_DAMAGED, EXIT_BUSY = 2, 3, 75  # 75: EX_TEMPFAIL, another run holds the lease; try again later
+SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
+_RECEIVED: list[int] = []  # the signal that interrupted this run, if any
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -90,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", required=True, help="report folder to write: index.html and img/*.png")
     report.add_argument("--top", type=int, default=24, help="how many of the most anomalous images to show (default 24)")
 
+    verify = add("verify-gallery", "Check every file of a gallery against the sizes and sha256 its manifest records.")
+    verify.add_argument("--gallery", required=True, help="gallery folder written by `spade fit`")
+
     demo = add("demo", "Fit, score and evaluate on an embedded synthetic sample, printing where outputs are.")
     _config_args(demo)
     demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
@@ -97,23 +106,50 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class _QuietBeam(logging.Filter):
-    """Beam's own messages below ERROR are noise to a user of this tool (unless --log-level DEBUG)."""
+    """Beam's own messages below ERROR are noise to a user of this tool (unless --log-level DEBUG); after an
+    interrupt, every message is (the tracebacks of the stages it cut short)."""
+
+    def __init__(self, debug: bool = False):
+        super().__init__()
+        self.debug = debug
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.ERROR or "apache_beam" not in record.pathname
+        if _RECEIVED:  # interrupted: the one line `_exit_interrupted` prints says it all
+            return False
+        return self.debug or record.levelno >= logging.ERROR or "apache_beam" not in record.pathname
 
 
 def _setup_logging(level: str, quiet: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
-    if level.upper() != "DEBUG":
-        handler.addFilter(_QuietBeam())
+    handler.addFilter(_QuietBeam(debug=level.upper() == "DEBUG"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if level.upper() == "DEBUG" else logging.WARNING)
     ours = logging.WARNING if quiet else getattr(logging, level.upper(), logging.INFO)
     for name in ("spade", "transforms", "pipelines"):
         logging.getLogger(name).setLevel(ours)
+
+
+def _interrupt(signum: int, frame) -> None:
+    """Unwind the run like Ctrl-C, so that every `finally` cleans up; remember the signal (Beam re-raises what a
+    DoFn raised as another exception type)."""
+    for other in SIGNAL_EXIT:  # a second signal while cleaning up must not cut the cleanup short
+        signal.signal(other, signal.SIG_IGN)
+    _RECEIVED.append(signum)
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _exit_interrupted(command: str, signum: int) -> None:
+    """One line, then exit at once with 128 + the signal number: worker threads still finishing a bundle are
+    not waited for (what they commit is atomic; the next run cleans up or reuses it)."""
+    print(f"spade {command}: interrupted by {signal.Signals(signum).name}; staging and temporary files removed, "
+          "nothing half-published. Work already committed is kept: run the same command again to resume.",
+          file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(SIGNAL_EXIT[signum])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -125,7 +161,35 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         beam_args = load_runner_profile(args.runner_profile) + beam_args
     say = logging.getLogger("spade").info
+    previous = {signum: signal.signal(signum, _interrupt) for signum in SIGNAL_EXIT}
     try:
+        return _run(args, beam_args, say)
+    except BaseException:
+        if _RECEIVED:
+            _exit_interrupted(args.command, _RECEIVED[0])
+        raise
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _run(args: argparse.Namespace, beam_args: list[str], say) -> int:
+    from spade.index.gallery import GalleryDamaged
+    from spade.io.lease import LeaseHeld
+
+    try:
+        if args.command == "verify-gallery":
+            from spade.index.gallery import verify_gallery
+
+            problems = verify_gallery(args.gallery)
+            for problem in problems:
+                print(f"spade verify-gallery: {args.gallery}: {problem}", file=sys.stderr)
+            if problems:
+                print(f"spade verify-gallery: {args.gallery} is damaged or incomplete ({len(problems)} problem(s)): "
+                      f"re-run `spade fit --gallery {args.gallery}` to rebuild it", file=sys.stderr)
+                return EXIT_DAMAGED
+            print(f"spade verify-gallery: {args.gallery}: every file matches its manifest (size and sha256)")
+            return 0
         if args.command == "evaluate":
             from pipelines.evaluate import run_evaluate
 
@@ -152,9 +216,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             run_score(load_config(args.config, overrides), args.gallery, args.images, args.out, beam_args, say,
                       day=args.day, since=args.since, rescore_all=args.rescore_all, thresholds_url=args.thresholds)
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+    except LeaseHeld as exc:
+        print(f"spade {args.command}: busy: {exc}", file=sys.stderr)
+        return EXIT_BUSY
+    except GalleryDamaged as exc:
         print(f"spade {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_DAMAGED
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        if _RECEIVED:  # an interrupt that Beam re-raised as another exception
+            raise
+        print(f"spade {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     return 0
 
 

@@ -18,6 +18,7 @@ from spade.config import SpadeConfig
 from spade.index.gallery import MANIFEST, Gallery, GalleryMissing, build_gallery, check_compatible, read_manifest, write_manifest
 from spade.io.listing import check_spec
 from spade.io.results import ok_uris
+from spade.io.lease import RunLease, staging_is_live
 from spade.io.tables import ERRORS_SCHEMA, embeddings_schema
 from spade.features.weights import check_preprocessing, resolve_weights
 from transforms.extract import ExtractFeatures
@@ -66,11 +67,14 @@ def build_fit_pipeline(pipeline: beam.Pipeline, images: str, config: SpadeConfig
 
 
 def launch_fit(config: SpadeConfig, images: str, gallery_url: str, beam_args: list[str] | None = None,
-               say: Callable[[str], None] = LOG.info, append: bool = False) -> tuple[str, str, dict, dict]:
+               say: Callable[[str], None] = LOG.info, append: bool = False, run_id: str | None = None,
+               lease: RunLease | None = None) -> tuple[str, str, dict, dict]:
     """The launcher's part of `run_fit`: checks, then builds and runs the fit pipeline into a staging folder.
 
     Returns (staging folder, run id, the run's summary counts, Beam metrics). Nothing here grows with
-    the number of inputs: the workers list them.
+    the number of inputs: the workers list them. With the gallery's ``lease`` held (`run_fit`), staging
+    folders of dead runs are removed first and this run's is marked as live; a failed or interrupted
+    pipeline removes its own.
     """
     refuse_local_paths(beam_args, images=images, gallery=gallery_url)
     run_config = with_worker_threads(config, beam_args)  # the manifest keeps the config as given
@@ -84,14 +88,21 @@ def launch_fit(config: SpadeConfig, images: str, gallery_url: str, beam_args: li
             raise GalleryMissing(f"--append needs an existing gallery at {gallery_url}; run `spade fit` without --append first")
         check_compatible(read_manifest(gallery_url), gallery_url, config)
     say(f"fit: inputs {images} (listed by the workers) -> gallery {gallery_url}")
-    run_id = new_run_id(utc_now())
+    run_id = run_id or new_run_id(utc_now())
     staging = storage.join(gallery_url, f"_staging-{run_id}")
-    storage.remove_stale_staging(gallery_url)
+    if lease is not None:
+        for gone in storage.remove_stale_staging(gallery_url, staging_is_live):
+            say(f"fit: cleaned up after an interrupted run ({gone})")
+        lease.mark(staging)
     started = time.monotonic()
-    with ProgressReporter("fit", say) as progress:
-        metrics = run_pipeline(lambda p: build_fit_pipeline(p, images, run_config, staging, progress.folder,
-                                                            known_gallery=gallery_url if append else None),
-                               beam_args, progress)
+    try:
+        with ProgressReporter("fit", say) as progress:
+            metrics = run_pipeline(lambda p: build_fit_pipeline(p, images, run_config, staging, progress.folder,
+                                                                known_gallery=gallery_url if append else None),
+                                   beam_args, progress)
+    except BaseException:
+        storage.remove(staging, recursive=True)
+        raise
     counts = read_summary(storage.join(staging, SUMMARY))
     say(f"fit: features of {counts['ok']} inputs extracted in {time.monotonic() - started:.1f}s"
         + (f" ({counts['skipped']} already in the gallery)" if append else ""))
@@ -103,17 +114,30 @@ def launch_fit(config: SpadeConfig, images: str, gallery_url: str, beam_args: li
 
 def run_fit(config: SpadeConfig, images: str, gallery_url: str, beam_args: list[str] | None = None,
             say: Callable[[str], None] = LOG.info, append: bool = False) -> dict:
-    """Fit a gallery from normal images (or add images to one); returns its manifest."""
+    """Fit a gallery from normal images (or add images to one); returns its manifest.
+
+    The run holds the gallery folder's lease throughout (a second fit into it stops with `LeaseHeld`). The
+    manifest is written last, with the calibrated thresholds and every file's size and sha256: a fit killed
+    at any point leaves no manifest, so no half-built or uncalibrated gallery looks usable.
+    """
+    run_id = new_run_id(utc_now())
+    with RunLease(gallery_url, run_id, "spade fit") as lease:
+        return _fit_under_lease(config, images, gallery_url, beam_args, say, append, run_id, lease)
+
+
+def _fit_under_lease(config: SpadeConfig, images: str, gallery_url: str, beam_args: list[str] | None,
+                     say: Callable[[str], None], append: bool, run_id: str, lease: RunLease) -> dict:
     run_config = with_worker_threads(config, beam_args)
     weights = resolve_weights(config.backbone, config.weights)
     embeddings_folder = storage.join(gallery_url, "embeddings")
     rejected_folder = storage.join(gallery_url, "rejected")
-    staging, run_id, counts, _ = launch_fit(config, images, gallery_url, beam_args, say, append)
+    staging, run_id, counts, _ = launch_fit(config, images, gallery_url, beam_args, say, append, run_id, lease)
     if counts["rows"] == 0:
         storage.remove(staging, recursive=True)
         if not append:
             raise FileNotFoundError(f"--images {images!r} matches no files")
         say(f"fit --append: nothing new: {counts['skipped']} inputs already in the gallery")
+    lease.check()
     manifest_url = storage.join(gallery_url, MANIFEST)
     rejected = counts["errors"]
     if storage.exists(manifest_url):
@@ -126,11 +150,15 @@ def run_fit(config: SpadeConfig, images: str, gallery_url: str, beam_args: list[
     manifest = build_gallery(storage.list_files(embeddings_folder, ".parquet"), gallery_url, config, weights.source,
                              weights.sha256, progress=say)
     manifest["rejected_inputs"] = rejected
-    write_manifest(gallery_url, manifest)
-    gallery = Gallery.open(gallery_url)
+    gallery = Gallery.open(gallery_url, manifest=manifest)
+    say(f"fit: calibrating thresholds on up to {config.calibration_images} normal images (leave-one-out)")
     image_scores, pixel_maps = leave_one_out_scores(gallery, run_config, config.calibration_images, progress=say)
     manifest["thresholds"] = thresholds_from_normals(image_scores, pixel_maps, config.calibration_fpr)
-    write_manifest(gallery_url, manifest)
+    if not manifest["thresholds"]:
+        LOG.warning("WARNING: fit: no thresholds calibrated (calibration needs 2+ normal images, the gallery has %d): "
+                    "scoring against %s will flag nothing and write no masks unless the config or `spade score "
+                    "--thresholds` gives thresholds.", manifest["num_images"], gallery_url)
+    write_manifest(gallery_url, manifest)  # last: the gallery is usable only once it is complete and calibrated
     say(f"fit: gallery of {manifest['num_images']} images ({rejected} rejected) written to {gallery_url} "
         f"(hash {manifest['gallery_hash']}); thresholds {manifest['thresholds'] or 'none (need 2+ images)'}")
     return manifest

@@ -11,7 +11,9 @@ Layout of a gallery folder (local path or fsspec URL)::
     coreset/<layer>.npy  approximate-mode configs only: each layer's coreset memory bank (vectors, C) and
     coreset/<layer>-rows.npy  the gallery row of each vector; the manifest's "coreset" says how it was built
 
-The manifest is written last: a folder without one is an unfinished gallery.
+The manifest is written last, with the thresholds calibrated at fit and each file's size and sha256
+(``files``): a folder without one is an unfinished gallery. Opening checks every listed file's size and
+each array's shape (cheap); `verify_gallery` (``spade verify-gallery``) checks the hashes.
 """
 from __future__ import annotations
 
@@ -47,6 +49,16 @@ class GalleryMismatch(ValueError):
 
 class GalleryMissing(FileNotFoundError):
     """No finished gallery at the given location."""
+
+
+class GalleryDamaged(ValueError):
+    """A gallery file is missing, truncated, replaced or of the wrong shape; the message names it and the fix."""
+
+
+def _damaged(url: str, name: str, problem: str) -> GalleryDamaged:
+    return GalleryDamaged(f"gallery {url}: {name} {problem}. The gallery is damaged: re-run `spade fit --gallery {url}` "
+                          f"to rebuild it (or restore the file from a backup); `spade verify-gallery --gallery {url}` "
+                          "checks every file's hash")
 
 
 def library_versions() -> dict[str, str]:
@@ -159,6 +171,7 @@ def build_gallery(shard_urls: list[str], gallery_url: str, config: SpadeConfig, 
     }
     if coreset is not None:
         manifest["coreset"] = coreset
+    manifest["files"] = {name: storage.file_digest(os.path.join(workdir, name)) for name in _gallery_files(manifest)}
     if not storage.is_local(gallery_url):
         fs, path = storage.filesystem(gallery_url)
         for name in _gallery_files(manifest):
@@ -176,6 +189,7 @@ def _gallery_files(manifest: dict[str, Any]) -> list[str]:
 
 
 def write_manifest(gallery_url: str, manifest: dict[str, Any]) -> None:
+    """Publish a gallery: the manifest goes last, once every file it lists is complete (atomic write)."""
     storage.write_json(storage.join(gallery_url, MANIFEST), manifest)
 
 
@@ -211,6 +225,63 @@ def check_compatible(manifest: dict[str, Any], url: str, config: SpadeConfig, we
                               "(its manifest.json lists it), or re-run `spade fit` with this config.")
 
 
+def check_files(url: str, manifest: dict[str, Any], root: str | None = None) -> None:
+    """Every file the manifest lists is there with the recorded size: a truncated or replaced file is caught
+    before anything is memory-mapped. Sizes are read from ``root``, a local copy (a worker's cache), or else
+    asked of the gallery's storage (the launcher: one size query per file)."""
+    files = manifest.get("files")
+    if files is None:
+        LOG.warning("gallery %s records no file sizes/hashes (built before they were recorded); damaged files go "
+                    "unnoticed until used. Re-run `spade fit` to rebuild it with them.", url)
+        return
+    for name, record in files.items():
+        if root is not None:
+            path = os.path.join(root, name)
+            size = os.path.getsize(path) if os.path.exists(path) else None
+        else:
+            file_url = storage.join(url, name)
+            size = storage.file_size(file_url) if storage.exists(file_url) else None
+        if size is None:
+            raise _damaged(url, name, "is missing")
+        if size != record["bytes"]:
+            raise _damaged(url, name, f"has {size} bytes, the manifest records {record['bytes']} (truncated or replaced)")
+
+
+def _load_array(url: str, root: str, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A memory-mapped .npy of the gallery, checked to have the shape the manifest implies."""
+    try:
+        array = np.load(os.path.join(root, name), mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        raise _damaged(url, name, f"cannot be read ({exc})") from None
+    if tuple(array.shape) != tuple(shape):
+        raise _damaged(url, name, f"has shape {tuple(array.shape)}, the manifest implies {tuple(shape)} "
+                                  f"({shape[0]} gallery images)")
+    return array
+
+
+def verify_gallery(url: str) -> list[str]:
+    """Check every file the manifest lists against its recorded size and sha256; returns the problems (none:
+    the gallery is intact). Reads every byte once (`Gallery.open` checks only sizes)."""
+    manifest = read_manifest(url)
+    files = manifest.get("files")
+    if files is None:
+        return [f"{MANIFEST} records no file hashes (built before they were recorded): re-run `spade fit --gallery {url}`"]
+    problems = []
+    for name, record in sorted(files.items()):
+        file_url = storage.join(url, name)
+        if not storage.exists(file_url):
+            problems.append(f"{name}: missing")
+            continue
+        found = storage.file_digest(file_url)
+        if found != {"bytes": record["bytes"], "sha256": record["sha256"]}:
+            problems.append(f"{name}: {found['bytes']} bytes, sha256 {found['sha256'][:16]}...; the manifest records "
+                            f"{record['bytes']} bytes, sha256 {record['sha256'][:16]}...")
+    if not manifest.get("thresholds"):
+        problems.append(f"{MANIFEST} has no calibrated thresholds (fewer than 2 images, or built by an older version): "
+                        "scores will decide nothing unless the config or --thresholds gives them")
+    return problems
+
+
 @dataclass
 class Gallery:
     """A finished gallery opened for scoring: index in memory, pyramids memory-mapped."""
@@ -231,22 +302,44 @@ class Gallery:
         return self.images.column("image_id").to_pylist()
 
     @classmethod
-    def open(cls, url: str, cache_dir: str | None = None) -> "Gallery":
-        """Open a gallery; a remote one is copied once per machine into a local cache (keyed by its hash; see
-        `spade.index.cache`) for memory-mapping."""
-        manifest = read_manifest(url)
+    def open(cls, url: str, cache_dir: str | None = None, manifest: dict[str, Any] | None = None) -> "Gallery":
+        """Open a gallery; a remote one is copied once per machine into a local cache (keyed by its hash and its
+        files'; see `spade.index.cache`) for memory-mapping.
+
+        Every file is checked against the manifest's sizes and every array against its shape: a damaged
+        gallery stops here with `GalleryDamaged` naming the file. ``manifest`` opens a gallery whose manifest
+        is not written yet (`spade fit` calibrates before publishing it).
+        """
+        manifest = read_manifest(url) if manifest is None else manifest
         if storage.is_local(url):
             root = storage.local_path(url)
         else:
             key = manifest["gallery_hash"]
+            if manifest.get("files"):  # the same images fitted again (other URIs, other bytes): another entry
+                key += "-files-" + stable_hash(manifest["files"])[:12]
             if manifest.get("coreset"):  # same features, other banks: another cache entry
                 key += "-coreset-" + stable_hash(manifest["coreset"])[:12]
             fs, path = storage.filesystem(url)
             root = cached_folder(key, _gallery_files(manifest), lambda name, target: fs.get_file(f"{path}/{name}", target),
                                  cache_dir)
-        images = pq.read_table(os.path.join(root, "images.parquet"))
-        index = faiss.read_index(os.path.join(root, "index.faiss"))
-        pyramid = {layer: np.load(os.path.join(root, "pyramid", f"{layer}.npy"), mmap_mode="r") for layer in manifest["layers"]}
+        check_files(url, manifest, root)
+        n = manifest["num_images"]
+        try:
+            images = pq.read_table(os.path.join(root, "images.parquet"))
+            index = faiss.read_index(os.path.join(root, "index.faiss"))
+        except Exception as exc:  # Arrow and faiss raise their own types for damaged files
+            raise _damaged(url, "images.parquet or index.faiss", f"cannot be read ({exc})") from None
+        if images.num_rows != n or index.ntotal != n:
+            raise _damaged(url, "images.parquet/index.faiss", f"hold {images.num_rows}/{index.ntotal} images, the "
+                                                              f"manifest {n}")
+        shapes = manifest.get("layer_shapes", {})
+        pyramid = {}
+        for layer in manifest["layers"]:
+            name = f"pyramid/{layer}.npy"
+            if layer in shapes:
+                pyramid[layer] = _load_array(url, root, name, (n, *shapes[layer]))
+            else:
+                pyramid[layer] = np.load(os.path.join(root, name), mmap_mode="r")
         banks = load_banks(root, manifest["layers"]) if manifest.get("coreset") else None
         return cls(url=url, manifest=manifest, images=images, index=index, pyramid=pyramid, banks=banks)
 
