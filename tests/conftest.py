@@ -1,7 +1,10 @@
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from spade.config import SpadeConfig
 from spade.io.samples import SampleSpec, write_sample_dataset
@@ -27,3 +30,33 @@ def shared_dataset(name: str) -> Path:
     if not path.is_dir():
         pytest.skip(f"real data {path} is absent (it sits beside the project in CI only; licence CC BY-NC-SA 4.0)")
     return path
+
+
+TINY = dict(resize=72, crop=64, batch_size=2, calibration_images=3, num_threads=1)  # real work per image, small
+
+
+@pytest.fixture(scope="session")
+def tiny_night(tmp_path_factory) -> dict:
+    """For tests that run `spade` as a separate process: a gallery fitted in-process with small crops, the same
+    config as a YAML file, and 30 test inputs."""
+    from pipelines.fit import run_fit
+
+    root = tmp_path_factory.mktemp("tiny-night")
+    data = write_sample_dataset(str(root / "data"), SampleSpec(size=64, train=6, test_good=10, test_per_defect=10))
+    config = plumbing_config(**TINY)
+    gallery = str(root / "gallery")
+    run_fit(config, f"{data}/train/good", gallery, BEAM_ARGS)
+    config_file = root / "tiny.yaml"
+    config_file.write_text(yaml.safe_dump(config.to_dict()))
+    inputs = sorted(str(p) for p in Path(data, "test").rglob("*.png"))
+    assert len(inputs) == 30
+    return {"config": str(config_file), "gallery": gallery, "images": f"{data}/test", "inputs": inputs,
+            "data": data}
+
+
+def spade_process(args: list[str], tmpdir, wrapper: list[str] = (), quiet: bool = True) -> subprocess.Popen:
+    """`spade ARGS` (local runner; quiet unless asked) in its own process with its own temporary directory."""
+    command = [*wrapper, sys.executable, "-m", "pipelines.cli", *(["--quiet"] if quiet else []), *args,
+               "--runner=FnApiRunner"]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "TMPDIR": str(tmpdir)}, cwd=Path(__file__).resolve().parents[1])
