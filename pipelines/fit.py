@@ -120,6 +120,7 @@ def run_fit(config: SpadeConfig, images: str, gallery_url: str, beam_args: list[
     manifest is written last, with the calibrated thresholds and every file's size and sha256: a fit killed
     at any point leaves no manifest, so no half-built or uncalibrated gallery looks usable.
     """
+    refuse_local_paths(beam_args, images=images, gallery=gallery_url)  # before the lease creates the folder
     run_id = new_run_id(utc_now())
     with RunLease(gallery_url, run_id, "spade fit") as lease:
         return _fit_under_lease(config, images, gallery_url, beam_args, say, append, run_id, lease)

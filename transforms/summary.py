@@ -62,7 +62,7 @@ class WriteSummary(beam.PTransform):
         rows, skipped = pcolls
         url = self.url
         return ((rows | "RowCounts" >> beam.Map(row_counts),
-                 skipped)
+                 skipped | "SkippedCounts" >> beam.Map(lambda c: c if isinstance(c, dict) else {"skipped": c}))
                 | "AllCounts" >> beam.Flatten()
                 | "Merge" >> beam.CombineGlobally(MergeCounts()).without_defaults()
                 | "Write" >> beam.Map(lambda summary: (storage.write_json(url, summary), url)[1]))

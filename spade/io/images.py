@@ -116,6 +116,8 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
         canvas = Image.new("RGB", rgba.size, (0, 0, 0))
         canvas.paste(rgba, mask=rgba.getchannel("A"))
         return np.asarray(canvas, dtype=np.uint8)
+    if img.mode == "RGB":  # no converted copy: a large image costs its pixels once more, not twice
+        return np.asarray(img, dtype=np.uint8)
     return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
