@@ -61,8 +61,7 @@ def build_fit_pipeline(pipeline: beam.Pipeline, images: str, config: SpadeConfig
               | "CountErrors" >> beam.ParDo(CountProgress(progress_folder)))
     rejected = errors | "WriteRejected" >> WriteParquetShards(storage.join(staging_url, "rejected", "part"), ERRORS_SCHEMA,
                                                                  config.shards, rows_per_shard=config.rows_per_shard)
-    all_rows = (rows | "Slim" >> beam.Map(lambda row: {"uri": row["uri"], "status": "ok"}), errors) | "AllRows" >> beam.Flatten()
-    summary = (all_rows, skipped) | "Summary" >> WriteSummary(storage.join(staging_url, SUMMARY))
+    summary = ((rows, errors), skipped) | "Summary" >> WriteSummary(storage.join(staging_url, SUMMARY))
     return (embeddings, rejected, summary) | "Written" >> beam.Flatten()
 
 

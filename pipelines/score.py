@@ -99,7 +99,7 @@ def build_score_pipeline(pipeline: beam.Pipeline, images: str, config: SpadeConf
                                                           rows_per_shard=config.rows_per_shard)
     if summary_url is None:
         return written
-    summary = (rows, skipped) | "Summary" >> WriteSummary(summary_url)
+    summary = (tuple(branches.values()), skipped) | "Summary" >> WriteSummary(summary_url)
     return (written, summary) | "Written" >> beam.Flatten()
 
 

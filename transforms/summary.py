@@ -50,9 +50,11 @@ def read_summary(url: str) -> dict[str, Any]:
 
 
 class WriteSummary(beam.PTransform):
-    """(output rows, counts of inputs an earlier run already did: ``{"skipped": n}`` or ``{"resumed": n}``, inputs
-    a killed run committed) → ``url`` (JSON: rows, ok, errors, skipped, resumed, error_messages); outputs the URL
-    written, to be flattened with the sinks' outputs."""
+    """(output rows, or a tuple of PCollections of them; counts of inputs an earlier run already did:
+    ``{"skipped": n}`` or ``{"resumed": n}``, inputs a killed run committed) → ``url`` (JSON: rows, ok, errors,
+    skipped, resumed, error_messages); outputs the URL written, to be flattened with the sinks' outputs. Each rows
+    PCollection is counted by its own step before one Flatten of small count dicts (Beam Java 2.62's fuser, on Flink
+    and Spark, rejects a Flatten of a heavy branch with another Flatten's output)."""
 
     def __init__(self, url: str):
         super().__init__()
@@ -61,8 +63,8 @@ class WriteSummary(beam.PTransform):
     def expand(self, pcolls):
         rows, skipped = pcolls
         url = self.url
-        return ((rows | "RowCounts" >> beam.Map(row_counts),
-                 skipped | "SkippedCounts" >> beam.Map(lambda c: c if isinstance(c, dict) else {"skipped": c}))
+        counted = [pcoll | f"RowCounts{i}" >> beam.Map(row_counts) for i, pcoll in enumerate(rows if isinstance(rows, tuple) else (rows,))]
+        return ((*counted, skipped | "SkippedCounts" >> beam.Map(lambda c: c if isinstance(c, dict) else {"skipped": c}))
                 | "AllCounts" >> beam.Flatten()
                 | "Merge" >> beam.CombineGlobally(MergeCounts()).without_defaults()
                 | "Write" >> beam.Map(lambda summary: (storage.write_json(url, summary), url)[1]))
