@@ -59,3 +59,28 @@ def test_pro_integrates_to_max_fpr_with_interpolation():
 def test_pro_shape_mismatch():
     with pytest.raises(ValueError, match="shape"):
         pro_curve(np.zeros((1, 2, 2)), np.zeros((1, 3, 3)))
+
+
+def test_pro_on_mixed_image_sizes_equals_stacked_pieces():
+    """A 32x64 image whose regions stay within its halves is, for PRO, the same as its two 32x32
+    halves: the per-image (unstacked) result on two sizes must equal the stacked result on one size."""
+    rng = np.random.default_rng(3)
+    small_mask = np.zeros((32, 32), dtype=bool)
+    small_mask[4:9, 5:12] = True
+    wide_mask = np.zeros((32, 64), dtype=bool)
+    wide_mask[10:20, 3:9] = True
+    wide_mask[2:5, 40:60] = True
+    small_scores = rng.random((32, 32)) + small_mask * rng.random((32, 32))
+    wide_scores = rng.random((32, 64)) + wide_mask * 0.7 * rng.random((32, 64))
+    mixed = pro_auc([small_mask, wide_mask], [small_scores, wide_scores])
+    stacked = pro_auc(np.stack([small_mask, wide_mask[:, :32], wide_mask[:, 32:]]),
+                      np.stack([small_scores, wide_scores[:, :32], wide_scores[:, 32:]]))
+    assert not math.isnan(mixed)
+    assert mixed == pytest.approx(stacked, abs=1e-12)
+    fpr_mixed, pro_mixed = pro_curve([small_mask, wide_mask], [small_scores, wide_scores])
+    fpr_stacked, pro_stacked = pro_curve(np.stack([small_mask, wide_mask[:, :32], wide_mask[:, 32:]]),
+                                         np.stack([small_scores, wide_scores[:, :32], wide_scores[:, 32:]]))
+    np.testing.assert_allclose(fpr_mixed, fpr_stacked)
+    np.testing.assert_allclose(pro_mixed, pro_stacked)
+    with pytest.raises(ValueError, match="differ in shape"):
+        pro_auc([small_mask, wide_mask], [small_scores, small_scores])

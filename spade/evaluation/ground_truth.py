@@ -61,11 +61,7 @@ def load_pixels(rows: list[dict[str, Any]], masks_root: str | None, resize: int,
 def _pixel_metrics(maps: list[np.ndarray], masks: list[np.ndarray], max_fpr: float) -> dict[str, float]:
     if not maps:
         return {"pixel_rocauc": float("nan"), "pro": float("nan")}
-    if len({m.shape for m in maps}) == 1:
-        stacked_maps, stacked_masks = np.stack(maps), np.stack(masks)
-        pro = pro_auc(stacked_masks, stacked_maps, max_fpr)
-    else:
-        pro = float("nan")
+    pro = pro_auc(masks, maps, max_fpr)  # per image: sets of mixed image sizes need no stacking
     flat_masks = np.concatenate([m.ravel() for m in masks])
     flat_maps = np.concatenate([m.ravel() for m in maps])
     return {"pixel_rocauc": auroc(flat_masks, flat_maps), "pro": pro}
