@@ -72,7 +72,8 @@ def _timed(fn) -> float:
 # ---------------------------------------------------------------- inputs
 
 def load_images(paths: list[str], config: SpadeConfig) -> torch.Tensor:
-    return torch.stack([preprocess(decode_rgb(Path(p).read_bytes()), config.resize, config.crop, config.mean, config.std)
+    return torch.stack([preprocess(decode_rgb(Path(p).read_bytes()), config.resize, config.crop, config.mean, config.std,
+                                   config.framing)
                         for p in paths])
 
 
@@ -398,7 +399,7 @@ def _benchmark(args) -> int:
     start = time.perf_counter()
     for i, score_map in enumerate(b_maps):
         full = to_original_geometry(score_map, (256, 256) if test_paths is None else _size(test_paths[i]),
-                                    config.resize, config.crop)
+                                    config.resize, config.crop, config.framing)
         png, _ = encode_score_map(full)
         Path(out_dir, f"{i}.png").write_bytes(png)
     t_write = time.perf_counter() - start

@@ -13,12 +13,13 @@ from typing import Callable
 import apache_beam as beam
 
 from spade.io import storage
-from spade.scoring.calibration import leave_one_out_scores, thresholds_from_normals
+from spade.scoring.calibration import calibrate, leave_one_out_scores
 from spade.config import SpadeConfig
 from spade.index.gallery import MANIFEST, Gallery, GalleryMissing, build_gallery, check_compatible, read_manifest, write_manifest
 from spade.io.listing import check_spec
 from spade.io.results import ok_uris
 from spade.io.lease import RunLease, staging_is_live
+from spade.index.knn import k_warning
 from spade.io.tables import ERRORS_SCHEMA, embeddings_schema
 from spade.features.weights import check_preprocessing, resolve_weights
 from transforms.extract import ExtractFeatures
@@ -150,10 +151,13 @@ def _fit_under_lease(config: SpadeConfig, images: str, gallery_url: str, beam_ar
     manifest = build_gallery(storage.list_files(embeddings_folder, ".parquet"), gallery_url, config, weights.source,
                              weights.sha256, progress=say)
     manifest["rejected_inputs"] = rejected
+    warning = k_warning(config.k, manifest["num_images"])
+    if warning:
+        LOG.warning("fit: %s", warning)
     gallery = Gallery.open(gallery_url, manifest=manifest)
     say(f"fit: calibrating thresholds on up to {config.calibration_images} normal images (leave-one-out)")
-    image_scores, pixel_maps = leave_one_out_scores(gallery, run_config, config.calibration_images, progress=say)
-    manifest["thresholds"] = thresholds_from_normals(image_scores, pixel_maps, config.calibration_fpr)
+    normal = leave_one_out_scores(gallery, run_config, config.calibration_images, progress=say)
+    manifest["calibration"], manifest["thresholds"] = calibrate(normal, config)
     if not manifest["thresholds"]:
         LOG.warning("WARNING: fit: no thresholds calibrated (calibration needs 2+ normal images, the gallery has %d): "
                     "scoring against %s will flag nothing and write no masks unless the config or `spade score "

@@ -27,6 +27,8 @@ from spade.io.lease import RunLease, staging_is_live
 from spade.io.ledger import committed_sources, discard_others, earlier_parts, is_part, ledger_url
 from spade.io.listing import check_spec
 from spade.io.results import RUN_INFO, ok_uris, read_score_table, scored_tables
+from spade.index.knn import k_warning
+from spade.scoring.image_score import require_normals
 from spade.io.tables import SCORES_SCHEMA
 from spade.evaluation.thresholds import validate_thresholds
 from spade.features.weights import check_preprocessing, resolve_weights
@@ -174,6 +176,10 @@ def run_score(config: SpadeConfig, gallery_url: str, images: str, out_url: str, 
     weights = resolve_weights(config.backbone, config.weights)
     check_preprocessing(weights, config.mean, config.std)
     check_compatible(manifest, gallery_url, config, weights.sha256)
+    require_normals(config.image_score, manifest.get("calibration"), gallery_url)
+    warning = k_warning(config.k, manifest["num_images"])
+    if warning:
+        LOG.warning("score: %s", warning)
     explicit = validate_thresholds(storage.read_json(thresholds_url), thresholds_url) if thresholds_url else None
     used_thresholds = resolve_thresholds(config, manifest, explicit)
     warn_missing_thresholds(used_thresholds, gallery_url)

@@ -11,6 +11,10 @@ import fsspec
 import yaml
 
 LAYERS_BY_BACKBONE_FAMILY = ("layer1", "layer2", "layer3", "layer4")
+FRAMINGS = ("crop", "full")
+IMAGE_SCORES = ("knn", "map_max", "combined")
+# Feature settings added after galleries were first written: a manifest without one was built with this value.
+FEATURE_DEFAULTS_BEFORE = {"framing": "crop", "feature_aggregation": 1}
 
 
 @dataclass(frozen=True)
@@ -18,8 +22,22 @@ class SpadeConfig:
     """Everything that decides what a gallery is and how images are scored.
 
     The fields that change the features (``backbone``, ``weights``, ``layers``,
-    ``resize``, ``crop``, ``mean``, ``std``) must match between `fit` and
-    `score`; `feature_signature` hashes exactly those.
+    ``resize``, ``crop``, ``framing``, ``feature_aggregation``, ``mean``, ``std``) must match
+    between `fit` and `score`; `feature_signature` hashes exactly those.
+
+    ``framing``: what the model sees. ``crop`` (the paper): the short side resized to ``resize``,
+    then the centre ``crop``² (the borders of the frame are never inspected); ``full``: the whole
+    frame resized to ``crop``² (aspect ratio not kept, nothing cut off).
+    ``feature_aggregation``: side of the local average (stride 1) applied to each pyramid layer's
+    map at extraction, PatchCore's neighbourhood aggregation (3); 1 = none (the paper).
+    ``image_score``: ``knn`` (the paper: mean distance of the global embedding to its K nearest
+    normal embeddings), ``map_max`` (the maximum of the smoothed pixel score map, as PatchCore and
+    PaDiM decide), ``combined`` (both terms standardised by their leave-one-out mean and standard
+    deviation on the gallery's normal calibration images, then summed).
+    Calibration at `fit`: ``calibration_images`` gallery images (evenly spaced; all when the gallery
+    is smaller) are scored leave-one-out; the image threshold is their (1 - ``calibration_image_fpr``)
+    quantile plus ``calibration_margin`` times their standard deviation, the pixel threshold the
+    (1 - ``calibration_fpr``) quantile of their pixel scores.
     """
 
     backbone: str = "wide_resnet50_2"
@@ -27,9 +45,12 @@ class SpadeConfig:
     layers: tuple[str, ...] = ("layer1", "layer2", "layer3")
     resize: int = 256
     crop: int = 224
+    framing: str = "crop"
+    feature_aggregation: int = 1
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     k: int = 50
+    image_score: str = "knn"
     kappa: int = 1
     sigma: float = 4.0
     feature_dtype: str = "float32"
@@ -39,6 +60,8 @@ class SpadeConfig:
     image_threshold: float | None = None
     calibration_images: int = 10
     calibration_fpr: float = 0.001
+    calibration_image_fpr: float = 0.0
+    calibration_margin: float = 0.0
     eval_region: str = "crop"
     shards: int = 0  # table files per output table; 0: follow the row count (rows_per_shard rows per file)
     rows_per_shard: int = 10_000
@@ -62,6 +85,16 @@ class SpadeConfig:
                 problems.append(f"unknown layer {name!r}; use {', '.join(LAYERS_BY_BACKBONE_FAMILY)}")
         if self.crop > self.resize:
             problems.append(f"crop ({self.crop}) must not exceed resize ({self.resize})")
+        if self.framing not in FRAMINGS:
+            problems.append(f"framing must be one of {', '.join(FRAMINGS)} (crop: the paper's centre crop; full: the whole frame)")
+        if self.feature_aggregation < 1 or self.feature_aggregation % 2 == 0:
+            problems.append("feature_aggregation must be an odd size >= 1 (1: none; 3: PatchCore's 3x3 average)")
+        if self.image_score not in IMAGE_SCORES:
+            problems.append(f"image_score must be one of {', '.join(IMAGE_SCORES)}")
+        if not 0.0 <= self.calibration_image_fpr < 1.0:
+            problems.append("calibration_image_fpr must be in [0, 1)")
+        if self.calibration_margin < 0:
+            problems.append("calibration_margin must be >= 0")
         if self.k < 1:
             problems.append("k must be >= 1")
         if self.kappa < 1:
@@ -97,7 +130,8 @@ class SpadeConfig:
     def feature_signature(self) -> dict[str, Any]:
         """The settings that determine feature values; fit and score must agree on them."""
         d = self.to_dict()
-        return {key: d[key] for key in ("backbone", "weights", "layers", "resize", "crop", "mean", "std")}
+        return {key: d[key] for key in ("backbone", "weights", "layers", "resize", "crop", "framing", "feature_aggregation",
+                                        "mean", "std")}
 
 
 def config_from_mapping(values: Mapping[str, Any], source: str = "<mapping>") -> SpadeConfig:

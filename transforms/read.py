@@ -58,7 +58,7 @@ class DecodeImages(beam.DoFn):
         try:
             rgb = decode_rgb(data, decode_limits(self.config))
             cfg = self.config
-            tensor = preprocess(rgb, cfg.resize, cfg.crop, cfg.mean, cfg.std).numpy()
+            tensor = preprocess(rgb, cfg.resize, cfg.crop, cfg.mean, cfg.std, cfg.framing).numpy()
             height, width = rgb.shape[:2]
             del rgb, data  # not held while the batch is extracted and scored downstream
         except ImageDecodeError as exc:

@@ -31,10 +31,22 @@ class _GalleryHandle:
         self.gallery = Gallery.open(url)
 
 
+def calibrated_thresholds(config: SpadeConfig, manifest: dict) -> dict:
+    """The gallery's calibrated {"image", "pixel"} for this config's image-score mode: its ``image_by_mode``
+    entry, or, for galleries calibrated before modes existed, ``image`` when it was calibrated for this mode."""
+    found = manifest.get("thresholds") or {}
+    by_mode = found.get("image_by_mode")
+    if by_mode is not None:
+        image = by_mode.get(config.image_score)
+    else:
+        image = found.get("image") if found.get("image_score", "knn") == config.image_score else None
+    return {"image": image, "pixel": found.get("pixel")}
+
+
 def resolve_thresholds(config: SpadeConfig, manifest: dict, explicit: dict | None = None) -> dict:
     """{"image", "pixel", "source"} per kind: an explicit thresholds file's (`spade score --thresholds`),
-    else the config's, else the gallery's calibrated ones."""
-    found = manifest.get("thresholds") or {}
+    else the config's, else the gallery's calibrated ones (for the config's ``image_score``)."""
+    found = calibrated_thresholds(config, manifest)
     out: dict = {}
     sources = []
     for kind in ("image", "pixel"):
@@ -48,6 +60,7 @@ def resolve_thresholds(config: SpadeConfig, manifest: dict, explicit: dict | Non
         else:
             out[kind] = None
     out["source"] = "; ".join(sources) or "none"
+    out["image_score"] = config.image_score
     return out
 
 
@@ -101,7 +114,7 @@ class ScoreBatch(beam.DoFn):
 
     def _write(self, image, result) -> dict:
         cfg = self.config
-        full = to_original_geometry(result.score_map, (image.width, image.height), cfg.resize, cfg.crop)
+        full = to_original_geometry(result.score_map, (image.width, image.height), cfg.resize, cfg.crop, cfg.framing)
         png, scale = encode_score_map(full)
         map_uri = storage.join(self.out_url, "maps", f"{image.image_id}.png")
         storage.atomic_write_bytes(map_uri, png)

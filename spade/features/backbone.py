@@ -84,6 +84,15 @@ def _timm_taps(model: torch.nn.Module) -> dict[int, str]:
     return taps
 
 
+def aggregate_neighbourhood(maps: torch.Tensor, size: int) -> torch.Tensor:
+    """Each position's features averaged over its ``size``² neighbourhood (stride 1, same map size):
+    PatchCore's local aggregation, so a feature describes a patch rather than a point. At the map's
+    border only the positions inside the map are averaged. ``size`` 1 returns the maps unchanged."""
+    if size <= 1:
+        return maps
+    return torch.nn.functional.avg_pool2d(maps, size, stride=1, padding=size // 2, count_include_pad=False)
+
+
 class FeatureExtractor:
     """Runs the backbone once per batch and returns the pooled embedding and the chosen layer maps."""
 
@@ -119,9 +128,11 @@ class FeatureExtractor:
     @torch.inference_mode()
     def __call__(self, batch: torch.Tensor) -> Features:
         embedding, maps = self._timm(batch) if self.is_timm else self._resnet(batch)
+        size = self.config.feature_aggregation
         return Features(
             embedding=embedding.numpy().astype(np.float32, copy=False),
-            pyramid={name: maps[name].numpy().astype(np.float32, copy=False) for name in self.layers},
+            pyramid={name: aggregate_neighbourhood(maps[name], size).numpy().astype(np.float32, copy=False)
+                     for name in self.layers},
         )
 
     def classify(self, batch: torch.Tensor) -> np.ndarray:

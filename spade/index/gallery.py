@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from spade.io import storage
-from spade.config import SpadeConfig, stable_hash
+from spade.config import FEATURE_DEFAULTS_BEFORE, SpadeConfig, stable_hash
 from spade.index.cache import cached_folder
 from spade.index.coreset import bank_files, bank_settings, load_banks, save_banks
 from spade.index.knn import build_index
@@ -154,7 +154,8 @@ def build_gallery(shard_urls: list[str], gallery_url: str, config: SpadeConfig, 
         "format_version": FORMAT_VERSION,
         "backbone": config.backbone,
         "layers": list(config.layers),
-        "preprocessing": {"resize": config.resize, "crop": config.crop, "mean": list(config.mean), "std": list(config.std)},
+        "preprocessing": {"resize": config.resize, "crop": config.crop, "framing": config.framing,
+                          "feature_aggregation": config.feature_aggregation, "mean": list(config.mean), "std": list(config.std)},
         "weights": {"spec": config.weights, "source": weights_source, "sha256": weights_sha256},
         "feature_signature": config.feature_signature() | {"weights_sha256": weights_sha256},
         "k": config.k, "kappa": config.kappa, "sigma": config.sigma,
@@ -208,7 +209,7 @@ def read_manifest(url: str) -> dict[str, Any]:
 def check_compatible(manifest: dict[str, Any], url: str, config: SpadeConfig, weights_sha256: str | None = None) -> None:
     """Raise `GalleryMismatch` naming every feature setting where ``config`` (and the weights
     actually loaded, when given) and the gallery differ."""
-    built = dict(manifest["feature_signature"])
+    built = FEATURE_DEFAULTS_BEFORE | dict(manifest["feature_signature"])
     built_sha = built.pop("weights_sha256", None)
     if weights_sha256 is not None and built_sha != weights_sha256:
         raise GalleryMismatch(f"gallery {url} was built with backbone weights sha256 {built_sha[:12]}..., "

@@ -41,3 +41,20 @@ def nearest_images(index: faiss.Index, queries: np.ndarray, k: int,
 def image_scores(distances: np.ndarray) -> np.ndarray:
     """Mean distance to the K nearest normal images, per query."""
     return distances.mean(axis=1)
+
+
+def k_warning(k: int, gallery_size: int) -> str | None:
+    """A warning when K is large for the gallery (more than a quarter of its images), else None.
+
+    With K near the gallery size every image's "nearest" normal images are most of the gallery:
+    the kNN score averages over images that are not similar, the correspondence searches nearly
+    every normal image (scoring time grows with K) and leave-one-out calibration sees the same set.
+    """
+    supported = max(1, gallery_size // 4)
+    if k <= supported:
+        return None
+    used = min(k, gallery_size)
+    return (f"k={k} with a gallery of {gallery_size} normal images: more than a quarter of the gallery. Each image is "
+            f"compared with {used} images, nearly all of the gallery, so its neighbours are not its nearest ones and "
+            f"scoring costs about {used / supported:.0f}x what this gallery needs; this gallery supports k <= {supported} "
+            f"(a quarter of it). Set `k: {supported}` or lower in the config, or fit more normal images.")

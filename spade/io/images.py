@@ -1,4 +1,4 @@
-"""Decoding image bytes and the paper's preprocessing (resize, centre-crop, normalise)."""
+"""Decoding image bytes and preprocessing (the paper's resize + centre crop, or the whole frame; normalise)."""
 from __future__ import annotations
 
 import hashlib
@@ -129,13 +129,27 @@ def resize_short_side(size: tuple[int, int], resize: int) -> tuple[int, int]:
     return int(resize * width / height), resize
 
 
-def preprocess(rgb: np.ndarray, resize: int, crop: int, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """Resize the short side to ``resize`` (bilinear), centre-crop ``crop``², normalise: a ``(3, crop, crop)`` tensor."""
-    img = Image.fromarray(rgb)
+def frame(img: Image.Image, resize: int, crop: int, framing: str = "crop") -> Image.Image:
+    """The ``crop``² view of an image the model sees (bilinear resampling).
+
+    ``crop`` (the paper): the short side resized to ``resize``, then the centre ``crop``²;
+    ``full``: the whole frame resized to ``crop``² (aspect ratio not kept, nothing cut off), so a
+    defect at the border of a wide or tall image is inspected too.
+    """
+    if framing == "full":
+        return img.resize((crop, crop), Image.BILINEAR)
+    if framing != "crop":
+        raise ValueError(f"framing must be 'crop' or 'full', got {framing!r}")
     new_w, new_h = resize_short_side(img.size, resize)
     img = img.resize((new_w, new_h), Image.BILINEAR)
     left, top = crop_origin((new_w, new_h), crop)
-    img = img.crop((left, top, left + crop, top + crop))
+    return img.crop((left, top, left + crop, top + crop))
+
+
+def preprocess(rgb: np.ndarray, resize: int, crop: int, mean: tuple[float, ...], std: tuple[float, ...],
+               framing: str = "crop") -> torch.Tensor:
+    """`frame` the image (centre crop or whole frame), normalise: a ``(3, crop, crop)`` tensor."""
+    img = frame(Image.fromarray(rgb), resize, crop, framing)
     tensor = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
     mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)

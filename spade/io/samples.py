@@ -25,12 +25,13 @@ class SampleSpec:
 DEFECTS = ("scratch", "spot")
 
 
-def normal_surface(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A brushed-metal-like texture: fine stripes with random phase plus noise, (size, size, 3) uint8."""
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+def normal_surface(rng: np.random.Generator, size: int, width: int | None = None) -> np.ndarray:
+    """A brushed-metal-like texture: fine stripes with random phase plus noise, (size, width or size, 3) uint8."""
+    width = width or size
+    yy, xx = np.mgrid[0:size, 0:width].astype(np.float32)
     phase = rng.uniform(0, 2 * np.pi)
     stripes = 0.5 + 0.25 * np.sin(2 * np.pi * (xx + 0.15 * yy) / 6.0 + phase)
-    noise = rng.normal(0.0, 0.04, size=(size, size))
+    noise = rng.normal(0.0, 0.04, size=(size, width))
     gray = np.clip(stripes + noise, 0, 1)
     tint = np.array([0.80, 0.82, 0.86], dtype=np.float32)
     return (gray[:, :, None] * tint * 255).astype(np.uint8)

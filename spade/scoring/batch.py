@@ -12,6 +12,9 @@ Two pixel modes:
 
 The mode and coreset ratio come from the config (``scoring_mode``,
 ``coreset_ratio``) or are passed explicitly.
+
+Every result carries both image-level terms, the kNN score and the maximum of the smoothed
+score map; the image score is the one ``image_score`` asks for (`spade.scoring.image_score`).
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from spade.config import SpadeConfig
 from spade.scoring.correspondence import batch_layer_distances, configure_threads
 from spade.index.gallery import Gallery
 from spade.index.knn import image_scores, nearest_images
+from spade.scoring.image_score import image_score
 from spade.scoring.scoremap import combine_layer_maps, smooth
 
 MODES = ("exact", "approximate")
@@ -31,11 +35,14 @@ MODES = ("exact", "approximate")
 
 @dataclass
 class ImageScore:
-    """One test image's result: image score, neighbour rows, and a (crop, crop) pixel score map."""
+    """One test image's result: image score, neighbour rows, a (crop, crop) pixel score map, and the
+    two terms the image score is made of (kNN score, maximum of the score map)."""
 
     image_score: float
     neighbours: np.ndarray
     score_map: np.ndarray
+    knn_score: float = float("nan")
+    map_max: float = float("nan")
 
 
 def scoring_mode(config: SpadeConfig, mode: str | None = None) -> str:
@@ -89,16 +96,25 @@ def finish_map(layer_maps: list[np.ndarray], config: SpadeConfig) -> np.ndarray:
 
 
 def score_batch(features: Features, gallery: Gallery, config: SpadeConfig, exclude_rows: np.ndarray | None = None,
-                mode: str | None = None, coreset_ratio: float | None = None) -> list[ImageScore]:
+                mode: str | None = None, coreset_ratio: float | None = None,
+                normals: dict | None = None) -> list[ImageScore]:
     """Score every image of a batch; ``exclude_rows`` is for leave-one-out scoring of gallery images.
 
     All images of the batch go through the correspondence together, so gallery
     images shared by several test images' neighbour sets are read and multiplied once.
+    ``normals``: the leave-one-out statistics of the gallery's normal images (the manifest's
+    ``calibration``) that ``image_score: combined`` standardises by; default: the gallery's.
     """
     configure_threads(config.num_threads)
     distances, rows = nearest_images(gallery.index, features.embedding, config.k, exclude_rows=exclude_rows)
-    scores = image_scores(distances)
+    knn = image_scores(distances)
     maps = layer_distance_maps({layer: features.pyramid[layer] for layer in config.layers}, gallery, rows, config,
                                mode=mode, coreset_ratio=coreset_ratio, exclude_rows=exclude_rows)
-    return [ImageScore(float(scores[i]), rows[i], finish_map([maps[layer][i] for layer in config.layers], config))
-            for i in range(len(rows))]
+    stats = gallery.manifest.get("calibration") if normals is None else normals
+    results = []
+    for i in range(len(rows)):
+        score_map = finish_map([maps[layer][i] for layer in config.layers], config)
+        peak = float(score_map.max())
+        results.append(ImageScore(image_score(config.image_score, float(knn[i]), peak, stats, gallery.url), rows[i],
+                                  score_map, knn_score=float(knn[i]), map_max=peak))
+    return results

@@ -1,52 +1,97 @@
-"""Default thresholds from normal images alone: leave-one-out scores of gallery images."""
+"""Default thresholds from normal images alone: leave-one-out scores of gallery images.
+
+Rule (documented in the README): ``calibration_images`` gallery images, evenly spaced over the
+gallery (all of them when it is smaller), are each scored against the gallery without themselves.
+Their two image terms give the normal statistics ``image_score: combined`` standardises by; for each
+image-score mode the image threshold is the (1 - ``calibration_image_fpr``) quantile of the normal
+images' scores plus ``calibration_margin`` of their standard deviations (the margin absorbs the
+sampling error of a quantile taken from tens of images; an image is anomalous when its score is
+above the threshold); the pixel threshold is the (1 - ``calibration_fpr``) quantile of their pixel scores.
+"""
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 
+from spade.config import IMAGE_SCORES, SpadeConfig
 from spade.features.backbone import Features
-from spade.config import SpadeConfig
 from spade.index.gallery import Gallery
 from spade.scoring.batch import score_batch
+from spade.scoring.image_score import image_scores, normal_statistics
+
+
+@dataclass
+class NormalScores:
+    """Leave-one-out results of m gallery images: their rows, both image terms, their (crop, crop) maps."""
+
+    rows: np.ndarray
+    knn: np.ndarray
+    map_max: np.ndarray
+    maps: np.ndarray
+
+
+def _gallery_features(gallery: Gallery, rows: np.ndarray, config: SpadeConfig) -> Features:
+    """The stored embedding and pyramid {layer: (B, C, h, w)} of gallery rows, as extraction gave them."""
+    pyramid = {}
+    for layer in config.layers:
+        positions = np.asarray(gallery.pyramid[layer][rows], dtype=np.float32)  # (B, P, C)
+        side = int(round(np.sqrt(positions.shape[1])))
+        pyramid[layer] = np.ascontiguousarray(positions.transpose(0, 2, 1)).reshape(len(rows), -1, side, side)
+    return Features(embedding=gallery.index.reconstruct_batch(rows), pyramid=pyramid)
 
 
 def leave_one_out_scores(gallery: Gallery, config: SpadeConfig, count: int,
-                         progress: Callable[[str], None] = lambda _: None) -> tuple[np.ndarray, np.ndarray]:
-    """Image scores (m,) and pixel score maps (m, crop, crop) of ``count`` evenly spaced gallery images,
-    each scored against the gallery without itself."""
+                         progress: Callable[[str], None] = lambda _: None) -> NormalScores:
+    """Both image terms and the pixel score maps of ``count`` evenly spaced gallery images (all when the
+    gallery is smaller), each scored against the gallery without itself, ``config.batch_size`` at a time."""
     n = gallery.index.ntotal
-    if n < 2:
-        return np.zeros(0), np.zeros((0, config.crop, config.crop), dtype=np.float32)
-    rows = np.unique(np.linspace(0, n - 1, num=min(count, n)).round().astype(int))
-    image_scores, maps = [], []
-    # A batch at a time, as `spade score` does: images sharing neighbours share their GEMMs. Each image still
-    # excludes only its own row, so the results are those of scoring the images one by one.
+    if n < 2 or count < 1:
+        empty = np.zeros(0)
+        return NormalScores(empty.astype(int), empty, empty, np.zeros((0, config.crop, config.crop), dtype=np.float32))
+    rows = np.unique(np.linspace(0, n - 1, num=min(count, n)).round().astype(np.int64))
+    knn_only = config.replace(image_score="knn")  # the statistics `combined` needs are what is computed here
+    knn, peaks, maps = [], [], []
     for start in range(0, len(rows), config.batch_size):
-        chunk = rows[start:start + config.batch_size]
-        pyramid = {}
-        for layer in config.layers:
-            positions = np.asarray(gallery.pyramid[layer][chunk], dtype=np.float32)  # (B, positions, C)
-            side = int(round(np.sqrt(positions.shape[1])))
-            pyramid[layer] = positions.transpose(0, 2, 1).reshape(len(chunk), -1, side, side)
-        features = Features(embedding=gallery.index.reconstruct_batch(chunk), pyramid=pyramid)
-        for result in score_batch(features, gallery, config, exclude_rows=chunk):
-            image_scores.append(result.image_score)
+        batch = rows[start:start + config.batch_size]
+        for result in score_batch(_gallery_features(gallery, batch, config), gallery, knn_only, exclude_rows=batch):
+            knn.append(result.knn_score)
+            peaks.append(result.map_max)
             maps.append(result.score_map)
-        done = start + len(chunk)
-        progress(f"calibration: {done}/{len(rows)} normal images scored leave-one-out")
-    return np.asarray(image_scores), np.stack(maps)
+        progress(f"calibration: {len(knn)}/{len(rows)} normal images scored leave-one-out")
+    return NormalScores(rows, np.asarray(knn), np.asarray(peaks), np.stack(maps))
 
 
-def thresholds_from_normals(image_scores: np.ndarray, pixel_maps: np.ndarray, fpr: float) -> dict[str, float]:
-    """Image threshold: the highest leave-one-out normal image score. Pixel threshold: the
-    (1 - fpr) quantile of normal pixel scores, so about ``fpr`` of normal pixels are flagged."""
-    if len(image_scores) == 0:
-        return {}
-    return {
-        "image": float(np.max(image_scores)),
-        "pixel": float(np.quantile(pixel_maps, 1.0 - fpr)),
+def image_threshold(scores: np.ndarray, target_fpr: float, margin: float) -> float:
+    """The (1 - ``target_fpr``) quantile of normal image scores plus ``margin`` standard deviations."""
+    scores = np.asarray(scores, dtype=np.float64)
+    spread = float(scores.std(ddof=1)) if scores.size > 1 else 0.0
+    return float(np.quantile(scores, 1.0 - target_fpr) + margin * spread)
+
+
+def calibrate(normal: NormalScores, config: SpadeConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(normal statistics, thresholds) for the manifest from leave-one-out normal scores.
+
+    The thresholds hold the image threshold of every image-score mode (``image_by_mode``), so a
+    config with another ``image_score`` can score against the same gallery; ``image`` is the fitted
+    config's. Both are empty with fewer than 2 normal images.
+    """
+    stats = normal_statistics(normal.knn, normal.map_max)
+    if not stats:
+        return {}, {}
+    by_mode = {mode: image_threshold(image_scores(mode, normal.knn, normal.map_max, stats),
+                                     config.calibration_image_fpr, config.calibration_margin)
+               for mode in IMAGE_SCORES}
+    thresholds = {
+        "image": by_mode[config.image_score],
+        "image_score": config.image_score,
+        "image_by_mode": by_mode,
+        "pixel": float(np.quantile(normal.maps, 1.0 - config.calibration_fpr)),
         "source": "calibration",
-        "calibration_images": int(len(image_scores)),
-        "calibration_fpr": float(fpr),
+        "calibration_images": int(len(normal.rows)),
+        "calibration_fpr": float(config.calibration_fpr),
+        "calibration_image_fpr": float(config.calibration_image_fpr),
+        "calibration_margin": float(config.calibration_margin),
     }
+    return stats, thresholds

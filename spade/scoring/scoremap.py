@@ -44,13 +44,20 @@ def crop_box_pixels(original_size: tuple[int, int], resize: int, crop: int) -> t
     return int(round(left)), int(round(top)), int(round(right)), int(round(bottom))
 
 
-def to_original_geometry(crop_map: np.ndarray, original_size: tuple[int, int], resize: int, crop: int) -> np.ndarray:
+def to_original_geometry(crop_map: np.ndarray, original_size: tuple[int, int], resize: int, crop: int,
+                         framing: str = "crop") -> np.ndarray:
     """Map a (crop, crop) score map back onto the original (H, W) image.
 
-    Inside the crop the map is resampled bilinearly; outside it (never seen by
+    ``framing`` full: the map covers the whole frame and is resampled bilinearly to (H, W).
+    ``framing`` crop: inside the crop the map is resampled bilinearly; outside it (never seen by
     the model) the nearest border values are repeated.
     """
     width, height = original_size
+    if framing == "full":
+        if crop_map.shape == (height, width):
+            return crop_map.astype(np.float32, copy=False)
+        return np.asarray(Image.fromarray(crop_map.astype(np.float32)).resize((width, height), Image.BILINEAR),
+                          dtype=np.float32)
     new_w, new_h = resize_short_side(original_size, resize)
     left, top = crop_origin((new_w, new_h), crop)
     canvas = np.pad(crop_map.astype(np.float32), ((top, new_h - top - crop), (left, new_w - left - crop)), mode="edge")

@@ -1,0 +1,114 @@
+"""Image-score modes, leave-one-out calibration (rule and per-mode thresholds), feature aggregation, K warning."""
+import numpy as np
+import pytest
+import torch
+
+from spade.config import SpadeConfig
+from spade.features.backbone import aggregate_neighbourhood
+from spade.index.gallery import Gallery, GalleryMismatch
+from spade.index.knn import k_warning
+from spade.scoring.batch import score_batch
+from spade.scoring.calibration import NormalScores, calibrate, image_threshold, leave_one_out_scores
+from spade.scoring.image_score import MissingCalibration, image_score, normal_statistics
+from tests.test_scoring_fast import _gallery
+from transforms.score import resolve_thresholds
+
+
+def test_modes_from_the_two_terms():
+    normals = normal_statistics([1.0, 2.0, 3.0], [10.0, 14.0, 18.0])
+    assert normals["knn"] == {"mean": 2.0, "std": 1.0} and normals["map_max"] == {"mean": 14.0, "std": 4.0}
+    assert image_score("knn", 2.5, 22.0, None) == 2.5
+    assert image_score("map_max", 2.5, 22.0, None) == 22.0
+    assert image_score("combined", 2.5, 22.0, normals) == pytest.approx(0.5 + 2.0)  # z(knn) + z(map_max)
+    with pytest.raises(MissingCalibration, match="re-run `spade fit`|Re-run `spade fit`"):
+        image_score("combined", 2.5, 22.0, {})
+    with pytest.raises(ValueError, match="image_score must be one of"):
+        image_score("mean", 2.5, 22.0, normals)
+
+
+def test_score_batch_reports_both_terms_and_the_configured_score(tmp_path):
+    gallery, features, config = _gallery(tmp_path)
+    knn = score_batch(features, gallery, config)
+    peak = score_batch(features, gallery, config.replace(image_score="map_max"))
+    for a, b in zip(knn, peak):
+        assert a.image_score == a.knn_score and b.image_score == b.map_max == pytest.approx(float(b.score_map.max()))
+        assert a.map_max == b.map_max
+    with pytest.raises(MissingCalibration):
+        score_batch(features, gallery, config.replace(image_score="combined"))
+    normals = normal_statistics([0.5, 1.5], [1.0, 3.0])
+    combined = score_batch(features, gallery, config.replace(image_score="combined"), normals=normals)
+    for a, c in zip(knn, combined):
+        assert c.image_score == pytest.approx((a.knn_score - 1.0) / np.sqrt(0.5) + (a.map_max - 2.0) / np.sqrt(2.0))
+
+
+def test_leave_one_out_calibration_scores_every_image_without_itself(tmp_path):
+    gallery, _, config = _gallery(tmp_path)
+    config = config.replace(batch_size=3)
+    normal = leave_one_out_scores(gallery, config, count=100)
+    n = gallery.index.ntotal
+    assert list(normal.rows) == list(range(n)) and normal.maps.shape == (n, 16, 16)
+    # batched leave-one-out equals scoring each image alone, without its own row
+    one = leave_one_out_scores(gallery, config.replace(batch_size=1), count=100)
+    np.testing.assert_allclose(normal.knn, one.knn, rtol=1e-6)
+    np.testing.assert_allclose(normal.map_max, one.map_max, rtol=1e-5)
+    assert len(leave_one_out_scores(gallery, config, count=3).rows) == 3
+
+
+def test_calibrated_thresholds_follow_the_documented_rule():
+    rng = np.random.default_rng(0)
+    knn, peak = rng.normal(5, 1, 40), rng.normal(2, 0.5, 40)
+    maps = rng.random((40, 8, 8)).astype(np.float32)
+    config = SpadeConfig(image_score="combined", calibration_image_fpr=0.05, calibration_margin=0.5, calibration_fpr=0.01)
+    stats, thresholds = calibrate(NormalScores(np.arange(40), knn, peak, maps), config)
+    assert stats["images"] == 40
+    assert thresholds["image_by_mode"]["knn"] == pytest.approx(np.quantile(knn, 0.95) + 0.5 * knn.std(ddof=1))
+    assert thresholds["image_by_mode"]["map_max"] == pytest.approx(np.quantile(peak, 0.95) + 0.5 * peak.std(ddof=1))
+    z = (knn - knn.mean()) / knn.std(ddof=1) + (peak - peak.mean()) / peak.std(ddof=1)
+    assert thresholds["image"] == thresholds["image_by_mode"]["combined"] == pytest.approx(
+        np.quantile(z, 0.95) + 0.5 * z.std(ddof=1))
+    assert thresholds["pixel"] == pytest.approx(np.quantile(maps, 0.99))
+    assert image_threshold(knn, 0.0, 0.0) == pytest.approx(knn.max())
+    assert calibrate(NormalScores(np.arange(1), knn[:1], peak[:1], maps[:1]), config) == ({}, {})
+
+
+def test_thresholds_are_resolved_for_the_scoring_config_image_score():
+    manifest = {"thresholds": {"image": 3.0, "image_score": "combined", "pixel": 0.7,
+                               "image_by_mode": {"knn": 1.0, "map_max": 2.0, "combined": 3.0}}}
+    for mode, value in (("knn", 1.0), ("map_max", 2.0), ("combined", 3.0)):
+        used = resolve_thresholds(SpadeConfig(image_score=mode), manifest)
+        assert used["image"] == value and used["pixel"] == 0.7 and used["image_score"] == mode
+    old = {"thresholds": {"image": 1.5, "pixel": 0.7}}  # calibrated before modes: a knn threshold
+    assert resolve_thresholds(SpadeConfig(image_score="knn"), old)["image"] == 1.5
+    assert resolve_thresholds(SpadeConfig(image_score="map_max"), old)["image"] is None
+
+
+def test_neighbourhood_aggregation_is_a_local_mean():
+    maps = torch.arange(2 * 3 * 5 * 6, dtype=torch.float32).reshape(2, 3, 5, 6) ** 1.5
+    out = aggregate_neighbourhood(maps, 3)
+    assert out.shape == maps.shape
+    assert torch.allclose(out[1, 2, 2, 3], maps[1, 2, 1:4, 2:5].mean())
+    assert torch.allclose(out[0, 1, 0, 0], maps[0, 1, 0:2, 0:2].mean())  # border: only positions inside the map
+    assert aggregate_neighbourhood(maps, 1) is maps
+
+
+def test_new_feature_settings_are_in_the_signature_and_old_galleries_stay_usable(tmp_path):
+    gallery, _, _ = _gallery(tmp_path)
+    old_signature = {key: value for key, value in SpadeConfig().feature_signature().items()
+                     if key not in ("framing", "feature_aggregation")}
+    old = Gallery(gallery.url, {"feature_signature": old_signature}, None, gallery.index, gallery.pyramid)
+    old.check_compatible(SpadeConfig())  # built before framing existed: the paper's centre crop
+    with pytest.raises(GalleryMismatch, match="framing: gallery has 'crop', config has 'full'"):
+        old.check_compatible(SpadeConfig(framing="full"))
+    with pytest.raises(GalleryMismatch, match="feature_aggregation"):
+        old.check_compatible(SpadeConfig(feature_aggregation=3))
+    with pytest.raises(ValueError, match="feature_aggregation must be an odd size"):
+        SpadeConfig(feature_aggregation=2)
+    with pytest.raises(ValueError, match="framing must be one of"):
+        SpadeConfig(framing="tiles")
+
+
+def test_k_warning_says_what_the_gallery_supports():
+    assert k_warning(13, 54) is None
+    message = k_warning(50, 54)
+    assert "k=50" in message and "54 normal images" in message and "k <= 13" in message and "`k: 13`" in message
+    assert k_warning(5, 8) is not None and "k <= 2" in k_warning(5, 8)
