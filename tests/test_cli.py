@@ -38,7 +38,7 @@ def test_evaluate_thresholds_drive_score(sample_root, tmp_path):
         assert row["is_anomalous"] == (row["image_score"] > chosen["image"])
 
 
-@pytest.mark.parametrize("name", ["default", "fast", "paper", "resnet152-resmem", "approximate"])
+@pytest.mark.parametrize("name", ["default", "fast", "paper", "paper-lite0", "resnet152-resmem", "approximate"])
 def test_shipped_configs_load(name):
     from pathlib import Path
 

@@ -72,8 +72,8 @@ def test_default_config_finds_a_defect_at_the_left_edge_of_a_wide_image(tmp_path
         (data / "test" / "spot" / f"{i:03d}.png").write_bytes(_png(image))
         masks[f"{i:03d}.png"] = mask
     config = load_config(str(ROOT / "configs" / "default.yaml"))
-    left, _, _, _ = crop_box((width, height), config.resize, config.crop)
-    assert left > 30  # the paper's centre crop starts right of every defect: it could not find them
+    left, _, _, _ = crop_box((width, height), 256, 224)
+    assert left > 30  # the paper's centre crop (short side 256, centre 224) starts right of every defect
     gallery = str(tmp_path / "gallery")
     manifest = run_fit(config, str(data / "train" / "good"), gallery, BEAM_ARGS)
     assert manifest["feature_signature"]["framing"] == "full"
