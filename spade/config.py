@@ -35,9 +35,10 @@ class SpadeConfig:
     PaDiM decide), ``combined`` (both terms standardised by their leave-one-out mean and standard
     deviation on the gallery's normal calibration images, then summed).
     Calibration at `fit`: ``calibration_images`` gallery images (evenly spaced; all when the gallery
-    is smaller) are scored leave-one-out; the image threshold is their (1 - ``calibration_image_fpr``)
-    quantile plus ``calibration_margin`` times their standard deviation, the pixel threshold the
-    (1 - ``calibration_fpr``) quantile of their pixel scores.
+    is smaller) are scored leave-one-out; the image threshold is their mean plus (z + ``calibration_margin``)
+    standard deviations, z the standard normal quantile of 1 - ``calibration_image_fpr`` (0: their highest
+    score plus the margin, the paper-era rule); the pixel threshold the (1 - ``calibration_fpr``) quantile of
+    their pixel scores (`spade.scoring.calibration`).
     """
 
     backbone: str = "wide_resnet50_2"

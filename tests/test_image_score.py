@@ -61,13 +61,15 @@ def test_calibrated_thresholds_follow_the_documented_rule():
     config = SpadeConfig(image_score="combined", calibration_image_fpr=0.05, calibration_margin=0.5, calibration_fpr=0.01)
     stats, thresholds = calibrate(NormalScores(np.arange(40), knn, peak, maps), config)
     assert stats["images"] == 40
-    assert thresholds["image_by_mode"]["knn"] == pytest.approx(np.quantile(knn, 0.95) + 0.5 * knn.std(ddof=1))
-    assert thresholds["image_by_mode"]["map_max"] == pytest.approx(np.quantile(peak, 0.95) + 0.5 * peak.std(ddof=1))
-    z = (knn - knn.mean()) / knn.std(ddof=1) + (peak - peak.mean()) / peak.std(ddof=1)
+    z95 = 1.6448536269514722  # standard normal 95 % quantile: a 5 % target false-positive rate
+    assert thresholds["image_by_mode"]["knn"] == pytest.approx(knn.mean() + (z95 + 0.5) * knn.std(ddof=1))
+    assert thresholds["image_by_mode"]["map_max"] == pytest.approx(peak.mean() + (z95 + 0.5) * peak.std(ddof=1))
+    both = (knn - knn.mean()) / knn.std(ddof=1) + (peak - peak.mean()) / peak.std(ddof=1)
     assert thresholds["image"] == thresholds["image_by_mode"]["combined"] == pytest.approx(
-        np.quantile(z, 0.95) + 0.5 * z.std(ddof=1))
+        both.mean() + (z95 + 0.5) * both.std(ddof=1))
     assert thresholds["pixel"] == pytest.approx(np.quantile(maps, 0.99))
-    assert image_threshold(knn, 0.0, 0.0) == pytest.approx(knn.max())
+    assert image_threshold(knn, 0.0, 0.0) == pytest.approx(knn.max())  # the paper-era rule: the highest normal score
+    assert image_threshold(knn, 0.0, 1.0) == pytest.approx(knn.max() + knn.std(ddof=1))
     assert calibrate(NormalScores(np.arange(1), knn[:1], peak[:1], maps[:1]), config) == ({}, {})
 
 
