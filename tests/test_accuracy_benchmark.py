@@ -17,7 +17,7 @@ def test_spec_overrides_and_gallery_sharing():
     # image_score and eval_region are decided at scoring time: one gallery serves both
     assert accuracy.gallery_key(default) == accuracy.gallery_key(default.replace(image_score="knn", eval_region="crop"))
     assert accuracy.gallery_key(default) != accuracy.gallery_key(default.replace(k=7))
-    assert accuracy.gallery_key(default) != accuracy.gallery_key(default.replace(framing="crop"))
+    assert accuracy.gallery_key(default) != accuracy.gallery_key(default.replace(feature_aggregation=default.feature_aggregation + 2))
 
 
 def test_confusion_counts_at_the_default_thresholds():
