@@ -41,16 +41,13 @@ def test_score_batch_reports_both_terms_and_the_configured_score(tmp_path):
         assert c.image_score == pytest.approx((a.knn_score - 1.0) / np.sqrt(0.5) + (a.map_max - 2.0) / np.sqrt(2.0))
 
 
-def test_leave_one_out_calibration_scores_every_image_without_itself(tmp_path):
+def test_leave_one_out_calibration_takes_every_image_up_to_the_cap(tmp_path):
+    """(Batched leave-one-out equals scoring each image alone: tests/test_scoring_fast.py.)"""
     gallery, _, config = _gallery(tmp_path)
-    config = config.replace(batch_size=3)
-    normal = leave_one_out_scores(gallery, config, count=100)
+    normal = leave_one_out_scores(gallery, config.replace(batch_size=3), count=100)
     n = gallery.index.ntotal
     assert list(normal.rows) == list(range(n)) and normal.maps.shape == (n, 16, 16)
-    # batched leave-one-out equals scoring each image alone, without its own row
-    one = leave_one_out_scores(gallery, config.replace(batch_size=1), count=100)
-    np.testing.assert_allclose(normal.knn, one.knn, rtol=1e-6)
-    np.testing.assert_allclose(normal.map_max, one.map_max, rtol=1e-5)
+    assert len(normal.knn) == len(normal.map_max) == n
     assert len(leave_one_out_scores(gallery, config, count=3).rows) == 3
 
 

@@ -257,8 +257,10 @@ def test_calibration_in_batches_equals_scoring_each_image_alone(tmp_path, mode):
     gallery, _, config = _gallery(tmp_path)
     gallery.manifest["gallery_hash"] = f"calibration-{mode}"  # its own bank cache entry
     config = config.replace(batch_size=3, scoring_mode=mode, coreset_ratio=1.0)
-    scores, maps = leave_one_out_scores(gallery, config, count=7)
+    normal = leave_one_out_scores(gallery, config, count=7)
+    scores, maps = normal.knn, normal.maps
     rows = np.unique(np.linspace(0, 7, num=7).round().astype(int))
+    assert list(normal.rows) == list(rows)
     assert len(scores) == len(rows) == 7 and maps.shape == (7, 16, 16)
     for i, row in enumerate(rows):
         pyramid = {layer: np.asarray(gallery.pyramid[layer][row]).T.reshape(1, -1, *([int(np.sqrt(gallery.pyramid[layer].shape[1]))] * 2))
@@ -266,5 +268,6 @@ def test_calibration_in_batches_equals_scoring_each_image_alone(tmp_path, mode):
         alone = score_batch(Features(gallery.index.reconstruct_batch(np.array([row])), pyramid), gallery, config,
                             exclude_rows=np.array([row]))[0]
         assert row not in alone.neighbours
-        assert scores[i] == alone.image_score
+        assert scores[i] == alone.image_score == alone.knn_score
+        assert normal.map_max[i] == alone.map_max
         np.testing.assert_allclose(maps[i], alone.score_map, rtol=0, atol=1e-6)
