@@ -1,7 +1,6 @@
 """Nothing on the launcher grows with the archive: inputs are listed on workers, the job graph holds the spec only."""
 import multiprocessing
 import os
-import shutil
 import tarfile
 from pathlib import Path
 
