@@ -14,8 +14,9 @@ import apache_beam as beam
 
 from spade.io import storage
 from spade.scoring.calibration import calibrate, leave_one_out_scores
-from spade.config import SpadeConfig
-from spade.index.gallery import MANIFEST, Gallery, GalleryMissing, build_gallery, check_compatible, read_manifest, write_manifest
+from spade.config import SpadeConfig, stable_hash
+from spade.index.gallery import (MANIFEST, Gallery, GalleryMissing, build_gallery, check_compatible, read_manifest,
+                                 remove_unlisted_pyramid_shards, write_manifest)
 from spade.io.listing import check_spec
 from spade.io.results import ok_uris
 from spade.io.lease import RunLease, staging_is_live
@@ -27,36 +28,37 @@ from transforms.parquet import WriteParquetShards
 from transforms.progress import CountProgress
 from transforms.inputs import ListInputs
 from transforms.read import ReadImages
-from transforms.records import embedding_row, new_run_id, utc_now
+from transforms.pyramid import WritePyramidShards
+from transforms.records import new_run_id, utc_now
 from transforms.summary import SUMMARY, WriteSummary, read_summary
 from pipelines.options import refuse_local_paths, with_worker_threads
 from pipelines.progress import ProgressReporter
 from pipelines.runner import metrics_line, run_pipeline
 
 LOG = logging.getLogger("spade")
-EMBEDDING_ROWS_PER_SHARD = 128  # embedding rows carry the whole feature pyramid (~0.5-1.5 MB each)
 
 
-def build_fit_pipeline(pipeline: beam.Pipeline, images: str, config: SpadeConfig, staging_url: str,
-                       progress_folder: str | None = None, known_gallery: str | None = None):
+def build_fit_pipeline(pipeline: beam.Pipeline, images: str, config: SpadeConfig, staging_url: str, gallery_url: str,
+                       features_tag: str, progress_folder: str | None = None, known_gallery: str | None = None):
     """The fit graph; its single final PCollection lists the files written (one sink step, Dask-friendly).
 
     The graph holds the ``--images`` spec, not the inputs: workers list them (`ListInputs`); with
     ``known_gallery`` (``--append``) they leave out the URIs already in that gallery's embeddings tables.
-    The run's counts go to ``staging_url``/summary.json.
+    Workers write each batch's pyramid shards straight into ``gallery_url`` (named by ``features_tag`` and the batch's
+    image ids); only small embedding rows reach the sink. The run's counts go to ``staging_url``/summary.json.
     """
     done_tables = functools.partial(storage.list_files, storage.join(known_gallery, "embeddings"), ".parquet") if known_gallery else None
     batches, skipped = pipeline | "Inputs" >> ListInputs(images, "train", config.batch_size, done_tables=done_tables,
                                                           read_done=ok_uris, progress_folder=progress_folder)
     images_in, read_errors = batches | "Read" >> ReadImages(config)
     features, extract_errors = images_in | "Extract" >> ExtractFeatures(config)
-    dtype = config.feature_dtype
     rows = (features
-            | "ToRows" >> beam.FlatMap(lambda batch: [embedding_row(item, dtype) for item in batch])
+            | "WritePyramids" >> beam.ParDo(WritePyramidShards(gallery_url, config.layers, config.feature_dtype, features_tag))
+            | "ToRows" >> beam.FlatMap(lambda batch: batch)
             | "CountImages" >> beam.ParDo(CountProgress(progress_folder)))
     embeddings = rows | "WriteEmbeddings" >> WriteParquetShards(storage.join(staging_url, "embeddings", "part"),
                                                                 embeddings_schema(config.layers), config.shards,
-                                                                rows_per_shard=EMBEDDING_ROWS_PER_SHARD)
+                                                                rows_per_shard=config.rows_per_shard)
     errors = ((read_errors, extract_errors)
               | "Errors" >> beam.Flatten()
               | "CountErrors" >> beam.ParDo(CountProgress(progress_folder)))
@@ -95,10 +97,11 @@ def launch_fit(config: SpadeConfig, images: str, gallery_url: str, beam_args: li
             say(f"fit: cleaned up after an interrupted run ({gone})")
         lease.mark(staging)
     started = time.monotonic()
+    features = stable_hash({"features": config.feature_signature(), "weights": weights.sha256, "dtype": config.feature_dtype})
     try:
         with ProgressReporter("fit", say) as progress:
-            metrics = run_pipeline(lambda p: build_fit_pipeline(p, images, run_config, staging, progress.folder,
-                                                                known_gallery=gallery_url if append else None),
+            metrics = run_pipeline(lambda p: build_fit_pipeline(p, images, run_config, staging, gallery_url, features,
+                                                                progress.folder, known_gallery=gallery_url if append else None),
                                    beam_args, progress)
     except BaseException:
         storage.remove(staging, recursive=True)
@@ -163,6 +166,7 @@ def _fit_under_lease(config: SpadeConfig, images: str, gallery_url: str, beam_ar
                     "scoring against %s will flag nothing and write no masks unless the config or `spade score "
                     "--thresholds` gives thresholds.", manifest["num_images"], gallery_url)
     write_manifest(gallery_url, manifest)  # last: the gallery is usable only once it is complete and calibrated
+    remove_unlisted_pyramid_shards(gallery_url, manifest)
     say(f"fit: gallery of {manifest['num_images']} images ({rejected} rejected) written to {gallery_url} "
         f"(hash {manifest['gallery_hash']}); thresholds {manifest['thresholds'] or 'none (need 2+ images)'}")
     return manifest

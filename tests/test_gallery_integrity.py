@@ -28,12 +28,17 @@ def manifest_of(gallery: Path) -> dict:
     return json.loads((gallery / "manifest.json").read_text())
 
 
+def first_shard(gallery: Path, layer: str) -> Path:
+    """One of the pyramid shards fit's workers wrote for ``layer`` (pyramid/<layer>/<shard>.npy)."""
+    return sorted((gallery / "pyramid" / layer).glob("*.npy"))[0]
+
+
 def test_manifest_records_thresholds_and_every_file(tiny_night, capsys):
     gallery = Path(tiny_night["gallery"])
     manifest = manifest_of(gallery)
     assert {"image", "pixel"} <= set(manifest["thresholds"])
-    assert set(manifest["files"]) == {"images.parquet", "index.faiss", "pyramid/layer1.npy", "pyramid/layer2.npy",
-                                      "pyramid/layer3.npy"}
+    assert set(manifest["files"]) == {"images.parquet", "index.faiss"} | {
+        f"pyramid/{layer}/{key}.npy" for layer in ("layer1", "layer2", "layer3") for key in manifest["pyramid_shards"]}
     for name, record in manifest["files"].items():
         assert record == storage.file_digest(str(gallery / name))
     assert main(["verify-gallery", "--gallery", str(gallery)]) == 0
@@ -54,7 +59,7 @@ def test_fit_killed_during_calibration_leaves_no_manifest(tiny_night, tmp_path):
             break
     fit.wait()
     assert fit.returncode == -signal.SIGKILL, "".join(seen)
-    assert (gallery / "pyramid" / "layer1.npy").is_file() and not (gallery / "manifest.json").exists()
+    assert first_shard(gallery, "layer1").is_file() and not (gallery / "manifest.json").exists()
     with pytest.raises(GalleryMissing, match="not a finished gallery.*re-run it"):
         Gallery.open(str(gallery))
     rerun = spade_process(["fit", "--config", tiny_night["config"], "--images", f"{tiny_night['data']}/train/good",
@@ -65,32 +70,33 @@ def test_fit_killed_during_calibration_leaves_no_manifest(tiny_night, tmp_path):
 
 
 def test_truncated_pyramid_is_named_at_open(gallery_copy, tiny_night, tmp_path, capsys):
-    layer = gallery_copy / "pyramid" / "layer1.npy"
+    layer = first_shard(gallery_copy, "layer1")
     data = layer.read_bytes()
     layer.write_bytes(data[: len(data) // 2])
-    with pytest.raises(GalleryDamaged, match=r"pyramid/layer1\.npy has \d+ bytes, the manifest records \d+ "
+    with pytest.raises(GalleryDamaged, match=r"pyramid/layer1/[0-9a-f]+\.npy has \d+ bytes, the manifest records \d+ "
                                              r"\(truncated or replaced\).*re-run `spade fit --gallery"):
         Gallery.open(str(gallery_copy))
     code = main(["--quiet", "score", "--config", tiny_night["config"], "--gallery", str(gallery_copy), "--images",
                  tiny_night["images"], "--out", str(tmp_path / "out"), "--runner=FnApiRunner"])
-    assert code == 3 and "pyramid/layer1.npy" in capsys.readouterr().err
+    assert code == 3 and f"pyramid/layer1/{layer.name}" in capsys.readouterr().err
     assert not (tmp_path / "out" / "scores").exists()
     assert main(["verify-gallery", "--gallery", str(gallery_copy)]) == 3
     err = capsys.readouterr().err
-    assert "pyramid/layer1.npy:" in err and "re-run `spade fit --gallery" in err
+    assert f"pyramid/layer1/{layer.name}:" in err and "re-run `spade fit --gallery" in err
 
 
 @pytest.mark.parametrize("recorded", [True, False], ids=["sizes-recorded", "older-manifest-without-sizes"])
 def test_pyramid_with_missing_rows_is_named_at_open(gallery_copy, recorded):
     """A .npy that is a valid array with a row too few: caught by its size, or (a manifest without sizes) by its
     shape, naming the file, instead of every image becoming an error row."""
-    layer = gallery_copy / "pyramid" / "layer2.npy"
+    layer = first_shard(gallery_copy, "layer2")
     np.save(layer, np.load(layer)[:-1])
     manifest = manifest_of(gallery_copy)
     if not recorded:
         del manifest["files"]
         (gallery_copy / "manifest.json").write_text(json.dumps(manifest))
-    expected = "layer2.npy has .* bytes" if recorded else r"layer2\.npy has shape \(5, 64, 128\), the manifest implies \(6, 64, 128\)"
+    expected = (rf"pyramid/layer2/{layer.name} has .* bytes" if recorded
+                else r"pyramid/layer2/ cannot be read \(gallery rows point past the end of their pyramid shards")
     with pytest.raises(GalleryDamaged, match=expected):
         Gallery.open(str(gallery_copy))
 

@@ -205,3 +205,32 @@ def test_runner_profiles_load_and_production_ones_refuse_local_paths(tmp_path):
         assert any(a.startswith("--sdk_container_image=") for a in profiles[name])
         with pytest.raises(ValueError, match="shared URL"):
             refuse_local_paths(profiles[name], out=str(tmp_path))
+
+
+def test_sharded_pyramid_reads_rows_from_whichever_shard_holds_them(tmp_path):
+    import numpy as np
+
+    from spade.index.pyramid import ShardedLayer
+    from spade.scoring.correspondence import PyramidReader
+
+    rng = np.random.default_rng(0)
+    blocks = [rng.random((n, 6, 3), dtype=np.float32).astype(np.float16) for n in (4, 1, 3)]
+    paths = []
+    for i, block in enumerate(blocks):
+        paths.append(str(tmp_path / f"s{i}.npy"))
+        np.save(paths[-1], block)
+    stacked = np.concatenate(blocks)
+    order = rng.permutation(len(stacked))  # gallery rows in another order than the shards'
+    shards = np.repeat(np.arange(3), [4, 1, 3])[order]
+    rows = np.concatenate([np.arange(n) for n in (4, 1, 3)])[order]
+    layer = ShardedLayer(paths, shards, rows)
+    expected = stacked[order]
+    assert layer.shape == expected.shape and layer.dtype == np.float16
+    np.testing.assert_array_equal(layer[5], expected[5])
+    np.testing.assert_array_equal(layer[np.array([7, 0, 3])], expected[[7, 0, 3]])
+    np.testing.assert_array_equal(np.asarray(layer), expected)
+    out = np.empty((8, 6, 3), dtype=np.float32)
+    with PyramidReader(layer) as reader:
+        np.testing.assert_array_equal(reader.read(np.array([2, 6, 1]), out), expected[[2, 6, 1]].astype(np.float32))
+    with pytest.raises(ValueError, match="past the end"):
+        ShardedLayer(paths, shards, rows + 3)

@@ -30,17 +30,23 @@ def test_fit_writes_a_complete_gallery(fitted):
     config, gallery, manifest = fitted
     root = Path(gallery)
     assert manifest["num_images"] == 8
-    for name in ["manifest.json", "images.parquet", "index.faiss", "pyramid/layer1.npy", "pyramid/layer2.npy", "pyramid/layer3.npy"]:
+    for name in ["manifest.json", "images.parquet", "index.faiss"]:
         assert (root / name).is_file(), name
     on_disk = json.loads((root / "manifest.json").read_text())
     assert on_disk["backbone"] == "resnet18" and on_disk["weights"]["source"] == "random"
     assert on_disk["layers"] == ["layer1", "layer2", "layer3"]
     assert on_disk["library_versions"]["torch"] and on_disk["config_hash"] and on_disk["gallery_hash"]
     assert set(on_disk["thresholds"]) >= {"image", "pixel"}
-    assert np.load(root / "pyramid/layer1.npy", mmap_mode="r").shape == (8, 56 * 56, 64)
+    # the pyramid is in shards written by the workers (one per batch of 4), listed by the manifest
+    shards = on_disk["pyramid_shards"]
+    assert len(shards) == 2 and on_disk["layer_shapes"]["layer1"] == [56 * 56, 64]
+    for layer in on_disk["layers"]:
+        assert sorted(p.stem for p in (root / "pyramid" / layer).glob("*.npy")) == sorted(shards)
+    assert sum(np.load(root / "pyramid" / "layer1" / f"{key}.npy", mmap_mode="r").shape[0] for key in shards) == 8
     embeddings = pq.read_table(next((root / "embeddings").glob("*.parquet")))
     assert embeddings.num_rows == 8
-    assert {"image_id", "uri", "width", "height", "embedding", "layer1", "layer1_shape"} <= set(embeddings.column_names)
+    assert {"image_id", "uri", "width", "height", "embedding", "pyramid_shard", "pyramid_row", "layer1_shape"} <= set(embeddings.column_names)
+    assert "layer1" not in embeddings.column_names  # no pyramid bytes travel through the sink
 
 
 def test_score_and_evaluate_outputs(fitted, sample_root, tmp_path):

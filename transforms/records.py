@@ -86,12 +86,12 @@ def new_run_id(now: datetime) -> str:
     return now.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
 
 
-def embedding_row(item: ImageFeatures, feature_dtype: str) -> dict[str, Any]:
-    """The embeddings-table row of one image (see `spade.io.tables.embeddings_schema`)."""
-    from spade.io.tables import encode_layer
-
+def embedding_row(item: ImageFeatures, feature_dtype: str, pyramid_shard: str, pyramid_row: int) -> dict[str, Any]:
+    """The embeddings-table row of one image (see `spade.io.tables.embeddings_schema`); its pyramid is row
+    ``pyramid_row`` of shard ``pyramid_shard``."""
     row = {**image_columns(item.image), "embedding": np.asarray(item.embedding, dtype=np.float32).tolist(),
-           "feature_dtype": feature_dtype}
+           "feature_dtype": feature_dtype, "pyramid_shard": pyramid_shard, "pyramid_row": int(pyramid_row)}
     for layer, layer_map in item.pyramid.items():
-        row[layer], row[f"{layer}_shape"] = encode_layer(layer_map, feature_dtype)
+        channels, height, width = layer_map.shape
+        row[f"{layer}_shape"] = [height * width, channels]
     return row

@@ -150,11 +150,12 @@ def bank_files(layer: str) -> tuple[str, str]:
 
 
 def save_banks(root: str, layers: Iterable[str], settings: dict[str, Any],
-               progress: Callable[[str], None] = lambda _: None) -> None:
-    """Build each layer's bank from the gallery folder ``root`` (pyramid/<layer>.npy) and store it there (`bank_files`)."""
+               progress: Callable[[str], None] = lambda _: None, pyramids: dict[str, Any] | None = None) -> None:
+    """Build each layer's bank from the gallery's pyramid (``pyramids[layer]``, (N, P, C); default: the file
+    ``root``/pyramid/<layer>.npy) and store it under ``root`` (`bank_files`)."""
     os.makedirs(os.path.join(root, FOLDER), exist_ok=True)
     for layer in layers:
-        pyramid = np.load(os.path.join(root, "pyramid", f"{layer}.npy"), mmap_mode="r")
+        pyramid = pyramids[layer] if pyramids else np.load(os.path.join(root, "pyramid", f"{layer}.npy"), mmap_mode="r")
         bank = layer_bank(pyramid, settings["ratio"], settings["projection"], settings["seed"], settings["max_candidates"])
         vectors_file, rows_file = bank_files(layer)
         np.save(os.path.join(root, vectors_file), bank.vectors)

@@ -7,17 +7,23 @@ Layout of a gallery folder (local path or fsspec URL)::
     embeddings/*.parquet the fit pipeline's output, one row per image (kept for --append)
     images.parquet       gallery row -> image_id, uri, label, width, height
     index.faiss          exact L2 index of the global embeddings (row order as images.parquet)
-    pyramid/<layer>.npy  (images, positions, channels) arrays, memory-mapped when scoring
+    pyramid/<layer>/<shard>.npy  (images, positions, channels) blocks written by fit's workers, one per batch;
+                         images.parquet's pyramid_shard (index into the manifest's "pyramid_shards") and
+                         pyramid_row say where each gallery row is; scoring reads only the rows it needs
     coreset/<layer>.npy  approximate-mode configs only: each layer's coreset memory bank (vectors, C) and
     coreset/<layer>-rows.npy  the gallery row of each vector; the manifest's "coreset" says how it was built
 
+No process holds or copies the whole pyramid: workers write it, scoring reads the K neighbours' rows.
+
 The manifest is written last, with the thresholds calibrated at fit and each file's size and sha256
-(``files``): a folder without one is an unfinished gallery. Opening checks every listed file's size and
-each array's shape (cheap); `verify_gallery` (``spade verify-gallery``) checks the hashes.
+(``files``; the pyramid shards' as the workers wrote them): a folder without one is an unfinished gallery.
+Opening checks every listed file's size and each array's shape (cheap); `verify_gallery`
+(``spade verify-gallery``) checks the hashes.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import platform
@@ -36,11 +42,11 @@ from spade.config import FEATURE_DEFAULTS_BEFORE, SpadeConfig, stable_hash
 from spade.index.cache import cached_folder
 from spade.index.coreset import bank_files, bank_settings, load_banks, save_banks
 from spade.index.knn import build_index
-from spade.io.tables import decode_layer
+from spade.index.pyramid import ShardedLayer, shard_path
 
 LOG = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: pyramid in shards written by fit's workers
 
 
 class GalleryMismatch(ValueError):
@@ -72,8 +78,20 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def _read_images_and_embeddings(shard_urls: list[str]) -> tuple[pa.Table, np.ndarray]:
-    table = storage.read_parquet(shard_urls, columns=["image_id", "uri", "label", "width", "height", "embedding"])
+def _read_images_and_embeddings(shard_urls: list[str]) -> tuple[pa.Table, np.ndarray, dict, dict]:
+    """(images table sorted by image_id, content duplicates once; embeddings; each layer's (positions, channels);
+    each pyramid shard's {layer: {"bytes", "sha256"}} as the worker that wrote it recorded)."""
+    columns = ["image_id", "uri", "label", "width", "height", "embedding", "pyramid_shard", "pyramid_row"]
+    table = storage.read_parquet(shard_urls)
+    missing = [c for c in columns + ["pyramid_digests"] if c not in table.column_names]
+    if missing:
+        raise GalleryMismatch(f"{shard_urls[0]}: embeddings table without {', '.join(missing)}: written by an older "
+                              "version of spade; re-run `spade fit` without --append")
+    layer_shapes = {name[:-len("_shape")]: table.column(name)[0].as_py() for name in table.column_names
+                    if name.endswith("_shape") and table.num_rows}
+    digests = {key: json.loads(text) for key, text in zip(table.column("pyramid_shard").to_pylist(),
+                                                          table.column("pyramid_digests").to_pylist())}
+    table = table.select(columns)
     if table.num_rows == 0:
         raise GalleryMissing("no usable normal images: every input was rejected (the rejected/ table says why)")
     order = np.argsort(np.asarray(table.column("image_id").to_pylist(), dtype=object), kind="stable")
@@ -84,69 +102,40 @@ def _read_images_and_embeddings(shard_urls: list[str]) -> tuple[pa.Table, np.nda
         LOG.warning("gallery: %d duplicate images (same content) kept once", len(ids) - len(keep))
         table = table.take(pa.array(keep))
     embeddings = np.stack([np.asarray(e, dtype=np.float32) for e in table.column("embedding").to_pylist()])
-    return table.drop(["embedding"]), embeddings
+    return table.drop(["embedding"]), embeddings, layer_shapes, digests
 
 
-def _copy_pyramid(shards: list[tuple[str, str]], row_of: dict[str, int], workdir: str, config: SpadeConfig,
-                  progress: Callable[[str], None]) -> dict[str, list[int]]:
-    """Copy each image's pyramid layers from the shards ((url, local path) pairs) into ``workdir``/pyramid/<layer>.npy
-    at its gallery row, one row group at a time; returns each layer's (positions, channels) shape."""
-    n = len(row_of)
-    os.makedirs(os.path.join(workdir, "pyramid"), exist_ok=True)
-    shapes: dict[str, list[int]] = {}
-    arrays: dict[str, np.ndarray] = {}
-    filled = {layer: np.zeros(n, dtype=bool) for layer in config.layers}
-    tmp_paths = {}
-    for url, path in shards:
-        parquet = pq.ParquetFile(path)
-        for group in range(parquet.num_row_groups):
-            cols = ["image_id", "feature_dtype"] + [c for layer in config.layers for c in (layer, f"{layer}_shape")]
-            chunk = parquet.read_row_group(group, columns=cols).to_pylist()
-            for row in chunk:
-                target = row_of[row["image_id"]]
-                for layer in config.layers:
-                    if filled[layer][target]:
-                        continue
-                    feats = decode_layer(row[layer], row[f"{layer}_shape"], row["feature_dtype"])
-                    if layer not in arrays:
-                        shapes[layer] = list(feats.shape)
-                        tmp_paths[layer] = os.path.join(workdir, "pyramid", f".tmp-{layer}.npy")
-                        arrays[layer] = np.lib.format.open_memmap(tmp_paths[layer], mode="w+", dtype=config.feature_dtype,
-                                                                  shape=(n, *feats.shape))
-                    if list(feats.shape) != shapes[layer]:
-                        raise GalleryMismatch(f"{url}: image {row['image_id']} has {layer} shape {feats.shape}, "
-                                              f"others {shapes[layer]}; all gallery images must use one config")
-                    arrays[layer][target] = feats
-                    filled[layer][target] = True
-        progress(f"gallery: pyramid rows from {url.rsplit('/', 1)[-1]} copied")
-    for layer, array in arrays.items():
-        array.flush()
-        del array
-        os.replace(tmp_paths[layer], os.path.join(workdir, "pyramid", f"{layer}.npy"))
-    return shapes
+def _pyramid_columns(images: pa.Table) -> tuple[pa.Table, list[str]]:
+    """images with ``pyramid_shard`` as an index into the sorted list of shard names (returned)."""
+    names = images.column("pyramid_shard").to_pylist()
+    shards = sorted(set(names))
+    index = {name: i for i, name in enumerate(shards)}
+    position = images.column_names.index("pyramid_shard")
+    images = images.set_column(position, "pyramid_shard", pa.array([index[n] for n in names], pa.int32()))
+    return images, shards
 
 
 def build_gallery(shard_urls: list[str], gallery_url: str, config: SpadeConfig, weights_source: str, weights_sha256: str,
                   progress: Callable[[str], None] = LOG.info) -> dict[str, Any]:
-    """Assemble a gallery from embedding Parquet shards; returns the manifest (written last).
-
-    Pyramid layers are copied row group by row group into .npy files, so memory
-    holds one row group at a time whatever the gallery size.
-    """
+    """Assemble a gallery from embedding Parquet shards (small rows: the pyramid shards are already in place,
+    written by fit's workers); returns the manifest (written last)."""
     if not shard_urls:
         raise GalleryMissing(f"no embedding shards to build a gallery at {gallery_url}")
-    with contextlib.ExitStack() as copies:  # a remote shard is downloaded once and read twice
-        shards = [(url, copies.enter_context(storage.local_copy(url))) for url in shard_urls]
-        images, embeddings = _read_images_and_embeddings([path for _, path in shards])
-        row_of = {image_id: row for row, image_id in enumerate(images.column("image_id").to_pylist())}
-        n = len(row_of)
-        progress(f"gallery: {n} normal images, embedding dim {embeddings.shape[1]}")
-        workdir = storage.local_path(gallery_url) if storage.is_local(gallery_url) else tempfile.mkdtemp(prefix="spade-gallery-")
-        shapes = _copy_pyramid(shards, row_of, workdir, config, progress)
+    images, embeddings, shapes, digests = _read_images_and_embeddings(shard_urls)
+    images, pyramid_shards = _pyramid_columns(images)
+    n = images.num_rows
+    progress(f"gallery: {n} normal images, embedding dim {embeddings.shape[1]}, pyramid in {len(pyramid_shards)} shards "
+             "written by the workers")
+    workdir = storage.local_path(gallery_url) if storage.is_local(gallery_url) else tempfile.mkdtemp(prefix="spade-gallery-")
     coreset = None
     if config.scoring_mode == "approximate":  # built once here instead of by every scoring worker
         coreset = bank_settings(config.coreset_ratio, config.coreset_projection, config.coreset_max_candidates)
-        save_banks(workdir, config.layers, coreset, progress)
+        with contextlib.ExitStack() as copies:
+            pyramids = {layer: ShardedLayer([copies.enter_context(storage.local_copy(storage.join(gallery_url, shard_path(layer, key))))
+                                             for key in pyramid_shards],
+                                            images.column("pyramid_shard").to_numpy(), images.column("pyramid_row").to_numpy())
+                        for layer in config.layers}
+            save_banks(workdir, config.layers, coreset, progress, pyramids)
     pq.write_table(images, os.path.join(workdir, "images.parquet"))
     faiss.write_index(build_index(embeddings), os.path.join(workdir, "index.faiss"))
     ids = images.column("image_id").to_pylist()
@@ -163,6 +152,7 @@ def build_gallery(shard_urls: list[str], gallery_url: str, config: SpadeConfig, 
         "num_images": n,
         "embedding_dim": int(embeddings.shape[1]),
         "layer_shapes": shapes,
+        "pyramid_shards": pyramid_shards,
         "library_versions": library_versions(),
         "config": config.to_dict(),
         "config_hash": stable_hash(config.to_dict()),
@@ -172,21 +162,45 @@ def build_gallery(shard_urls: list[str], gallery_url: str, config: SpadeConfig, 
     }
     if coreset is not None:
         manifest["coreset"] = coreset
-    manifest["files"] = {name: storage.file_digest(os.path.join(workdir, name)) for name in _gallery_files(manifest)}
+    manifest["files"] = {name: storage.file_digest(os.path.join(workdir, name)) for name in _built_files(manifest)}
+    manifest["files"] |= {shard_path(layer, key): digests[key][layer] for layer in config.layers for key in pyramid_shards}
     if not storage.is_local(gallery_url):
         fs, path = storage.filesystem(gallery_url)
-        for name in _gallery_files(manifest):
+        for name in _built_files(manifest):
             fs.put_file(os.path.join(workdir, name), f"{path}/{name}")
         shutil.rmtree(workdir, ignore_errors=True)
     return manifest
 
 
-def _gallery_files(manifest: dict[str, Any]) -> list[str]:
-    """The files of a gallery besides its manifest and embeddings, relative to its root."""
-    names = ["images.parquet", "index.faiss"] + [f"pyramid/{layer}.npy" for layer in manifest["layers"]]
+def _built_files(manifest: dict[str, Any]) -> list[str]:
+    """The files `build_gallery` writes (the pyramid shards are the workers'), relative to the gallery root."""
+    names = ["images.parquet", "index.faiss"]
     if manifest.get("coreset"):
         names += [name for layer in manifest["layers"] for name in bank_files(layer)]
     return names
+
+
+def pyramid_files(manifest: dict[str, Any]) -> list[str]:
+    """The gallery's pyramid shard files, relative to its root."""
+    return [shard_path(layer, key) for layer in manifest["layers"] for key in manifest["pyramid_shards"]]
+
+
+def _gallery_files(manifest: dict[str, Any]) -> list[str]:
+    """The files of a gallery besides its manifest and embeddings, relative to its root."""
+    return _built_files(manifest) + pyramid_files(manifest)
+
+
+def remove_unlisted_pyramid_shards(gallery_url: str, manifest: dict[str, Any]) -> None:
+    """Delete pyramid files this gallery does not list: shards of earlier fits (other images or features), a killed
+    fit's, and the single-file pyramids of format 1. A fit --append keeps what it lists, old shards included."""
+    keep = {"/".join(name.split("/")[-2:]) for name in pyramid_files(manifest)}  # <layer>/<shard>.npy
+    root = storage.join(gallery_url, "pyramid")
+    for url in storage.list_files(root):
+        storage.remove(url)
+    for folder in storage.list_dirs(root):
+        for url in storage.list_files(folder):
+            if "/".join(url.rstrip("/").split("/")[-2:]) not in keep:
+                storage.remove(url)
 
 
 def write_manifest(gallery_url: str, manifest: dict[str, Any]) -> None:
@@ -248,18 +262,6 @@ def check_files(url: str, manifest: dict[str, Any], root: str | None = None) -> 
             raise _damaged(url, name, f"has {size} bytes, the manifest records {record['bytes']} (truncated or replaced)")
 
 
-def _load_array(url: str, root: str, name: str, shape: tuple[int, ...]) -> np.ndarray:
-    """A memory-mapped .npy of the gallery, checked to have the shape the manifest implies."""
-    try:
-        array = np.load(os.path.join(root, name), mmap_mode="r")
-    except (OSError, ValueError) as exc:
-        raise _damaged(url, name, f"cannot be read ({exc})") from None
-    if tuple(array.shape) != tuple(shape):
-        raise _damaged(url, name, f"has shape {tuple(array.shape)}, the manifest implies {tuple(shape)} "
-                                  f"({shape[0]} gallery images)")
-    return array
-
-
 def verify_gallery(url: str) -> list[str]:
     """Check every file the manifest lists against its recorded size and sha256; returns the problems (none:
     the gallery is intact). Reads every byte once (`Gallery.open` checks only sizes)."""
@@ -315,7 +317,7 @@ class Gallery:
         if storage.is_local(url):
             root = storage.local_path(url)
         else:
-            key = manifest["gallery_hash"]
+            key = f"v{FORMAT_VERSION}-{manifest['gallery_hash']}"  # same images, another layout: another entry
             if manifest.get("files"):  # the same images fitted again (other URIs, other bytes): another entry
                 key += "-files-" + stable_hash(manifest["files"])[:12]
             if manifest.get("coreset"):  # same features, other banks: another cache entry
@@ -333,14 +335,18 @@ class Gallery:
         if images.num_rows != n or index.ntotal != n:
             raise _damaged(url, "images.parquet/index.faiss", f"hold {images.num_rows}/{index.ntotal} images, the "
                                                               f"manifest {n}")
-        shapes = manifest.get("layer_shapes", {})
+        shards, rows = images.column("pyramid_shard").to_numpy(), images.column("pyramid_row").to_numpy()
         pyramid = {}
         for layer in manifest["layers"]:
-            name = f"pyramid/{layer}.npy"
-            if layer in shapes:
-                pyramid[layer] = _load_array(url, root, name, (n, *shapes[layer]))
-            else:
-                pyramid[layer] = np.load(os.path.join(root, name), mmap_mode="r")
+            try:
+                pyramid[layer] = ShardedLayer([os.path.join(root, shard_path(layer, key)) for key in manifest["pyramid_shards"]],
+                                              shards, rows)
+            except (OSError, ValueError) as exc:
+                raise _damaged(url, f"pyramid/{layer}/", f"cannot be read ({exc})") from None
+            expected = tuple(manifest.get("layer_shapes", {}).get(layer, pyramid[layer].shape[1:]))
+            if tuple(pyramid[layer].shape[1:]) != expected:
+                raise _damaged(url, f"pyramid/{layer}/", f"has rows of shape {pyramid[layer].shape[1:]}, the manifest "
+                                                         f"records {expected}")
         banks = load_banks(root, manifest["layers"]) if manifest.get("coreset") else None
         return cls(url=url, manifest=manifest, images=images, index=index, pyramid=pyramid, banks=banks)
 

@@ -1,13 +1,12 @@
 """Arrow schemas of the project's tables and (de)serialising feature rows.
 
-Embedding rows keep each pyramid layer as raw bytes of a (positions, channels)
-array plus its shape, so a row can be decoded without knowing the backbone.
+Embedding rows point at their pyramid's shard file and row (fit's workers write the shards) and keep each
+layer's (positions, channels) shape.
 """
 from __future__ import annotations
 
 from typing import Any, Iterable
 
-import numpy as np
 import pyarrow as pa
 
 IMAGE_COLUMNS = [
@@ -20,9 +19,12 @@ IMAGE_COLUMNS = [
 
 
 def embeddings_schema(layers: Iterable[str]) -> pa.Schema:
-    fields = list(IMAGE_COLUMNS) + [pa.field("embedding", pa.list_(pa.float32()))]
+    """Fit's table: one row per image; its pyramid lives in shard files (`spade.index.pyramid`), the row says where."""
+    fields = list(IMAGE_COLUMNS) + [pa.field("embedding", pa.list_(pa.float32())),
+                                    pa.field("pyramid_shard", pa.string()), pa.field("pyramid_row", pa.int32()),
+                                    pa.field("pyramid_digests", pa.string())]
     for name in layers:
-        fields += [pa.field(name, pa.binary()), pa.field(f"{name}_shape", pa.list_(pa.int32()))]
+        fields.append(pa.field(f"{name}_shape", pa.list_(pa.int32())))
     fields.append(pa.field("feature_dtype", pa.string()))
     return pa.schema(fields)
 
@@ -44,18 +46,6 @@ ERRORS_SCHEMA = pa.schema(list(IMAGE_COLUMNS) + [
     pa.field("status", pa.string()),
     pa.field("error", pa.string()),
 ])
-
-
-def encode_layer(layer_map: np.ndarray, dtype: str) -> tuple[bytes, list[int]]:
-    """(C, H, W) float map → bytes of its (H*W, C) position-major array in ``dtype``, and that shape."""
-    channels, height, width = layer_map.shape
-    positions = np.ascontiguousarray(layer_map.reshape(channels, height * width).T, dtype=dtype)
-    return positions.tobytes(), [height * width, channels]
-
-
-def decode_layer(blob: bytes, shape: list[int], dtype: str) -> np.ndarray:
-    """Inverse of `encode_layer`: a (positions, channels) array."""
-    return np.frombuffer(blob, dtype=dtype).reshape(shape)
 
 
 def rows_to_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:

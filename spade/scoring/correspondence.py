@@ -378,8 +378,9 @@ class PyramidReader:
     """Reads gallery rows (images) of one pyramid layer (N, P, C) into a caller's float32 buffer.
 
     A ``.npy`` memory map is read with ``pread`` from its file (page cache -> buffer,
-    nothing stays mapped, so resident memory does not grow with the rows touched);
-    any other array is gathered with ``np.take``.
+    nothing stays mapped, so resident memory does not grow with the rows touched); an object with
+    ``read_rows(rows, out)`` (`spade.index.pyramid.ShardedLayer`) reads itself; any other array is
+    gathered with ``np.take``.
     """
 
     def __init__(self, array: np.ndarray):
@@ -409,6 +410,8 @@ class PyramidReader:
 
     def read(self, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
         """Rows ``rows`` into ``out[:len(rows)]`` ((n, P, C) float32); returns that view."""
+        if hasattr(self.array, "read_rows"):  # a sharded gallery pyramid reads its own files
+            return self.array.read_rows(rows, out)
         target = out[:len(rows)]
         if self.fd is None:
             if self.array.dtype == np.float32:
