@@ -22,6 +22,7 @@ from spade.io.results import ok_uris
 from spade.io.lease import RunLease, staging_is_live
 from spade.index.knn import k_warning
 from spade.io.tables import ERRORS_SCHEMA, embeddings_schema
+from spade.features.resolved import ResolvedWeights
 from spade.features.weights import check_preprocessing, resolve_weights
 from transforms.extract import ExtractFeatures
 from transforms.parquet import WriteParquetShards
@@ -68,21 +69,19 @@ def build_fit_pipeline(pipeline: beam.Pipeline, images: str, config: SpadeConfig
     return (embeddings, rejected, summary) | "Written" >> beam.Flatten()
 
 
-def launch_fit(config: SpadeConfig, images: str, gallery_url: str, beam_args: list[str] | None = None,
-               say: Callable[[str], None] = LOG.info, append: bool = False, run_id: str | None = None,
-               lease: RunLease | None = None) -> tuple[str, str, dict, dict]:
+def launch_fit(config: SpadeConfig, images: str, gallery_url: str, weights: ResolvedWeights,
+               beam_args: list[str] | None = None, say: Callable[[str], None] = LOG.info, append: bool = False,
+               run_id: str | None = None, lease: RunLease | None = None) -> tuple[str, str, dict, dict]:
     """The launcher's part of `run_fit`: checks, then builds and runs the fit pipeline into a staging folder.
 
     Returns (staging folder, run id, the run's summary counts, Beam metrics). Nothing here grows with
     the number of inputs: the workers list them. With the gallery's ``lease`` held (`run_fit`), staging
     folders of dead runs are removed first and this run's is marked as live; a failed or interrupted
-    pipeline removes its own.
+    pipeline removes its own. ``weights``: what `resolve_weights` gave for ``config`` (loaded once per fit).
     """
-    refuse_local_paths(beam_args, images=images, gallery=gallery_url)
     run_config = with_worker_threads(config, beam_args)  # the manifest keeps the config as given
     if run_config.num_threads:
         say(f"fit: {run_config.num_threads} torch/faiss thread(s) per worker")
-    weights = resolve_weights(config.backbone, config.weights)
     check_preprocessing(weights, config.mean, config.std)
     check_spec(images)
     if append:
@@ -135,7 +134,7 @@ def _fit_under_lease(config: SpadeConfig, images: str, gallery_url: str, beam_ar
     weights = resolve_weights(config.backbone, config.weights)
     embeddings_folder = storage.join(gallery_url, "embeddings")
     rejected_folder = storage.join(gallery_url, "rejected")
-    staging, run_id, counts, _ = launch_fit(config, images, gallery_url, beam_args, say, append, run_id, lease)
+    staging, run_id, counts, _ = launch_fit(config, images, gallery_url, weights, beam_args, say, append, run_id, lease)
     if counts["rows"] == 0:
         storage.remove(staging, recursive=True)
         if not append:
