@@ -82,6 +82,7 @@ class ScoreBatch(beam.DoFn):
         configure_threads(self.config.num_threads)
         self.gallery = acquire(self._shared, self.gallery_url, lambda: _GalleryHandle(self.gallery_url)).gallery
         self.gallery.check_compatible(self.config)
+        self.image_ids = self.gallery.image_ids  # once per worker, not once per image (it is the whole gallery's)
         used = resolve_thresholds(self.config, self.gallery.manifest, self.thresholds)
         self.image_threshold, self.pixel_threshold = used["image"], used["pixel"]
 
@@ -122,7 +123,6 @@ class ScoreBatch(beam.DoFn):
         if self.pixel_threshold is not None:
             mask_uri = storage.join(self.out_url, "masks", f"{image.image_id}.png")
             storage.atomic_write_bytes(mask_uri, encode_mask(full >= self.pixel_threshold))
-        ids = self.gallery.image_ids
         self.scored.inc()
         self.score_dist.update(int(result.image_score * 1000))
         return {
@@ -132,7 +132,7 @@ class ScoreBatch(beam.DoFn):
             "is_anomalous": None if self.image_threshold is None else bool(result.image_score > self.image_threshold),
             "map_uri": map_uri,
             "mask_uri": mask_uri,
-            "neighbours": [ids[row] for row in result.neighbours],
+            "neighbours": [self.image_ids[row] for row in result.neighbours],
             "status": "ok",
             "error": None,
             "gallery_hash": self.gallery.hash,
