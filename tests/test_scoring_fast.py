@@ -113,6 +113,23 @@ def test_batched_near_duplicates_are_refined_to_float64_accuracy(tmp_path, kappa
     assert worst_unrefined > 1e-5  # and so does the centred search without the band refinement
 
 
+@pytest.mark.parametrize("kappa", [1, 3])
+def test_flagged_queries_are_settled_in_float64_and_only_duplicates_reach_the_band(monkeypatch, kappa):
+    """The float32 search flags every near-duplicate query; the float64 search settles most of them, and
+    the band search gets only those still within float64 noise (exact duplicates: distance 0)."""
+    from spade.scoring import correspondence
+
+    flagged, banded = [], []
+    flags, band = correspondence._refine_flags, correspondence._refine_band
+    monkeypatch.setattr(correspondence, "_refine_flags", lambda *a, **k: flagged.append(flags(*a, **k).sum()) or flags(*a, **k))
+    monkeypatch.setattr(correspondence, "_refine_band", lambda q, *a, **k: banded.append(len(q)) or band(q, *a, **k))
+    queries, gallery = near_duplicates(5, 600, 200)
+    got = nearest_feature_distances(queries, gallery, kappa=kappa, block=128)
+    assert np.abs(got - brute(queries, gallery, kappa)).max() <= 1e-5
+    assert flagged[0] == len(queries)  # the float32 search cannot settle any of them
+    assert 0 < banded[0] < flagged[0] / 2  # float64 settles most; duplicates still reach the band
+
+
 def test_band_members_equal_a_full_comparison():
     rng = np.random.default_rng(7)
     for rows, width in ((50, 300), (7, 128), (3, 5), (40, 1000)):
