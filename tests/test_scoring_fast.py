@@ -278,6 +278,22 @@ def test_memory_bank_leaves_a_gallery_row_out():
         MemoryBank.from_vectors(vectors).distances(queries, 1, exclude_row=2)
 
 
+@pytest.mark.parametrize("kappa", [1, 3])
+def test_memory_bank_leaves_each_query_own_row_out_in_one_batch(kappa):
+    """Queries of several gallery images searched together, each skipping its own row, equal each image alone."""
+    rng = np.random.default_rng(8)
+    vectors = rng.normal(size=(80, 6)).astype(np.float32)
+    rows = np.repeat(np.arange(8), 10)
+    bank = MemoryBank.from_vectors(vectors, rows)
+    own = np.repeat([1, 4, 6], 10)
+    queries = vectors[np.concatenate([np.arange(10, 20), np.arange(40, 50), np.arange(60, 70)])] + 1e-3
+    together = bank.distances(queries, kappa, exclude_row=own)
+    for row in (1, 4, 6):
+        alone = own == row
+        np.testing.assert_array_equal(together[alone], bank.distances(queries[alone], kappa, exclude_row=row))
+        np.testing.assert_allclose(together[alone], brute(queries[alone], vectors[rows != row], kappa), rtol=0, atol=1e-5)
+
+
 def test_leave_one_out_scoring_in_approximate_mode_skips_the_image_own_patches(tmp_path):
     gallery, _, config = _gallery(tmp_path)
     gallery.manifest["gallery_hash"] = "leave-one-out"  # its own bank cache entry

@@ -81,11 +81,8 @@ def layer_distance_maps(pyramid: dict[str, np.ndarray], gallery: Gallery, neighb
             ratio = coreset_ratio if coreset_ratio is not None else config.coreset_ratio
             bank = memory_bank_for(gallery, layer, ratio, projection=config.coreset_projection,
                                    max_candidates=config.coreset_max_candidates)
-            if exclude_rows is None:
-                dist = bank.distances(queries.reshape(b * h * w, -1), config.kappa).reshape(b, h * w)
-            else:
-                dist = np.stack([bank.distances(queries[i], config.kappa, exclude_row=int(exclude_rows[i]))
-                                 for i in range(b)])
+            own = None if exclude_rows is None else np.repeat(np.asarray(exclude_rows, dtype=np.int64), h * w)
+            dist = bank.distances(queries.reshape(b * h * w, -1), config.kappa, exclude_row=own).reshape(b, h * w)
         out[layer] = dist.reshape(b, h, w)
     return out
 
