@@ -1,4 +1,6 @@
 """The fast scoring path: blocked correspondence, batching of images that share neighbours, coreset mode."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -194,6 +196,23 @@ def test_running_minimum_equals_a_full_sort(gap):
         np.testing.assert_array_equal(got_next.numpy(), others.min(axis=1))
     else:
         assert got_next is None
+
+
+def test_pread_exactly_fills_the_buffer_and_names_a_file_that_ends_early(tmp_path):
+    from spade.index.pyramid import pread_exactly
+
+    path = tmp_path / "rows.bin"
+    data = np.arange(40, dtype=np.float32)
+    path.write_bytes(data.tobytes())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        out = np.empty(10, dtype=np.float32)
+        pread_exactly(fd, out, 12 * 4, "rows.bin")
+        np.testing.assert_array_equal(out, data[12:22])
+        with pytest.raises(OSError, match="short read from rows.bin"):
+            pread_exactly(fd, np.empty(10, dtype=np.float32), 35 * 4, "rows.bin")
+    finally:
+        os.close(fd)
 
 
 def test_reader_reads_rows_from_npy_and_float16(tmp_path):

@@ -27,6 +27,18 @@ def shard_path(layer: str, key: str) -> str:
     return f"pyramid/{layer}/{key}.npy"
 
 
+def pread_exactly(fd: int, target: np.ndarray, offset: int, what: str) -> None:
+    """Fill the contiguous array ``target`` with the file's bytes from ``offset`` on, however many reads the OS
+    needs; a file that ends first raises `OSError` naming ``what``."""
+    view = memoryview(target.reshape(-1)).cast("B")
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            raise OSError(f"short read from {what}")
+        done += got
+
+
 def npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
@@ -82,14 +94,8 @@ class ShardedLayer:
         for shard in np.unique(shards):
             with open(self.paths[shard], "rb", buffering=0) as handle:
                 for i in np.flatnonzero(shards == shard):
-                    view = memoryview(out[i].reshape(-1)).cast("B")
-                    start = self._offsets[shard] + int(self.rows[rows[i]]) * self._row_bytes
-                    done = 0
-                    while done < len(view):
-                        got = os.preadv(handle.fileno(), [view[done:]], start + done)
-                        if got <= 0:
-                            raise OSError(f"short read from {self.paths[shard]}: rebuild the gallery with `spade fit`")
-                        done += got
+                    pread_exactly(handle.fileno(), out[i], self._offsets[shard] + int(self.rows[rows[i]]) * self._row_bytes,
+                                  f"{self.paths[shard]}: rebuild the gallery with `spade fit`")
         return out
 
     def read_rows(self, rows: np.ndarray, out: np.ndarray) -> np.ndarray:

@@ -13,8 +13,8 @@ The exact kernel is a blocked GEMM with the expansion |q - g|^2 = |q|^2 - 2 q.g 
 * the winner itself may still be wrong when candidates lie within the expansion's
   rounding noise of each other (near-tied features); the search also keeps the
   runner-up value, and queries whose error could exceed REFINE_TOLERANCE are searched
-  again in float64 (`_refine_flags`, `_refine_search`), whose rounding is 2^29 times
-  smaller; the few still unsettled (exact or near-exact duplicates) get every candidate
+  again in float64 centred on their own mean (`_refine_flags`, `_refine_search`): a rounding
+  bound 2^29 times smaller, on smaller norms; the few still unsettled get every candidate
   within the rounding band of the farthest winner computed directly (`_refine_band`);
 * `batch_layer_distances` scores several test images at once: gallery images
   shared by several test images' neighbour sets are read once and multiplied
@@ -30,6 +30,8 @@ from typing import Callable
 
 import numpy as np
 import torch
+
+from spade.index.pyramid import pread_exactly
 
 GALLERY_BLOCK = 4096
 COLUMN_BLOCK = 1024      # gallery vectors per GEMM block
@@ -341,8 +343,8 @@ def _refine_search(q: torch.Tensor, qc: torch.Tensor, centre: torch.Tensor, kapp
 
     ``q`` (M, C) the queries, ``qc`` the same centred on ``centre`` as searched in float32. ``chunks(subset)``
     yields (g (n, C) float32, slots, first id): gallery vectors with ids first id.., and the queries of
-    ``subset`` (an index array into ``q``; None: all) compared with them (an int64 index tensor into the
-    subset, or None for all of it); ``gather(ids)`` returns the gallery vectors (..., C) of ids.
+    ``subset`` (an index array into ``q``) compared with them (an int64 index tensor into the subset, or None
+    for all of it); ``gather(ids)`` returns the gallery vectors (..., C) of ids.
 
     The queries are searched again with the same expansion in float64, whose rounding bound is 2^29 times
     the float32 one's, centred on their own mean: the bound also grows with the centred norms, and flagged
@@ -355,9 +357,9 @@ def _refine_search(q: torch.Tensor, qc: torch.Tensor, centre: torch.Tensor, kapp
     each = torch.empty((q.shape[0], kappa), dtype=torch.float64)
     todo = np.arange(q.shape[0])
     centre64 = q.double().mean(dim=0)
-    for attempt in range(2):
+    for _ in range(2):
         part = q.index_select(0, torch.from_numpy(todo))
-        best = _search64(part, centre64, kappa, chunks(None if attempt == 0 else todo))
+        best = _search64(part, centre64, kappa, chunks(todo))
         _, ids, next_value = best.winners()
         found = _winner_distances(part, gather(ids))
         each[torch.from_numpy(todo)] = found
@@ -493,13 +495,7 @@ class PyramidReader:
             return target
         raw = target if self.array.dtype == np.float32 else np.empty((len(rows), self.positions, self.channels), self.array.dtype)
         for start, stop in _runs(rows):  # one pread per run of consecutive rows
-            view = memoryview(raw[start:stop].reshape(-1)).cast("B")
-            done = 0
-            while done < len(view):
-                got = os.preadv(self.fd, [view[done:]], self.offset + int(rows[start]) * self.row_bytes + done)
-                if got <= 0:
-                    raise OSError(f"short read from {self.array.filename}")
-                done += got
+            pread_exactly(self.fd, raw[start:stop], self.offset + int(rows[start]) * self.row_bytes, self.array.filename)
         if raw is not target:
             target[...] = raw
         return target
@@ -574,8 +570,7 @@ def batch_layer_distances(queries: np.ndarray | torch.Tensor, pyramid: np.ndarra
                 image_of = index.numpy() // positions
 
                 def chunks(subset):
-                    return _refine_chunks(reader, neighbours, image_of if subset is None else image_of[subset],
-                                          buffer, per_row)
+                    return _refine_chunks(reader, neighbours, image_of[subset], buffer, per_row)
 
                 def gather(ids):
                     ids = ids.numpy()
