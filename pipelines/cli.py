@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="auto: max F1 where defects are labelled, else the target false-positive rate")
     evaluate.add_argument("--image-fpr", dest="image_fpr", type=float, default=0.05,
                           help="target false-positive rate of the image threshold on good images (default 0.05)")
+    evaluate.add_argument("--image-miss-rate", dest="image_miss_rate", type=float,
+                          help="choose the image threshold that misses at most this share of the defective images "
+                               "(e.g. 0.1; the fewest good images flagged at that rate); wins over --threshold-method")
     evaluate.add_argument("--pixel-fpr", dest="pixel_fpr", type=float,
                           help="target false-positive rate of the pixel threshold (default: the run's calibration_fpr)")
 
@@ -194,6 +197,7 @@ def _run(args: argparse.Namespace, beam_args: list[str], say) -> int:
             from pipelines.evaluate import run_evaluate
 
             run_evaluate(args.scores, args.masks, args.out, say, threshold_method=args.threshold_method,
+                         image_miss_rate=args.image_miss_rate,
                          image_fpr=args.image_fpr, pixel_fpr=args.pixel_fpr)
             return 0
         if args.command == "report":

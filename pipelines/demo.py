@@ -33,4 +33,5 @@ def run_demo(out_url: str, config: SpadeConfig, beam_args: list[str] | None = No
         print(f"  {name:8s} {where}", flush=True)
     return {"outputs": outputs, "metrics": metrics}
 
-DEMO_OVERRIDES = {"backbone": "tf_efficientnet_lite0", "weights": "auto", "k": 3, "batch_size": 4, "calibration_images": 6}
+# The built-in defaults (the recommended config) with the K its 12-image gallery supports.
+DEMO_OVERRIDES = {"k": 3}

@@ -11,7 +11,8 @@ from typing import Any, Callable
 from spade.io import storage
 from spade.evaluation.ground_truth import GOOD, evaluate, format_table, labelled_rows, load_pixels, metrics_table
 from spade.io.results import read_run_info, read_score_table
-from spade.evaluation.thresholds import AUTO, run_thresholds
+from spade.evaluation.thresholds import (AUTO, format_operating_points, miss_rate_threshold, operating_points,
+                                        run_thresholds)
 
 THRESHOLDS = "thresholds.json"
 
@@ -50,14 +51,18 @@ def select_run_thresholds(table, config: dict, masks_root: str | None, method: s
 
 
 def run_evaluate(scores_url: str, masks_root: str | None, out_url: str, say: Callable[[str], None] = LOG.info,
-                 threshold_method: str = AUTO, image_fpr: float = 0.05, pixel_fpr: float | None = None) -> dict:
+                 threshold_method: str = AUTO, image_fpr: float = 0.05, pixel_fpr: float | None = None,
+                 image_miss_rate: float | None = None) -> dict:
     """Evaluate the run in ``scores_url``; writes metrics.json, metrics.csv and thresholds.json under ``out_url``.
 
     Thresholds (see spade.evaluation.thresholds): ``threshold_method`` 'auto' takes max F1 where defects are
     labelled, else the rate ``image_fpr`` / ``pixel_fpr`` (default: the run's calibration_fpr)
-    of flagged good images / pixels. `spade score --thresholds out/thresholds.json` applies them.
+    of flagged good images / pixels; ``image_miss_rate`` chooses the image threshold missing at most that share of
+    the defective images instead. `spade score --thresholds out/thresholds.json` applies them. The operating points
+    (good flagged against defective missed at several thresholds, and at the run's) go to metrics.json and are printed.
     """
-    config = read_run_info(scores_url)["config"]
+    info = read_run_info(scores_url)
+    config = info["config"]
     table = read_score_table(scores_url)
     pixels = None
     if masks_root is not None:
@@ -68,13 +73,24 @@ def run_evaluate(scores_url: str, masks_root: str | None, out_url: str, say: Cal
         say(f"evaluate: {problem}")
     result["thresholds"] = select_run_thresholds(table, config, masks_root, threshold_method, image_fpr, pixel_fpr,
                                                  pixels=pixels)
+    ok = labelled_rows(table)
+    labels, image_scores = [r["label"] != GOOD for r in ok], [r["image_score"] for r in ok]
+    if image_miss_rate is not None:
+        threshold = miss_rate_threshold(labels, image_scores, image_miss_rate)
+        result["thresholds"]["image"] = threshold
+        result["thresholds"]["image_selection"] = {"method": "target_miss", "threshold": threshold,
+                                                   "target_miss": image_miss_rate}
+    if ok:
+        result["operating_points"] = operating_points(labels, image_scores, (info.get("thresholds") or {}).get("image"))
+        print("Operating points (image threshold):\n" + format_operating_points(result["operating_points"]), flush=True)
     for kind in ("image", "pixel"):
         selection = result["thresholds"][f"{kind}_selection"]
         if selection["threshold"] is None:
             say(f"evaluate: {selection['reason']}")
         else:
-            say(f"evaluate: {kind} threshold {selection['threshold']:.6g} ({selection['method']}"
-                + (f", F1 {selection['f1']:.3f})" if "f1" in selection else f", FPR {selection['fpr']:.4f})"))
+            how = (f", F1 {selection['f1']:.3f})" if "f1" in selection else f", FPR {selection['fpr']:.4f})" if "fpr" in selection
+                   else f", at most {selection['target_miss']:.1%} of the defective images missed)")
+            say(f"evaluate: {kind} threshold {selection['threshold']:.6g} ({selection['method']}{how}")
     rows = metrics_table(result)
     storage.write_json(storage.join(out_url, "metrics.json"), _json_safe(result))
     storage.write_json(storage.join(out_url, THRESHOLDS), _json_safe(result["thresholds"]))

@@ -16,8 +16,9 @@ from spade.io import storage
 from spade.scoring.calibration import calibrate, leave_one_out_scores
 from spade.config import SpadeConfig, stable_hash
 from spade.index.gallery import (MANIFEST, Gallery, GalleryMissing, build_gallery, check_compatible, read_manifest,
-                                 remove_unlisted_pyramid_shards, write_manifest)
-from spade.io.listing import check_spec
+                                 remove_unlisted_pyramid_shards, with_gallery_frame, write_manifest)
+from spade.features.framing import frame_size_for, framing_for
+from spade.io.listing import check_spec, sample_image_sizes
 from spade.io.results import ok_uris
 from spade.io.lease import RunLease, staging_is_live
 from spade.index.knn import k_warning
@@ -128,8 +129,28 @@ def run_fit(config: SpadeConfig, images: str, gallery_url: str, beam_args: list[
         return _fit_under_lease(config, images, gallery_url, beam_args, say, append, run_id, lease)
 
 
+def fit_frame(config: SpadeConfig, images: str, gallery_url: str, append: bool,
+              say: Callable[[str], None] = LOG.info) -> SpadeConfig:
+    """``config`` with its frame size fixed: an ``aspect`` or ``tiles`` framing without ``frame_size`` gets the one
+    of the gallery it appends to, or one from the median aspect of up to 64 of the images' headers (a bounded
+    sample, whatever the archive's size); other framings are returned unchanged."""
+    if config.framing not in ("aspect", "tiles") or config.frame_size is not None:
+        return config
+    if append:
+        return with_gallery_frame(config, read_manifest(gallery_url))
+    sizes = sample_image_sizes(images, "train")
+    if not sizes:
+        raise FileNotFoundError(f"--images {images!r}: no readable image to fix the frame size from")
+    config = config.replace(frame_size=frame_size_for(sizes, config.resize))
+    framing = framing_for(config)
+    say(f"fit: frame {framing.size[0]}x{framing.size[1]} (height x width; the median aspect of {len(sizes)} images), "
+        f"framing {config.framing}: {len(framing.tiles)} tile(s) of {framing.tile_size[0]}x{framing.tile_size[1]}")
+    return config
+
+
 def _fit_under_lease(config: SpadeConfig, images: str, gallery_url: str, beam_args: list[str] | None,
                      say: Callable[[str], None], append: bool, run_id: str, lease: RunLease) -> dict:
+    config = fit_frame(config, images, gallery_url, append, say)
     run_config = with_worker_threads(config, beam_args)
     weights = resolve_weights(config.backbone, config.weights)
     embeddings_folder = storage.join(gallery_url, "embeddings")

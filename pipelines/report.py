@@ -20,6 +20,7 @@ from spade.evaluation.ground_truth import GOOD, evaluate, load_pixels, metrics_t
 from spade.io.images import decode_rgb
 from spade.io.maps import decode_mask, decode_score_map
 from spade.evaluation.metrics import pro_curve
+from spade.evaluation.thresholds import operating_points
 from spade.io.results import read_run_info, read_score_table
 from spade.io.sources import is_tar, mask_uri, read_inputs
 from pipelines.evaluate import select_run_thresholds
@@ -240,6 +241,8 @@ def run_report(scores_url: str, masks_root: str | None, out_url: str, top: int =
         "title": f"SPADE report: {scores_url.rstrip('/').rsplit('/', 1)[-1]}", "run": run_facts, "warnings": warnings,
         "counts": counts, "has_labels": has_labels, "has_masks": masks_root is not None,
         "metrics_rows": metrics_table(result) if result else [], "thresholds": run_thresholds, "selected": selected,
+        "operating_points": operating_points([r["label"] != GOOD for r in labelled], [r["image_score"] for r in labelled],
+                                             run_thresholds.get("image")) if has_labels else [],
         "figures": figures, "colorbar": colorbar, "cards": cards, "rows": ok, "anchors": anchors,
         "top_ranks": {i: i + 1 for i in range(len(top_rows))}, "errors": errors, "problems": problems,
         "curve_note": curve_note,

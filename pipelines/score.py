@@ -22,7 +22,7 @@ import apache_beam as beam
 
 from spade.io import storage
 from spade.config import SpadeConfig, stable_hash
-from spade.index.gallery import check_compatible, check_files, read_manifest
+from spade.index.gallery import check_compatible, check_files, read_manifest, with_gallery_frame
 from spade.io.lease import RunLease, staging_is_live
 from spade.io.ledger import committed_sources, discard_others, earlier_parts, is_part, ledger_url
 from spade.io.listing import check_spec
@@ -166,11 +166,12 @@ def run_score(config: SpadeConfig, gallery_url: str, images: str, out_url: str, 
     The run holds a lease on its output folder (nightly: the gallery's partition folder, so two nights cannot
     both score a new image) for its whole length: a second run on the same outputs stops with `LeaseHeld`.
     """
+    refuse_local_paths(beam_args, gallery=gallery_url, images=images, out=out_url)
+    manifest = read_manifest(gallery_url)  # the launcher reads the manifest only; workers open the gallery
+    config = with_gallery_frame(config, manifest)  # aspect/tiles: every image is framed into the gallery's frame size
     run_config = with_worker_threads(config, beam_args)  # run.json keeps the config as given
     if run_config.num_threads:
         say(f"score: {run_config.num_threads} torch/faiss thread(s) per worker")
-    refuse_local_paths(beam_args, gallery=gallery_url, images=images, out=out_url)
-    manifest = read_manifest(gallery_url)  # the launcher reads the manifest only; workers open the gallery
     check_compatible(manifest, gallery_url, config)
     check_files(gallery_url, manifest)  # one size query per file: a damaged gallery stops here, named
     weights = resolve_weights(config.backbone, config.weights)
@@ -257,7 +258,11 @@ def _score_under_lease(lease: RunLease, run_config: SpadeConfig, config: SpadeCo
         say(f"score: error {message}")
     if counts["errors"] > len(counts["error_messages"]):
         say(f"score: ... and {counts['errors'] - len(counts['error_messages'])} more errors (status=error rows of the table)")
-    summary |= {"rows": counts["rows"], "ok": counts["ok"], "errors": counts["errors"], "seconds": round(elapsed, 1)}
+    summary |= {"rows": counts["rows"], "ok": counts["ok"], "errors": counts["errors"], "seconds": round(elapsed, 1),
+                "reframed": counts.get("reframed", 0)}
+    if summary["reframed"]:
+        say(f"score: {summary['reframed']} image(s) of another aspect than the gallery's frame "
+            f"({'x'.join(map(str, config.frame_size or ()))}) were stretched into it")
     say(metrics_line("score", metrics))
     resumed_note = f", {resumed} committed by an interrupted run" if resumed else ""
     say(f"score: {summary['ok']} scored, {summary['errors']} errors, {skipped} already scored, {summary['new']} new"

@@ -11,23 +11,32 @@ import fsspec
 import yaml
 
 LAYERS_BY_BACKBONE_FAMILY = ("layer1", "layer2", "layer3", "layer4")
-FRAMINGS = ("crop", "full")
+FRAMINGS = ("crop", "full", "aspect", "tiles")
+TILE_NEIGHBOURS = ("same", "all")
 IMAGE_SCORES = ("knn", "map_max", "combined")
 # Feature settings added after galleries were first written: a manifest without one was built with this value.
-FEATURE_DEFAULTS_BEFORE = {"framing": "crop", "feature_aggregation": 1}
+FEATURE_DEFAULTS_BEFORE = {"framing": "crop", "feature_aggregation": 1, "frame_size": None}
+# Feature settings that only some framings have (`SpadeConfig.feature_signature` lists them only for those).
+FRAMING_FEATURES = {"aspect": ("frame_size",), "tiles": ("frame_size", "tile_size", "tile_overlap")}
 
 
 @dataclass(frozen=True)
 class SpadeConfig:
-    """Everything that decides what a gallery is and how images are scored.
+    """Everything that decides what a gallery is and how images are scored. The defaults are the recommended
+    setting (configs/default.yaml says why); configs/paper.yaml is the paper's.
 
     The fields that change the features (``backbone``, ``weights``, ``layers``,
     ``resize``, ``crop``, ``framing``, ``feature_aggregation``, ``mean``, ``std``) must match
     between `fit` and `score`; `feature_signature` hashes exactly those.
 
-    ``framing``: what the model sees. ``crop`` (the paper): the short side resized to ``resize``,
-    then the centre ``crop``² (the borders of the frame are never inspected); ``full``: the whole
-    frame resized to ``crop``² (aspect ratio not kept, nothing cut off).
+    ``framing``: what the model sees (`spade.features.framing`). ``crop`` (the paper): the short side resized
+    to ``resize``, then the centre ``crop``² (the borders of the frame are never inspected); ``full``: the whole
+    frame resized to ``crop``² (aspect ratio not kept, nothing cut off); ``aspect``: the whole frame at the
+    paper's pixel scale, short side ``resize``, long side in proportion (``frame_size`` [height, width], fixed
+    at fit from the gallery's images and recorded; null: decide at fit); ``tiles``: that frame cut into
+    overlapping ``tile_size``² tiles (at least ``tile_overlap`` pixels shared), each scored against the tiles of the
+    K nearest normal frames at the same place (``tile_neighbours: same``, cost linear in the frame's length) or
+    at every place (``all``), the tile maps blended into one frame map.
     ``feature_aggregation``: side of the local average (stride 1) applied to each pyramid layer's
     map at extraction, PatchCore's neighbourhood aggregation (3); 1 = none (the paper).
     ``image_score``: ``knn`` (the paper: mean distance of the global embedding to its K nearest
@@ -41,17 +50,21 @@ class SpadeConfig:
     their pixel scores (`spade.scoring.calibration`).
     """
 
-    backbone: str = "wide_resnet50_2"
+    backbone: str = "tf_efficientnet_lite0"
     weights: str = "auto"
     layers: tuple[str, ...] = ("layer1", "layer2", "layer3")
     resize: int = 256
-    crop: int = 224
-    framing: str = "crop"
-    feature_aggregation: int = 1
+    crop: int = 256
+    framing: str = "tiles"
+    frame_size: tuple[int, int] | None = None
+    tile_size: int = 256
+    tile_overlap: int = 64
+    tile_neighbours: str = "same"
+    feature_aggregation: int = 3
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    k: int = 50
-    image_score: str = "knn"
+    k: int = 10
+    image_score: str = "combined"
     kappa: int = 1
     sigma: float = 4.0
     feature_dtype: str = "float32"
@@ -59,11 +72,11 @@ class SpadeConfig:
     num_threads: int = 0
     pixel_threshold: float | None = None
     image_threshold: float | None = None
-    calibration_images: int = 10
+    calibration_images: int = 100
     calibration_fpr: float = 0.001
-    calibration_image_fpr: float = 0.0
+    calibration_image_fpr: float = 0.05
     calibration_margin: float = 0.0
-    eval_region: str = "crop"
+    eval_region: str = "full"
     shards: int = 0  # table files per output table; 0: follow the row count (rows_per_shard rows per file)
     rows_per_shard: int = 10_000
     scoring_mode: str = "exact"
@@ -78,6 +91,8 @@ class SpadeConfig:
         object.__setattr__(self, "layers", tuple(self.layers))
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        if self.frame_size is not None:
+            object.__setattr__(self, "frame_size", tuple(int(v) for v in self.frame_size))
         problems = []
         if not self.layers:
             problems.append("layers must name at least one of " + ", ".join(LAYERS_BY_BACKBONE_FAMILY))
@@ -88,6 +103,14 @@ class SpadeConfig:
             problems.append(f"crop ({self.crop}) must not exceed resize ({self.resize})")
         if self.framing not in FRAMINGS:
             problems.append(f"framing must be one of {', '.join(FRAMINGS)} (crop: the paper's centre crop; full: the whole frame)")
+        if self.frame_size is not None and (len(self.frame_size) != 2 or min(self.frame_size) < 32):
+            problems.append("frame_size must be [height, width], each >= 32 (or null: decided at fit from the images)")
+        if self.tile_size < 32 or self.tile_size % 32:
+            problems.append("tile_size must be a multiple of 32 (the backbone's largest stride), e.g. 256")
+        if not 0 <= self.tile_overlap < self.tile_size // 2 + 1:
+            problems.append("tile_overlap must be in [0, tile_size / 2] pixels")
+        if self.tile_neighbours not in TILE_NEIGHBOURS:
+            problems.append("tile_neighbours must be 'same' (tiles at the same place) or 'all' (every tile)")
         if self.feature_aggregation < 1 or self.feature_aggregation % 2 == 0:
             problems.append("feature_aggregation must be an odd size >= 1 (1: none; 3: PatchCore's 3x3 average)")
         if self.image_score not in IMAGE_SCORES:
@@ -121,8 +144,9 @@ class SpadeConfig:
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        for key in ("layers", "mean", "std"):
-            out[key] = list(out[key])
+        for key in ("layers", "mean", "std", "frame_size"):
+            if out[key] is not None:
+                out[key] = list(out[key])
         return out
 
     def replace(self, **changes: Any) -> "SpadeConfig":
@@ -131,8 +155,8 @@ class SpadeConfig:
     def feature_signature(self) -> dict[str, Any]:
         """The settings that determine feature values; fit and score must agree on them."""
         d = self.to_dict()
-        return {key: d[key] for key in ("backbone", "weights", "layers", "resize", "crop", "framing", "feature_aggregation",
-                                        "mean", "std")}
+        keys = ("backbone", "weights", "layers", "resize", "crop", "framing", "feature_aggregation", "mean", "std")
+        return {key: d[key] for key in keys + FRAMING_FEATURES.get(self.framing, ())}
 
 
 def config_from_mapping(values: Mapping[str, Any], source: str = "<mapping>") -> SpadeConfig:

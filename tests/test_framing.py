@@ -76,7 +76,7 @@ def test_default_config_finds_a_defect_at_the_left_edge_of_a_wide_image(tmp_path
     assert left > 30  # the paper's centre crop (short side 256, centre 224) starts right of every defect
     gallery = str(tmp_path / "gallery")
     manifest = run_fit(config, str(data / "train" / "good"), gallery, BEAM_ARGS)
-    assert manifest["feature_signature"]["framing"] == "full"
+    assert manifest["feature_signature"]["framing"] == config.framing
     out = str(tmp_path / "scores")
     run_score(config, gallery, str(data), out, BEAM_ARGS)
     rows = {Path(r["uri"]).parent.name + "/" + Path(r["uri"]).name: r for r in read_score_table(out).to_pylist()}

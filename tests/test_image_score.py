@@ -92,18 +92,19 @@ def test_neighbourhood_aggregation_is_a_local_mean():
 
 def test_new_feature_settings_are_in_the_signature_and_old_galleries_stay_usable(tmp_path):
     gallery, _, _ = _gallery(tmp_path)
-    old_signature = {key: value for key, value in SpadeConfig().feature_signature().items()
+    paper = SpadeConfig(framing="crop", feature_aggregation=1, crop=224)
+    old_signature = {key: value for key, value in paper.feature_signature().items()
                      if key not in ("framing", "feature_aggregation")}
     old = Gallery(gallery.url, {"feature_signature": old_signature}, None, gallery.index, gallery.pyramid)
-    old.check_compatible(SpadeConfig())  # built before framing existed: the paper's centre crop
+    old.check_compatible(paper)  # built before framing existed: the paper's centre crop
     with pytest.raises(GalleryMismatch, match="framing: gallery has 'crop', config has 'full'"):
-        old.check_compatible(SpadeConfig(framing="full"))
+        old.check_compatible(paper.replace(framing="full"))
     with pytest.raises(GalleryMismatch, match="feature_aggregation"):
-        old.check_compatible(SpadeConfig(feature_aggregation=3))
+        old.check_compatible(paper.replace(feature_aggregation=3))
     with pytest.raises(ValueError, match="feature_aggregation must be an odd size"):
         SpadeConfig(feature_aggregation=2)
     with pytest.raises(ValueError, match="framing must be one of"):
-        SpadeConfig(framing="tiles")
+        SpadeConfig(framing="squeeze")
 
 
 def test_k_warning_says_what_the_gallery_supports():

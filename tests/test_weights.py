@@ -22,7 +22,8 @@ OFFLINE = {
     "resmem": (offline_weights.RESMEM,
                SpadeConfig(backbone="resnet152", weights="resmem", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))),
     "efficientnet_lite0_package": (offline_weights.EFFICIENTNET_LITE0,
-                                   SpadeConfig(backbone="tf_efficientnet_lite0", weights="efficientnet_lite0_package")),
+                                   SpadeConfig(backbone="tf_efficientnet_lite0", weights="efficientnet_lite0_package",
+                                               crop=224, framing="crop")),
 }
 
 

@@ -7,6 +7,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from spade.config import SpadeConfig
+from spade.features.framing import framing_for
 from spade.io.images import DecodeLimits, ImageBeyondLimits, ImageDecodeError, content_id, decode_rgb, preprocess
 from spade.io.ledger import unit_key
 from spade.io.sources import count_inputs, label_from_uri, read_inputs
@@ -27,6 +28,10 @@ class DecodeImages(beam.DoFn):
         self.config = config
         self.read = Metrics.counter("spade", "images_read")
         self.failed = Metrics.counter("spade", "images_failed")
+        self.reframed = Metrics.counter("spade", "images_reframed")
+
+    def setup(self):
+        self.framing = framing_for(self.config)
 
     def process(self, uris: list[str]):
         batch: list[ImageInput] = []
@@ -58,8 +63,9 @@ class DecodeImages(beam.DoFn):
         try:
             rgb = decode_rgb(data, decode_limits(self.config))
             cfg = self.config
-            tensor = preprocess(rgb, cfg.resize, cfg.crop, cfg.mean, cfg.std, cfg.framing).numpy()
+            tensor = preprocess(rgb, cfg.resize, cfg.crop, cfg.mean, cfg.std, self.framing).numpy()
             height, width = rgb.shape[:2]
+            reframed = self.framing.reframed((width, height))
             del rgb, data  # not held while the batch is extracted and scored downstream
         except ImageDecodeError as exc:
             self.failed.inc()
@@ -73,7 +79,9 @@ class DecodeImages(beam.DoFn):
                             **work.columns())
             return
         self.read.inc()
-        yield ImageInput(image_uri, image_id, label, int(width), int(height), tensor, work)
+        if reframed:
+            self.reframed.inc()
+        yield ImageInput(image_uri, image_id, label, int(width), int(height), tensor, work, reframed)
 
 
 def decode_limits(config: SpadeConfig) -> DecodeLimits:

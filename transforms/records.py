@@ -27,7 +27,8 @@ class WorkUnit:
 
 @dataclass
 class ImageInput:
-    """A decoded, preprocessed image: identity, original size, MVTec label, and its (3, crop, crop) tensor."""
+    """A decoded, preprocessed image: identity, original size, MVTec label, its (3, H, W) frame tensor, and whether
+    its aspect differs from the frame's (``reframed``: stretched into the gallery's frame size)."""
 
     uri: str
     image_id: str
@@ -36,6 +37,7 @@ class ImageInput:
     height: int
     tensor: np.ndarray
     work: WorkUnit | None = None
+    reframed: bool = False
 
 
 @dataclass

@@ -14,9 +14,9 @@ from spade.io import storage
 from spade.features.backbone import Features
 from spade.config import SpadeConfig
 from spade.scoring.correspondence import configure_threads
-from spade.index.gallery import Gallery
 from spade.io.maps import encode_mask, encode_score_map
-from spade.scoring.scoremap import to_original_geometry
+from spade.features.framing import framing_for
+from spade.index.gallery import Gallery, with_gallery_frame
 from spade.scoring.batch import score_batch
 from transforms.cache import acquire
 from transforms.records import SplitErrors, error_row, image_columns
@@ -82,6 +82,7 @@ class ScoreBatch(beam.DoFn):
         configure_threads(self.config.num_threads)
         self.gallery = acquire(self._shared, self.gallery_url, lambda: _GalleryHandle(self.gallery_url)).gallery
         self.gallery.check_compatible(self.config)
+        self.framing = framing_for(with_gallery_frame(self.config, self.gallery.manifest))
         self.image_ids = self.gallery.image_ids  # once per worker, not once per image (it is the whole gallery's)
         used = resolve_thresholds(self.config, self.gallery.manifest, self.thresholds)
         self.image_threshold, self.pixel_threshold = used["image"], used["pixel"]
@@ -114,8 +115,7 @@ class ScoreBatch(beam.DoFn):
         yield from rows
 
     def _write(self, image, result) -> dict:
-        cfg = self.config
-        full = to_original_geometry(result.score_map, (image.width, image.height), cfg.resize, cfg.crop, cfg.framing)
+        full = self.framing.to_original(result.score_map, (image.width, image.height))
         png, scale = encode_score_map(full)
         map_uri = storage.join(self.out_url, "maps", f"{image.image_id}.png")
         storage.atomic_write_bytes(map_uri, png)
@@ -137,6 +137,7 @@ class ScoreBatch(beam.DoFn):
             "error": None,
             "gallery_hash": self.gallery.hash,
             "scored_at": self.scored_at,
+            "reframed": image.reframed,  # counted in the run summary, not a table column
         }
 
 

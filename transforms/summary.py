@@ -9,13 +9,13 @@ from spade.io import storage
 
 MAX_ERRORS = 100
 SUMMARY = "summary.json"
-COUNTS = ("rows", "ok", "errors", "skipped", "resumed")
+COUNTS = ("rows", "ok", "errors", "skipped", "resumed", "reframed")
 
 
 def row_counts(row: dict[str, Any]) -> dict[str, Any]:
     """One output row's contribution to the summary."""
     failed = row.get("status") == "error"
-    return {"rows": 1, "ok": 0 if failed else 1, "errors": int(failed),
+    return {"rows": 1, "ok": 0 if failed else 1, "errors": int(failed), "reframed": int(bool(row.get("reframed"))),
             "error_messages": [(row.get("uri") or "", row.get("error") or "")] if failed else []}
 
 

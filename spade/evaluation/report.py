@@ -301,6 +301,17 @@ def thresholds_section(run_thresholds: Mapping[str, Any], selected: Mapping[str,
               "thresholds.json for `spade score --thresholds`.</p>")
 
 
+def operating_points_section(points: Sequence[Mapping[str, Any]]) -> str:
+    """Good images flagged against defective images missed at several image thresholds (`spade.evaluation.
+    thresholds.operating_points`): the table a line picks its operating point from."""
+    rows = [[esc(p["reaches"]), fmt(p["threshold"], 6), f"{p['good_flagged']}/{p['good']} ({p['good_flagged_rate']:.1%})",
+             f"{p['defective_missed']}/{p['defective']} ({p['defective_missed_rate']:.1%})"] for p in points]
+    return (_table(["threshold reaching", "image threshold", "good flagged", "defective missed"], rows, numeric=(1,))
+            + '<p class="note">Pick a row and apply its threshold with <code>spade score --thresholds</code> '
+              '(a thresholds.json of <code>{"image": value}</code>), or let <code>spade evaluate --image-fpr</code> / '
+              "<code>--image-miss-rate</code> write it. Chosen on these labelled images: optimistic for new ones.</p>")
+
+
 def gallery_card(item: Mapping[str, Any]) -> str:
     """One top-N entry: item has rank, row (score row), anchor, and image paths/notes for orig/overlay/pred/gt."""
     row = item["row"]
@@ -384,6 +395,8 @@ def render_page(ctx: Mapping[str, Any]) -> str:
         parts.append('<h2 id="distribution">Image score distribution</h2>')
     parts.append(f'<div class="figs">{fig("histogram")}</div>')
     parts.append('<h2 id="thresholds">Thresholds</h2>' + thresholds_section(ctx["thresholds"], ctx.get("selected")))
+    if ctx.get("operating_points"):
+        parts.append('<h2 id="operating-points">Operating points</h2>' + operating_points_section(ctx["operating_points"]))
     if ctx.get("problems"):
         parts.append('<h2 id="problems">Problems</h2><ul>' + "".join(f"<li>{esc(p)}</li>" for p in ctx["problems"]) + "</ul>")
     parts.append(f'<h2 id="top">Top {len(ctx["cards"])} most anomalous images</h2>')

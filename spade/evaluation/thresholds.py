@@ -167,3 +167,63 @@ def validate_thresholds(payload: Any, source: str = "thresholds file") -> dict[s
     if out["image"] is None and out["pixel"] is None:
         raise ValueError(f"{source}: sets neither an 'image' nor a 'pixel' threshold")
     return out
+
+
+GOOD_FLAGGED_TARGETS = (0.0, 0.01, 0.02, 0.05, 0.10, 0.20)
+MISSED_TARGETS = (0.0, 0.01, 0.05, 0.10, 0.20, 0.30)
+
+
+def _point(threshold: float, scores: np.ndarray, labels: np.ndarray, reaches: str) -> dict[str, Any]:
+    flagged = scores >= threshold
+    good, defective = int((~labels).sum()), int(labels.sum())
+    good_flagged, missed = int((flagged & ~labels).sum()), int((~flagged & labels).sum())
+    return {"reaches": reaches, "threshold": float(threshold),
+            "good_flagged": good_flagged, "good": good, "good_flagged_rate": good_flagged / good if good else float("nan"),
+            "defective_missed": missed, "defective": defective,
+            "defective_missed_rate": missed / defective if defective else float("nan")}
+
+
+def miss_rate_threshold(labels: Sequence[bool] | np.ndarray, scores: Sequence[float] | np.ndarray,
+                        target_miss: float) -> float:
+    """The highest threshold that misses at most ``target_miss`` of the defective (labelled True) scores: the fewest
+    good images flagged at that miss rate."""
+    labels = np.asarray(labels, dtype=bool).ravel()
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    defective = np.sort(scores[labels])
+    if defective.size == 0:
+        raise ValueError("a miss-rate threshold needs defective examples")
+    allowed = int(math.floor(target_miss * defective.size + 1e-9))
+    keep = defective[allowed:]  # flag these (the lowest `allowed` may be missed)
+    lower = scores[scores < keep[0]]
+    return _between(float(keep[0]), float(lower.max()) if lower.size else None)
+
+
+def operating_points(labels: Sequence[bool] | np.ndarray, scores: Sequence[float] | np.ndarray,
+                     used: float | None = None) -> list[dict[str, Any]]:
+    """The trade-off an inspector picks a line's operating point from: good images flagged against defective images
+    missed at the thresholds that reach each of `GOOD_FLAGGED_TARGETS` (a target rate of good images flagged) and
+    `MISSED_TARGETS` (a target rate of defective images missed), plus the threshold ``used`` by the run. Rows sorted
+    by threshold; ``reaches`` says which target (or "run threshold") each row is for."""
+    labels = np.asarray(labels, dtype=bool).ravel()
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    points = []
+    if (~labels).any():
+        for target in GOOD_FLAGGED_TARGETS:
+            points.append(_point(fpr_threshold(scores[~labels], target)["threshold"], scores, labels,
+                                 f"good flagged <= {target:.0%}"))
+    if labels.any():
+        for target in MISSED_TARGETS:
+            points.append(_point(miss_rate_threshold(labels, scores, target), scores, labels, f"missed <= {target:.0%}"))
+    if used is not None:
+        points.append(_point(float(used), scores, labels, "run threshold"))
+    return sorted(points, key=lambda p: p["threshold"])
+
+
+def format_operating_points(points: Sequence[dict[str, Any]]) -> str:
+    """The operating points as a printed table."""
+    lines = [f"{'reaches':>20} {'threshold':>12} {'good flagged':>16} {'defective missed':>18}"]
+    for p in points:
+        lines.append(f"{p['reaches']:>20} {p['threshold']:>12.6g} "
+                     f"{p['good_flagged']:>6}/{p['good']:<4} {p['good_flagged_rate']:>5.1%} "
+                     f"{p['defective_missed']:>7}/{p['defective']:<4} {p['defective_missed_rate']:>5.1%}")
+    return "\n".join(lines)

@@ -15,6 +15,7 @@ import torch
 import torchvision
 
 from spade.config import SpadeConfig
+from spade.features.framing import TiledFraming
 from spade.features.weights import ResolvedWeights, check_preprocessing, resolve_weights
 
 RESNET_BACKBONES = (
@@ -104,6 +105,7 @@ class FeatureExtractor:
         self.layers = tuple(config.layers)
         self.is_timm = config.backbone in TIMM_BACKBONES
         self._taps = _timm_taps(self.model) if self.is_timm else {}
+        self._framings: dict[tuple[int, int], object] = {}
 
     def _resnet(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         m = self.model
@@ -125,14 +127,44 @@ class FeatureExtractor:
         x = m.bn2(m.conv_head(x))
         return m.forward_head(x, pre_logits=True), maps
 
+    def _framing(self, size: tuple[int, int]) -> TiledFraming | None:
+        """The tiles of a frame of ``size`` (the framing's frame size, whatever the config records), None when the
+        framing gives one tile."""
+        if self.config.framing != "tiles":
+            return None
+        if size not in self._framings:
+            framing = TiledFraming(size, self.config.tile_size, self.config.tile_overlap)
+            self._framings[size] = framing if len(framing.tiles) > 1 else None
+        return self._framings[size]
+
+    def _tiles(self, tiles: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Embedding and aggregated pyramid maps of (n, 3, th, tw) tiles, ``batch_size`` tiles per forward pass
+        (memory bounded per tile, however long a frame)."""
+        step = max(1, self.config.batch_size)
+        embeddings, pyramids = [], {name: [] for name in self.layers}
+        for start in range(0, tiles.shape[0], step):
+            embedding, maps = self._timm(tiles[start:start + step]) if self.is_timm else self._resnet(tiles[start:start + step])
+            embeddings.append(embedding)
+            for name in self.layers:
+                pyramids[name].append(aggregate_neighbourhood(maps[name], self.config.feature_aggregation))
+        cat = lambda parts: parts[0] if len(parts) == 1 else torch.cat(parts)  # noqa: E731
+        return cat(embeddings), {name: cat(parts) for name, parts in pyramids.items()}
+
     @torch.inference_mode()
     def __call__(self, batch: torch.Tensor) -> Features:
-        embedding, maps = self._timm(batch) if self.is_timm else self._resnet(batch)
-        size = self.config.feature_aggregation
+        """Features of a batch of (B, 3, H, W) frames: the framing's tiles go through the backbone; a frame's
+        embedding is its tiles' mean, its layer maps are its tiles' maps stacked along the height (C, T*h, w)."""
+        framing = self._framing(tuple(batch.shape[-2:]))
+        if framing is None:  # one tile: the frame itself
+            embedding, maps = self._tiles(batch)
+        else:
+            embedding, maps = self._tiles(framing.cut(batch))
+            count = len(framing.tiles)
+            embedding = embedding.reshape(batch.shape[0], count, -1).mean(dim=1)
+            maps = {name: framing.stack(maps[name]) for name in self.layers}
         return Features(
             embedding=embedding.numpy().astype(np.float32, copy=False),
-            pyramid={name: aggregate_neighbourhood(maps[name], size).numpy().astype(np.float32, copy=False)
-                     for name in self.layers},
+            pyramid={name: maps[name].numpy().astype(np.float32, copy=False) for name in self.layers},
         )
 
     def classify(self, batch: torch.Tensor) -> np.ndarray:

@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 
 from spade.io import storage
 from spade.config import FEATURE_DEFAULTS_BEFORE, SpadeConfig, stable_hash
+from spade.features.framing import framing_for
 from spade.index.cache import cached_folder
 from spade.index.coreset import bank_files, bank_settings, load_banks, save_banks
 from spade.index.knn import build_index
@@ -144,7 +145,8 @@ def build_gallery(shard_urls: list[str], gallery_url: str, config: SpadeConfig, 
         "backbone": config.backbone,
         "layers": list(config.layers),
         "preprocessing": {"resize": config.resize, "crop": config.crop, "framing": config.framing,
-                          "feature_aggregation": config.feature_aggregation, "mean": list(config.mean), "std": list(config.std)},
+                          "feature_aggregation": config.feature_aggregation, "mean": list(config.mean), "std": list(config.std),
+                          "frame": _frame_record(config)},
         "weights": {"spec": config.weights, "source": weights_source, "sha256": weights_sha256},
         "feature_signature": config.feature_signature() | {"weights_sha256": weights_sha256},
         "k": config.k, "kappa": config.kappa, "sigma": config.sigma,
@@ -170,6 +172,12 @@ def build_gallery(shard_urls: list[str], gallery_url: str, config: SpadeConfig, 
             fs.put_file(os.path.join(workdir, name), f"{path}/{name}")
         shutil.rmtree(workdir, ignore_errors=True)
     return manifest
+
+
+def _frame_record(config: SpadeConfig) -> dict[str, Any]:
+    """What the model sees of every image of this gallery: the frame (height, width) and its tiles."""
+    framing = framing_for(config)
+    return {"size": list(framing.size), "tiles": len(framing.tiles), "tile_size": list(framing.tile_size)}
 
 
 def _built_files(manifest: dict[str, Any]) -> list[str]:
@@ -220,9 +228,20 @@ def read_manifest(url: str) -> dict[str, Any]:
     return manifest
 
 
+def with_gallery_frame(config: SpadeConfig, manifest: dict[str, Any]) -> SpadeConfig:
+    """``config`` with the gallery's frame size when it asks for an ``aspect`` or ``tiles`` framing without one:
+    fit fixes a gallery's frame size from its images, scoring frames every image into it."""
+    if config.frame_size is None and config.framing in ("aspect", "tiles"):
+        size = (manifest.get("feature_signature") or {}).get("frame_size")
+        if size is not None:
+            return config.replace(frame_size=tuple(size))
+    return config
+
+
 def check_compatible(manifest: dict[str, Any], url: str, config: SpadeConfig, weights_sha256: str | None = None) -> None:
     """Raise `GalleryMismatch` naming every feature setting where ``config`` (and the weights
-    actually loaded, when given) and the gallery differ."""
+    actually loaded, when given) and the gallery differ; a config without ``frame_size`` takes the gallery's."""
+    config = with_gallery_frame(config, manifest)
     built = FEATURE_DEFAULTS_BEFORE | dict(manifest["feature_signature"])
     built_sha = built.pop("weights_sha256", None)
     if weights_sha256 is not None and built_sha != weights_sha256:

@@ -105,3 +105,59 @@ class ShardedLayer:
             return self._read(rows, target)
         target[...] = self._read(rows, np.empty(target.shape, dtype=self.dtype))
         return target
+
+    def read_part(self, rows: np.ndarray, first: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Positions ``first[i]`` .. ``first[i] + out.shape[1]`` of gallery row ``rows[i]`` into ``out[i]`` (float32),
+        one ``pread`` each: a tile of a frame without the rest of it."""
+        rows, first = np.asarray(rows, dtype=np.int64).reshape(-1), np.asarray(first, dtype=np.int64).reshape(-1)
+        target = out[:len(rows)]
+        raw = target if self.dtype == target.dtype else np.empty(target.shape, dtype=self.dtype)
+        position_bytes = self.shape[2] * self.dtype.itemsize
+        shards = self.shards[rows]
+        for shard in np.unique(shards):
+            with open(self.paths[shard], "rb", buffering=0) as handle:
+                for i in np.flatnonzero(shards == shard):
+                    offset = self._offsets[shard] + int(self.rows[rows[i]]) * self._row_bytes + int(first[i]) * position_bytes
+                    pread_exactly(handle.fileno(), raw[i], offset, f"{self.paths[shard]}: rebuild the gallery with `spade fit`")
+        if raw is not target:
+            target[...] = raw
+        return target
+
+
+class TileRows:
+    """A pyramid layer (N, T*P, C) whose rows are frames of T tiles, seen as (N*T, P, C): row ``r*T + t`` is tile
+    t of frame r (its positions t*P .. (t+1)*P). The correspondence then matches a test tile with chosen tiles
+    of its neighbour frames, reading whole frames and handing on the tiles asked for."""
+
+    ndim = 3
+
+    def __init__(self, layer, tiles: int):
+        self.layer, self.tiles = layer, int(tiles)
+        frames, positions, channels = layer.shape
+        if positions % self.tiles:
+            raise ValueError(f"pyramid rows of {positions} positions do not split into {self.tiles} tiles")
+        self.shape = (frames * self.tiles, positions // self.tiles, channels)
+        self.dtype = layer.dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def read_rows(self, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Tile rows ``rows`` into ``out[:len(rows)]`` ((n, P, C) float32); returns that view."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        target = out[:len(rows)]
+        per = self.shape[1]
+        if hasattr(self.layer, "read_part"):
+            return self.layer.read_part(rows // self.tiles, (rows % self.tiles) * per, target)
+        frames, first = np.unique(rows // self.tiles, return_inverse=True)
+        whole = np.empty((len(frames), *self.layer.shape[1:]), dtype=np.float32)
+        whole[...] = np.asarray(self.layer[frames], dtype=np.float32)
+        for i, (frame, tile) in enumerate(zip(first, rows % self.tiles)):
+            target[i] = whole[frame, tile * per:(tile + 1) * per]
+        return target
+
+    def __getitem__(self, index) -> np.ndarray:
+        rows = np.arange(len(self))[index]
+        out = np.empty((np.size(rows), *self.shape[1:]), dtype=np.float32)
+        self.read_rows(np.atleast_1d(rows), out)
+        return out[0] if np.ndim(rows) == 0 else out

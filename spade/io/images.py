@@ -84,6 +84,18 @@ def decode_rgb(data: bytes, limits: DecodeLimits | None = None) -> np.ndarray:
         raise ImageDecodeError(f"corrupt or truncated image: {exc.__class__.__name__}: {exc}") from None
 
 
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of encoded image bytes as `decode_rgb` would turn them (EXIF orientation applied), read from
+    the header alone; None for bytes that are no readable image."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            orientation = img.getexif().get(0x0112, 1)
+    except Exception:
+        return None
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
 def _upright(img: Image.Image) -> Image.Image:
     """The image turned as its EXIF orientation tag says; unchanged without one (or with an unreadable one)."""
     try:
@@ -139,7 +151,8 @@ def frame(img: Image.Image, resize: int, crop: int, framing: str = "crop") -> Im
     if framing == "full":
         return img.resize((crop, crop), Image.BILINEAR)
     if framing != "crop":
-        raise ValueError(f"framing must be 'crop' or 'full', got {framing!r}")
+        raise ValueError(f"framing {framing!r} needs its frame size: pass a spade.features.framing.Framing "
+                         "(framing_for(config)); by name only 'crop' or 'full'")
     new_w, new_h = resize_short_side(img.size, resize)
     img = img.resize((new_w, new_h), Image.BILINEAR)
     left, top = crop_origin((new_w, new_h), crop)
@@ -147,9 +160,11 @@ def frame(img: Image.Image, resize: int, crop: int, framing: str = "crop") -> Im
 
 
 def preprocess(rgb: np.ndarray, resize: int, crop: int, mean: tuple[float, ...], std: tuple[float, ...],
-               framing: str = "crop") -> torch.Tensor:
-    """`frame` the image (centre crop or whole frame), normalise: a ``(3, crop, crop)`` tensor."""
-    img = frame(Image.fromarray(rgb), resize, crop, framing)
+               framing="crop") -> torch.Tensor:
+    """Frame the image, normalise: a ``(3, height, width)`` tensor. ``framing``: ``crop`` or ``full`` (`frame`,
+    ``(3, crop, crop)``) or a `spade.features.framing.Framing` (its ``frame``: every framing, its frame size)."""
+    pil = Image.fromarray(rgb)
+    img = frame(pil, resize, crop, framing) if isinstance(framing, str) else framing.frame(pil)
     tensor = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
     mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)

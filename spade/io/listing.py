@@ -10,10 +10,12 @@ list exactly what `expand_images` lists (same filters: hidden names, MVTec ``gro
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import fsspec
 
-from spade.io.sources import _GLOB_CHARS, _protocol_prefix, _with_protocol
+from spade.io.images import header_size
+from spade.io.sources import _GLOB_CHARS, _protocol_prefix, _with_protocol, read_inputs
 
 
 @dataclass(frozen=True)
@@ -111,3 +113,34 @@ def list_part(part: ListingPart) -> list[str]:
     else:
         raise ValueError(f"unknown listing part kind {part.kind!r}")
     return sorted({_with_protocol(prefix, p) for p in found if not p.rsplit("/", 1)[-1].startswith(".")})
+
+
+def _first_uris(part: ListingPart) -> Iterator[str]:
+    """A part's input URIs, lazily where the filesystem allows (a folder is walked, not listed whole)."""
+    if part.kind != "find":
+        yield from list_part(part)
+        return
+    fs, path = fsspec.core.url_to_fs(part.path)
+    prefix = _protocol_prefix(part.path)
+    for folder, dirs, files in fs.walk(path):
+        dirs[:] = sorted(d for d in dirs if d != "ground_truth")
+        for name in sorted(files):
+            if not name.startswith("."):
+                yield _with_protocol(prefix, f"{folder.rstrip('/')}/{name}")
+
+
+def sample_image_sizes(spec: str, split: str | None = None, limit: int = 64) -> list[tuple[int, int]]:
+    """(width, height) of up to ``limit`` of the spec's images, upright, from their headers (no pixels decoded),
+    taken part by part in listing order: what `spade fit` fixes an ``aspect`` or ``tiles`` frame size from. Costs
+    ``limit`` header reads whatever the archive's size; unreadable inputs are passed over."""
+    sizes: list[tuple[int, int]] = []
+    for part in plan_listing(spec, split):
+        for uri in _first_uris(part):
+            for _, data, problem in read_inputs(uri):
+                if problem is None and data:
+                    size = header_size(data)
+                    if size is not None:
+                        sizes.append(size)
+                if len(sizes) >= limit:
+                    return sizes
+    return sizes

@@ -25,7 +25,9 @@ import numpy as np
 from spade.features.backbone import Features
 from spade.config import SpadeConfig
 from spade.scoring.correspondence import batch_layer_distances, configure_threads
-from spade.index.gallery import Gallery
+from spade.features.framing import Framing, framing_for
+from spade.index.gallery import Gallery, with_gallery_frame
+from spade.index.pyramid import TileRows
 from spade.index.knn import image_scores, nearest_images
 from spade.scoring.image_score import image_score
 from spade.scoring.scoremap import combine_layer_maps, smooth
@@ -35,7 +37,7 @@ MODES = ("exact", "approximate")
 
 @dataclass
 class ImageScore:
-    """One test image's result: image score, neighbour rows, a (crop, crop) pixel score map, and the
+    """One test image's result: image score, neighbour rows, its frame's (H, W) pixel score map, and the
     two terms the image score is made of (kNN score, maximum of the score map)."""
 
     image_score: float
@@ -58,23 +60,47 @@ def layer_queries(pyramid_batch: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(pyramid_batch, dtype=np.float32).reshape(b, c, h * w).transpose(0, 2, 1))
 
 
+def tile_neighbours(neighbours: np.ndarray, tiles: int, same_place: bool) -> np.ndarray:
+    """(B, K) neighbour frames → (B*T, K) tile rows of `TileRows` at the same place (tile t of each neighbour),
+    or (B*T, K*T) every tile of each neighbour."""
+    neighbours = np.asarray(neighbours, dtype=np.int64)
+    b, k = neighbours.shape
+    if same_place:
+        return (neighbours[:, None, :] * tiles + np.arange(tiles)[None, :, None]).reshape(b * tiles, k)
+    every = (neighbours[:, :, None] * tiles + np.arange(tiles)[None, None, :]).reshape(b, k * tiles)
+    return np.repeat(every, tiles, axis=0)
+
+
+def _exact_distances(queries: np.ndarray, layer_rows, neighbours: np.ndarray, config: SpadeConfig, tiles: int) -> np.ndarray:
+    """(B, P) exact correspondence distances; with T tiles per frame each test tile is searched among its
+    neighbours' tiles (`tile_neighbours`), so the cost grows with the frame's length, not its square."""
+    if tiles == 1:
+        return batch_layer_distances(queries, layer_rows, neighbours, config.kappa, refine=config.refine_distances)
+    b, p, c = queries.shape
+    dist = batch_layer_distances(queries.reshape(b * tiles, p // tiles, c), TileRows(layer_rows, tiles),
+                                 tile_neighbours(neighbours, tiles, config.tile_neighbours == "same"), config.kappa,
+                                 refine=config.refine_distances)
+    return dist.reshape(b, p)
+
+
 def layer_distance_maps(pyramid: dict[str, np.ndarray], gallery: Gallery, neighbours: np.ndarray, config: SpadeConfig,
                         mode: str | None = None, coreset_ratio: float | None = None,
                         exclude_rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """{layer: (B, h, w) distance maps} of a batch's pyramid {layer: (B, C, h, w)}; ``neighbours`` (B, K) gallery rows.
+    """{layer: (B, T*h, w) distance maps} of a batch's pyramid {layer: (B, C, T*h, w)} (T tiles stacked, see
+    `spade.features.framing`); ``neighbours`` (B, K) gallery rows.
 
     ``exclude_rows[i]``: a gallery row whose patches image i may not match (leave-one-out). Exact mode
     never sees it (it is not among the neighbours); the global memory bank skips its vectors.
     """
     mode = scoring_mode(config, mode)
+    tiles = len(framing_for(config).tiles)
     out = {}
     for layer in config.layers:
         maps = pyramid[layer]
         b, _, h, w = maps.shape
         queries = layer_queries(maps)
         if mode == "exact":
-            dist = batch_layer_distances(queries, gallery.pyramid[layer], neighbours, config.kappa,
-                                         refine=config.refine_distances)
+            dist = _exact_distances(queries, gallery.pyramid[layer], neighbours, config, tiles)
         else:
             from spade.index.coreset import memory_bank_for
 
@@ -87,9 +113,16 @@ def layer_distance_maps(pyramid: dict[str, np.ndarray], gallery: Gallery, neighb
     return out
 
 
-def finish_map(layer_maps: list[np.ndarray], config: SpadeConfig) -> np.ndarray:
-    """Upsample + average + smooth one image's per-layer maps into its (crop, crop) score map."""
-    return smooth(combine_layer_maps(layer_maps, config.crop), config.sigma)
+def finish_map(layer_maps: list[np.ndarray], config: SpadeConfig, framing: Framing | None = None) -> np.ndarray:
+    """One frame's per-layer maps (T*h, w each) into its (H, W) score map: each tile's layers upsampled to the tile
+    and averaged, the tiles blended into the frame, then smoothed over the whole frame (no seams)."""
+    framing = framing or framing_for(config)
+    count = len(framing.tiles)
+    tile_maps = []
+    for t in range(count):
+        parts = [m[t * (m.shape[0] // count):(t + 1) * (m.shape[0] // count)] for m in layer_maps]
+        tile_maps.append(combine_layer_maps(parts, framing.tile_size))
+    return smooth(framing.blend(tile_maps), config.sigma)
 
 
 def score_batch(features: Features, gallery: Gallery, config: SpadeConfig, exclude_rows: np.ndarray | None = None,
@@ -103,6 +136,8 @@ def score_batch(features: Features, gallery: Gallery, config: SpadeConfig, exclu
     ``calibration``) that ``image_score: combined`` standardises by; default: the gallery's.
     """
     configure_threads(config.num_threads)
+    config = with_gallery_frame(config, gallery.manifest)
+    framing = framing_for(config)
     distances, rows = nearest_images(gallery.index, features.embedding, config.k, exclude_rows=exclude_rows)
     knn = image_scores(distances)
     maps = layer_distance_maps({layer: features.pyramid[layer] for layer in config.layers}, gallery, rows, config,
@@ -110,7 +145,7 @@ def score_batch(features: Features, gallery: Gallery, config: SpadeConfig, exclu
     stats = gallery.manifest.get("calibration") if normals is None else normals
     results = []
     for i in range(len(rows)):
-        score_map = finish_map([maps[layer][i] for layer in config.layers], config)
+        score_map = finish_map([maps[layer][i] for layer in config.layers], config, framing)
         peak = float(score_map.max())
         results.append(ImageScore(image_score(config.image_score, float(knn[i]), peak, stats, gallery.url), rows[i],
                                   score_map, knn_score=float(knn[i]), map_max=peak))

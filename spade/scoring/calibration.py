@@ -22,14 +22,15 @@ from scipy.stats import norm
 
 from spade.config import IMAGE_SCORES, SpadeConfig
 from spade.features.backbone import Features
-from spade.index.gallery import Gallery
+from spade.features.framing import framing_for
+from spade.index.gallery import Gallery, with_gallery_frame
 from spade.scoring.batch import score_batch
 from spade.scoring.image_score import image_scores, normal_statistics
 
 
 @dataclass
 class NormalScores:
-    """Leave-one-out results of m gallery images: their rows, both image terms, their (crop, crop) maps."""
+    """Leave-one-out results of m gallery images: their rows, both image terms, their frames' (H, W) maps."""
 
     rows: np.ndarray
     knn: np.ndarray
@@ -38,12 +39,13 @@ class NormalScores:
 
 
 def _gallery_features(gallery: Gallery, rows: np.ndarray, config: SpadeConfig) -> Features:
-    """The stored embedding and pyramid {layer: (B, C, h, w)} of gallery rows, as extraction gave them."""
+    """The stored embedding and pyramid {layer: (B, C, T*h, w)} of gallery rows, as extraction gave them."""
+    framing = framing_for(config)
     pyramid = {}
     for layer in config.layers:
         positions = np.asarray(gallery.pyramid[layer][rows], dtype=np.float32)  # (B, P, C)
-        side = int(round(np.sqrt(positions.shape[1])))
-        pyramid[layer] = np.ascontiguousarray(positions.transpose(0, 2, 1)).reshape(len(rows), -1, side, side)
+        grid = framing.layer_grid(positions.shape[1])
+        pyramid[layer] = np.ascontiguousarray(positions.transpose(0, 2, 1)).reshape(len(rows), -1, *grid)
     return Features(embedding=gallery.index.reconstruct_batch(rows), pyramid=pyramid)
 
 
@@ -51,10 +53,11 @@ def leave_one_out_scores(gallery: Gallery, config: SpadeConfig, count: int,
                          progress: Callable[[str], None] = lambda _: None) -> NormalScores:
     """Both image terms and the pixel score maps of ``count`` evenly spaced gallery images (all when the
     gallery is smaller), each scored against the gallery without itself, ``config.batch_size`` at a time."""
+    config = with_gallery_frame(config, gallery.manifest)
     n = gallery.index.ntotal
     if n < 2 or count < 1:
         empty = np.zeros(0)
-        return NormalScores(empty.astype(int), empty, empty, np.zeros((0, config.crop, config.crop), dtype=np.float32))
+        return NormalScores(empty.astype(int), empty, empty, np.zeros((0, *framing_for(config).size), dtype=np.float32))
     rows = np.unique(np.linspace(0, n - 1, num=min(count, n)).round().astype(np.int64))
     knn_only = config.replace(image_score="knn")  # the statistics `combined` needs are what is computed here
     knn, peaks, maps = [], [], []

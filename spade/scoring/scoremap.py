@@ -4,18 +4,19 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from scipy.ndimage import gaussian_filter
 
+from spade.features.framing import CropFraming, FullFraming
 from spade.io.images import crop_origin, resize_short_side
 
 
-def combine_layer_maps(layer_maps: list[np.ndarray], size: int) -> np.ndarray:
-    """Upsample each (h, w) map bilinearly to (size, size) and average them."""
+def combine_layer_maps(layer_maps: list[np.ndarray], size: int | tuple[int, int]) -> np.ndarray:
+    """Upsample each (h, w) map bilinearly to ``size`` ((height, width), or an int for a square) and average them."""
     if not layer_maps:
         raise ValueError("need at least one layer map")
+    size = (size, size) if isinstance(size, int) else tuple(size)
     ups = [
-        F.interpolate(torch.from_numpy(np.asarray(m, dtype=np.float32))[None, None], size=(size, size),
+        F.interpolate(torch.from_numpy(np.asarray(m, dtype=np.float32))[None, None], size=size,
                       mode="bilinear", align_corners=False)[0, 0]
         for m in layer_maps
     ]
@@ -44,23 +45,15 @@ def crop_box_pixels(original_size: tuple[int, int], resize: int, crop: int) -> t
     return int(round(left)), int(round(top)), int(round(right)), int(round(bottom))
 
 
-def to_original_geometry(crop_map: np.ndarray, original_size: tuple[int, int], resize: int, crop: int,
-                         framing: str = "crop") -> np.ndarray:
-    """Map a (crop, crop) score map back onto the original (H, W) image.
-
-    ``framing`` full: the map covers the whole frame and is resampled bilinearly to (H, W).
-    ``framing`` crop: inside the crop the map is resampled bilinearly; outside it (never seen by
-    the model) the nearest border values are repeated.
-    """
-    width, height = original_size
-    if framing == "full":
-        if crop_map.shape == (height, width):
-            return crop_map.astype(np.float32, copy=False)
-        return np.asarray(Image.fromarray(crop_map.astype(np.float32)).resize((width, height), Image.BILINEAR),
-                          dtype=np.float32)
-    new_w, new_h = resize_short_side(original_size, resize)
-    left, top = crop_origin((new_w, new_h), crop)
-    canvas = np.pad(crop_map.astype(np.float32), ((top, new_h - top - crop), (left, new_w - left - crop)), mode="edge")
-    if (new_w, new_h) == (width, height):
-        return canvas
-    return np.asarray(Image.fromarray(canvas).resize((width, height), Image.BILINEAR), dtype=np.float32)
+def to_original_geometry(frame_map: np.ndarray, original_size: tuple[int, int], resize: int, crop: int,
+                         framing="crop") -> np.ndarray:
+    """Map a frame's score map back onto the original (H, W) image: ``framing`` is a
+    `spade.features.framing.Framing` or the name ``crop`` / ``full`` (see their ``to_original``)."""
+    if isinstance(framing, str):
+        if framing == "full":
+            framing = FullFraming(crop)
+        elif framing == "crop":
+            framing = CropFraming(resize, crop)
+        else:
+            raise ValueError(f"framing {framing!r} needs its frame size: pass framing_for(config)")
+    return framing.to_original(frame_map, original_size)

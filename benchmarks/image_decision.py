@@ -1,0 +1,217 @@
+"""Framings and image-score rules compared on real MVTec-layout sets, from one cached pass of the method.
+
+    python benchmarks/image_decision.py                       # the four shared sets, framings full / aspect / tiles
+    python benchmarks/image_decision.py --data ../shared/data/mvtec3d_tire --framing tiles --framing aspect
+
+For each set and framing it runs the method itself (no Beam: `spade` functions on arrays) once: features of the
+gallery (train/good) and test images, the kNN term and each layer's raw correspondence map of every test image
+and of up to ``--calibration`` gallery images scored leave-one-out. These are cached (``--cache``), so each
+image-score rule below costs no scoring. Printed: image ROCAUC of every rule, pixel ROCAUC and PRO (full image),
+and for every rule the good flagged / defective missed at the calibrated threshold (mean + 1.645 std of the
+leave-one-out normal scores, the default's 5 % target).
+
+Rules (each a function of a frame's kNN term and its raw per-layer maps):
+
+* ``knn``: the paper's; ``map_max``: maximum of the smoothed, layer-averaged map (PatchCore, PaDiM);
+* ``combined``: z(knn) + z(map_max), z standardised on the leave-one-out normal images;
+* ``topk_mean``: mean of the smoothed map's top 1 % of positions (a defect's area, not one hot pixel);
+* ``layer_max``: per layer, the maximum of its smoothed map, each standardised, then the largest;
+* ``layer_sum``: the same per-layer maxima standardised and summed;
+* ``combined_topk``: z(knn) + z(topk_mean); ``combined3``: z(knn) + z(map_max) + z(topk_mean).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from spade.config import load_config  # noqa: E402
+from spade.evaluation.metrics import auroc, pro_auc  # noqa: E402
+from spade.features.backbone import FeatureExtractor  # noqa: E402
+from spade.features.framing import frame_size_for, framing_for  # noqa: E402
+from spade.index.gallery import Gallery  # noqa: E402
+from spade.index.knn import build_index, image_scores, nearest_images  # noqa: E402
+from spade.io.images import decode_rgb, preprocess  # noqa: E402
+from spade.scoring.batch import layer_distance_maps  # noqa: E402
+from spade.scoring.correspondence import configure_threads  # noqa: E402
+from spade.scoring.scoremap import combine_layer_maps, smooth  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "data"
+SETS = ("mvtec_ad_bottle", "mpdd_metal_plate", "mvtec3d_tire", "kolektorsdd_commutator")
+SUFFIXES = (".png", ".jpg", ".bmp", ".tif", ".tiff", ".jpeg")
+Z = 1.6448536269514722
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in SUFFIXES)
+
+
+def _mask(root: Path, path: Path, size: tuple[int, int]) -> np.ndarray:
+    label = path.parent.name
+    if label == "good":
+        return np.zeros((size[1], size[0]), dtype=bool)
+    found = root / "ground_truth" / label / f"{path.stem}_mask.png"
+    return np.asarray(Image.open(found).convert("L")) > 127
+
+
+def _extract(paths: list[Path], extractor: FeatureExtractor, framing, config) -> tuple[np.ndarray, dict, list]:
+    embeddings, pyramids, sizes = [], {layer: [] for layer in config.layers}, []
+    for start in range(0, len(paths), config.batch_size):
+        rgbs = [decode_rgb(p.read_bytes()) for p in paths[start:start + config.batch_size]]
+        sizes += [(rgb.shape[1], rgb.shape[0]) for rgb in rgbs]
+        batch = torch.stack([preprocess(rgb, config.resize, config.crop, config.mean, config.std, framing) for rgb in rgbs])
+        features = extractor(batch)
+        embeddings.append(features.embedding)
+        for layer in config.layers:
+            pyramids[layer].append(features.pyramid[layer])
+    return np.concatenate(embeddings), {k: np.concatenate(v) for k, v in pyramids.items()}, sizes
+
+
+def _rows(pyramid: dict) -> dict:
+    """{layer: (B, C, H, W)} -> {layer: (B, H*W, C)} gallery rows."""
+    return {k: np.ascontiguousarray(v.reshape(v.shape[0], v.shape[1], -1).transpose(0, 2, 1)) for k, v in pyramid.items()}
+
+
+def _score(gallery: Gallery, embedding: np.ndarray, pyramid: dict, config, exclude: np.ndarray | None = None):
+    knn, maps = [], {layer: [] for layer in config.layers}
+    for start in range(0, len(embedding), config.batch_size):
+        sl = slice(start, start + config.batch_size)
+        ex = None if exclude is None else exclude[sl]
+        distances, rows = nearest_images(gallery.index, embedding[sl], config.k, exclude_rows=ex)
+        knn.append(image_scores(distances))
+        part = layer_distance_maps({k: v[sl] for k, v in pyramid.items()}, gallery, rows, config, exclude_rows=ex)
+        for layer in config.layers:
+            maps[layer].append(part[layer])
+    return np.concatenate(knn), {k: np.concatenate(v) for k, v in maps.items()}
+
+
+def run_set(root: Path, spec: str, calibration: int, cache: Path) -> dict:
+    path, _, overrides = spec.partition(":")
+    values = dict(item.split("=", 1) for item in filter(None, overrides.split(",")))
+    import yaml
+    config = load_config(path, {k: yaml.safe_load(v) for k, v in values.items()})
+    name = f"{root.name}-{Path(path).stem}-{overrides.replace('=', '').replace(',', '_')}"
+    target = cache / f"{name}.npz"
+    if target.exists():
+        return dict(np.load(target, allow_pickle=True)) | {"config": config}
+    started = time.perf_counter()
+    train, test = _images(root / "train" / "good"), _images(root / "test")
+    if config.framing in ("aspect", "tiles") and config.frame_size is None:
+        sizes = [Image.open(p).size for p in train[:64]]
+        config = config.replace(frame_size=frame_size_for(sizes, config.resize))
+    framing = framing_for(config)
+    extractor = FeatureExtractor(config)
+    g_emb, g_pyr, _ = _extract(train, extractor, framing, config)
+    gallery = Gallery(str(root), {"feature_signature": config.feature_signature()}, None, build_index(g_emb), _rows(g_pyr))
+    t_emb, t_pyr, t_sizes = _extract(test, extractor, framing, config)
+    fitted = time.perf_counter()
+    t_knn, t_maps = _score(gallery, t_emb, t_pyr, config)
+    scored = time.perf_counter()
+    rows = np.unique(np.linspace(0, len(train) - 1, num=min(calibration, len(train))).round().astype(np.int64))
+    c_knn, c_maps = _score(gallery, g_emb[rows], {k: v[rows] for k, v in g_pyr.items()}, config, exclude=rows)
+    out = {"t_knn": t_knn, "c_knn": c_knn, "labels": np.array([p.parent.name != "good" for p in test]),
+           "paths": np.array([str(p) for p in test]), "sizes": np.array(t_sizes),
+           "frame_size": np.array(framing.size), "seconds": np.array([fitted - started, scored - fitted])}
+    for layer in config.layers:
+        out[f"t_{layer}"], out[f"c_{layer}"] = t_maps[layer], c_maps[layer]
+    np.savez(target, **out)
+    return out | {"config": config}
+
+
+def frame_maps(data: dict, config, prefix: str) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
+    """Smoothed layer-averaged frame maps and each layer's own smoothed maxima."""
+    config = config.replace(frame_size=tuple(int(v) for v in data["frame_size"])) if config.framing in ("aspect", "tiles") else config
+    framing = framing_for(config)
+    count = len(framing.tiles)
+    finished, per_layer = [], {layer: [] for layer in config.layers}
+    n = len(data[f"{prefix}_{config.layers[0]}"])
+    for i in range(n):
+        layer_maps = [data[f"{prefix}_{layer}"][i] for layer in config.layers]
+        tiles = []
+        for t in range(count):
+            parts = [m[t * (m.shape[0] // count):(t + 1) * (m.shape[0] // count)] for m in layer_maps]
+            tiles.append(combine_layer_maps(parts, framing.tile_size))
+        finished.append(smooth(framing.blend(tiles), config.sigma))
+        for layer, m in zip(config.layers, layer_maps):
+            per_layer[layer].append(float(smooth(np.asarray(m, np.float32), config.sigma / (framing.tile_size[0] / m.shape[1])).max()))
+    return finished, {k: np.asarray(v) for k, v in per_layer.items()}
+
+
+def terms(data: dict, config, prefix: str) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+    maps, layer_max = frame_maps(data, config, prefix)
+    out = {"knn": np.asarray(data[f"{prefix}_knn"]), "map_max": np.array([m.max() for m in maps]),
+           "topk_mean": np.array([np.sort(m.ravel())[-max(1, m.size // 100):].mean() for m in maps])}
+    out |= {f"max_{layer}": v for layer, v in layer_max.items()}
+    return out, maps
+
+
+def rules(test: dict, normal: dict, layers) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{rule: (test scores, normal scores)}."""
+    z = {k: ((test[k] - normal[k].mean()) / normal[k].std(ddof=1), (normal[k] - normal[k].mean()) / normal[k].std(ddof=1))
+         for k in test}
+    add = lambda *names: (sum(z[n][0] for n in names), sum(z[n][1] for n in names))  # noqa: E731
+    out = {"knn": (test["knn"], normal["knn"]), "map_max": (test["map_max"], normal["map_max"]),
+           "topk_mean": (test["topk_mean"], normal["topk_mean"]), "combined": add("knn", "map_max"),
+           "combined_topk": add("knn", "topk_mean"), "combined3": add("knn", "map_max", "topk_mean"),
+           "layer_sum": add(*[f"max_{layer}" for layer in layers]),
+           "layer_max": (np.max([z[f"max_{layer}"][0] for layer in layers], axis=0),
+                         np.max([z[f"max_{layer}"][1] for layer in layers], axis=0))}
+    out["knn+layer_sum"] = (out["layer_sum"][0] + z["knn"][0], out["layer_sum"][1] + z["knn"][1])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", action="append", help="MVTec-layout folder (repeatable); default: the shared sets")
+    parser.add_argument("--config", action="append", help="config[:key=value,...] (repeatable); default: "
+                        "configs/default.yaml with framing full, aspect and tiles")
+    parser.add_argument("--calibration", type=int, default=100)
+    parser.add_argument("--cache", default="/tmp/spade-image-decision")
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--no-pixel", action="store_true", help="skip pixel ROCAUC / PRO")
+    args = parser.parse_args(argv)
+    configure_threads(args.threads)
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    sets = [Path(d) for d in args.data] if args.data else [SHARED / s for s in SETS if (SHARED / s).exists()]
+    specs = args.config or [f"{ROOT}/configs/default.yaml:framing={f}" for f in ("full", "aspect", "tiles")]
+    print("| set | config | frame | rule | image ROCAUC | good flagged | defective missed | pixel ROCAUC | PRO | fit s | score s/img |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for root in sets:
+        for spec in specs:
+            data = run_set(root, spec, args.calibration, cache)
+            config = data["config"]
+            test, maps = terms(data, config, "t")
+            normal, _ = terms(data, config, "c")
+            labels = data["labels"].astype(bool)
+            pixel = pro = float("nan")
+            if not args.no_pixel:
+                framing_config = config.replace(frame_size=tuple(int(v) for v in data["frame_size"])) \
+                    if config.framing in ("aspect", "tiles") else config
+                framing = framing_for(framing_config)
+                originals = [framing.to_original(m, tuple(int(v) for v in size)) for m, size in zip(maps, data["sizes"])]
+                masks = [_mask(root, Path(p), tuple(int(v) for v in size)) for p, size in zip(data["paths"], data["sizes"])]
+                pixel = auroc(np.concatenate([m.ravel() for m in masks]), np.concatenate([o.ravel() for o in originals]))
+                pro = pro_auc(masks, originals)
+            seconds = data["seconds"]
+            frame = "x".join(str(int(v)) for v in data["frame_size"])
+            label = spec.rsplit("/", 1)[-1]
+            for rule, (scores, normals) in rules(test, normal, config.layers).items():
+                threshold = normals.mean() + Z * normals.std(ddof=1)
+                flagged = scores > threshold
+                print(f"| {root.name} | {label} | {frame} | {rule} | {auroc(labels, scores):.3f} | "
+                      f"{int(flagged[~labels].sum())}/{int((~labels).sum())} | {int((~flagged[labels]).sum())}/{int(labels.sum())} | "
+                      f"{pixel:.3f} | {pro:.3f} | {seconds[0]:.0f} | {seconds[1] / len(labels):.3f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
