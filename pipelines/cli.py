@@ -205,7 +205,8 @@ def _run(args: argparse.Namespace, beam_args: list[str], say) -> int:
 
             run_report(args.scores, args.masks, args.out, args.top, say)
             return 0
-        overrides = {"weights": args.weights, "k": args.k, "batch_size": args.batch_size}
+        overrides = {key: value for key, value in (("weights", args.weights), ("k", args.k), ("batch_size", args.batch_size))
+                     if value is not None}  # an option not given must not undo the demo's K
         if args.command == "demo":
             from pipelines.demo import DEMO_OVERRIDES, run_demo
 

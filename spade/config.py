@@ -13,7 +13,7 @@ import yaml
 LAYERS_BY_BACKBONE_FAMILY = ("layer1", "layer2", "layer3", "layer4")
 FRAMINGS = ("crop", "full", "aspect", "tiles")
 TILE_NEIGHBOURS = ("same", "all")
-IMAGE_SCORES = ("knn", "map_max", "combined")
+IMAGE_SCORES = ("knn", "map_max", "map_top", "combined", "combined_top")
 # Feature settings added after galleries were first written: a manifest without one was built with this value.
 FEATURE_DEFAULTS_BEFORE = {"framing": "crop", "feature_aggregation": 1, "frame_size": None}
 # Feature settings that only some framings have (`SpadeConfig.feature_signature` lists them only for those).
@@ -39,10 +39,11 @@ class SpadeConfig:
     at every place (``all``), the tile maps blended into one frame map.
     ``feature_aggregation``: side of the local average (stride 1) applied to each pyramid layer's
     map at extraction, PatchCore's neighbourhood aggregation (3); 1 = none (the paper).
-    ``image_score``: ``knn`` (the paper: mean distance of the global embedding to its K nearest
-    normal embeddings), ``map_max`` (the maximum of the smoothed pixel score map, as PatchCore and
-    PaDiM decide), ``combined`` (both terms standardised by their leave-one-out mean and standard
-    deviation on the gallery's normal calibration images, then summed).
+    ``image_score`` (`spade.scoring.image_score`): ``knn`` (the paper: mean distance of the global embedding to
+    its K nearest normal embeddings), ``map_max`` (the maximum of the smoothed pixel score map, as PatchCore and
+    PaDiM decide), ``map_top`` (the mean of the map's highest 1 %: a defect's extent, not one hot pixel),
+    ``combined`` / ``combined_top`` (the kNN term and ``map_max`` / ``map_top``, each standardised by its
+    leave-one-out mean and standard deviation on the gallery's normal calibration images, then summed).
     Calibration at `fit`: ``calibration_images`` gallery images (evenly spaced; all when the gallery
     is smaller) are scored leave-one-out; the image threshold is their mean plus (z + ``calibration_margin``)
     standard deviations, z the standard normal quantile of 1 - ``calibration_image_fpr`` (0: their highest
@@ -64,7 +65,7 @@ class SpadeConfig:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     k: int = 10
-    image_score: str = "combined"
+    image_score: str = "combined_top"
     kappa: int = 1
     sigma: float = 4.0
     feature_dtype: str = "float32"

@@ -47,3 +47,34 @@ def test_shipped_configs_load(name):
     config = load_config(str(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"))
     assert config.layers == ("layer1", "layer2", "layer3") and config.kappa == 1
     assert config.scoring_mode == ("approximate" if name == "approximate" else "exact")
+
+
+def test_the_built_in_defaults_are_the_recommended_config_and_the_paper_is_one_flag_away():
+    from pathlib import Path
+
+    from spade.config import SpadeConfig, load_config
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    assert load_config(None) == load_config(str(configs / "default.yaml")) == SpadeConfig()
+    assert SpadeConfig().backbone == "tf_efficientnet_lite0" and SpadeConfig().framing == "tiles"
+    paper = load_config(str(configs / "paper.yaml"))
+    assert (paper.backbone, paper.framing, paper.crop, paper.k, paper.image_score, paper.feature_aggregation) == \
+        ("wide_resnet50_2", "crop", 224, 50, "knn", 1)
+
+
+def test_demo_runs_the_default_end_to_end_and_says_where_its_outputs_are(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["--quiet", "demo", "--out", str(out), "--runner=FnApiRunner"]) == 0
+    printed = capsys.readouterr().out
+    assert "Demo outputs:" in printed
+    info = read_run_info(str(out / "scores"))
+    from spade.config import SpadeConfig
+
+    default = SpadeConfig()
+    assert info["config"]["framing"] == default.framing and info["config"]["image_score"] == default.image_score
+    assert info["config"]["backbone"] == default.backbone and info["config"]["k"] == 3  # what 12 images support
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert metrics["overall"]["image_rocauc"] > 0.9  # real ImageNet features find the sample's scratches and spots
+    assert metrics["operating_points"] and any(p["reaches"] == "run threshold" for p in metrics["operating_points"])
+    for name in ("gallery", "scores", "maps", "masks", "metrics"):
+        assert f"  {name}" in printed

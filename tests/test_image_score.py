@@ -9,7 +9,7 @@ from spade.index.gallery import Gallery, GalleryMismatch
 from spade.index.knn import k_warning
 from spade.scoring.batch import score_batch
 from spade.scoring.calibration import NormalScores, calibrate, image_threshold, leave_one_out_scores
-from spade.scoring.image_score import MissingCalibration, image_score, normal_statistics
+from spade.scoring.image_score import MissingCalibration, image_score, map_top, normal_statistics
 from tests.test_scoring_fast import _gallery
 from transforms.score import resolve_thresholds
 
@@ -112,3 +112,18 @@ def test_k_warning_says_what_the_gallery_supports():
     message = k_warning(50, 54)
     assert "k=50" in message and "54 normal images" in message and "k <= 13" in message and "`k: 13`" in message
     assert k_warning(5, 8) is not None and "k <= 2" in k_warning(5, 8)
+
+
+def test_map_top_is_a_defect_extent_not_one_hot_pixel():
+    one_hot = np.zeros((100, 100), dtype=np.float32)
+    one_hot[50, 50] = 10.0
+    crack = np.zeros((100, 100), dtype=np.float32)
+    crack[50, 20:80] = 3.0  # 60 positions: more than the top 1 % (100 positions) is not all crack
+    assert map_top(one_hot) == pytest.approx(0.1) and map_top(crack) == pytest.approx(1.8)
+    assert one_hot.max() > crack.max() and map_top(crack) > map_top(one_hot)
+    normals = normal_statistics([1.0, 3.0], [10.0, 14.0], [2.0, 4.0])
+    assert normals["map_top"] == {"mean": 3.0, "std": pytest.approx(np.sqrt(2.0))}
+    assert image_score("map_top", 2.0, 22.0, None, map_top=5.0) == 5.0
+    assert image_score("combined_top", 2.0, 22.0, normals, map_top=5.0) == pytest.approx(0.0 + 2.0 / np.sqrt(2.0))
+    with pytest.raises(MissingCalibration, match="combined_top"):
+        image_score("combined_top", 2.0, 22.0, normal_statistics([1.0, 3.0], [10.0, 14.0]), map_top=5.0)

@@ -29,7 +29,7 @@ from spade.features.framing import Framing, framing_for
 from spade.index.gallery import Gallery, with_gallery_frame
 from spade.index.pyramid import TileRows
 from spade.index.knn import image_scores, nearest_images
-from spade.scoring.image_score import image_score
+from spade.scoring.image_score import image_score, map_top
 from spade.scoring.scoremap import combine_layer_maps, smooth
 
 MODES = ("exact", "approximate")
@@ -45,6 +45,7 @@ class ImageScore:
     score_map: np.ndarray
     knn_score: float = float("nan")
     map_max: float = float("nan")
+    map_top: float = float("nan")
 
 
 def scoring_mode(config: SpadeConfig, mode: str | None = None) -> str:
@@ -146,7 +147,7 @@ def score_batch(features: Features, gallery: Gallery, config: SpadeConfig, exclu
     results = []
     for i in range(len(rows)):
         score_map = finish_map([maps[layer][i] for layer in config.layers], config, framing)
-        peak = float(score_map.max())
-        results.append(ImageScore(image_score(config.image_score, float(knn[i]), peak, stats, gallery.url), rows[i],
-                                  score_map, knn_score=float(knn[i]), map_max=peak))
+        peak, top = float(score_map.max()), map_top(score_map)
+        results.append(ImageScore(image_score(config.image_score, float(knn[i]), peak, stats, gallery.url, map_top=top),
+                                  rows[i], score_map, knn_score=float(knn[i]), map_max=peak, map_top=top))
     return results

@@ -25,7 +25,7 @@ from spade.features.backbone import Features
 from spade.features.framing import framing_for
 from spade.index.gallery import Gallery, with_gallery_frame
 from spade.scoring.batch import score_batch
-from spade.scoring.image_score import image_scores, normal_statistics
+from spade.scoring.image_score import MODE_TERMS, image_scores, normal_statistics
 
 
 @dataclass
@@ -36,6 +36,7 @@ class NormalScores:
     knn: np.ndarray
     map_max: np.ndarray
     maps: np.ndarray
+    map_top: np.ndarray | None = None
 
 
 def _gallery_features(gallery: Gallery, rows: np.ndarray, config: SpadeConfig) -> Features:
@@ -57,18 +58,19 @@ def leave_one_out_scores(gallery: Gallery, config: SpadeConfig, count: int,
     n = gallery.index.ntotal
     if n < 2 or count < 1:
         empty = np.zeros(0)
-        return NormalScores(empty.astype(int), empty, empty, np.zeros((0, *framing_for(config).size), dtype=np.float32))
+        return NormalScores(empty.astype(int), empty, empty, np.zeros((0, *framing_for(config).size), dtype=np.float32), empty)
     rows = np.unique(np.linspace(0, n - 1, num=min(count, n)).round().astype(np.int64))
     knn_only = config.replace(image_score="knn")  # the statistics `combined` needs are what is computed here
-    knn, peaks, maps = [], [], []
+    knn, peaks, tops, maps = [], [], [], []
     for start in range(0, len(rows), config.batch_size):
         batch = rows[start:start + config.batch_size]
         for result in score_batch(_gallery_features(gallery, batch, config), gallery, knn_only, exclude_rows=batch):
             knn.append(result.knn_score)
             peaks.append(result.map_max)
+            tops.append(result.map_top)
             maps.append(result.score_map)
         progress(f"calibration: {len(knn)}/{len(rows)} normal images scored leave-one-out")
-    return NormalScores(rows, np.asarray(knn), np.asarray(peaks), np.stack(maps))
+    return NormalScores(rows, np.asarray(knn), np.asarray(peaks), np.stack(maps), np.asarray(tops))
 
 
 def image_threshold(scores: np.ndarray, target_fpr: float, margin: float) -> float:
@@ -88,12 +90,13 @@ def calibrate(normal: NormalScores, config: SpadeConfig) -> tuple[dict[str, Any]
     config with another ``image_score`` can score against the same gallery; ``image`` is the fitted
     config's. Both are empty with fewer than 2 normal images.
     """
-    stats = normal_statistics(normal.knn, normal.map_max)
+    stats = normal_statistics(normal.knn, normal.map_max, normal.map_top)
     if not stats:
         return {}, {}
-    by_mode = {mode: image_threshold(image_scores(mode, normal.knn, normal.map_max, stats),
+    modes = [mode for mode in IMAGE_SCORES if all(term in stats for term in MODE_TERMS[mode])]
+    by_mode = {mode: image_threshold(image_scores(mode, normal.knn, normal.map_max, stats, normal.map_top),
                                      config.calibration_image_fpr, config.calibration_margin)
-               for mode in IMAGE_SCORES}
+               for mode in modes}
     thresholds = {
         "image": by_mode[config.image_score],
         "image_score": config.image_score,

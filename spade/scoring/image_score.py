@@ -4,11 +4,14 @@
   embeddings. Small defects barely move a global average-pooled embedding.
 * ``map_max``: the maximum of the smoothed pixel score map, as PatchCore and PaDiM decide: one
   anomalous patch is enough.
-* ``combined``: each term standardised by its mean and standard deviation over the gallery's
-  normal calibration images (scored leave-one-out at `fit`), then summed: how many normal
-  standard deviations above normal an image is, on the global and the local evidence together.
-  The two terms have unrelated units (embedding vs. patch-feature distances); standardising
-  makes them commensurable without a tuned weight.
+* ``map_top``: the mean of the smoothed map's highest `MAP_TOP_FRACTION` of positions: a defect's
+  extent (a crack along a commutator) rather than its single hottest pixel, which on a textured or
+  glossy surface a normal image reaches too.
+* ``combined`` / ``combined_top``: the kNN term and ``map_max`` / ``map_top``, each standardised by its
+  mean and standard deviation over the gallery's normal calibration images (scored leave-one-out at
+  `fit`), then summed: how many normal standard deviations above normal an image is, on the global and
+  the local evidence together. The terms have unrelated units (embedding vs. patch-feature distances);
+  standardising makes them commensurable without a tuned weight.
 """
 from __future__ import annotations
 
@@ -18,23 +21,33 @@ import numpy as np
 
 from spade.config import IMAGE_SCORES
 
-TERMS = ("knn", "map_max")
+TERMS = ("knn", "map_max", "map_top")
+MAP_TOP_FRACTION = 0.01
+MODE_TERMS = {"knn": ("knn",), "map_max": ("map_max",), "map_top": ("map_top",), "combined": ("knn", "map_max"),
+              "combined_top": ("knn", "map_top")}
 
 
 class MissingCalibration(ValueError):
     """``image_score: combined`` needs the normal statistics a gallery records at `fit`."""
 
 
-def normal_statistics(knn_scores: Sequence[float] | np.ndarray, map_maxima: Sequence[float] | np.ndarray) -> dict[str, Any]:
-    """{"images": m, "knn": {"mean", "std"}, "map_max": {"mean", "std"}} of normal images' two terms
-    (sample standard deviation; empty when fewer than 2 images)."""
-    knn = np.asarray(knn_scores, dtype=np.float64).ravel()
-    peak = np.asarray(map_maxima, dtype=np.float64).ravel()
-    if knn.size < 2 or peak.size != knn.size:
+def map_top(score_map: np.ndarray, fraction: float = MAP_TOP_FRACTION) -> float:
+    """The mean of the highest ``fraction`` of a score map's values (at least one)."""
+    flat = np.asarray(score_map, dtype=np.float32).ravel()
+    count = max(1, int(flat.size * fraction))
+    return float(np.partition(flat, flat.size - count)[flat.size - count:].mean())
+
+
+def normal_statistics(knn_scores: Sequence[float] | np.ndarray, map_maxima: Sequence[float] | np.ndarray,
+                      map_tops: Sequence[float] | np.ndarray | None = None) -> dict[str, Any]:
+    """{"images": m, "knn": {"mean", "std"}, "map_max": {...}, "map_top": {...}} of normal images' terms
+    (sample standard deviation; empty when fewer than 2 images; no map_top without ``map_tops``)."""
+    terms = {"knn": knn_scores, "map_max": map_maxima, "map_top": map_tops}
+    values = {name: np.asarray(v, dtype=np.float64).ravel() for name, v in terms.items() if v is not None}
+    if values["knn"].size < 2 or any(v.size != values["knn"].size for v in values.values()):
         return {}
-    return {"images": int(knn.size),
-            **{name: {"mean": float(values.mean()), "std": float(values.std(ddof=1))}
-               for name, values in (("knn", knn), ("map_max", peak))}}
+    return {"images": int(values["knn"].size),
+            **{name: {"mean": float(v.mean()), "std": float(v.std(ddof=1))} for name, v in values.items()}}
 
 
 def _standardised(value: float, stats: dict[str, float]) -> float:
@@ -43,27 +56,30 @@ def _standardised(value: float, stats: dict[str, float]) -> float:
 
 def require_normals(mode: str, normals: dict[str, Any] | None, gallery: str = "the gallery") -> None:
     """Raise `MissingCalibration` when ``mode`` needs normal statistics that ``normals`` lacks."""
-    if mode == "combined" and (not normals or any(term not in normals for term in TERMS)):
-        raise MissingCalibration(f"image_score: combined needs the normal-image statistics that `spade fit` records; "
+    if mode in ("combined", "combined_top") and (not normals or any(term not in normals for term in MODE_TERMS[mode])):
+        raise MissingCalibration(f"image_score: {mode} needs the normal-image statistics that `spade fit` records; "
                                  f"{gallery} has none (fitted before they existed, or with fewer than 2 images). "
                                  "Re-run `spade fit`, or use image_score: knn or map_max.")
 
 
-def image_score(mode: str, knn: float, map_max: float, normals: dict[str, Any] | None, gallery: str = "the gallery") -> float:
-    """The image score of ``mode`` from an image's kNN score and score-map maximum.
+def image_score(mode: str, knn: float, map_max: float, normals: dict[str, Any] | None, gallery: str = "the gallery",
+                map_top: float = float("nan")) -> float:
+    """The image score of ``mode`` from an image's kNN score, score-map maximum and top mean.
 
-    ``normals``: `normal_statistics` of the gallery's calibration images (only ``combined`` uses it).
+    ``normals``: `normal_statistics` of the gallery's calibration images (the combined modes use it).
     """
-    if mode == "knn":
-        return float(knn)
-    if mode == "map_max":
-        return float(map_max)
-    if mode != "combined":
+    if mode not in MODE_TERMS:
         raise ValueError(f"image_score must be one of {', '.join(IMAGE_SCORES)}, got {mode!r}")
+    terms = {"knn": knn, "map_max": map_max, "map_top": map_top}
+    if len(MODE_TERMS[mode]) == 1:
+        return float(terms[mode])
     require_normals(mode, normals, gallery)
-    return _standardised(knn, normals["knn"]) + _standardised(map_max, normals["map_max"])
+    return float(sum(_standardised(terms[name], normals[name]) for name in MODE_TERMS[mode]))
 
 
-def image_scores(mode: str, knn: np.ndarray, map_max: np.ndarray, normals: dict[str, Any] | None) -> np.ndarray:
-    """`image_score` of arrays of both terms."""
-    return np.asarray([image_score(mode, float(a), float(b), normals) for a, b in zip(knn, map_max)], dtype=np.float64)
+def image_scores(mode: str, knn: np.ndarray, map_max: np.ndarray, normals: dict[str, Any] | None,
+                 map_top: np.ndarray | None = None) -> np.ndarray:
+    """`image_score` of arrays of the terms."""
+    tops = np.full(len(knn), np.nan) if map_top is None else map_top
+    return np.asarray([image_score(mode, float(a), float(b), normals, map_top=float(c)) for a, b, c in zip(knn, map_max, tops)],
+                      dtype=np.float64)

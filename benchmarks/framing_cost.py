@@ -1,0 +1,107 @@
+"""Scoring CPU time per image of framings, in one process, against a baseline config on the same machine.
+
+    python benchmarks/framing_cost.py          # today's squeezed frame on bottle (baseline) against the default
+                                               # on bottle, tire and the commutators, and the aspect frame
+
+Each row fits a gallery in memory (the first ``--gallery`` train images; not timed), then times the scoring path of
+``--images`` test images as a worker runs it: preprocess, features, kNN, correspondence, score map, back to the
+original geometry. CPU seconds (process time, all threads) per image are robust to other load on the machine;
+wall seconds are printed too. The ratio column is against the first row; the last line is machine-readable:
+
+    RESULT <label>=<ratio> ...
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from spade.config import load_config  # noqa: E402
+from spade.features.backbone import FeatureExtractor  # noqa: E402
+from spade.features.framing import frame_size_for, framing_for  # noqa: E402
+from spade.index.gallery import Gallery  # noqa: E402
+from spade.index.knn import build_index  # noqa: E402
+from spade.io.images import decode_rgb, preprocess  # noqa: E402
+from spade.scoring.batch import layer_queries, score_batch  # noqa: E402
+from spade.scoring.correspondence import configure_threads  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "data"
+DEFAULT_RUNS = (
+    "baseline squeezed 256 (the default until now)=mvtec_ad_bottle:configs/default.yaml:framing=full",
+    "default=mvtec_ad_bottle:configs/default.yaml",
+    "default=mvtec3d_tire:configs/default.yaml",
+    "default=kolektorsdd_commutator:configs/default.yaml",
+    "aspect, no tiles=kolektorsdd_commutator:configs/default.yaml:framing=aspect",
+)
+
+
+def _paths(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".bmp"))
+
+
+def run(data: Path, spec: str, gallery_images: int, images: int) -> dict:
+    path, _, overrides = spec.partition(":")
+    import yaml
+    values = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in filter(None, overrides.split(",")))}
+    config = load_config(str(ROOT / path), values | {"image_score": "map_max"})
+    train, test = _paths(data / "train" / "good")[:gallery_images], _paths(data / "test")[:images]
+    if config.framing in ("aspect", "tiles"):
+        config = config.replace(frame_size=frame_size_for([Image.open(p).size for p in train], config.resize))
+    framing = framing_for(config)
+    extractor = FeatureExtractor(config)
+
+    def tensors(paths):
+        rgbs = [decode_rgb(p.read_bytes()) for p in paths]
+        return rgbs, torch.stack([preprocess(rgb, config.resize, config.crop, config.mean, config.std, framing)
+                                  for rgb in rgbs])
+
+    embeddings, rows = [], {layer: [] for layer in config.layers}
+    for start in range(0, len(train), config.batch_size):
+        features = extractor(tensors(train[start:start + config.batch_size])[1])
+        embeddings.append(features.embedding)
+        for layer in config.layers:
+            rows[layer].append(layer_queries(features.pyramid[layer]))
+    gallery = Gallery(str(data), {"feature_signature": config.feature_signature()}, None,
+                      build_index(np.concatenate(embeddings)), {k: np.concatenate(v) for k, v in rows.items()})
+    cpu, wall = time.process_time(), time.perf_counter()
+    for start in range(0, len(test), config.batch_size):
+        rgbs, batch = tensors(test[start:start + config.batch_size])
+        for result, rgb in zip(score_batch(extractor(batch), gallery, config), rgbs):
+            framing.to_original(result.score_map, (rgb.shape[1], rgb.shape[0]))
+    return {"cpu": (time.process_time() - cpu) / len(test), "wall": (time.perf_counter() - wall) / len(test),
+            "frame": "x".join(map(str, framing.size)), "tiles": len(framing.tiles)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", action="append", help="label=set:config[:key=value,...] (repeatable; first = baseline)")
+    parser.add_argument("--gallery", type=int, default=60, help="train images in the gallery (default 60)")
+    parser.add_argument("--images", type=int, default=16, help="test images timed (default 16)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    configure_threads(args.threads)
+    print(f"| run | set | frame (tiles) | CPU s / image | wall s / image | CPU ratio to the first row |")
+    print("|---|---|---|---|---|---|")
+    base, results = None, []
+    for item in args.run or DEFAULT_RUNS:
+        label, _, rest = item.partition("=")
+        name, _, spec = rest.partition(":")
+        found = run(SHARED / name if not Path(name).is_dir() else Path(name), spec, args.gallery, args.images)
+        base = base or found["cpu"]
+        results.append((label, name, found["cpu"] / base))
+        print(f"| {label} | {name} | {found['frame']} ({found['tiles']}) | {found['cpu']:.3f} | {found['wall']:.3f} | "
+              f"{found['cpu'] / base:.2f} |", flush=True)
+    print("RESULT " + " ".join(f"{label.split(' ')[0]}:{name}={ratio:.2f}" for label, name, ratio in results[1:]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
