@@ -79,7 +79,11 @@ class Clock:
 
 def framing(config) -> dict:
     """``framing=`` for preprocessing and map geometry, where the config has that setting."""
-    return {"framing": config.framing} if hasattr(config, "framing") else {}
+    if not hasattr(config, "framing"):
+        return {}
+    from spade.features.framing import framing_for
+
+    return {"framing": framing_for(config, fallback_size=(config.resize, config.resize))}  # the square sets
 
 
 def _batches(items: list, size: int):

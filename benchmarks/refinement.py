@@ -32,6 +32,7 @@ from spade.features.backbone import FeatureExtractor  # noqa: E402
 from spade.index.gallery import Gallery  # noqa: E402
 from spade.index.knn import nearest_images  # noqa: E402
 from spade.io.images import preprocess  # noqa: E402
+from spade.features.framing import framing_for  # noqa: E402
 from spade.scoring import correspondence as current  # noqa: E402
 
 
@@ -68,7 +69,8 @@ def main() -> None:
     worst = 0.0
     for start in range(0, len(files), config.batch_size):
         batch = torch.stack([preprocess(np.asarray(Image.open(f).convert("RGB")), config.resize, config.crop,
-                                        config.mean, config.std, config.framing)
+                                        config.mean, config.std,
+                                        framing_for(config, fallback_size=(config.resize, config.resize)))
                              for f in files[start:start + config.batch_size]])
         features = extractor(batch)
         _, neighbours = nearest_images(gallery.index, features.embedding, config.k)

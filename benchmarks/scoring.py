@@ -32,6 +32,7 @@ from spade.io.images import decode_rgb, preprocess  # noqa: E402
 from spade.index.knn import build_index, image_scores, nearest_images  # noqa: E402
 from spade.io.maps import encode_score_map  # noqa: E402
 from spade.scoring.scoremap import to_original_geometry  # noqa: E402
+from spade.features.framing import framing_for  # noqa: E402
 from spade.scoring.batch import finish_map, layer_distance_maps, layer_queries  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "mvtec_ad_bottle"
@@ -73,7 +74,7 @@ def _timed(fn) -> float:
 
 def load_images(paths: list[str], config: SpadeConfig) -> torch.Tensor:
     return torch.stack([preprocess(decode_rgb(Path(p).read_bytes()), config.resize, config.crop, config.mean, config.std,
-                                   config.framing)
+                                   framing_for(config, fallback_size=(config.resize, config.resize)))
                         for p in paths])
 
 
@@ -399,7 +400,8 @@ def _benchmark(args) -> int:
     start = time.perf_counter()
     for i, score_map in enumerate(b_maps):
         full = to_original_geometry(score_map, (256, 256) if test_paths is None else _size(test_paths[i]),
-                                    config.resize, config.crop, config.framing)
+                                    config.resize, config.crop,
+                                    framing_for(config, fallback_size=(config.resize, config.resize)))
         png, _ = encode_score_map(full)
         Path(out_dir, f"{i}.png").write_bytes(png)
     t_write = time.perf_counter() - start

@@ -36,6 +36,13 @@ def test_evaluate_thresholds_drive_score(sample_root, tmp_path):
     assert "file" in used["source"]
     for row in read_score_table(second).to_pylist():
         assert row["is_anomalous"] == (row["image_score"] > chosen["image"])
+    strict = str(tmp_path / "strict")
+    assert main(["evaluate", "--scores", first, "--masks", f"{sample_root}/ground_truth", "--out", strict,
+                 "--image-miss-rate", "0"]) == 0
+    picked = json.loads((tmp_path / "strict" / "thresholds.json").read_text())
+    assert picked["image_selection"]["method"] == "target_miss"
+    defective = [r["image_score"] for r in read_score_table(first).to_pylist() if r["label"] != "good"]
+    assert min(defective) > picked["image"]  # no defective image missed at the chosen point
 
 
 @pytest.mark.parametrize("name", ["default", "fast", "paper", "paper-lite0", "resnet152-resmem", "approximate"])

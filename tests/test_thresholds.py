@@ -135,3 +135,21 @@ def test_validate_thresholds_file_payloads():
     for bad in ([1, 2], {"image": "1"}, {"pixel": float("nan")}, {"image": True}, {}, {"image": None, "pixel": None}):
         with pytest.raises(ValueError):
             validate_thresholds(bad, "t.json")
+
+
+def test_operating_points_trade_good_flagged_against_defective_missed():
+    from spade.evaluation.thresholds import miss_rate_threshold, operating_points
+
+    labels = np.array([False] * 10 + [True] * 10)
+    scores = np.r_[np.arange(10.0), np.arange(5.0, 15.0)]  # good 0..9, defective 5..14: overlap 5..9
+    points = {p["reaches"]: p for p in operating_points(labels, scores, used=7.5)}
+    assert points["good flagged <= 0%"]["good_flagged"] == 0 and points["good flagged <= 0%"]["defective_missed"] == 5
+    assert points["good flagged <= 20%"]["good_flagged"] == 2 and points["good flagged <= 20%"]["defective_missed"] == 3
+    assert points["missed <= 0%"]["defective_missed"] == 0 and points["missed <= 0%"]["good_flagged"] == 5
+    assert points["missed <= 30%"]["defective_missed"] == 3 and points["missed <= 30%"]["good_flagged"] == 2
+    assert points["run threshold"]["threshold"] == 7.5 and points["run threshold"]["good_flagged"] == 2
+    ordered = operating_points(labels, scores)
+    assert [p["threshold"] for p in ordered] == sorted(p["threshold"] for p in ordered)
+    assert all(p["good_flagged_rate"] <= 0.2 + 1e-9 for p in ordered if p["reaches"].startswith("good flagged <= 20"))
+    threshold = miss_rate_threshold(labels, scores, 0.1)  # at most 1 of 10 defective missed, as few good flagged
+    assert int((scores[labels] < threshold).sum()) == 1 and int((scores[~labels] >= threshold).sum()) == 4

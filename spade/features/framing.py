@@ -212,13 +212,16 @@ class TiledFraming(AspectFraming):
         Framing.__init__(self, (height, width), tiles, fade=overlap)
 
 
-def framing_for(config: SpadeConfig) -> Framing:
+def framing_for(config: SpadeConfig, fallback_size: tuple[int, int] | None = None) -> Framing:
     """The `Framing` a config asks for; ``aspect`` and ``tiles`` need ``frame_size`` (fit decides it from the
-    images, scoring takes the gallery's: `spade.index.gallery.with_gallery_frame`)."""
+    images, scoring takes the gallery's: `spade.index.gallery.with_gallery_frame`), else ``fallback_size``
+    (height, width) when given (benchmarks on sets of one known size)."""
     if config.framing == "crop":
         return CropFraming(config.resize, config.crop)
     if config.framing == "full":
         return FullFraming(config.crop)
+    if config.frame_size is None and fallback_size is not None:
+        config = config.replace(frame_size=tuple(fallback_size))
     if config.frame_size is None:
         raise FrameSizeUnset(f"framing: {config.framing} needs frame_size [height, width]: `spade fit` decides it from "
                              "the images and records it in the gallery, `spade score` takes the gallery's; set "
