@@ -94,7 +94,7 @@ def layer_distance_maps(pyramid: dict[str, np.ndarray], gallery: Gallery, neighb
     never sees it (it is not among the neighbours); the global memory bank skips its vectors.
     """
     mode = scoring_mode(config, mode)
-    tiles = len(framing_for(config).tiles)
+    tiles = len(framing_for(with_gallery_frame(config, gallery.manifest)).tiles)
     out = {}
     for layer in config.layers:
         maps = pyramid[layer]
