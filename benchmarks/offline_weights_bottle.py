@@ -31,7 +31,8 @@ from spade.evaluation.metrics import auroc, pro_auc  # noqa: E402
 from spade.scoring.scoremap import combine_layer_maps, smooth  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec_ad_bottle"
-COMMON = dict(layers=("layer1", "layer2", "layer3"), resize=256, crop=224, k=5, kappa=1, sigma=4.0)
+COMMON = dict(layers=("layer1", "layer2", "layer3"), resize=256, crop=224, framing="crop", feature_aggregation=1,
+              image_score="knn", k=5, kappa=1, sigma=4.0)
 RUNS = {
     "resmem": ("resnet152 + resmem==1.1.6 (mean 0, std 1)",
                SpadeConfig(backbone="resnet152", weights="resmem", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), **COMMON)),
