@@ -35,11 +35,11 @@ from spade.scoring.correspondence import configure_threads  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 DEFAULT_RUNS = (
-    "baseline squeezed 256 (the default until now)=mvtec_ad_bottle:configs/default.yaml:framing=full",
+    "squeezed (the default until now)=mvtec_ad_bottle:configs/default.yaml:framing=full",
     "default=mvtec_ad_bottle:configs/default.yaml",
     "default=mvtec3d_tire:configs/default.yaml",
     "default=kolektorsdd_commutator:configs/default.yaml",
-    "aspect, no tiles=kolektorsdd_commutator:configs/default.yaml:framing=aspect",
+    "aspect (one tile)=kolektorsdd_commutator:configs/default.yaml:framing=aspect",
 )
 
 
