@@ -105,7 +105,7 @@ class FeatureExtractor:
         self.layers = tuple(config.layers)
         self.is_timm = config.backbone in TIMM_BACKBONES
         self._taps = _timm_taps(self.model) if self.is_timm else {}
-        self._framings: dict[tuple[int, int], object] = {}
+        self._framings: dict[tuple[int, int], TiledFraming | None] = {}
 
     def _resnet(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         m = self.model

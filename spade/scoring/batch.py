@@ -38,7 +38,7 @@ MODES = ("exact", "approximate")
 @dataclass
 class ImageScore:
     """One test image's result: image score, neighbour rows, its frame's (H, W) pixel score map, and the
-    two terms the image score is made of (kNN score, maximum of the score map)."""
+    terms image scores are made of (kNN score, maximum and top-1 % mean of the score map)."""
 
     image_score: float
     neighbours: np.ndarray
