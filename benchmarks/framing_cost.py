@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     configure_threads(args.threads)
-    print(f"| run | set | frame (tiles) | CPU s / image | wall s / image | CPU ratio to the first row |")
+    print("| run | set | frame (tiles) | CPU s / image | wall s / image | CPU ratio to the first row |")
     print("|---|---|---|---|---|---|")
     base, results = None, []
     for item in args.run or DEFAULT_RUNS:
