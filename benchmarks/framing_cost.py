@@ -53,7 +53,7 @@ def run(data: Path, spec: str, gallery_images: int, images: int) -> dict:
     values = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in filter(None, overrides.split(",")))}
     config = load_config(str(ROOT / path), values | {"image_score": "map_max"})
     train, test = _paths(data / "train" / "good")[:gallery_images], _paths(data / "test")[:images]
-    if config.framing in ("aspect", "tiles"):
+    if config.frame_from_gallery:
         config = config.replace(frame_size=frame_size_for([Image.open(p).size for p in train], config.resize))
     framing = framing_for(config)
     extractor = FeatureExtractor(config)

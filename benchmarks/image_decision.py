@@ -104,7 +104,7 @@ def run_set(root: Path, spec: str, calibration: int, cache: Path) -> dict:
         return dict(np.load(target, allow_pickle=True)) | {"config": config}
     started = time.perf_counter()
     train, test = _images(root / "train" / "good"), _images(root / "test")
-    if config.framing in ("aspect", "tiles") and config.frame_size is None:
+    if config.frame_from_gallery and config.frame_size is None:
         sizes = [Image.open(p).size for p in train[:64]]
         config = config.replace(frame_size=frame_size_for(sizes, config.resize))
     framing = framing_for(config)
@@ -128,7 +128,7 @@ def run_set(root: Path, spec: str, calibration: int, cache: Path) -> dict:
 
 def frame_maps(data: dict, config, prefix: str) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
     """Smoothed layer-averaged frame maps and each layer's own smoothed maxima."""
-    config = config.replace(frame_size=tuple(int(v) for v in data["frame_size"])) if config.framing in ("aspect", "tiles") else config
+    config = config.replace(frame_size=tuple(int(v) for v in data["frame_size"])) if config.frame_from_gallery else config
     framing = framing_for(config)
     count = len(framing.tiles)
     finished, per_layer = [], {layer: [] for layer in config.layers}
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             pixel = pro = float("nan")
             if not args.no_pixel:
                 framing_config = config.replace(frame_size=tuple(int(v) for v in data["frame_size"])) \
-                    if config.framing in ("aspect", "tiles") else config
+                    if config.frame_from_gallery else config
                 framing = framing_for(framing_config)
                 originals = [framing.to_original(m, tuple(int(v) for v in size)) for m, size in zip(maps, data["sizes"])]
                 masks = [_mask(root, Path(p), tuple(int(v) for v in size)) for p, size in zip(data["paths"], data["sizes"])]

@@ -134,7 +134,7 @@ def fit_frame(config: SpadeConfig, images: str, gallery_url: str, append: bool,
     """``config`` with its frame size fixed: an ``aspect`` or ``tiles`` framing without ``frame_size`` gets the one
     of the gallery it appends to, or one from the median aspect of up to 64 of the images' headers (a bounded
     sample, whatever the archive's size); other framings are returned unchanged."""
-    if config.framing not in ("aspect", "tiles") or config.frame_size is not None:
+    if not config.frame_from_gallery or config.frame_size is not None:
         return config
     if append:
         return with_gallery_frame(config, read_manifest(gallery_url))

@@ -153,6 +153,11 @@ class SpadeConfig:
     def replace(self, **changes: Any) -> "SpadeConfig":
         return dataclasses.replace(self, **changes)
 
+    @property
+    def frame_from_gallery(self) -> bool:
+        """Whether this framing frames every image into a size the gallery fixes at fit (``frame_size``)."""
+        return "frame_size" in FRAMING_FEATURES.get(self.framing, ())
+
     def feature_signature(self) -> dict[str, Any]:
         """The settings that determine feature values; fit and score must agree on them."""
         d = self.to_dict()

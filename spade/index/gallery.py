@@ -231,7 +231,7 @@ def read_manifest(url: str) -> dict[str, Any]:
 def with_gallery_frame(config: SpadeConfig, manifest: dict[str, Any]) -> SpadeConfig:
     """``config`` with the gallery's frame size when it asks for an ``aspect`` or ``tiles`` framing without one:
     fit fixes a gallery's frame size from its images, scoring frames every image into it."""
-    if config.frame_size is None and config.framing in ("aspect", "tiles"):
+    if config.frame_size is None and config.frame_from_gallery:
         size = (manifest.get("feature_signature") or {}).get("frame_size")
         if size is not None:
             return config.replace(frame_size=tuple(size))

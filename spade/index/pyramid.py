@@ -87,40 +87,31 @@ class ShardedLayer:
         whole = self[:]
         return whole if dtype is None else whole.astype(dtype)
 
-    def _read(self, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """Rows into ``out`` (same dtype): one open per shard touched, one ``pread`` per row."""
+    def _read(self, rows: np.ndarray, out: np.ndarray, first: np.ndarray | None = None) -> np.ndarray:
+        """Rows into ``out`` (same dtype), from position ``first[i]`` of row ``rows[i]`` on (None: whole rows) for
+        ``out.shape[1]`` positions: one open per shard touched, one ``pread`` per row."""
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-        shards = self.shards[rows]
-        for shard in np.unique(shards):
-            with open(self.paths[shard], "rb", buffering=0) as handle:
-                for i in np.flatnonzero(shards == shard):
-                    pread_exactly(handle.fileno(), out[i], self._offsets[shard] + int(self.rows[rows[i]]) * self._row_bytes,
-                                  f"{self.paths[shard]}: rebuild the gallery with `spade fit`")
-        return out
-
-    def read_rows(self, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """Gallery rows ``rows`` into ``out[:len(rows)]`` ((n, positions, channels) float32); returns that view."""
-        target = out[:len(rows)]
-        if self.dtype == target.dtype:
-            return self._read(rows, target)
-        target[...] = self._read(rows, np.empty(target.shape, dtype=self.dtype))
-        return target
-
-    def read_part(self, rows: np.ndarray, first: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """Positions ``first[i]`` .. ``first[i] + out.shape[1]`` of gallery row ``rows[i]`` into ``out[i]`` (float32),
-        one ``pread`` each: a tile of a frame without the rest of it."""
-        rows, first = np.asarray(rows, dtype=np.int64).reshape(-1), np.asarray(first, dtype=np.int64).reshape(-1)
-        target = out[:len(rows)]
-        raw = target if self.dtype == target.dtype else np.empty(target.shape, dtype=self.dtype)
+        first = np.zeros(len(rows), dtype=np.int64) if first is None else np.asarray(first, dtype=np.int64).reshape(-1)
         position_bytes = self.shape[2] * self.dtype.itemsize
         shards = self.shards[rows]
         for shard in np.unique(shards):
             with open(self.paths[shard], "rb", buffering=0) as handle:
                 for i in np.flatnonzero(shards == shard):
                     offset = self._offsets[shard] + int(self.rows[rows[i]]) * self._row_bytes + int(first[i]) * position_bytes
-                    pread_exactly(handle.fileno(), raw[i], offset, f"{self.paths[shard]}: rebuild the gallery with `spade fit`")
-        if raw is not target:
-            target[...] = raw
+                    pread_exactly(handle.fileno(), out[i], offset, f"{self.paths[shard]}: rebuild the gallery with `spade fit`")
+        return out
+
+    def read_rows(self, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Gallery rows ``rows`` into ``out[:len(rows)]`` ((n, positions, channels) float32); returns that view."""
+        return self.read_part(rows, None, out)
+
+    def read_part(self, rows: np.ndarray, first: np.ndarray | None, out: np.ndarray) -> np.ndarray:
+        """Positions ``first[i]`` .. ``first[i] + out.shape[1]`` of gallery row ``rows[i]`` into ``out[i]`` (float32;
+        ``first`` None: whole rows), one ``pread`` each: a tile of a frame without the rest of it."""
+        target = out[:len(rows)]
+        if self.dtype == target.dtype:
+            return self._read(rows, target, first)
+        target[...] = self._read(rows, np.empty(target.shape, dtype=self.dtype), first)
         return target
 
 

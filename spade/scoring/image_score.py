@@ -21,7 +21,6 @@ import numpy as np
 
 from spade.config import IMAGE_SCORES
 
-TERMS = ("knn", "map_max", "map_top")
 MAP_TOP_FRACTION = 0.01
 MODE_TERMS = {"knn": ("knn",), "map_max": ("map_max",), "map_top": ("map_top",), "combined": ("knn", "map_max"),
               "combined_top": ("knn", "map_top")}
@@ -56,7 +55,7 @@ def _standardised(value: float, stats: dict[str, float]) -> float:
 
 def require_normals(mode: str, normals: dict[str, Any] | None, gallery: str = "the gallery") -> None:
     """Raise `MissingCalibration` when ``mode`` needs normal statistics that ``normals`` lacks."""
-    if mode in ("combined", "combined_top") and (not normals or any(term not in normals for term in MODE_TERMS[mode])):
+    if len(MODE_TERMS.get(mode, ())) > 1 and (not normals or any(term not in normals for term in MODE_TERMS[mode])):
         raise MissingCalibration(f"image_score: {mode} needs the normal-image statistics that `spade fit` records; "
                                  f"{gallery} has none (fitted before they existed, or with fewer than 2 images). "
                                  "Re-run `spade fit`, or use image_score: knn or map_max.")
