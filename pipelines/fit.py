@@ -5,9 +5,11 @@ embedding shards, old and new, so old images are never extracted again.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import apache_beam as beam
@@ -19,6 +21,7 @@ from spade.index.gallery import (MANIFEST, Gallery, GalleryMissing, build_galler
                                  remove_unlisted_pyramid_shards, with_gallery_frame, write_manifest)
 from spade.features.framing import frame_size_for, framing_for
 from spade.io.listing import check_spec, sample_image_sizes
+from spade.io.routing import Route, RoutePlan, is_routing, plan_routes
 from spade.io.results import ok_uris
 from spade.io.lease import RunLease, staging_is_live
 from spade.index.knn import k_warning
@@ -70,63 +73,133 @@ def build_fit_pipeline(pipeline: beam.Pipeline, images: str, config: SpadeConfig
     return (embeddings, rejected, summary) | "Written" >> beam.Flatten()
 
 
-def launch_fit(config: SpadeConfig, images: str, gallery_url: str, weights: ResolvedWeights,
-               beam_args: list[str] | None = None, say: Callable[[str], None] = LOG.info, append: bool = False,
-               run_id: str | None = None, lease: RunLease | None = None) -> tuple[str, str, dict, dict]:
-    """The launcher's part of `run_fit`: checks, then builds and runs the fit pipeline into a staging folder.
+@dataclass
+class FitJob:
+    """One gallery's share of a fit run, as the launcher checked and planned it (`plan_fit_job`): the pipeline
+    extracts its images in a branch of their own (`FitGallery`); `finish_fit_job` builds and calibrates the gallery.
+    A fit routed to many galleries (`spade.io.routing`) is one job per route in one pipeline."""
 
-    Returns (staging folder, run id, the run's summary counts, Beam metrics). Nothing here grows with
-    the number of inputs: the workers list them. With the gallery's ``lease`` held (`run_fit`), staging
-    folders of dead runs are removed first and this run's is marked as live; a failed or interrupted
-    pipeline removes its own. ``weights``: what `resolve_weights` gave for ``config`` (loaded once per fit).
-    """
-    run_config = with_worker_threads(config, beam_args)  # the manifest keeps the config as given
-    if run_config.num_threads:
-        say(f"fit: {run_config.num_threads} torch/faiss thread(s) per worker")
+    route: str
+    images: str
+    gallery_url: str
+    config: SpadeConfig  # with the frame size fixed
+    run_config: SpadeConfig  # ... with this run's worker threads
+    weights: ResolvedWeights
+    append: bool
+    run_id: str
+    lease: RunLease | None = None
+
+    @property
+    def staging(self) -> str:
+        return storage.join(self.gallery_url, f"_staging-{self.run_id}")
+
+    @property
+    def features_tag(self) -> str:
+        return stable_hash({"features": self.config.feature_signature(), "weights": self.weights.sha256,
+                            "dtype": self.config.feature_dtype})
+
+    @property
+    def prefix(self) -> str:
+        return f"fit: {self.route}: " if self.route else "fit: "
+
+
+def plan_fit_job(config: SpadeConfig, route: Route, append: bool, beam_args: list[str] | None,
+                 say: Callable[[str], None], run_id: str) -> FitJob:
+    """The launcher's checks of one gallery's fit: the frame size (a bounded header sample), the weights and their
+    preprocessing, the images spec, and for ``--append`` the gallery it adds to. Nothing grows with the inputs."""
+    config = fit_frame(config, route.images, route.gallery, append, say)
+    weights = resolve_weights(config.backbone, config.weights)
     check_preprocessing(weights, config.mean, config.std)
-    check_spec(images)
+    check_spec(route.images)
     if append:
-        if not storage.exists(storage.join(gallery_url, MANIFEST)):
-            raise GalleryMissing(f"--append needs an existing gallery at {gallery_url}; run `spade fit` without --append first")
-        check_compatible(read_manifest(gallery_url), gallery_url, config)
-    say(f"fit: inputs {images} (listed by the workers) -> gallery {gallery_url}")
-    run_id = run_id or new_run_id(utc_now())
-    staging = storage.join(gallery_url, f"_staging-{run_id}")
-    if lease is not None:
-        for gone in storage.remove_stale_staging(gallery_url, staging_is_live):
-            say(f"fit: cleaned up after an interrupted run ({gone})")
-        lease.mark(staging)
+        if not storage.exists(storage.join(route.gallery, MANIFEST)):
+            raise GalleryMissing(f"--append needs an existing gallery at {route.gallery}; run `spade fit` without "
+                                 "--append first")
+        check_compatible(read_manifest(route.gallery), route.gallery, config)
+    return FitJob(route.name, route.images, route.gallery, config, with_worker_threads(config, beam_args), weights,
+                  append, run_id)
+
+
+def begin_fit_job(job: FitJob, lease: RunLease, say: Callable[[str], None]) -> None:
+    """Under the gallery's lease: staging folders of dead runs removed, this run's marked live."""
+    job.lease = lease
+    say(f"{job.prefix}inputs {job.images} (listed by the workers) -> gallery {job.gallery_url}")
+    for gone in storage.remove_stale_staging(job.gallery_url, staging_is_live):
+        say(f"{job.prefix}cleaned up after an interrupted run ({gone})")
+    lease.mark(job.staging)
+
+
+class FitGallery(beam.PTransform):
+    """PBegin → the files one `FitJob` wrote: its branch of the fit graph."""
+
+    def __init__(self, job: FitJob, progress_folder: str | None):
+        super().__init__()
+        self.job, self.progress_folder = job, progress_folder
+
+    def expand(self, pbegin):
+        job = self.job
+        return build_fit_pipeline(pbegin, job.images, job.run_config, job.staging, job.gallery_url, job.features_tag,
+                                  self.progress_folder, known_gallery=job.gallery_url if job.append else None)
+
+
+def run_fit_jobs(jobs: list[FitJob], beam_args: list[str] | None, say: Callable[[str], None]) -> tuple[dict, dict]:
+    """Run one pipeline extracting every job's images into its staging folder; returns ({route: summary counts},
+    Beam metrics). A failed or interrupted pipeline removes the staging folders."""
+    if jobs and jobs[0].run_config.num_threads:
+        say(f"fit: {jobs[0].run_config.num_threads} torch/faiss thread(s) per worker")
     started = time.monotonic()
-    features = stable_hash({"features": config.feature_signature(), "weights": weights.sha256, "dtype": config.feature_dtype})
     try:
         with ProgressReporter("fit", say) as progress:
-            metrics = run_pipeline(lambda p: build_fit_pipeline(p, images, run_config, staging, gallery_url, features,
-                                                                progress.folder, known_gallery=gallery_url if append else None),
-                                   beam_args, progress)
+            def build(pipeline):
+                written = [pipeline | f"Gallery[{job.route.replace('/', ',') or 'gallery'}]" >> FitGallery(job, progress.folder)
+                           for job in jobs]
+                return written[0] if len(written) == 1 else tuple(written) | "AllWritten" >> beam.Flatten()
+
+            metrics = run_pipeline(build, beam_args, progress)
     except BaseException:
-        storage.remove(staging, recursive=True)
+        for job in jobs:
+            storage.remove(job.staging, recursive=True)
         raise
-    counts = read_summary(storage.join(staging, SUMMARY))
-    say(f"fit: features of {counts['ok']} inputs extracted in {time.monotonic() - started:.1f}s"
-        + (f" ({counts['skipped']} already in the gallery)" if append else ""))
-    for _, message in counts["error_messages"]:
-        say(f"fit: rejected {message}")
+    counts = {job.route: read_summary(storage.join(job.staging, SUMMARY)) for job in jobs}
+    for job in jobs:
+        found = counts[job.route]
+        say(f"{job.prefix}features of {found['ok']} inputs extracted in {time.monotonic() - started:.1f}s"
+            + (f" ({found['skipped']} already in the gallery)" if job.append else ""))
+        for _, message in found["error_messages"]:
+            say(f"{job.prefix}rejected {message}")
     say(metrics_line("fit", metrics))
-    return staging, run_id, counts, metrics
+    return counts, metrics
 
 
 def run_fit(config: SpadeConfig, images: str, gallery_url: str, beam_args: list[str] | None = None,
             say: Callable[[str], None] = LOG.info, append: bool = False) -> dict:
-    """Fit a gallery from normal images (or add images to one); returns its manifest.
+    """Fit a gallery from normal images (or add images to one); returns its manifest. With ``gallery_url`` a routing
+    rule (a template with ``{fields}`` or a routes table, `spade.io.routing`), fit one gallery per route in one
+    pipeline and return {route: manifest}; folders no rule routes are named and left out.
 
-    The run holds the gallery folder's lease throughout (a second fit into it stops with `LeaseHeld`). The
+    Each run holds its gallery folder's lease throughout (a second fit into it stops with `LeaseHeld`). The
     manifest is written last, with the calibrated thresholds and every file's size and sha256: a fit killed
     at any point leaves no manifest, so no half-built or uncalibrated gallery looks usable.
     """
     refuse_local_paths(beam_args, images=images, gallery=gallery_url)  # before the lease creates the folder
     run_id = new_run_id(utc_now())
-    with RunLease(gallery_url, run_id, "spade fit") as lease:
-        return _fit_under_lease(config, images, gallery_url, beam_args, say, append, run_id, lease)
+    routed = is_routing(gallery_url)
+    if routed:
+        plan = plan_routes(images, gallery_url)
+        say(f"fit: {len(plan.routes)} gallery route(s) of {images} by {gallery_url}")
+        for spec in plan.unrouted:
+            LOG.warning("fit: not fitted: %s (no routing rule of %s matches its folder)", spec, gallery_url)
+        if not plan.routes:
+            raise FileNotFoundError(f"--images {images!r}: no folder matches the routing rule(s) of {gallery_url}")
+    else:
+        plan = RoutePlan([Route("", images, gallery_url)])
+    jobs = [plan_fit_job(config, route, append, beam_args, say, run_id) for route in plan.routes]
+    with contextlib.ExitStack() as leases:
+        for job in jobs:
+            begin_fit_job(job, leases.enter_context(RunLease(job.gallery_url, run_id, "spade fit")), say)
+        counts, _ = run_fit_jobs(jobs, beam_args, say)
+        manifests = {job.route: finish_fit_job(job, counts[job.route], say, routed) for job in jobs}
+    return manifests if routed else manifests[""]
 
 
 def fit_frame(config: SpadeConfig, images: str, gallery_url: str, append: bool,
@@ -148,38 +221,37 @@ def fit_frame(config: SpadeConfig, images: str, gallery_url: str, append: bool,
     return config
 
 
-def _fit_under_lease(config: SpadeConfig, images: str, gallery_url: str, beam_args: list[str] | None,
-                     say: Callable[[str], None], append: bool, run_id: str, lease: RunLease) -> dict:
-    config = fit_frame(config, images, gallery_url, append, say)
-    run_config = with_worker_threads(config, beam_args)
-    weights = resolve_weights(config.backbone, config.weights)
+def finish_fit_job(job: FitJob, counts: dict, say: Callable[[str], None], routed: bool = False) -> dict | None:
+    """Publish a job's embeddings, build its gallery and calibrate it, the manifest written last; returns the manifest
+    (None for a route with no input at all, which leaves its gallery as it was)."""
+    config, gallery_url, append = job.config, job.gallery_url, job.append
     embeddings_folder = storage.join(gallery_url, "embeddings")
     rejected_folder = storage.join(gallery_url, "rejected")
-    staging, run_id, counts, _ = launch_fit(config, images, gallery_url, weights, beam_args, say, append, run_id, lease)
     if counts["rows"] == 0:
-        storage.remove(staging, recursive=True)
-        if not append:
-            raise FileNotFoundError(f"--images {images!r} matches no files")
-        say(f"fit --append: nothing new: {counts['skipped']} inputs already in the gallery")
-    lease.check()
+        storage.remove(job.staging, recursive=True)
+        if not append and not routed:
+            raise FileNotFoundError(f"--images {job.images!r} matches no files")
+        say(f"{job.prefix}nothing new: {counts['skipped']} inputs already in the gallery")
+        return read_manifest(gallery_url) if append else None
+    job.lease.check()
     manifest_url = storage.join(gallery_url, MANIFEST)
     rejected = counts["errors"]
     if storage.exists(manifest_url):
         rejected += read_manifest(gallery_url).get("rejected_inputs", 0) if append else 0
         storage.remove(manifest_url)
-    tag = run_id if append else None
-    storage.publish_staged(storage.join(staging, "embeddings"), embeddings_folder, tag=tag, replace=not append)
-    storage.publish_staged(storage.join(staging, "rejected"), rejected_folder, tag=tag, replace=not append)
-    storage.remove(staging, recursive=True)
-    manifest = build_gallery(storage.list_files(embeddings_folder, ".parquet"), gallery_url, config, weights.source,
-                             weights.sha256, progress=say)
+    tag = job.run_id if append else None
+    storage.publish_staged(storage.join(job.staging, "embeddings"), embeddings_folder, tag=tag, replace=not append)
+    storage.publish_staged(storage.join(job.staging, "rejected"), rejected_folder, tag=tag, replace=not append)
+    storage.remove(job.staging, recursive=True)
+    manifest = build_gallery(storage.list_files(embeddings_folder, ".parquet"), gallery_url, config, job.weights.source,
+                             job.weights.sha256, progress=say)
     manifest["rejected_inputs"] = rejected
     warning = k_warning(config.k, manifest["num_images"])
     if warning:
-        LOG.warning("fit: %s", warning)
+        LOG.warning("%s%s", job.prefix, warning)
     gallery = Gallery.open(gallery_url, manifest=manifest)
-    say(f"fit: calibrating thresholds on up to {config.calibration_images} normal images (leave-one-out)")
-    normal = leave_one_out_scores(gallery, run_config, config.calibration_images, progress=say)
+    say(f"{job.prefix}calibrating thresholds on up to {config.calibration_images} normal images (leave-one-out)")
+    normal = leave_one_out_scores(gallery, job.run_config, config.calibration_images, progress=say)
     manifest["calibration"], manifest["thresholds"] = calibrate(normal, config)
     if not manifest["thresholds"]:
         LOG.warning("WARNING: fit: no thresholds calibrated (calibration needs 2+ normal images, the gallery has %d): "
@@ -187,6 +259,6 @@ def _fit_under_lease(config: SpadeConfig, images: str, gallery_url: str, beam_ar
                     "--thresholds` gives thresholds.", manifest["num_images"], gallery_url)
     write_manifest(gallery_url, manifest)  # last: the gallery is usable only once it is complete and calibrated
     remove_unlisted_pyramid_shards(gallery_url, manifest)
-    say(f"fit: gallery of {manifest['num_images']} images ({rejected} rejected) written to {gallery_url} "
+    say(f"{job.prefix}gallery of {manifest['num_images']} images ({rejected} rejected) written to {gallery_url} "
         f"(hash {manifest['gallery_hash']}); thresholds {manifest['thresholds'] or 'none (need 2+ images)'}")
     return manifest

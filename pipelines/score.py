@@ -11,9 +11,11 @@ resumed by running the same command again, with one row per input.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
+from dataclasses import dataclass, field
 from datetime import date as Date
 from datetime import datetime
 from typing import Callable
@@ -22,12 +24,15 @@ import apache_beam as beam
 
 from spade.io import storage
 from spade.config import SpadeConfig, stable_hash
-from spade.index.gallery import check_compatible, check_files, read_manifest, with_gallery_frame
+from spade.index.gallery import (GalleryDamaged, GalleryMissing, check_compatible, check_files, read_manifest,
+                                 with_gallery_frame)
 from spade.io.lease import RunLease, staging_is_live
 from spade.io.ledger import committed_sources, discard_others, earlier_parts, is_part, ledger_url
 from spade.io.listing import check_spec
 from spade.io.results import RUN_INFO, ok_uris, read_score_table, scored_tables
+from spade.io.routing import Route, RoutePlan, is_routing, plan_routes
 from spade.index.knn import k_warning
+from spade.scoring.calibration import normal_reference
 from spade.scoring.image_score import require_normals
 from spade.io.tables import SCORES_SCHEMA
 from spade.evaluation.thresholds import validate_thresholds
@@ -40,11 +45,13 @@ from transforms.read import ReadImages
 from transforms.records import new_run_id, utc_now
 from transforms.score import ScoreImages, resolve_thresholds
 from transforms.summary import SUMMARY, WriteSummary, read_summary
+from transforms.unrouted import ListUnrouted
 from pipelines.options import refuse_local_paths, with_worker_threads
 from pipelines.progress import ProgressReporter
 from pipelines.runner import metrics_line, run_pipeline
 
 LOG = logging.getLogger("spade")
+UNROUTED = "unrouted"  # below --out of a routed run: the error rows of inputs no route takes
 
 
 def done_tables(done_root: str | None, ledger: str | None, run_id: str) -> list[str]:
@@ -60,49 +67,6 @@ def done_uris(table_url: str) -> list[str]:
 
 def done_kind(table_url: str) -> str:
     return "resumed" if is_part(table_url) else "skipped"
-
-
-def build_score_pipeline(pipeline: beam.Pipeline, images: str, config: SpadeConfig, gallery_url: str, out_url: str,
-                         table_prefix: str, gallery_hash: str, scored_at: datetime, progress_folder: str | None = None,
-                         thresholds: dict | None = None, since: str | None = None, done_root: str | None = None,
-                         summary_url: str | None = None, ledger: str | None = None, run_id: str = ""):
-    """The score graph: every input ends as exactly one row of the score table (the one sink, flattened with the
-    run summary's file). The graph holds the ``--images`` spec, not the inputs: workers list them (`ListInputs`),
-    keep those dated ``since`` or later, and leave out those scored ok under ``done_root`` (nightly mode).
-
-    With a ``ledger``, each unit of work's rows are committed to it as soon as they are all in (`CommitUnits`,
-    one per branch: runners materialise a Flatten, which would hold every commit to the end); inputs that other,
-    interrupted runs committed there are left out, and their rows join this run's in the table."""
-    done = None
-    if done_root or ledger:
-        done = functools.partial(done_tables, done_root, ledger, run_id)
-    batches, skipped = pipeline | "Inputs" >> ListInputs(
-        images, "test", config.batch_size, since=since, done_tables=done, read_done=done_uris,
-        progress_folder=progress_folder, done_kind=done_kind)
-    images_in, read_errors = batches | "Read" >> ReadImages(config)
-    features, extract_errors = images_in | "Extract" >> ExtractFeatures(config)
-    scored, score_errors = features | "Score" >> ScoreImages(config, gallery_url, out_url, scored_at, thresholds)
-    stamp = {"gallery_hash": gallery_hash, "scored_at": scored_at}
-    branches = {"Scored": scored | "CountScored" >> beam.ParDo(CountProgress(progress_folder))}
-    for name, errors in (("ReadErrors", read_errors), ("ExtractErrors", extract_errors), ("ScoreErrors", score_errors)):
-        branches[name] = (errors
-                          | f"Stamp{name}" >> beam.Map(lambda row: {**row, **stamp})
-                          | f"Count{name}" >> beam.ParDo(CountProgress(progress_folder)))
-    if ledger is not None:
-        branches = {name: rows | f"Commit{name}" >> beam.ParDo(CommitUnits(ledger, SCORES_SCHEMA, run_id))
-                    for name, rows in branches.items()}
-        branches["Committed"] = (pipeline
-                                 | "Ledger" >> beam.Create([ledger])
-                                 | "CommittedParts" >> beam.FlatMap(earlier_parts, run_id)
-                                 | "SpreadParts" >> beam.Reshuffle()
-                                 | "ReadCommitted" >> beam.FlatMap(read_ledger_rows))
-    rows = tuple(branches.values()) | "AllRows" >> beam.Flatten()
-    written = rows | "WriteScores" >> WriteParquetShards(table_prefix, SCORES_SCHEMA, config.shards,
-                                                          rows_per_shard=config.rows_per_shard)
-    if summary_url is None:
-        return written
-    summary = (tuple(branches.values()), skipped) | "Summary" >> WriteSummary(summary_url)
-    return (written, summary) | "Written" >> beam.Flatten()
 
 
 def nightly_partition(out_url: str, gallery_hash: str, day: str, rescore_all: bool) -> str:
@@ -158,20 +122,58 @@ def warn_missing_thresholds(used: dict, gallery_url: str) -> None:
                     "`spade evaluate`.", " or ".join(missing), gallery_url, " and ".join(effects[k] for k in missing))
 
 
-def run_score(config: SpadeConfig, gallery_url: str, images: str, out_url: str, beam_args: list[str] | None = None,
-              say: Callable[[str], None] = LOG.info, day: str | None = None, since: str | None = None,
-              rescore_all: bool = False, thresholds_url: str | None = None) -> dict:
-    """Score images against a gallery; returns a summary (counts and output locations).
+@dataclass
+class ScoreJob:
+    """One gallery's share of a score run, as the launcher checked and planned it (`plan_job`): the pipeline scores
+    its inputs in a branch of their own (`ScoreGallery`), under its own lease and ledger, and `finish_job` publishes
+    them. A run routed to many galleries (`spade.io.routing`) is one job per route in one pipeline."""
 
-    The run holds a lease on its output folder (nightly: the gallery's partition folder, so two nights cannot
-    both score a new image) for its whole length: a second run on the same outputs stops with `LeaseHeld`.
-    """
-    refuse_local_paths(beam_args, gallery=gallery_url, images=images, out=out_url)
+    route: str  # the partition folders below the archive root ("" for a single gallery)
+    images: str
+    gallery_url: str
+    config: SpadeConfig  # as given, with the gallery's frame (run.json records it)
+    run_config: SpadeConfig  # ... with the worker threads of this run
+    manifest: dict
+    thresholds: dict  # the thresholds used, with their sources
+    explicit: dict | None  # a --thresholds file's
+    out_url: str  # this gallery's --out
+    run_out: str  # where this run writes: out_url, or its nightly partition
+    lease_folder: str
+    done_root: str | None  # nightly: the partitions whose scored images are left out
+    day: str | None
+    since: str | None
+    scored_at: datetime
+    run_id: str
+    ledger: str = ""
+    lease: RunLease | None = None
+    interrupted: list[str] = field(default_factory=list)
+
+    @property
+    def gallery_hash(self) -> str:
+        return self.manifest["gallery_hash"]
+
+    @property
+    def scores_folder(self) -> str:
+        return storage.join(self.run_out, "scores")
+
+    @property
+    def staging(self) -> str:
+        return storage.join(self.scores_folder, f"_staging-{self.run_id}")
+
+    @property
+    def summary_url(self) -> str:
+        return storage.join(self.staging, SUMMARY)
+
+
+def plan_job(config: SpadeConfig, route: Route, out_url: str, day: str | None, since: str | None, rescore_all: bool,
+             explicit: dict | None, beam_args: list[str] | None, say: Callable[[str], None], scored_at: datetime,
+             run_id: str) -> ScoreJob:
+    """The launcher's checks of one gallery (manifest, files, weights, calibration, thresholds) and where its rows
+    go; reads the manifest and one size per file, never the archive."""
+    gallery_url = route.gallery
     manifest = read_manifest(gallery_url)  # the launcher reads the manifest only; workers open the gallery
     config = with_gallery_frame(config, manifest)  # aspect/tiles: every image is framed into the gallery's frame size
     run_config = with_worker_threads(config, beam_args)  # run.json keeps the config as given
-    if run_config.num_threads:
-        say(f"score: {run_config.num_threads} torch/faiss thread(s) per worker")
     check_compatible(manifest, gallery_url, config)
     check_files(gallery_url, manifest)  # one size query per file: a damaged gallery stops here, named
     weights = resolve_weights(config.backbone, config.weights)
@@ -180,92 +182,273 @@ def run_score(config: SpadeConfig, gallery_url: str, images: str, out_url: str, 
     require_normals(config.image_score, manifest.get("calibration"), gallery_url)
     warning = k_warning(config.k, manifest["num_images"])
     if warning:
-        LOG.warning("score: %s", warning)
-    explicit = validate_thresholds(storage.read_json(thresholds_url), thresholds_url) if thresholds_url else None
+        LOG.warning("score: %s%s", f"{route.name}: " if route.name else "", warning)
     used_thresholds = resolve_thresholds(config, manifest, explicit)
     warn_missing_thresholds(used_thresholds, gallery_url)
-    check_spec(images)
     gallery_hash = manifest["gallery_hash"]
     run_out, done_root, lease_folder = out_url, None, out_url
     if day is not None:
         run_out = nightly_partition(out_url, gallery_hash, day, rescore_all)
         done_root = None if rescore_all else storage.join(out_url, f"gallery={gallery_hash}")
         lease_folder = storage.join(out_url, f"gallery={gallery_hash}")
+    return ScoreJob(route.name, route.images, gallery_url, config, run_config, manifest, used_thresholds, explicit,
+                    out_url, run_out, lease_folder, done_root, day, since, scored_at, run_id)
+
+
+def begin_job(job: ScoreJob, lease: RunLease, say: Callable[[str], None]) -> None:
+    """Under the job's lease: its ledger, the clean-up after interrupted runs, and its staging folder marked live."""
+    job.lease = lease
+    job.ledger = ledger_url(job.run_out, ledger_signature(job.config, job.gallery_hash, job.images, job.since, job.day,
+                                                          job.explicit))
+    prefix = f"score: {job.route}: " if job.route else "score: "
+    since_note = f", dated {job.since} or later" if job.since else ""
+    say(f"{prefix}inputs {job.images}{since_note} (listed by the workers) against gallery {job.gallery_url} "
+        f"({job.gallery_hash}) -> {job.run_out}")
+    job.interrupted = storage.remove_stale_staging(job.scores_folder, staging_is_live)
+    for gone in job.interrupted:
+        say(f"{prefix}cleaned up after an interrupted run ({gone})")
+    for other in discard_others(job.run_out, job.ledger):
+        say(f"{prefix}discarded the ledger of an interrupted run with other settings ({other})")
+        job.interrupted.append(other)
+    if storage.exists(job.ledger):
+        job.interrupted.append(job.ledger)
+    lease.mark(job.staging)
+
+
+class ScoreGallery(beam.PTransform):
+    """PBegin → the files one `ScoreJob` wrote (its score table shards and summary): its branch of the score graph.
+
+    Every input ends as exactly one row of the score table (the one sink, flattened with the run summary's file).
+    The graph holds the job's ``images`` spec, not the inputs: workers list them (`ListInputs`), keep those dated
+    ``since`` or later, and leave out those scored ok under ``done_root`` (nightly mode). Each unit of work's rows are
+    committed to the job's ledger as soon as they are all in (`CommitUnits`, one per branch: runners materialise a
+    Flatten, which would hold every commit to the end); inputs that other, interrupted runs committed there are left
+    out, and their rows join this run's in the table."""
+
+    def __init__(self, job: ScoreJob, progress_folder: str | None):
+        super().__init__()
+        self.job, self.progress_folder = job, progress_folder
+
+    def expand(self, pbegin):
+        job, progress_folder = self.job, self.progress_folder
+        done = functools.partial(done_tables, job.done_root, job.ledger, job.run_id)
+        batches, skipped = pbegin | "Inputs" >> ListInputs(
+            job.images, "test", job.run_config.batch_size, since=job.since, done_tables=done, read_done=done_uris,
+            progress_folder=progress_folder, done_kind=done_kind)
+        images_in, read_errors = batches | "Read" >> ReadImages(job.run_config)
+        features, extract_errors = images_in | "Extract" >> ExtractFeatures(job.run_config)
+        scored, score_errors = features | "Score" >> ScoreImages(job.run_config, job.gallery_url, job.run_out,
+                                                                 job.scored_at, job.explicit, stable_hash(job.manifest))
+        stamp = {"gallery_hash": job.gallery_hash, "scored_at": job.scored_at}
+        branches = {"Scored": scored | "CountScored" >> beam.ParDo(CountProgress(progress_folder))}
+        for name, errors in (("ReadErrors", read_errors), ("ExtractErrors", extract_errors), ("ScoreErrors", score_errors)):
+            branches[name] = (errors
+                              | f"Stamp{name}" >> beam.Map(lambda row: {**row, **stamp})
+                              | f"Count{name}" >> beam.ParDo(CountProgress(progress_folder)))
+        branches = {name: rows | f"Commit{name}" >> beam.ParDo(CommitUnits(job.ledger, SCORES_SCHEMA, job.run_id))
+                    for name, rows in branches.items()}
+        branches["Committed"] = (pbegin
+                                 | "Ledger" >> beam.Create([job.ledger])
+                                 | "CommittedParts" >> beam.FlatMap(earlier_parts, job.run_id)
+                                 | "SpreadParts" >> beam.Reshuffle()
+                                 | "ReadCommitted" >> beam.FlatMap(read_ledger_rows))
+        rows = tuple(branches.values()) | "AllRows" >> beam.Flatten()
+        written = rows | "WriteScores" >> WriteParquetShards(storage.join(job.staging, "part"), SCORES_SCHEMA,
+                                                              job.run_config.shards,
+                                                              rows_per_shard=job.run_config.rows_per_shard)
+        summary = (tuple(branches.values()), skipped) | "Summary" >> WriteSummary(job.summary_url)
+        return (written, summary) | "Written" >> beam.Flatten()
+
+
+def finish_job(job: ScoreJob, elapsed: float, metrics: dict, say: Callable[[str], None], routed: bool) -> dict:
+    """Publish what the pipeline wrote for one job (one commit, under its lease) and say what it did; returns its
+    summary. A single-gallery run with no input at all is an error (a mistyped --images); a route may be empty."""
+    prefix = f"score: {job.route}: " if job.route else "score: "
+    summary = {"rows": 0, "ok": 0, "errors": 0, "skipped": 0, "new": 0, "resumed": 0, "out": job.run_out,
+               "scores": job.scores_folder, "maps": storage.join(job.run_out, "maps"),
+               "masks": storage.join(job.run_out, "masks"), "seconds": round(elapsed, 1), "metrics": metrics,
+               "gallery": job.gallery_url, "gallery_hash": job.gallery_hash}
+    counts = read_summary(job.summary_url)
+    skipped, resumed = counts["skipped"], counts["resumed"]
+    summary |= {"skipped": skipped, "resumed": resumed, "new": counts["rows"] - resumed}
+    since_note = f", dated {job.since} or later" if job.since else ""
+    if counts["rows"] == 0:
+        storage.remove(job.staging, recursive=True)
+        if not skipped and not job.since and not routed:
+            raise FileNotFoundError(f"--images {job.images!r} matches no files")
+        say(f"{prefix}nothing to do: 0 new, {skipped} already scored{since_note}")
+        return summary
+    job.lease.check()
+    storage.publish_staged(job.staging, job.scores_folder, tag=job.run_id if job.day is not None else None,
+                           replace=job.day is None, then_remove=(job.ledger,))
+    if job.interrupted:
+        orphans = remove_orphan_maps(job.run_out)
+        if orphans:
+            say(f"{prefix}removed {orphans} score map/mask file(s) of interrupted runs that no row names")
+    storage.write_json(storage.join(job.run_out, RUN_INFO), {
+        "config": job.config.to_dict(), "gallery": job.gallery_url, "gallery_hash": job.gallery_hash,
+        "images": job.images, "route": job.route, "scored_at": job.scored_at.isoformat(),
+        "thresholds": job.thresholds, "normal": normal_reference(job.manifest, job.config.image_score),
+    })
+    for _, message in counts["error_messages"]:
+        say(f"{prefix}error {message}")
+    if counts["errors"] > len(counts["error_messages"]):
+        say(f"{prefix}... and {counts['errors'] - len(counts['error_messages'])} more errors (status=error rows of the table)")
+    summary |= {"rows": counts["rows"], "ok": counts["ok"], "errors": counts["errors"],
+                "reframed": counts.get("reframed", 0)}
+    if summary["reframed"]:
+        say(f"{prefix}{summary['reframed']} image(s) of another aspect than the gallery's frame "
+            f"({'x'.join(map(str, job.config.frame_size or ()))}) were stretched into it")
+    resumed_note = f", {resumed} committed by an interrupted run" if resumed else ""
+    rate = "" if routed else f" ({summary['new'] / max(elapsed, 1e-9):.2f} images/s)"
+    say(f"{prefix}{summary['ok']} scored, {summary['errors']} errors, {skipped} already scored, {summary['new']} new"
+        f"{resumed_note}, in {elapsed:.1f}s{rate}; table {summary['scores']}, score maps {summary['maps']}, "
+        f"masks {summary['masks']}")
+    return summary
+
+
+@dataclass
+class UnroutedJob:
+    """The inputs of a routed run that no route takes (or whose gallery cannot be used), as a table of error rows in
+    ``out_url`` (nightly: its ``date=`` partition, replaced by a re-run of the night), under a lease of its own."""
+
+    out_url: str
+    specs: list[tuple[str, str]]  # (spec, why its inputs are not scored)
+    day: str | None
+    run_id: str
+    lease: RunLease | None = None
+
+    @property
+    def lease_folder(self) -> str:
+        return self.out_url
+
+    @property
+    def scores_folder(self) -> str:
+        return storage.join(self.out_url, f"date={self.day}", "scores") if self.day else storage.join(self.out_url, "scores")
+
+    @property
+    def staging(self) -> str:
+        return storage.join(self.scores_folder, f"_staging-{self.run_id}")
+
+    def begin(self, lease: RunLease) -> None:
+        self.lease = lease
+        storage.remove_stale_staging(self.scores_folder, staging_is_live)
+        lease.mark(self.staging)
+
+    def finish(self, say: Callable[[str], None]) -> int:
+        counts = read_summary(storage.join(self.staging, SUMMARY))
+        self.lease.check()
+        storage.publish_staged(self.staging, self.scores_folder, replace=True)
+        if counts["rows"]:
+            say(f"score: {counts['rows']} input(s) not scored, one error row each in {self.scores_folder}")
+            for _, message in counts["error_messages"][:5]:
+                say(f"score: not routed: {message}")
+        return counts["rows"]
+
+
+class UnroutedRows(beam.PTransform):
+    """PBegin → the files an `UnroutedJob` wrote (its error rows' table and summary)."""
+
+    def __init__(self, job: UnroutedJob, progress_folder: str | None):
+        super().__init__()
+        self.job, self.progress_folder = job, progress_folder
+
+    def expand(self, pbegin):
+        scored_at = utc_now()
+        rows = (pbegin
+                | "List" >> ListUnrouted(self.job.specs)
+                | "Stamp" >> beam.Map(lambda row: {**row, "gallery_hash": None, "scored_at": scored_at})
+                | "Count" >> beam.ParDo(CountProgress(self.progress_folder)))
+        written = rows | "Write" >> WriteParquetShards(storage.join(self.job.staging, "part"), SCORES_SCHEMA, 0)
+        summary = (rows, pbegin | "NoneDone" >> beam.Create([])) | "Summary" >> WriteSummary(
+            storage.join(self.job.staging, SUMMARY))
+        return (written, summary) | "Written" >> beam.Flatten()
+
+
+def run_score(config: SpadeConfig, gallery_url: str, images: str, out_url: str, beam_args: list[str] | None = None,
+              say: Callable[[str], None] = LOG.info, day: str | None = None, since: str | None = None,
+              rescore_all: bool = False, thresholds_url: str | None = None) -> dict:
+    """Score images against a gallery, or an archive routed to many (``gallery_url`` a template with ``{fields}`` or
+    a routes table, `spade.io.routing`); returns a summary (counts and output locations; routed: per gallery under
+    ``"galleries"``, plus the totals).
+
+    Each gallery's run holds a lease on its output folder (nightly: the gallery's partition folder, so two nights
+    cannot both score a new image) for the whole run: a second run on the same outputs stops with `LeaseHeld`.
+    A routed run writes each route's outputs to ``out_url``/<route> (e.g. ``line=L3/camera=top``), as a run of that
+    route alone with that ``--out`` would, and the inputs no route takes to ``out_url``/unrouted as error rows.
+    """
+    routed = is_routing(gallery_url)
+    refuse_local_paths(beam_args, gallery=gallery_url, images=images, out=out_url)
+    explicit = validate_thresholds(storage.read_json(thresholds_url), thresholds_url) if thresholds_url else None
     scored_at = utc_now()
     run_id = new_run_id(scored_at)
-    with RunLease(lease_folder, run_id, "spade score") as lease:
-        ledger = ledger_url(run_out, ledger_signature(config, gallery_hash, images, since, day, explicit))
-        return _score_under_lease(lease, run_config, config, manifest, gallery_url, images, out_url, run_out, beam_args,
-                                  say, day, since, done_root, explicit, used_thresholds, scored_at, run_id, ledger)
+    if routed:
+        plan = plan_routes(images, gallery_url)
+        say(f"score: {len(plan.routes)} route(s) of {images} by {gallery_url}"
+            + (f"; {len(plan.unrouted)} folder(s)/file(s) no rule routes" if plan.unrouted else ""))
+    else:
+        check_spec(images)
+        plan = RoutePlan([Route("", images, gallery_url)])
+    jobs, unrouted = [], [(spec, f"no routing rule of {gallery_url} matches its folder; add a rule for it or move "
+                                 "it below a routed folder") for spec in plan.unrouted]
+    for route in plan.routes:
+        out = storage.join(out_url, route.name) if route.name else out_url
+        try:
+            jobs.append(plan_job(config, route, out, day, since, rescore_all, explicit, beam_args, say, scored_at, run_id))
+        except (GalleryMissing, GalleryDamaged, ValueError) as exc:
+            if not routed:
+                raise
+            LOG.warning("score: %s: not scored: %s", route.name, exc)
+            unrouted.append((route.images, f"route {route.name}: gallery {route.gallery} cannot be used: {exc}"))
+    if jobs and jobs[0].run_config.num_threads:
+        say(f"score: {jobs[0].run_config.num_threads} torch/faiss thread(s) per worker")
+    errors = UnroutedJob(storage.join(out_url, UNROUTED), unrouted, day, run_id) if unrouted else None
+    with contextlib.ExitStack() as leases:
+        for job in jobs:
+            begin_job(job, leases.enter_context(RunLease(job.lease_folder, run_id, "spade score")), say)
+        if errors is not None:
+            errors.begin(leases.enter_context(RunLease(errors.lease_folder, run_id, "spade score")))
+        return _score_jobs(jobs, errors, beam_args, say, routed)
 
 
-def _score_under_lease(lease: RunLease, run_config: SpadeConfig, config: SpadeConfig, manifest: dict, gallery_url: str,
-                       images: str, out_url: str, run_out: str, beam_args: list[str] | None,
-                       say: Callable[[str], None], day: str | None, since: str | None, done_root: str | None,
-                       explicit: dict | None, used_thresholds: dict, scored_at: datetime, run_id: str,
-                       ledger: str) -> dict:
-    gallery_hash = manifest["gallery_hash"]
-    summary = {"rows": 0, "ok": 0, "errors": 0, "skipped": 0, "new": 0, "resumed": 0, "out": run_out,
-               "scores": storage.join(run_out, "scores"), "maps": storage.join(run_out, "maps"),
-               "masks": storage.join(run_out, "masks"), "seconds": 0.0, "metrics": {}}
-    since_note = f", dated {since} or later" if since else ""
-    say(f"score: inputs {images}{since_note} (listed by the workers) against gallery {gallery_url} ({gallery_hash}) -> {run_out}")
-    scores_folder = storage.join(run_out, "scores")
-    interrupted = storage.remove_stale_staging(scores_folder, staging_is_live)
-    for gone in interrupted:
-        say(f"score: cleaned up after an interrupted run ({gone})")
-    for other in discard_others(run_out, ledger):
-        say(f"score: discarded the ledger of an interrupted run with other settings ({other})")
-        interrupted.append(other)
-    if storage.exists(ledger):
-        interrupted.append(ledger)
-    staging = storage.join(scores_folder, f"_staging-{run_id}")
-    lease.mark(staging)
-    summary_url = storage.join(staging, SUMMARY)
+def _score_jobs(jobs: list[ScoreJob], errors: "UnroutedJob | None", beam_args: list[str] | None,
+                say: Callable[[str], None], routed: bool) -> dict:
+    """Run the one pipeline of every job (and of the unrouted inputs), then publish each; a failed or interrupted
+    pipeline leaves committed ledgers for the next run and removes its staging folders."""
     started = time.monotonic()
     published = False
     try:
         with ProgressReporter("score", say) as progress:
-            metrics = run_pipeline(lambda p: build_score_pipeline(
-                p, images, run_config, gallery_url, run_out, storage.join(staging, "part"), gallery_hash, scored_at,
-                progress.folder, explicit, since=since, done_root=done_root, summary_url=summary_url, ledger=ledger,
-                run_id=run_id), beam_args, progress)
+            def build(pipeline):
+                written = [pipeline | f"Gallery[{_label(job.route)}]" >> ScoreGallery(job, progress.folder)
+                           for job in jobs]
+                if errors is not None:
+                    written.append(pipeline | "Unrouted" >> UnroutedRows(errors, progress.folder))
+                return written[0] if len(written) == 1 else tuple(written) | "AllWritten" >> beam.Flatten()
+
+            metrics = run_pipeline(build, beam_args, progress)
         elapsed = time.monotonic() - started
-        counts = read_summary(summary_url)
-        skipped, resumed = counts["skipped"], counts["resumed"]
-        summary |= {"skipped": skipped, "resumed": resumed, "new": counts["rows"] - resumed, "metrics": metrics}
-        if counts["rows"] == 0:
-            if not skipped and not since:
-                raise FileNotFoundError(f"--images {images!r} matches no files")
-            say(f"score: nothing to do: 0 new, {skipped} already scored{since_note}")
-            return summary
-        lease.check()
-        storage.publish_staged(staging, scores_folder, tag=run_id if day is not None else None, replace=day is None,
-                               then_remove=(ledger,))
+        summaries = {job.route: finish_job(job, elapsed, metrics, say, routed) for job in jobs}
+        unrouted = errors.finish(say) if errors is not None else 0
         published = True
     finally:
-        if not published and not storage.exists(storage.join(staging, storage.PUBLISH_PLAN)):
-            storage.remove(staging, recursive=True)  # the ledger keeps what was committed
-    if interrupted:
-        orphans = remove_orphan_maps(run_out)
-        if orphans:
-            say(f"score: removed {orphans} score map/mask file(s) of interrupted runs that no row names")
-    storage.write_json(storage.join(run_out, RUN_INFO), {
-        "config": config.to_dict(), "gallery": gallery_url, "gallery_hash": gallery_hash, "images": images,
-        "scored_at": scored_at.isoformat(), "thresholds": used_thresholds,
-    })
-    for _, message in counts["error_messages"]:
-        say(f"score: error {message}")
-    if counts["errors"] > len(counts["error_messages"]):
-        say(f"score: ... and {counts['errors'] - len(counts['error_messages'])} more errors (status=error rows of the table)")
-    summary |= {"rows": counts["rows"], "ok": counts["ok"], "errors": counts["errors"], "seconds": round(elapsed, 1),
-                "reframed": counts.get("reframed", 0)}
-    if summary["reframed"]:
-        say(f"score: {summary['reframed']} image(s) of another aspect than the gallery's frame "
-            f"({'x'.join(map(str, config.frame_size or ()))}) were stretched into it")
+        if not published:
+            for staging in [job.staging for job in jobs] + ([errors.staging] if errors is not None else []):
+                if not storage.exists(storage.join(staging, storage.PUBLISH_PLAN)):
+                    storage.remove(staging, recursive=True)  # the ledgers keep what was committed
     say(metrics_line("score", metrics))
-    resumed_note = f", {resumed} committed by an interrupted run" if resumed else ""
-    say(f"score: {summary['ok']} scored, {summary['errors']} errors, {skipped} already scored, {summary['new']} new"
-        f"{resumed_note}, in {elapsed:.1f}s ({summary['new'] / max(elapsed, 1e-9):.2f} images/s); table "
-        f"{summary['scores']}, score maps {summary['maps']}, masks {summary['masks']}")
-    return summary
+    if not routed:
+        return summaries[""]
+    totals = {name: sum(s[name] for s in summaries.values()) for name in ("rows", "ok", "errors", "skipped", "new", "resumed")}
+    totals["rows"] += unrouted
+    totals["errors"] += unrouted
+    say(f"score: total over {len(jobs)} galleries: {totals['ok']} scored, {totals['errors']} errors ({unrouted} not "
+        f"routed), {totals['skipped']} already scored, {totals['new']} new, in {elapsed:.1f}s "
+        f"({(totals['new'] + unrouted) / max(elapsed, 1e-9):.2f} images/s)")
+    return {**totals, "unrouted": unrouted, "galleries": summaries, "seconds": round(elapsed, 1), "metrics": metrics,
+            "unrouted_scores": errors.scores_folder if errors is not None else None}
+
+
+def _label(route: str) -> str:
+    """A Beam label from a route's name (a '/' would read as a nested transform)."""
+    return route.replace("/", ",") or "gallery"

@@ -80,6 +80,8 @@ class SpadeConfig:
     eval_region: str = "full"
     shards: int = 0  # table files per output table; 0: follow the row count (rows_per_shard rows per file)
     rows_per_shard: int = 10_000
+    open_galleries: int = 8  # galleries a score worker keeps open in a routed run (least recently used dropped)
+    open_galleries_mb: int = 2048  # ... and the most their in-memory parts (index, image table, banks) may add up to
     scoring_mode: str = "exact"
     refine_distances: bool = True
     coreset_ratio: float = 0.01
@@ -138,6 +140,8 @@ class SpadeConfig:
             problems.append("max_aspect_ratio must be >= 1 (or null for no limit)")
         if self.batch_size < 1 or self.rows_per_shard < 1:
             problems.append("batch_size and rows_per_shard must be >= 1")
+        if self.open_galleries < 1 or self.open_galleries_mb < 1:
+            problems.append("open_galleries and open_galleries_mb must be >= 1")
         if self.shards < 0:
             problems.append("shards must be >= 0 (0: as many as the row count needs)")
         if problems:

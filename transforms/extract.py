@@ -19,6 +19,13 @@ from transforms.records import ImageFeatures, SplitErrors, error_row, image_colu
 LOG = logging.getLogger(__name__)
 
 
+def extractor_key(config: SpadeConfig) -> str:
+    """What one loaded backbone serves: the feature settings bar the frame size, which the extractor takes from each
+    batch (galleries of one run routed to several cameras share the model whatever their frames)."""
+    return stable_hash({key: value for key, value in config.feature_signature().items() if key != "frame_size"}
+                       | {"batch_size": config.batch_size})
+
+
 class ExtractBatch(beam.DoFn):
     """A list of `ImageInput` → a list of `ImageFeatures`; a failing batch is retried image by image."""
 
@@ -30,8 +37,7 @@ class ExtractBatch(beam.DoFn):
 
     def setup(self):
         configure_threads(self.config.num_threads)
-        self.extractor = acquire(self._shared, stable_hash(self.config.feature_signature()),
-                                 lambda: FeatureExtractor(self.config))
+        self.extractor = acquire(self._shared, extractor_key(self.config), lambda: FeatureExtractor(self.config))
 
     def process(self, batch):
         start = time.perf_counter()

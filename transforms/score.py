@@ -3,32 +3,47 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from datetime import datetime
 
 import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
-from apache_beam.utils.shared import Shared
 
 from spade.io import storage
 from spade.features.backbone import Features
-from spade.config import SpadeConfig
+from spade.config import SpadeConfig, stable_hash
 from spade.scoring.correspondence import configure_threads
 from spade.io.maps import encode_mask, encode_score_map
-from spade.features.framing import framing_for
+from spade.features.framing import Framing, framing_for
 from spade.index.gallery import Gallery, with_gallery_frame
 from spade.scoring.batch import score_batch
-from transforms.cache import acquire
+from transforms.cache import LruCache
 from transforms.records import SplitErrors, error_row, image_columns
 
 LOG = logging.getLogger(__name__)
 
 
-class _GalleryHandle:
-    """Weak-referenceable holder, as `Shared` requires."""
+GALLERIES = LruCache()  # the galleries this worker process holds open, least recently used dropped first
 
-    def __init__(self, url: str):
-        self.gallery = Gallery.open(url)
+
+@dataclass
+class OpenGallery:
+    """A gallery opened for scoring with what every batch against it needs, made once per worker process."""
+
+    gallery: Gallery
+    framing: Framing
+    image_ids: list[str]
+    image_threshold: float | None
+    pixel_threshold: float | None
+
+    @classmethod
+    def open(cls, url: str, config: SpadeConfig, thresholds: dict | None) -> "OpenGallery":
+        gallery = Gallery.open(url)
+        gallery.check_compatible(config)
+        used = resolve_thresholds(config, gallery.manifest, thresholds)
+        return cls(gallery, framing_for(with_gallery_frame(config, gallery.manifest)), gallery.image_ids,
+                   used["image"], used["pixel"])
 
 
 def calibrated_thresholds(config: SpadeConfig, manifest: dict) -> dict:
@@ -65,14 +80,18 @@ def resolve_thresholds(config: SpadeConfig, manifest: dict, explicit: dict | Non
 
 
 class ScoreBatch(beam.DoFn):
-    """A list of `ImageFeatures` → one score row each (status ok), writing its score map and mask PNGs."""
+    """A list of `ImageFeatures` → one score row each (status ok), writing its score map and mask PNGs.
 
-    def __init__(self, config: SpadeConfig, gallery_url: str, out_url: str, scored_at: datetime, shared: Shared,
-                 thresholds: dict | None = None):
+    The gallery is taken from the worker's `GALLERIES` for each batch rather than held by the DoFn: a run routed
+    to many galleries (one ScoreBatch each) keeps at most ``open_galleries`` of them open per worker. Its key holds
+    ``gallery_version`` (what the launcher read of the gallery: a refit at the same URL is another entry), the
+    config and the thresholds."""
+
+    def __init__(self, config: SpadeConfig, gallery_url: str, out_url: str, scored_at: datetime,
+                 thresholds: dict | None = None, gallery_version: str = ""):
         self.config, self.gallery_url, self.out_url, self.scored_at = config, gallery_url, out_url, scored_at
         self.thresholds = thresholds
-        self._shared = shared
-        self.gallery: Gallery | None = None
+        self.key = f"{gallery_url}#{gallery_version}#" + stable_hash({"config": config.to_dict(), "thresholds": thresholds})
         self.scored = Metrics.counter("spade", "images_scored")
         self.failed = Metrics.counter("spade", "images_failed")
         self.score_dist = Metrics.distribution("spade", "image_score_x1000")
@@ -80,19 +99,20 @@ class ScoreBatch(beam.DoFn):
 
     def setup(self):
         configure_threads(self.config.num_threads)
-        self.gallery = acquire(self._shared, self.gallery_url, lambda: _GalleryHandle(self.gallery_url)).gallery
-        self.gallery.check_compatible(self.config)
-        self.framing = framing_for(with_gallery_frame(self.config, self.gallery.manifest))
-        self.image_ids = self.gallery.image_ids  # once per worker, not once per image (it is the whole gallery's)
-        used = resolve_thresholds(self.config, self.gallery.manifest, self.thresholds)
-        self.image_threshold, self.pixel_threshold = used["image"], used["pixel"]
+        self._open()  # a gallery that cannot be opened stops the run here, as before any image is scored
+
+    def _open(self) -> OpenGallery:
+        return GALLERIES.get(self.key, lambda: OpenGallery.open(self.gallery_url, self.config, self.thresholds),
+                             lambda opened: opened.gallery.resident_bytes(), self.config.open_galleries,
+                             self.config.open_galleries_mb << 20)
 
     def process(self, batch):
         start = time.perf_counter()
         try:
             features = Features(np.stack([f.embedding for f in batch]),
                                 {layer: np.stack([f.pyramid[layer] for f in batch]) for layer in self.config.layers})
-            results = score_batch(features, self.gallery, self.config)
+            opened = self._open()
+            results = score_batch(features, opened.gallery, self.config)
         except Exception as exc:
             if len(batch) > 1:
                 for item in batch:
@@ -105,7 +125,7 @@ class ScoreBatch(beam.DoFn):
         rows = []
         for item, result in zip(batch, results):
             try:
-                rows.append(self._write(item.image, result))
+                rows.append(self._write(opened, item.image, result))
             except Exception as exc:
                 LOG.exception("writing maps failed for %s", item.image.uri)
                 self.failed.inc()
@@ -114,28 +134,28 @@ class ScoreBatch(beam.DoFn):
         self.latency.update(int((time.perf_counter() - start) * 1000 / len(batch)))
         yield from rows
 
-    def _write(self, image, result) -> dict:
-        full = self.framing.to_original(result.score_map, (image.width, image.height))
+    def _write(self, opened: OpenGallery, image, result) -> dict:
+        full = opened.framing.to_original(result.score_map, (image.width, image.height))
         png, scale = encode_score_map(full)
         map_uri = storage.join(self.out_url, "maps", f"{image.image_id}.png")
         storage.atomic_write_bytes(map_uri, png)
         mask_uri = None
-        if self.pixel_threshold is not None:
+        if opened.pixel_threshold is not None:
             mask_uri = storage.join(self.out_url, "masks", f"{image.image_id}.png")
-            storage.atomic_write_bytes(mask_uri, encode_mask(full >= self.pixel_threshold))
+            storage.atomic_write_bytes(mask_uri, encode_mask(full >= opened.pixel_threshold))
         self.scored.inc()
         self.score_dist.update(int(result.image_score * 1000))
         return {
             **image_columns(image),
             "image_score": result.image_score,
             "pixel_max": float(scale) if full.max() > 0 else 0.0,
-            "is_anomalous": None if self.image_threshold is None else bool(result.image_score > self.image_threshold),
+            "is_anomalous": None if opened.image_threshold is None else bool(result.image_score > opened.image_threshold),
             "map_uri": map_uri,
             "mask_uri": mask_uri,
-            "neighbours": [self.image_ids[row] for row in result.neighbours],
+            "neighbours": [opened.image_ids[row] for row in result.neighbours],
             "status": "ok",
             "error": None,
-            "gallery_hash": self.gallery.hash,
+            "gallery_hash": opened.gallery.hash,
             "scored_at": self.scored_at,
             "reframed": image.reframed,  # counted in the run summary, not a table column
         }
@@ -145,13 +165,13 @@ class ScoreImages(beam.PTransform):
     """Lists of `ImageFeatures` → (score rows, error rows)."""
 
     def __init__(self, config: SpadeConfig, gallery_url: str, out_url: str, scored_at: datetime,
-                 thresholds: dict | None = None):
+                 thresholds: dict | None = None, gallery_version: str = ""):
         super().__init__()
         self.config, self.gallery_url, self.out_url, self.scored_at = config, gallery_url, out_url, scored_at
-        self.thresholds = thresholds
+        self.thresholds, self.gallery_version = thresholds, gallery_version
 
     def expand(self, features):
         return (features
                 | "Score" >> beam.ParDo(ScoreBatch(self.config, self.gallery_url, self.out_url, self.scored_at,
-                                                   Shared(), self.thresholds))
+                                                   self.thresholds, self.gallery_version))
                 | "Split" >> SplitErrors())

@@ -369,6 +369,12 @@ class Gallery:
         banks = load_banks(root, manifest["layers"]) if manifest.get("coreset") else None
         return cls(url=url, manifest=manifest, images=images, index=index, pyramid=pyramid, banks=banks)
 
+    def resident_bytes(self) -> int:
+        """What this open gallery holds in memory: its index, image table and stored banks (pyramid rows are read
+        from their files by position, not held)."""
+        banks = sum(vectors.nbytes + rows.nbytes for vectors, rows in (self.banks or {}).values())
+        return int(self.index.ntotal * self.index.d * 4 + self.images.nbytes + banks)
+
     def check_compatible(self, config: SpadeConfig, weights_sha256: str | None = None) -> None:
         """See `check_compatible`."""
         check_compatible(self.manifest, self.url, config, weights_sha256)

@@ -25,12 +25,14 @@ class SampleSpec:
 DEFECTS = ("scratch", "spot")
 
 
-def normal_surface(rng: np.random.Generator, size: int, width: int | None = None) -> np.ndarray:
-    """A brushed-metal-like texture: fine stripes with random phase plus noise, (size, width or size, 3) uint8."""
+def normal_surface(rng: np.random.Generator, size: int, width: int | None = None, period: float = 6.0,
+                   slant: float = 0.15) -> np.ndarray:
+    """A brushed-metal-like texture: fine stripes (``period`` px, ``slant``) with random phase plus noise,
+    (size, width or size, 3) uint8."""
     width = width or size
     yy, xx = np.mgrid[0:size, 0:width].astype(np.float32)
     phase = rng.uniform(0, 2 * np.pi)
-    stripes = 0.5 + 0.25 * np.sin(2 * np.pi * (xx + 0.15 * yy) / 6.0 + phase)
+    stripes = 0.5 + 0.25 * np.sin(2 * np.pi * (xx + slant * yy) / period + phase)
     noise = rng.normal(0.0, 0.04, size=(size, width))
     gray = np.clip(stripes + noise, 0, 1)
     tint = np.array([0.80, 0.82, 0.86], dtype=np.float32)
@@ -83,3 +85,47 @@ def write_sample_dataset(root: str, spec: SampleSpec = SampleSpec(), category: s
             storage.atomic_write_bytes(storage.join(base, "ground_truth", kind, f"{i:03d}_mask.png"),
                                        _png(np.where(mask, 255, 0).astype(np.uint8)))
     return base
+
+
+@dataclass(frozen=True)
+class PlantSpec:
+    """A synthetic plant: lines with one camera each, each line's product with its own texture (stripe period and
+    slant), normal images to fit from and nightly folders of test images. ``brighten``: {line: fraction per night},
+    a drift (a light turned up, a lens getting hazy) that raises that line's brightness night by night from night
+    ``drift_from`` on."""
+
+    lines: tuple[str, ...] = ("L1", "L2", "L3")
+    camera: str = "top"
+    nights: tuple[str, ...] = ("2026-12-01",)
+    train: int = 6
+    good_per_night: int = 3
+    defective_per_night: int = 1
+    size: int = 64
+    seed: int = 0
+    brighten: tuple[tuple[str, float], ...] = ()
+    drift_from: int = 0  # the first night (index) that is brighter
+
+
+def write_plant_archive(root: str, spec: PlantSpec = PlantSpec()) -> tuple[str, str]:
+    """Write ``root/normals/line=L/camera=C/*.png`` and ``root/archive/line=L/camera=C/date=D/*.png`` (local path or
+    fsspec URL); returns (normals, archive) folders. Deterministic for a spec."""
+    normals, archive = storage.join(root, "normals"), storage.join(root, "archive")
+    drift = dict(spec.brighten)
+    for index, line in enumerate(spec.lines):
+        rng = np.random.default_rng([spec.seed, index])
+        texture = {"period": 5.0 + 1.5 * (index % 4), "slant": 0.15 * (-1) ** index}
+        partition = f"line={line}/camera={spec.camera}"
+        for i in range(spec.train):
+            storage.atomic_write_bytes(storage.join(normals, partition, f"{i:03d}.png"),
+                                       _png(normal_surface(rng, spec.size, **texture)))
+        for night, day in enumerate(spec.nights):
+            gain = 1.0 + drift.get(line, 0.0) * max(0, night + 1 - spec.drift_from)
+            for i in range(spec.good_per_night + spec.defective_per_night):
+                image = normal_surface(rng, spec.size, **texture)
+                kind = None if i < spec.good_per_night else DEFECTS[i % len(DEFECTS)]
+                if kind:
+                    image, _ = add_defect(rng, image, kind)
+                image = np.clip(image.astype(np.float32) * gain, 0, 255).astype(np.uint8)
+                name = f"{kind or 'good'}_{i:03d}.png"
+                storage.atomic_write_bytes(storage.join(archive, partition, f"date={day}", name), _png(image))
+    return normals, archive

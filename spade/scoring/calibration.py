@@ -97,6 +97,8 @@ def calibrate(normal: NormalScores, config: SpadeConfig) -> tuple[dict[str, Any]
     by_mode = {mode: image_threshold(image_scores(mode, normal.knn, normal.map_max, stats, normal.map_top),
                                      config.calibration_image_fpr, config.calibration_margin)
                for mode in modes}
+    stats["scores"] = {mode: _distribution(image_scores(mode, normal.knn, normal.map_max, stats, normal.map_top))
+                       for mode in modes}
     thresholds = {
         "image": by_mode[config.image_score],
         "image_score": config.image_score,
@@ -109,3 +111,26 @@ def calibrate(normal: NormalScores, config: SpadeConfig) -> tuple[dict[str, Any]
         "calibration_margin": float(config.calibration_margin),
     }
     return stats, thresholds
+
+
+REFERENCE_QUANTILES = 21  # 0, 5, ..., 100 %
+
+
+def _distribution(scores: np.ndarray) -> dict[str, Any]:
+    scores = np.asarray(scores, dtype=np.float64)
+    return {"images": int(scores.size), "mean": float(scores.mean()), "std": float(scores.std(ddof=1)),
+            "quantiles": [float(q) for q in np.quantile(scores, np.linspace(0.0, 1.0, REFERENCE_QUANTILES))]}
+
+
+def normal_reference(manifest: dict[str, Any], mode: str) -> dict[str, Any] | None:
+    """The distribution of normal images' scores in image-score ``mode`` that calibration measured (leave-one-out):
+    {"images", "mean", "std", "quantiles"}, what a night's scores are compared with for drift (`spade trend`).
+    Galleries calibrated before it was recorded give mean and std of single-term modes only; None when unknown."""
+    calibration = manifest.get("calibration") or {}
+    recorded = (calibration.get("scores") or {}).get(mode)
+    if recorded:
+        return recorded
+    if mode in calibration and "mean" in calibration[mode]:
+        return {"images": calibration.get("images"), "mean": calibration[mode]["mean"], "std": calibration[mode]["std"],
+                "quantiles": None}
+    return None
