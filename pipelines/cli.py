@@ -1,4 +1,4 @@
-"""The `spade` command line: fit, score, evaluate, report, demo."""
+"""The `spade` command line: fit, score, evaluate, report, trend, demo."""
 from __future__ import annotations
 
 import argparse
@@ -13,13 +13,16 @@ from spade.config import load_config
 EXAMPLES = {
     "fit": "spade fit --config configs/default.yaml --images 'data/bottle/train/good/*.png' --gallery runs/gallery",
     "score": "spade score --config configs/default.yaml --gallery runs/gallery --images 'data/bottle/test/**/*.png' --out runs/scores\n"
-             "  spade score --config configs/default.yaml --gallery runs/gallery --images 'archive/**/*.png' --out runs/nightly --date 2026-11-28",
+             "  spade score --config configs/default.yaml --gallery runs/gallery --images 'archive/**/*.png' --out runs/nightly --date 2026-11-28\n"
+             "  spade score --gallery 'galleries/{line}-{camera}' --images 'archive/**/*.png' --out runs/nightly --date 2026-11-28",
     "evaluate": "spade evaluate --scores runs/scores --masks data/bottle/ground_truth --out runs/eval",
     "report": "spade report --scores runs/scores --masks data/bottle/ground_truth --out runs/report",
+    "trend": "spade trend --scores runs/nightly --out runs/trend",
     "demo": "spade demo --out runs/demo",
     "verify-gallery": "spade verify-gallery --gallery runs/gallery",
 }
 EXIT_ERROR, EXIT_DAMAGED, EXIT_BUSY = 2, 3, 75  # 75: EX_TEMPFAIL, another run holds the lease; try again later
+EXIT_ALERT = 4  # `spade trend`: a gallery's last night warns (drift or flagged share)
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 _RECEIVED: list[int] = []  # the signal that interrupted this run, if any
 
@@ -58,13 +61,20 @@ def build_parser() -> argparse.ArgumentParser:
     fit = add("fit", "Build a gallery from normal (defect-free) images.")
     _config_args(fit)
     fit.add_argument("--images", required=True, help="glob, folder (MVTec root: its train/), or tar shards; local or fsspec URL")
-    fit.add_argument("--gallery", required=True, help="gallery folder to write (local path or fsspec URL)")
+    fit.add_argument("--gallery", required=True,
+                     help="gallery folder to write (local path or fsspec URL); or a routing rule, one gallery per "
+                          "partition of --images: a template such as 'galleries/{line}-{camera}' (fields from "
+                          "line=.../camera=... folders) or a routes table (routes.yaml)")
     fit.add_argument("--append", action="store_true",
                      help="add these images to an existing gallery without extracting its old images again")
 
     score = add("score", "Score images against a gallery: score table, score maps, masks.")
     _config_args(score)
-    score.add_argument("--gallery", required=True, help="gallery folder written by `spade fit`")
+    score.add_argument("--gallery", required=True,
+                       help="gallery folder written by `spade fit`; or a routing rule that scores each partition of "
+                            "--images against its own gallery in one run: a template such as "
+                            "'galleries/{line}-{camera}' (fields from line=.../camera=... folders) or a routes table "
+                            "(routes.yaml); outputs go to OUT/<partition>/, inputs no rule routes to OUT/unrouted/")
     score.add_argument("--images", required=True, help="glob, folder (MVTec root: its test/), or tar shards")
     score.add_argument("--out", required=True, help="output folder: scores/*.parquet, maps/*.png, masks/*.png, run.json")
     score.add_argument("--date", dest="day", metavar="YYYY-MM-DD",
@@ -98,6 +108,22 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--masks", help="MVTec ground_truth folder; without it, no pixel metrics or ground-truth pictures")
     report.add_argument("--out", required=True, help="report folder to write: index.html and img/*.png")
     report.add_argument("--top", type=int, default=24, help="how many of the most anomalous images to show (default 24)")
+
+    trend = add("trend", "Trends across nights: per gallery and night, images, errors, flagged share, score quantiles "
+                         "and drift tests, as trend.parquet, trend.json and a static page; exits 4 when a gallery's "
+                         "last night warns.")
+    trend.add_argument("--scores", required=True, help="the --out of `spade score --date` (routed or not)")
+    trend.add_argument("--out", required=True, help="folder for trend.parquet, trend.json and index.html")
+    trend.add_argument("--window", type=int, default=7, help="previous nights a night is compared with (default 7)")
+    trend.add_argument("--alpha", type=float, default=0.001,
+                       help="p-value below which a Kolmogorov-Smirnov drift test warns (default 0.001)")
+    trend.add_argument("--flagged-alert", dest="flagged_alert", type=float, default=0.10,
+                       help="warn when a night flags more than this share of its images (default 0.10)")
+    trend.add_argument("--baseline", type=int, default=3,
+                       help="a gallery's first nights, its commissioning, that the last as many are compared with for a "
+                            "slow drift (default 3)")
+    trend.add_argument("--min-images", dest="min_images", type=int, default=5,
+                       help="good-looking images a night needs for the drift tests (default 5)")
 
     verify = add("verify-gallery", "Check every file of a gallery against the sizes and sha256 its manifest records.")
     verify.add_argument("--gallery", required=True, help="gallery folder written by `spade fit`")
@@ -200,6 +226,12 @@ def _run(args: argparse.Namespace, beam_args: list[str], say) -> int:
                          image_miss_rate=args.image_miss_rate,
                          image_fpr=args.image_fpr, pixel_fpr=args.pixel_fpr)
             return 0
+        if args.command == "trend":
+            from pipelines.trend import run_trend
+
+            verdict = run_trend(args.scores, args.out, say, window=args.window, alpha=args.alpha,
+                                flagged_alert=args.flagged_alert, min_images=args.min_images, baseline=args.baseline)
+            return EXIT_ALERT if verdict["status"] == "alert" else 0
         if args.command == "report":
             from pipelines.report import run_report
 

@@ -1,7 +1,8 @@
 """Reading a score run's outputs: run.json and the score table, of one run or of all nightly partitions."""
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Iterator
 
 import pyarrow as pa
 
@@ -11,10 +12,12 @@ RUN_INFO = "run.json"
 
 
 def score_folders(out_url: str) -> list[str]:
-    """The run folders under ``out_url``: itself, or its nightly partitions (gallery=*/date=*)."""
+    """The run folders under ``out_url``: itself, or its nightly partitions (gallery=*/date=*; date=* for the
+    unrouted inputs of a routed run)."""
     if storage.exists(storage.join(out_url, "scores")):
         return [out_url]
-    return [date for gallery in storage.list_dirs(out_url, "gallery=") for date in storage.list_dirs(gallery, "date=")]
+    return ([date for gallery in storage.list_dirs(out_url, "gallery=") for date in storage.list_dirs(gallery, "date=")]
+            + storage.list_dirs(out_url, "date="))
 
 
 def read_run_info(out_url: str) -> dict[str, Any]:
@@ -49,3 +52,49 @@ def ok_uris(table_url: str) -> list[str]:
     if "status" not in table.column_names:
         return uris
     return [uri for uri, status in zip(uris, table.column("status").to_pylist()) if status == "ok"]
+
+
+NIGHT_DEPTH = 8  # route folders (key=value) walked below a nightly root
+
+
+@dataclass(frozen=True)
+class NightPartition:
+    """One night of one gallery under a nightly root: ``<root>/<route>/gallery=<hash>/date=<day>``."""
+
+    route: str
+    gallery_hash: str
+    day: str
+    folder: str
+
+
+def night_partitions(root: str) -> Iterator[tuple[str, list[NightPartition]]]:
+    """(route, its nights by day) for every route under a nightly root (the --out of `spade score --date`, routed or
+    not): one listing per route folder, gallery folder and date folder list, never the maps or the tables' rows.
+    Folders that are not ``key=value`` (maps, scores, the unrouted inputs' ``unrouted``) are not routes."""
+    pending = [("", root)]
+    while pending:
+        route, folder = pending.pop(0)
+        children = [url.rstrip("/") for url in storage.list_dirs(folder)]
+        names = [url.rsplit("/", 1)[-1] for url in children]
+        nights = [NightPartition(route, name.split("=", 1)[1], date.rstrip("/").rsplit("=", 1)[-1], date.rstrip("/"))
+                  for url, name in zip(children, names) if name.startswith("gallery=")
+                  for date in storage.list_dirs(url, "date=")]
+        if nights:
+            yield route, sorted(nights, key=lambda n: (n.day, n.gallery_hash))
+        if route.count("/") + 1 < NIGHT_DEPTH or not route:
+            pending += [(f"{route}/{name}" if route else name, url) for url, name in zip(children, names)
+                        if "=" in name and not name.startswith(("gallery=", "date="))]
+
+
+def read_night_table(folder: str, columns: list[str]) -> pa.Table | None:
+    """``columns`` of one run folder's score table (its scores/*.parquet files), None when it has none."""
+    import pyarrow.parquet as pq
+
+    tables = []
+    for url in storage.list_files(storage.join(folder, "scores"), ".parquet"):
+        if storage.is_local(url):
+            tables.append(pq.ParquetFile(storage.local_path(url)).read(columns=columns))
+        else:
+            with storage.local_copy(url) as path:
+                tables.append(pq.ParquetFile(path).read(columns=columns))
+    return pa.concat_tables(tables) if tables else None
