@@ -21,10 +21,8 @@ import pyarrow.parquet as pq
 
 from spade.evaluation.trend import ALPHA, BASELINE, FLAGGED_ALERT, MIN_EFFECT, MIN_IMAGES, QUANTILES, WINDOW, Night, Reference, assess
 from spade.evaluation.trend_page import Series, render
-from spade.index.gallery import read_manifest
 from spade.io import storage
 from spade.io.results import RUN_INFO, NightPartition, night_partitions, read_night_table
-from spade.scoring.calibration import normal_reference
 
 LOG = logging.getLogger("spade")
 TABLE, VERDICT, PAGE = "trend.parquet", "trend.json", "index.html"
@@ -44,13 +42,17 @@ def gallery_reference(partitions: list[NightPartition]) -> tuple[Reference | Non
     """(the normal reference, why there is none) of the gallery some nights were scored with, from the run.json of
     the latest of them that has one (a night with nothing new publishes none) or, for runs before run.json recorded
     it, the gallery's manifest."""
-    found = [url for url in (storage.join(p.folder, RUN_INFO) for p in reversed(partitions)) if storage.exists(url)][:1]
-    if not found:
+    found = next((url for url in (storage.join(p.folder, RUN_INFO) for p in reversed(partitions)) if storage.exists(url)),
+                 None)
+    if found is None:
         return None, f"no {RUN_INFO} in the nights of gallery {partitions[-1].gallery_hash}"
-    info = storage.read_json(found[0])
+    info = storage.read_json(found)
     threshold = (info.get("thresholds") or {}).get("image")
     normal = info.get("normal")
     if normal is None:
+        from spade.index.gallery import read_manifest  # only for runs before run.json recorded the reference
+        from spade.scoring.calibration import normal_reference
+
         try:
             mode = (info.get("thresholds") or {}).get("image_score") or info["config"]["image_score"]
             normal = normal_reference(read_manifest(info["gallery"]), mode)

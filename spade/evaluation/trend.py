@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 import numpy as np
-from scipy import stats
+from scipy import special
 
 ALPHA = 0.001
 MIN_EFFECT = 0.2
@@ -63,14 +63,6 @@ class Reference:
             return float(np.interp(0.5, np.linspace(0.0, 1.0, len(self.quantiles)), self.quantiles))
         return self.mean
 
-    def cdf(self, x: np.ndarray) -> np.ndarray:
-        """The reference's distribution function: piecewise linear through its quantiles (a normal model without)."""
-        x = np.asarray(x, dtype=np.float64)
-        if self.quantiles:
-            q = np.maximum.accumulate(np.asarray(self.quantiles))
-            return np.interp(x, q, np.linspace(0.0, 1.0, len(q)), left=0.0, right=1.0)
-        return stats.norm.cdf(x, self.mean, max(self.std, 1e-12))
-
 
 @dataclass(frozen=True)
 class Night:
@@ -81,6 +73,17 @@ class Night:
     scores: np.ndarray  # image scores of the ok rows
     flagged: np.ndarray | None  # is_anomalous of the ok rows (None: no image threshold)
     errors: int
+
+
+def ks_two_sample(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """(D, p) of the two-sample Kolmogorov-Smirnov test, p from the Kolmogorov distribution at the effective size
+    n·m/(n+m) (asymptotic: slightly conservative for a few dozen images, and ~50x cheaper than scipy's exact
+    `ks_2samp`, which dominated a trend over years of nights)."""
+    a, b = np.sort(np.asarray(a, dtype=np.float64)), np.sort(np.asarray(b, dtype=np.float64))
+    grid = np.concatenate([a, b])
+    d = float(np.max(np.abs(np.searchsorted(a, grid, side="right") / a.size - np.searchsorted(b, grid, side="right") / b.size)))
+    effective = a.size * b.size / (a.size + b.size)
+    return d, float(special.kolmogorov(d * np.sqrt(effective)))
 
 
 def summarise(night: Night, reference: Reference | None) -> dict[str, Any]:
@@ -124,19 +127,19 @@ def assess(nights: Iterable[Night], references: dict[str, Reference | None], win
                 row["share_above_median"] = float(np.mean(pooled > reference.median))
         previous = np.concatenate(history[-window:]) if history else np.zeros(0)
         if scores.size >= min_images and previous.size >= min_images:
-            test = stats.ks_2samp(scores, previous)
-            row["ks_recent"], row["p_recent"] = float(test.statistic), float(test.pvalue)
-            if test.pvalue < alpha and np.median(scores) > np.median(previous):
+            d, p = ks_two_sample(scores, previous)
+            row["ks_recent"], row["p_recent"] = d, p
+            if p < alpha and np.median(scores) > np.median(previous):
                 warnings.append(f"scores departed from the previous {min(len(history), window)} night(s) "
-                                f"(KS D={test.statistic:.2f}, p={test.pvalue:.1e})")
+                                f"(KS D={d:.2f}, p={p:.1e})")
         if len(history) >= baseline:
             first, last = np.concatenate(history[:baseline]), np.concatenate(latest[-baseline:])
             if first.size >= min_images and last.size >= min_images:
-                test = stats.ks_2samp(last, first)
-                row["ks_baseline"], row["p_baseline"] = float(test.statistic), float(test.pvalue)
-                if test.pvalue < alpha and test.statistic >= min_effect and np.median(last) > np.median(first):
+                d, p = ks_two_sample(last, first)
+                row["ks_baseline"], row["p_baseline"] = d, p
+                if p < alpha and d >= min_effect and np.median(last) > np.median(first):
                     warnings.append(f"the last {baseline} nights' scores drifted from the gallery's first {baseline} "
-                                    f"(KS D={test.statistic:.2f}, p={test.pvalue:.1e})")
+                                    f"(KS D={d:.2f}, p={p:.1e})")
         if row["flagged_share"] is not None and row["flagged_share"] > flagged_alert:
             warnings.append(f"flagged share {row['flagged_share']:.0%} above {flagged_alert:.0%}")
         row["warnings"] = warnings
