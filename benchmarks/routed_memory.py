@@ -1,8 +1,8 @@
 """Worker memory of one `spade score` routed to many galleries: 1 route against 20, at the default open_galleries.
 
 A synthetic plant (`spade.io.samples.write_plant_archive`: one line per gallery, each its own texture, 128x128
-images, ``--train`` normal images a line) is fitted by one routed `spade fit` (one gallery per line), then scored by
-one routed `spade score` in a fresh process with the local runner in multi-processing mode
+images, ``--train`` normal images a line) is fitted by one routed `spade fit` in a process of its own (one gallery per line), then
+scored by one routed `spade score` in a fresh process with the local runner in multi-processing mode
 (``--direct_running_mode=multi_processing --direct_num_workers=1``): the SDK worker that opens the galleries is a
 child process, whose peak RSS (``ru_maxrss``) is what this measures, beside the launcher's. resnet18 with random
 weights (memory, not accuracy). The stated cap: the worker's peak with N routes stays under its peak with 1 route
@@ -41,7 +41,6 @@ def one_score(routes: int, train: int, work: str) -> dict:
     whose SDK worker is a child; peak RSS of both."""
     from spade.index.gallery import Gallery
     from spade.io.samples import PlantSpec, write_plant_archive
-    from pipelines.fit import run_fit
     from pipelines.score import run_score
 
     root = os.path.join(work, f"plant-{routes}")
@@ -50,14 +49,15 @@ def one_score(routes: int, train: int, work: str) -> dict:
     normals, archive = write_plant_archive(root, PlantSpec(lines=lines, train=train, good_per_night=6,
                                                            defective_per_night=2, size=128))
     galleries = os.path.join(root, "galleries", "{line}-{camera}")
-    run_fit(config(), normals, galleries, ["--runner=FnApiRunner"], lambda m: None)
+    fitted = subprocess.run([sys.executable, __file__, "--fit", normals, galleries], capture_output=True, text=True,
+                            cwd=ROOT)  # in its own process: this one's memory is the scoring run's alone
+    assert fitted.returncode == 0, fitted.stderr[-2000:]
     resident = max(Gallery.open(os.path.join(root, "galleries", f"{line}-top")).resident_bytes() for line in lines)
-    fit_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     started = time.perf_counter()
     summary = run_score(config(), galleries, archive, os.path.join(root, "scores"), BEAM, lambda m: None,
                         day="2026-12-01")
     return {"routes": routes, "rows": summary["rows"], "seconds": time.perf_counter() - started,
-            "gallery_resident_mb": resident / 2**20, "fit_children_mb": fit_children,
+            "gallery_resident_mb": resident / 2**20,
             "launcher_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "worker_peak_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
 
@@ -68,7 +68,13 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=40)
     parser.add_argument("--work", default="/tmp/spade-routed-memory")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--fit", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.fit:
+        from pipelines.fit import run_fit
+
+        run_fit(config(), args.fit[0], args.fit[1], ["--runner=FnApiRunner"], lambda m: None)
+        return
     if args.one:
         print(json.dumps(one_score(args.one, args.train, args.work)))
         return
