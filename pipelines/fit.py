@@ -33,7 +33,7 @@ from transforms.parquet import WriteParquetShards
 from transforms.progress import CountProgress
 from transforms.inputs import ListInputs
 from transforms.read import ReadImages
-from transforms.pyramid import WritePyramidShards
+from transforms.pyramid import PyramidTarget, WritePyramidShards
 from transforms.records import new_run_id, utc_now
 from transforms.summary import SUMMARY, WriteSummary, read_summary
 from pipelines.options import refuse_local_paths, with_worker_threads
@@ -43,41 +43,11 @@ from pipelines.runner import metrics_line, run_pipeline
 LOG = logging.getLogger("spade")
 
 
-def build_fit_pipeline(pipeline: beam.Pipeline, images: str, config: SpadeConfig, staging_url: str, gallery_url: str,
-                       features_tag: str, progress_folder: str | None = None, known_gallery: str | None = None):
-    """The fit graph; its single final PCollection lists the files written (one sink step, Dask-friendly).
-
-    The graph holds the ``--images`` spec, not the inputs: workers list them (`ListInputs`); with
-    ``known_gallery`` (``--append``) they leave out the URIs already in that gallery's embeddings tables.
-    Workers write each batch's pyramid shards straight into ``gallery_url`` (named by ``features_tag`` and the batch's
-    image ids); only small embedding rows reach the sink. The run's counts go to ``staging_url``/summary.json.
-    """
-    done_tables = functools.partial(storage.list_files, storage.join(known_gallery, "embeddings"), ".parquet") if known_gallery else None
-    batches, skipped = pipeline | "Inputs" >> ListInputs(images, "train", config.batch_size, done_tables=done_tables,
-                                                          read_done=ok_uris, progress_folder=progress_folder)
-    images_in, read_errors = batches | "Read" >> ReadImages(config)
-    features, extract_errors = images_in | "Extract" >> ExtractFeatures(config)
-    rows = (features
-            | "WritePyramids" >> beam.ParDo(WritePyramidShards(gallery_url, config.layers, config.feature_dtype, features_tag))
-            | "ToRows" >> beam.FlatMap(lambda batch: batch)
-            | "CountImages" >> beam.ParDo(CountProgress(progress_folder)))
-    embeddings = rows | "WriteEmbeddings" >> WriteParquetShards(storage.join(staging_url, "embeddings", "part"),
-                                                                embeddings_schema(config.layers), config.shards,
-                                                                rows_per_shard=config.rows_per_shard)
-    errors = ((read_errors, extract_errors)
-              | "Errors" >> beam.Flatten()
-              | "CountErrors" >> beam.ParDo(CountProgress(progress_folder)))
-    rejected = errors | "WriteRejected" >> WriteParquetShards(storage.join(staging_url, "rejected", "part"), ERRORS_SCHEMA,
-                                                                 config.shards, rows_per_shard=config.rows_per_shard)
-    summary = ((rows, errors), skipped) | "Summary" >> WriteSummary(storage.join(staging_url, SUMMARY))
-    return (embeddings, rejected, summary) | "Written" >> beam.Flatten()
-
-
 @dataclass
 class FitJob:
     """One gallery's share of a fit run, as the launcher checked and planned it (`plan_fit_job`): the pipeline
-    extracts its images in a branch of their own (`FitGallery`); `finish_fit_job` builds and calibrates the gallery.
-    A fit routed to many galleries (`spade.io.routing`) is one job per route in one pipeline."""
+    extracts the images of every job in one branch (`FitGalleries`); `finish_fit_job` builds and calibrates each
+    gallery. A fit routed to many galleries (`spade.io.routing`) is one job per route."""
 
     route: str
     images: str
@@ -129,17 +99,53 @@ def begin_fit_job(job: FitJob, lease: RunLease, say: Callable[[str], None]) -> N
     lease.mark(job.staging)
 
 
-class FitGallery(beam.PTransform):
-    """PBegin → the files one `FitJob` wrote: its branch of the fit graph."""
+def _known_tables(galleries: dict[str, str | None], route: str) -> list[str]:
+    """(On a worker.) The embeddings tables of the gallery a route appends to (none for a new gallery)."""
+    known = galleries[route]
+    return storage.list_files(storage.join(known, "embeddings"), ".parquet") if known else []
 
-    def __init__(self, job: FitJob, progress_folder: str | None):
+
+class FitGalleries(beam.PTransform):
+    """PBegin → the files the fit of every `FitJob` wrote; its single final PCollection lists them (one sink step,
+    Dask-friendly), in one branch whatever the number of galleries (elements keyed by route).
+
+    The graph holds the ``--images`` specs, not the inputs: workers list them (`ListInputs`); for ``--append`` they
+    leave out the URIs already in the gallery's embeddings tables. Workers write each batch's pyramid shards straight
+    into its gallery (named by the job's features tag and the batch's image ids); only small embedding rows reach
+    the sink. Each job's counts go to its staging folder's summary.json."""
+
+    def __init__(self, jobs: list[FitJob], progress_folder: str | None):
         super().__init__()
-        self.job, self.progress_folder = job, progress_folder
+        self.jobs, self.progress_folder = jobs, progress_folder
 
     def expand(self, pbegin):
-        job = self.job
-        return build_fit_pipeline(pbegin, job.images, job.run_config, job.staging, job.gallery_url, job.features_tag,
-                                  self.progress_folder, known_gallery=job.gallery_url if job.append else None)
+        jobs, progress_folder = {job.route: job for job in self.jobs}, self.progress_folder
+        config = self.jobs[0].run_config  # what all jobs share: layers, batch size, shards
+        appending = {route: job.gallery_url if job.append else None for route, job in jobs.items()}
+        done_tables = functools.partial(_known_tables, appending) if any(appending.values()) else None
+        batches, skipped = pbegin | "Inputs" >> ListInputs(
+            {route: job.images for route, job in jobs.items()}, "train", config.batch_size, done_tables=done_tables,
+            read_done=ok_uris, progress_folder=progress_folder)
+        configs = {route: job.run_config for route, job in jobs.items()}
+        images_in, read_errors = batches | "Read" >> ReadImages(configs)
+        features, extract_errors = images_in | "Extract" >> ExtractFeatures(configs)
+        targets = {route: PyramidTarget(job.gallery_url, tuple(job.config.layers), job.config.feature_dtype,
+                                        job.features_tag) for route, job in jobs.items()}
+        rows = (features
+                | "WritePyramids" >> beam.ParDo(WritePyramidShards(targets))
+                | "ToRows" >> beam.FlatMap(lambda batch: batch)
+                | "CountImages" >> beam.ParDo(CountProgress(progress_folder)))
+        staged = lambda name: {route: storage.join(job.staging, name, "part") for route, job in jobs.items()}  # noqa: E731
+        embeddings = rows | "WriteEmbeddings" >> WriteParquetShards(staged("embeddings"), embeddings_schema(config.layers),
+                                                                    config.shards, rows_per_shard=config.rows_per_shard)
+        errors = ((read_errors, extract_errors)
+                  | "Errors" >> beam.Flatten()
+                  | "CountErrors" >> beam.ParDo(CountProgress(progress_folder)))
+        rejected = errors | "WriteRejected" >> WriteParquetShards(staged("rejected"), ERRORS_SCHEMA, config.shards,
+                                                                     rows_per_shard=config.rows_per_shard)
+        summary = ((rows, errors), skipped) | "Summary" >> WriteSummary(
+            {route: storage.join(job.staging, SUMMARY) for route, job in jobs.items()})
+        return (embeddings, rejected, summary) | "Written" >> beam.Flatten()
 
 
 def run_fit_jobs(jobs: list[FitJob], beam_args: list[str] | None, say: Callable[[str], None]) -> tuple[dict, dict]:
@@ -150,12 +156,8 @@ def run_fit_jobs(jobs: list[FitJob], beam_args: list[str] | None, say: Callable[
     started = time.monotonic()
     try:
         with ProgressReporter("fit", say) as progress:
-            def build(pipeline):
-                written = [pipeline | f"Gallery[{job.route.replace('/', ',') or 'gallery'}]" >> FitGallery(job, progress.folder)
-                           for job in jobs]
-                return written[0] if len(written) == 1 else tuple(written) | "AllWritten" >> beam.Flatten()
-
-            metrics = run_pipeline(build, beam_args, progress)
+            metrics = run_pipeline(lambda pipeline: pipeline | "Fit" >> FitGalleries(jobs, progress.folder), beam_args,
+                                   progress)
     except BaseException:
         for job in jobs:
             storage.remove(job.staging, recursive=True)

@@ -43,7 +43,7 @@ from transforms.progress import CountProgress
 from transforms.inputs import ListInputs
 from transforms.read import ReadImages
 from transforms.records import new_run_id, utc_now
-from transforms.score import ScoreImages, resolve_thresholds
+from transforms.score import ScoreImages, ScoreTarget, resolve_thresholds
 from transforms.summary import SUMMARY, WriteSummary, read_summary
 from transforms.unrouted import ListUnrouted
 from pipelines.options import refuse_local_paths, with_worker_threads
@@ -54,10 +54,17 @@ LOG = logging.getLogger("spade")
 UNROUTED = "unrouted"  # below --out of a routed run: the error rows of inputs no route takes
 
 
-def done_tables(done_root: str | None, ledger: str | None, run_id: str) -> list[str]:
-    """(Run on a worker.) The tables whose inputs count as done: earlier nights' score tables under ``done_root``
-    and the parts other runs committed to this run's ledger."""
+def done_tables(done: dict[str, tuple[str | None, str | None]], run_id: str, route: str) -> list[str]:
+    """(Run on a worker.) The tables whose inputs count as done for a route: earlier nights' score tables under its
+    done root and the parts other runs committed to its ledger (``done``: {route: (done root, ledger)})."""
+    done_root, ledger = done[route]
     return (scored_tables(done_root) if done_root else []) + (earlier_parts(ledger, run_id) if ledger else [])
+
+
+def committed_parts(routed_ledger: tuple[str, str], run_id: str) -> list[tuple[str, str]]:
+    """(route, part) for each part other, interrupted runs committed to a route's ledger."""
+    route, ledger = routed_ledger
+    return [(route, part) for part in earlier_parts(ledger, run_id)]
 
 
 def done_uris(table_url: str) -> list[str]:
@@ -125,8 +132,9 @@ def warn_missing_thresholds(used: dict, gallery_url: str) -> None:
 @dataclass
 class ScoreJob:
     """One gallery's share of a score run, as the launcher checked and planned it (`plan_job`): the pipeline scores
-    its inputs in a branch of their own (`ScoreGallery`), under its own lease and ledger, and `finish_job` publishes
-    them. A run routed to many galleries (`spade.io.routing`) is one job per route in one pipeline."""
+    its inputs with every other job's in one branch (`ScoreGalleries`, elements keyed by route), under its own lease
+    and ledger, and `finish_job` publishes them. A run routed to many galleries (`spade.io.routing`) is one job per
+    route."""
 
     route: str  # the partition folders below the archive root ("" for a single gallery)
     images: str
@@ -215,48 +223,55 @@ def begin_job(job: ScoreJob, lease: RunLease, say: Callable[[str], None]) -> Non
     lease.mark(job.staging)
 
 
-class ScoreGallery(beam.PTransform):
-    """PBegin → the files one `ScoreJob` wrote (its score table shards and summary): its branch of the score graph.
+class ScoreGalleries(beam.PTransform):
+    """PBegin → the files the `ScoreJob`s wrote (their score table shards and summaries), in one branch whatever the
+    number of galleries: elements are keyed by route (`spade.io.routing`), each scored against its own gallery.
 
-    Every input ends as exactly one row of the score table (the one sink, flattened with the run summary's file).
-    The graph holds the job's ``images`` spec, not the inputs: workers list them (`ListInputs`), keep those dated
-    ``since`` or later, and leave out those scored ok under ``done_root`` (nightly mode). Each unit of work's rows are
-    committed to the job's ledger as soon as they are all in (`CommitUnits`, one per branch: runners materialise a
+    Every input ends as exactly one row of its gallery's score table (the one sink, flattened with the summaries'
+    files). The graph holds the ``images`` specs, not the inputs: workers list them (`ListInputs`), keep those dated
+    ``since`` or later, and leave out those scored ok under a job's done root (nightly mode). Each unit of work's rows
+    are committed to its job's ledger as soon as they are all in (`CommitUnits`, one per branch: runners materialise a
     Flatten, which would hold every commit to the end); inputs that other, interrupted runs committed there are left
     out, and their rows join this run's in the table."""
 
-    def __init__(self, job: ScoreJob, progress_folder: str | None):
+    def __init__(self, jobs: list[ScoreJob], progress_folder: str | None):
         super().__init__()
-        self.job, self.progress_folder = job, progress_folder
+        self.jobs, self.progress_folder = jobs, progress_folder
 
     def expand(self, pbegin):
-        job, progress_folder = self.job, self.progress_folder
-        done = functools.partial(done_tables, job.done_root, job.ledger, job.run_id)
+        jobs, progress_folder = {job.route: job for job in self.jobs}, self.progress_folder
+        first = self.jobs[0]
+        config, run_id = first.run_config, first.run_id  # what all jobs share: batch size, shards, the run
+        done = functools.partial(done_tables, {route: (job.done_root, job.ledger) for route, job in jobs.items()}, run_id)
         batches, skipped = pbegin | "Inputs" >> ListInputs(
-            job.images, "test", job.run_config.batch_size, since=job.since, done_tables=done, read_done=done_uris,
-            progress_folder=progress_folder, done_kind=done_kind)
-        images_in, read_errors = batches | "Read" >> ReadImages(job.run_config)
-        features, extract_errors = images_in | "Extract" >> ExtractFeatures(job.run_config)
-        scored, score_errors = features | "Score" >> ScoreImages(job.run_config, job.gallery_url, job.run_out,
-                                                                 job.scored_at, job.explicit, stable_hash(job.manifest))
-        stamp = {"gallery_hash": job.gallery_hash, "scored_at": job.scored_at}
+            {route: job.images for route, job in jobs.items()}, "test", config.batch_size, since=first.since,
+            done_tables=done, read_done=done_uris, progress_folder=progress_folder, done_kind=done_kind)
+        configs = {route: job.run_config for route, job in jobs.items()}
+        images_in, read_errors = batches | "Read" >> ReadImages(configs)
+        features, extract_errors = images_in | "Extract" >> ExtractFeatures(configs)
+        targets = {route: ScoreTarget(job.run_config, job.gallery_url, job.run_out, job.explicit, stable_hash(job.manifest))
+                   for route, job in jobs.items()}
+        scored, score_errors = features | "Score" >> ScoreImages(targets, first.scored_at)
+        stamps = {route: {"gallery_hash": job.gallery_hash, "scored_at": job.scored_at} for route, job in jobs.items()}
         branches = {"Scored": scored | "CountScored" >> beam.ParDo(CountProgress(progress_folder))}
         for name, errors in (("ReadErrors", read_errors), ("ExtractErrors", extract_errors), ("ScoreErrors", score_errors)):
             branches[name] = (errors
-                              | f"Stamp{name}" >> beam.Map(lambda row: {**row, **stamp})
+                              | f"Stamp{name}" >> beam.Map(lambda row: {**row, **stamps[row.get("route", "")]})
                               | f"Count{name}" >> beam.ParDo(CountProgress(progress_folder)))
-        branches = {name: rows | f"Commit{name}" >> beam.ParDo(CommitUnits(job.ledger, SCORES_SCHEMA, job.run_id))
+        ledgers = {route: job.ledger for route, job in jobs.items()}
+        branches = {name: rows | f"Commit{name}" >> beam.ParDo(CommitUnits(ledgers, SCORES_SCHEMA, run_id))
                     for name, rows in branches.items()}
         branches["Committed"] = (pbegin
-                                 | "Ledger" >> beam.Create([job.ledger])
-                                 | "CommittedParts" >> beam.FlatMap(earlier_parts, job.run_id)
+                                 | "Ledgers" >> beam.Create(sorted(ledgers.items()))
+                                 | "CommittedParts" >> beam.FlatMap(committed_parts, run_id)
                                  | "SpreadParts" >> beam.Reshuffle()
                                  | "ReadCommitted" >> beam.FlatMap(read_ledger_rows))
         rows = tuple(branches.values()) | "AllRows" >> beam.Flatten()
-        written = rows | "WriteScores" >> WriteParquetShards(storage.join(job.staging, "part"), SCORES_SCHEMA,
-                                                              job.run_config.shards,
-                                                              rows_per_shard=job.run_config.rows_per_shard)
-        summary = (tuple(branches.values()), skipped) | "Summary" >> WriteSummary(job.summary_url)
+        written = rows | "WriteScores" >> WriteParquetShards(
+            {route: storage.join(job.staging, "part") for route, job in jobs.items()}, SCORES_SCHEMA, config.shards,
+            rows_per_shard=config.rows_per_shard)
+        summary = (tuple(branches.values()), skipped) | "Summary" >> WriteSummary(
+            {route: job.summary_url for route, job in jobs.items()})
         return (written, summary) | "Written" >> beam.Flatten()
 
 
@@ -400,6 +415,8 @@ def run_score(config: SpadeConfig, gallery_url: str, images: str, out_url: str, 
                 raise
             LOG.warning("score: %s: not scored: %s", route.name, exc)
             unrouted.append((route.images, f"route {route.name}: gallery {route.gallery} cannot be used: {exc}"))
+    if not jobs and not unrouted:
+        raise FileNotFoundError(f"--images {images!r}: no folder matches the routing rule(s) of {gallery_url}")
     if jobs and jobs[0].run_config.num_threads:
         say(f"score: {jobs[0].run_config.num_threads} torch/faiss thread(s) per worker")
     errors = UnroutedJob(storage.join(out_url, UNROUTED), unrouted, day, run_id) if unrouted else None
@@ -420,8 +437,7 @@ def _score_jobs(jobs: list[ScoreJob], errors: "UnroutedJob | None", beam_args: l
     try:
         with ProgressReporter("score", say) as progress:
             def build(pipeline):
-                written = [pipeline | f"Gallery[{_label(job.route)}]" >> ScoreGallery(job, progress.folder)
-                           for job in jobs]
+                written = [pipeline | "Score" >> ScoreGalleries(jobs, progress.folder)] if jobs else []
                 if errors is not None:
                     written.append(pipeline | "Unrouted" >> UnroutedRows(errors, progress.folder))
                 return written[0] if len(written) == 1 else tuple(written) | "AllWritten" >> beam.Flatten()
@@ -447,8 +463,3 @@ def _score_jobs(jobs: list[ScoreJob], errors: "UnroutedJob | None", beam_args: l
         f"({(totals['new'] + unrouted) / max(elapsed, 1e-9):.2f} images/s)")
     return {**totals, "unrouted": unrouted, "galleries": summaries, "seconds": round(elapsed, 1), "metrics": metrics,
             "unrouted_scores": errors.scores_folder if errors is not None else None}
-
-
-def _label(route: str) -> str:
-    """A Beam label from a route's name (a '/' would read as a nested transform)."""
-    return route.replace("/", ",") or "gallery"

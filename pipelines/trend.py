@@ -26,7 +26,8 @@ from spade.io.results import RUN_INFO, NightPartition, night_partitions, read_ni
 
 LOG = logging.getLogger("spade")
 TABLE, VERDICT, PAGE = "trend.parquet", "trend.json", "index.html"
-READERS = 8  # night tables read side by side (object stores answer each read in tens of milliseconds)
+READERS = {"local": 2, "remote": 16}  # night tables read side by side: object stores answer in tens of milliseconds
+# each; on a local disk more threads only contend for the interpreter
 FLAGGED_SHOWN = 50
 TREND_SCHEMA = pa.schema([
     ("route", pa.string()), ("gallery_hash", pa.string()), ("day", pa.string()), ("images", pa.int64()),
@@ -66,13 +67,11 @@ def _night(partition: NightPartition) -> Night:
     table = read_night_table(partition.folder, ["image_score", "is_anomalous", "status"])
     if table is None:
         return Night(partition.day, partition.gallery_hash, np.zeros(0), None, 0)
-    ok = np.asarray(table.column("status").to_pylist()) == "ok"
+    ok = table.column("status").to_numpy(zero_copy_only=False) == "ok"
     scores = table.column("image_score").to_numpy(zero_copy_only=False).astype(np.float64)[ok]
-    flags = table.column("is_anomalous").to_pylist()
-    flagged = [bool(f) for f, good in zip(flags, ok) if good]
-    has_flags = any(f is not None for f, good in zip(flags, ok) if good)
-    return Night(partition.day, partition.gallery_hash, scores, np.asarray(flagged, dtype=bool) if has_flags else None,
-                 int((~ok).sum()))
+    flags = table.column("is_anomalous").to_numpy(zero_copy_only=False)[ok]  # bool, or object with None
+    flagged = None if all(f is None for f in flags) else np.asarray([bool(f) for f in flags], dtype=bool)
+    return Night(partition.day, partition.gallery_hash, scores, flagged, table.num_rows - scores.size)
 
 
 def _flagged_rows(partition: NightPartition) -> list[dict[str, Any]]:
@@ -81,6 +80,66 @@ def _flagged_rows(partition: NightPartition) -> list[dict[str, Any]]:
         return []
     rows = [r for r in table.to_pylist() if r["status"] == "ok" and r["is_anomalous"]]
     return sorted(rows, key=lambda r: -r["image_score"])[:FLAGGED_SHOWN]
+
+
+RECHECK = 2  # a route's last nights are always read again: a night re-run or resumed the next morning changes them
+
+
+class CachedTrend:
+    """The rows of the previous `spade trend` into the same --out (its trend.parquet), reused when computed with the
+    same settings: a nightly trend reads the new nights' tables, not years of them again."""
+
+    def __init__(self, table: pa.Table | None):
+        self.table = table
+        self.groups: dict[str, tuple[int, int]] = {}
+        if table is not None and table.num_rows:
+            routes = table.column("route").to_numpy(zero_copy_only=False)
+            starts = np.flatnonzero(np.r_[True, routes[1:] != routes[:-1]])
+            ends = np.r_[starts[1:], routes.size]
+            self.groups = {str(routes[a]): (int(a), int(b)) for a, b in zip(starts, ends)}
+
+    @classmethod
+    def read(cls, out_url: str, settings: dict[str, Any]) -> "CachedTrend":
+        table_url, verdict_url = storage.join(out_url, TABLE), storage.join(out_url, VERDICT)
+        if not (storage.exists(table_url) and storage.exists(verdict_url)):
+            return cls(None)
+        try:
+            if storage.read_json(verdict_url).get("settings") != settings:
+                return cls(None)
+            with storage.local_copy(table_url) as path:
+                table = pq.read_table(path)
+        except (OSError, ValueError, KeyError, pa.ArrowInvalid):
+            return cls(None)  # unreadable or of another version: computed afresh
+        return cls(table if table.schema.equals(TREND_SCHEMA) else None)
+
+    def rows(self, route: str) -> dict[tuple[str, str], dict[str, Any]]:
+        """{(gallery hash, day): row} of a route (written route by route, so each route is one slice)."""
+        if route not in self.groups:
+            return {}
+        start, end = self.groups[route]
+        return {(row["gallery_hash"], row["day"]): row for row in self.table.slice(start, end - start).to_pylist()}
+
+
+def nights_to_read(ordered: list[NightPartition], cached: dict[tuple[str, str], dict[str, Any]], window: int,
+                   baseline: int) -> tuple[set[NightPartition], set[NightPartition]]:
+    """(the nights whose rows are computed again: those not in the previous trend and the route's last `RECHECK`;
+    the nights whose tables are read: those, and the history their drift tests need, each gallery's first
+    ``baseline`` nights with scores and the ``window`` nights with scores before its first night computed again)."""
+    recompute = {p for p in ordered if (p.gallery_hash, p.day) not in cached} | set(ordered[-RECHECK:])
+    needed = set(recompute)
+    for gallery_hash in dict.fromkeys(p.gallery_hash for p in ordered):
+        nights = [p for p in ordered if p.gallery_hash == gallery_hash]
+        scored = [p for p in nights if p in recompute or (cached[(p.gallery_hash, p.day)]["ok"] or 0) > 0]
+        needed.update(scored[:baseline])
+        first = next((i for i, p in enumerate(scored) if p in recompute), None)
+        if first is not None:
+            needed.update(scored[max(0, first - window):first])
+    return recompute, needed
+
+
+def _placeholder(partition: NightPartition) -> Night:
+    """A night whose row comes from the previous trend and whose scores no test needs (not read)."""
+    return Night(partition.day, partition.gallery_hash, np.zeros(0), None, 0)
 
 
 def run_trend(scores_root: str, out_url: str, say: Callable[[str], None] = LOG.info, window: int = WINDOW,
@@ -95,8 +154,10 @@ def run_trend(scores_root: str, out_url: str, say: Callable[[str], None] = LOG.i
     series_all: list[Series] = []
     verdict: dict[str, Any] = {"root": scores_root, "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                "settings": settings, "routes": {}, "alerts": []}
-    nights_read = 0
-    with tempfile.TemporaryDirectory(prefix="spade-trend-") as tmp, ThreadPoolExecutor(READERS) as pool:
+    nights_read = nights_total = 0
+    previous = CachedTrend.read(out_url, settings)
+    readers = READERS["local" if storage.is_local(scores_root) else "remote"]
+    with tempfile.TemporaryDirectory(prefix="spade-trend-") as tmp, ThreadPoolExecutor(readers) as pool:
         table_path = os.path.join(tmp, TABLE)
         writer = pq.ParquetWriter(table_path, TREND_SCHEMA)
         try:
@@ -107,9 +168,13 @@ def run_trend(scores_root: str, out_url: str, say: Callable[[str], None] = LOG.i
                     if note:
                         notes.append(note)
                 ordered = sorted(partitions, key=lambda p: p.day)
-                rows = list(assess(pool.map(_night, ordered), references, window, alpha, flagged_alert, min_images,
-                                  min_effect, baseline))
-                nights_read += len(rows)
+                cached = previous.rows(route)
+                recompute, needed = nights_to_read(ordered, cached, window, baseline)
+                computed = assess(pool.map(lambda p: _night(p) if p in needed else _placeholder(p), ordered), references,
+                                  window, alpha, flagged_alert, min_images, min_effect, baseline)
+                rows = [fresh if p in recompute else cached[(p.gallery_hash, p.day)] for p, fresh in zip(ordered, computed)]
+                nights_read += len(needed)
+                nights_total += len(rows)
                 writer.write_table(pa.Table.from_pylist([{**row, "route": route} for row in rows], schema=TREND_SCHEMA))
                 series_all.append(_series(route, rows, references.get(partitions[-1].gallery_hash), partitions[-1]))
                 last = rows[-1]
@@ -125,13 +190,15 @@ def run_trend(scores_root: str, out_url: str, say: Callable[[str], None] = LOG.i
         storage.atomic_put_file(table_path, storage.join(out_url, TABLE))
     verdict["status"] = "alert" if verdict["alerts"] else "clear"
     verdict["seconds"] = round(time.monotonic() - started, 2)
+    verdict["nights_read"] = nights_read
     storage.write_json(storage.join(out_url, VERDICT), verdict)
     storage.atomic_write_bytes(storage.join(out_url, PAGE),
                                render(scores_root, series_all, settings, verdict["generated_at"]).encode())
     if not series_all:
         raise FileNotFoundError(f"{scores_root} holds no nightly partitions (gallery=*/date=*): point --scores at the "
                                 "--out of `spade score --date`")
-    say(f"trend: {nights_read} night(s) of {len(series_all)} route(s) in {verdict['seconds']:.1f}s; "
+    say(f"trend: {nights_total} night(s) of {len(series_all)} route(s) ({nights_read} night table(s) read, the others "
+        f"from the previous trend) in {verdict['seconds']:.1f}s; "
         f"{len(verdict['alerts'])} route(s) warn on their last night -> {storage.join(out_url, PAGE)}, "
         f"{storage.join(out_url, VERDICT)}, {storage.join(out_url, TABLE)}")
     for alert in verdict["alerts"]:

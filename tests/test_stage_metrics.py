@@ -20,25 +20,25 @@ class _InstantExtract(ExtractBatch):
     def setup(self):
         pass
 
-    def _extract(self, batch):
+    def _extract(self, route, batch):
         return [image.uri for image in batch]
 
 
 class _SlowDownstream(beam.DoFn):
     """Stands in for scoring: slow work fused after extraction in the same bundle."""
 
-    def process(self, batch):
+    def process(self, routed_batch):
         time.sleep(DOWNSTREAM_SECONDS)
-        yield len(batch)
+        yield len(routed_batch[1])
 
 
 def test_extract_metric_excludes_downstream_work():
-    batches = [[ImageInput(uri=f"mem://{i}.png", image_id=f"{i:016x}", label="good", width=8, height=8,
-                           tensor=np.zeros((3, 8, 8), dtype=np.float32))] for i in range(3)]
+    batches = [("", [ImageInput(uri=f"mem://{i}.png", image_id=f"{i:016x}", label="good", width=8, height=8,
+                           tensor=np.zeros((3, 8, 8), dtype=np.float32))]) for i in range(3)]
     pipeline = beam.Pipeline(options=beam_options(BEAM_ARGS))
     _ = (pipeline
          | beam.Create(batches, reshuffle=False)
-         | beam.ParDo(_InstantExtract(plumbing_config(), Shared()))
+         | beam.ParDo(_InstantExtract({"": plumbing_config()}, Shared()))
          | beam.ParDo(_SlowDownstream()))
     started = time.perf_counter()
     result = pipeline.run()

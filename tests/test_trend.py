@@ -112,3 +112,34 @@ def test_trend_page_renders_in_headless_chromium(plant_nights, tmp_path):
     assert pixels.shape == (1400, 1000, 3) and pixels.std() > 10, "the screenshot is blank"
     red = (pixels[..., 0] > 180) & (pixels[..., 1] < 80) & (pixels[..., 2] < 80)
     assert red.sum() > 50, "the warning badge and marks are drawn"
+
+
+def test_years_of_nights_read_route_by_route(tmp_path):
+    """The benchmark's synthetic root (benchmarks/trend_scale.py) at a small size: every night of every route is a row,
+    and only the drifting line warns."""
+    from benchmarks.trend_scale import write_root
+
+    root = tmp_path / "nightly"
+    write_root(str(root), galleries=4, nights=120, images=40)  # gallery 3's scores rise 0.002 a night
+    verdict = run_trend(str(root), str(tmp_path / "trend"))
+    rows = pq.read_table(tmp_path / "trend" / "trend.parquet").to_pylist()
+    assert len(rows) == 4 * 120 and len({(r["route"], r["day"]) for r in rows}) == 480
+    warned = {route for route, info in verdict["routes"].items() if info["first_warning"]}
+    assert "line=L03/camera=top" in warned
+    assert all(r["ok"] == 40 and r["errors"] == 0 for r in rows)
+    assert verdict["nights_read"] == 480
+
+    # two more nights arrive: the next trend into the same --out reads those, the last ones again and the history
+    # the drift tests need, and gives the same table as a trend computed afresh
+    for route in sorted(root.glob("line=*/camera=top/gallery=*")):
+        last = sorted(route.glob("date=*"))[-1]
+        for day in ("2024-04-30", "2024-05-01"):
+            shutil.copytree(last / "scores", route / f"date={day}" / "scores")
+    again = run_trend(str(root), str(tmp_path / "trend"))
+    fresh = run_trend(str(root), str(tmp_path / "fresh"))
+    assert fresh["nights_read"] == 488 and again["nights_read"] < 4 * 20
+    incremental = pq.read_table(tmp_path / "trend" / "trend.parquet").to_pylist()
+    assert incremental == pq.read_table(tmp_path / "fresh" / "trend.parquet").to_pylist()
+    assert again["routes"] == fresh["routes"] and again["alerts"] == fresh["alerts"]
+    changed = run_trend(str(root), str(tmp_path / "trend"), window=5)  # other settings: nothing reused
+    assert changed["nights_read"] == 488

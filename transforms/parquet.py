@@ -7,7 +7,7 @@ import os
 import tempfile
 import threading
 import zlib
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import apache_beam as beam
 import pyarrow as pa
@@ -17,6 +17,7 @@ from apache_beam.metrics import Metrics
 from spade.io import storage
 from spade.io.ledger import ledger_schema, part_url
 from spade.io.tables import rows_to_table
+from transforms.records import routed
 
 
 ROW_GROUP = 64  # rows per Parquet row group (as `spade.io.storage.write_parquet`): readers fetch a group at a time
@@ -39,13 +40,13 @@ def shard_count(rows: int, shards: int, rows_per_shard: int) -> int:
 
 
 class _WriteShard(beam.DoFn):
-    def __init__(self, prefix: str, schema: pa.Schema, sort_key: Callable[[dict], Any]):
-        self.prefix, self.schema, self.sort_key = prefix, schema, sort_key
+    def __init__(self, prefixes: dict[str, str], schema: pa.Schema, sort_key: Callable[[dict], Any]):
+        self.prefixes, self.schema, self.sort_key = prefixes, schema, sort_key
 
     def process(self, keyed):
-        (index, shards), rows = keyed
+        (route, index, shards), rows = keyed
         rows = sorted((r for r in rows if r is not None), key=self.sort_key)
-        url = shard_url(self.prefix, index, shards)
+        url = shard_url(self.prefixes[route], index, shards)
         with tempfile.TemporaryDirectory(prefix="spade-shard-") as folder:
             local = os.path.join(folder, "shard.parquet")
             with pq.ParquetWriter(local, self.schema) as writer:  # one row group in memory at a time
@@ -57,36 +58,51 @@ class _WriteShard(beam.DoFn):
         yield url
 
 
+def _route(row: dict) -> str:
+    return row.get("route", "")
+
+
 class WriteParquetShards(beam.PTransform):
     """Rows (dicts) → ``{prefix}-0000i-of-0000n.parquet`` files; outputs the URLs written.
 
     ``n`` is ``shards`` when given (> 0), else follows the row count (``rows_per_shard`` rows per file), so no
     single key holds the whole table. Rows go to shards by a stable hash of ``key``; each file is sorted by
     ``sort_key``. Every shard is written, empty ones included, so a re-run over the same inputs replaces exactly
-    the same files with the same content.
+    the same files with the same content. ``prefix`` may be {route: prefix} (a routed run): each row goes to its
+    ``route``'s table, counted and sharded on its own, in one branch whatever the number of routes.
     """
 
-    def __init__(self, prefix: str, schema: pa.Schema, shards: int = 0, key: Callable[[dict], str] = lambda r: r["uri"],
-                 sort_key: Callable[[dict], Any] = lambda r: r["uri"], rows_per_shard: int = 10_000):
+    def __init__(self, prefix: str | Mapping[str, str], schema: pa.Schema, shards: int = 0,
+                 key: Callable[[dict], str] = lambda r: r["uri"], sort_key: Callable[[dict], Any] = lambda r: r["uri"],
+                 rows_per_shard: int = 10_000):
         super().__init__()
-        self.prefix, self.schema, self.shards, self.key, self.sort_key = prefix, schema, shards, key, sort_key
+        self.prefixes, self.schema, self.shards, self.key, self.sort_key = routed(prefix), schema, shards, key, sort_key
         self.rows_per_shard = rows_per_shard
 
     def expand(self, rows):
-        fixed, per_shard, key = self.shards, self.rows_per_shard, self.key
-        count = (rows
-                 | "One" >> beam.Map(lambda row: 1)
-                 | "Count" >> beam.CombineGlobally(sum)
-                 | "Shards" >> beam.Map(shard_count, fixed, per_shard))
-        shards = beam.pvalue.AsSingleton(count)
-        keyed = rows | "Key" >> beam.Map(lambda row, n: ((shard_of(key(row), n), n), row), shards)
+        fixed, per_shard, key, routes = self.shards, self.rows_per_shard, self.key, sorted(self.prefixes)
+        counts = (rows
+                  | "One" >> beam.Map(lambda row: (_route(row), 1))
+                  | "Count" >> beam.CombinePerKey(sum))
+        shards = beam.pvalue.AsDict(counts)
+
+        def shard_of_row(row, counted):
+            n = shard_count(counted.get(_route(row), 0), fixed, per_shard)
+            return (_route(row), shard_of(key(row), n), n), row
+
+        def every(_, counted):
+            for route in routes:
+                n = shard_count(counted.get(route, 0), fixed, per_shard)
+                yield from (((route, i, n), None) for i in range(n))
+
+        keyed = rows | "Key" >> beam.Map(shard_of_row, shards)
         every_shard = (rows.pipeline
                        | "Once" >> beam.Create([None])
-                       | "AllShards" >> beam.FlatMap(lambda _, n: [((i, n), None) for i in range(n)], shards))
+                       | "AllShards" >> beam.FlatMap(every, shards))
         return ((keyed, every_shard)
                 | "Merge" >> beam.Flatten()
                 | "Group" >> beam.GroupByKey()
-                | "Write" >> beam.ParDo(_WriteShard(self.prefix, self.schema, self.sort_key)))
+                | "Write" >> beam.ParDo(_WriteShard(self.prefixes, self.schema, self.sort_key)))
 
 
 _OPEN_UNITS: dict[tuple[str, str], dict[str, dict]] = {}  # (ledger, unit) -> {uri: row}, shared by the branches
@@ -106,28 +122,32 @@ class CommitUnits(beam.DoFn):
     process is not committed (at most ``_MAX_OPEN_UNITS`` wait at once) and is redone by a resumed run.
     """
 
-    def __init__(self, ledger: str, schema: pa.Schema, run_id: str):
-        self.ledger, self.schema, self.run_id = ledger, ledger_schema(schema), run_id
+    def __init__(self, ledgers: str | Mapping[str, str], schema: pa.Schema, run_id: str):
+        self.ledgers, self.schema, self.run_id = routed(ledgers), ledger_schema(schema), run_id
         self.committed = Metrics.counter("spade", "units_committed")
 
     def process(self, row):
         key, size = row.get("unit"), row.get("unit_size")
         if key and size:
+            ledger = self.ledgers[row.get("route", "")]  # a routed run: each gallery's own ledger
             complete = None
             with _OPEN_LOCK:
-                rows = _OPEN_UNITS.setdefault((self.ledger, key), {})
+                rows = _OPEN_UNITS.setdefault((ledger, key), {})
                 rows[row["uri"]] = row
                 if len(rows) >= size:
-                    complete = _OPEN_UNITS.pop((self.ledger, key))
+                    complete = _OPEN_UNITS.pop((ledger, key))
                 elif len(_OPEN_UNITS) > _MAX_OPEN_UNITS:
                     _OPEN_UNITS.pop(next(iter(_OPEN_UNITS)))
             if complete is not None:
                 ordered = [complete[uri] for uri in sorted(complete)]
-                storage.write_parquet(part_url(self.ledger, key, self.run_id), rows_to_table(ordered, self.schema))
+                storage.write_parquet(part_url(ledger, key, self.run_id), rows_to_table(ordered, self.schema))
                 self.committed.inc()
         yield row
 
 
-def read_ledger_rows(url: str):
-    """The rows of one committed ledger part (a unit finished by an earlier, interrupted run)."""
-    yield from storage.read_parquet([url]).to_pylist()
+def read_ledger_rows(routed_url: str | tuple[str, str]):
+    """The rows of one committed ledger part (a unit finished by an earlier, interrupted run); given (route, URL),
+    each row carries ``route``."""
+    route, url = routed_url if isinstance(routed_url, tuple) else ("", routed_url)
+    for row in storage.read_parquet([url]).to_pylist():
+        yield {**row, "route": route}

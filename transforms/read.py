@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Mapping
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -11,40 +12,43 @@ from spade.features.framing import framing_for
 from spade.io.images import DecodeLimits, ImageBeyondLimits, ImageDecodeError, content_id, decode_rgb, preprocess
 from spade.io.ledger import unit_key
 from spade.io.sources import count_inputs, label_from_uri, read_inputs
-from transforms.records import ImageInput, SplitErrors, WorkUnit, error_row
+from transforms.records import ImageInput, SplitErrors, WorkUnit, error_row, routed
 
 LOG = logging.getLogger(__name__)
 
 
 class DecodeImages(beam.DoFn):
-    """A list of source URIs (files or tar shards) → lists of up to ``batch_size`` `ImageInput`s,
-    and one error row per bad input.
+    """(route, list of source URIs (files or tar shards)) → (route, lists of up to ``batch_size`` `ImageInput`s), and
+    one error row per bad input (carrying its ``route``). Each route's images are framed by its config (its
+    gallery's frame size).
 
     Batches are formed here, at the source, rather than with `beam.BatchElements`:
     that emits its last batch from finish_bundle, which Beam's Dask runner drops.
     """
 
-    def __init__(self, config: SpadeConfig):
-        self.config = config
+    def __init__(self, configs: dict[str, SpadeConfig]):
+        self.configs = configs
         self.read = Metrics.counter("spade", "images_read")
         self.failed = Metrics.counter("spade", "images_failed")
         self.reframed = Metrics.counter("spade", "images_reframed")
 
     def setup(self):
-        self.framing = framing_for(self.config)
+        self.framings = {route: framing_for(config) for route, config in self.configs.items()}
 
-    def process(self, uris: list[str]):
+    def process(self, routed_uris: tuple[str, list[str]]):
+        route, uris = routed_uris
+        self.config, self.framing = self.configs[route], self.framings[route]
         batch: list[ImageInput] = []
         for element in self._decode_all(uris):
             if isinstance(element, ImageInput):
                 batch.append(element)
                 if len(batch) == self.config.batch_size:
-                    yield batch
+                    yield route, batch
                     batch = []
             else:
-                yield element
+                yield {**element, "route": route}
         if batch:
-            yield batch
+            yield route, batch
 
     def _decode_all(self, uris: list[str]):
         key, size = unit_key(uris), sum(count_inputs(uri) for uri in uris)
@@ -90,15 +94,15 @@ def decode_limits(config: SpadeConfig) -> DecodeLimits:
 
 
 class ReadImages(beam.PTransform):
-    """PCollection of lists of source URIs → (lists of `ImageInput`, error rows)."""
+    """(route, lists of source URIs) → ((route, lists of `ImageInput`), error rows); ``configs``: the config, or
+    {route: config} of a routed run."""
 
-    def __init__(self, config: SpadeConfig):
+    def __init__(self, configs: SpadeConfig | Mapping[str, SpadeConfig]):
         super().__init__()
-        self.config = config
+        self.configs = routed(configs)
 
     def expand(self, uris):
         return (uris
                 | "Spread" >> beam.Reshuffle()
-                | "Decode" >> beam.ParDo(DecodeImages(self.config))
+                | "Decode" >> beam.ParDo(DecodeImages(self.configs))
                 | "Split" >> SplitErrors())
-

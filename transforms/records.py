@@ -4,7 +4,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -97,3 +97,9 @@ def embedding_row(item: ImageFeatures, feature_dtype: str, pyramid_shard: str, p
         channels, height, width = layer_map.shape
         row[f"{layer}_shape"] = [height * width, channels]
     return row
+
+
+def routed(value: Any) -> dict[str, Any]:
+    """A per-route mapping: ``value`` itself when it is one, else ``{"": value}`` (a run of one gallery). Routed runs
+    key their elements by route (`spade.io.routing`): ``(route, payload)`` tuples, and rows carry ``route``."""
+    return dict(value) if isinstance(value, Mapping) else {"": value}

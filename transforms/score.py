@@ -5,6 +5,7 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Mapping
 
 import apache_beam as beam
 import numpy as np
@@ -79,69 +80,87 @@ def resolve_thresholds(config: SpadeConfig, manifest: dict, explicit: dict | Non
     return out
 
 
+@dataclass(frozen=True)
+class ScoreTarget:
+    """What a route's batches are scored against and where their maps go: the route's config, its gallery, the
+    run folder its maps and masks are written under, explicit thresholds (``--thresholds``), and
+    ``gallery_version`` (what the launcher read of the gallery: a refit at the same URL is another cache entry)."""
+
+    config: SpadeConfig
+    gallery_url: str
+    out_url: str
+    thresholds: dict | None = None
+    gallery_version: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{self.gallery_url}#{self.gallery_version}#" + stable_hash({"config": self.config.to_dict(),
+                                                                            "thresholds": self.thresholds})
+
+
 class ScoreBatch(beam.DoFn):
-    """A list of `ImageFeatures` → one score row each (status ok), writing its score map and mask PNGs.
+    """(route, list of `ImageFeatures`) → one score row each (status ok, carrying ``route``), writing its score map
+    and mask PNGs under the route's run folder.
 
-    The gallery is taken from the worker's `GALLERIES` for each batch rather than held by the DoFn: a run routed
-    to many galleries (one ScoreBatch each) keeps at most ``open_galleries`` of them open per worker. Its key holds
-    ``gallery_version`` (what the launcher read of the gallery: a refit at the same URL is another entry), the
-    config and the thresholds."""
+    The gallery is taken from the worker's `GALLERIES` for each batch rather than held by the DoFn: a run routed to
+    many galleries keeps at most ``open_galleries`` of them open per worker (least recently used dropped)."""
 
-    def __init__(self, config: SpadeConfig, gallery_url: str, out_url: str, scored_at: datetime,
-                 thresholds: dict | None = None, gallery_version: str = ""):
-        self.config, self.gallery_url, self.out_url, self.scored_at = config, gallery_url, out_url, scored_at
-        self.thresholds = thresholds
-        self.key = f"{gallery_url}#{gallery_version}#" + stable_hash({"config": config.to_dict(), "thresholds": thresholds})
+    def __init__(self, targets: dict[str, ScoreTarget], scored_at: datetime):
+        self.targets, self.scored_at = targets, scored_at
         self.scored = Metrics.counter("spade", "images_scored")
         self.failed = Metrics.counter("spade", "images_failed")
         self.score_dist = Metrics.distribution("spade", "image_score_x1000")
         self.latency = Metrics.distribution("spade", "score_ms_per_image")
 
     def setup(self):
-        configure_threads(self.config.num_threads)
-        self._open()  # a gallery that cannot be opened stops the run here, as before any image is scored
+        configure_threads(next(iter(self.targets.values())).config.num_threads)
 
-    def _open(self) -> OpenGallery:
-        return GALLERIES.get(self.key, lambda: OpenGallery.open(self.gallery_url, self.config, self.thresholds),
-                             lambda opened: opened.gallery.resident_bytes(), self.config.open_galleries,
-                             self.config.open_galleries_mb << 20)
+    def _open(self, target: ScoreTarget) -> OpenGallery:
+        config = target.config
+        return GALLERIES.get(target.key, lambda: OpenGallery.open(target.gallery_url, config, target.thresholds),
+                             lambda opened: opened.gallery.resident_bytes(), config.open_galleries,
+                             config.open_galleries_mb << 20)
 
-    def process(self, batch):
+    def process(self, routed_batch):
+        route, batch = routed_batch
+        target = self.targets[route]
         start = time.perf_counter()
         try:
             features = Features(np.stack([f.embedding for f in batch]),
-                                {layer: np.stack([f.pyramid[layer] for f in batch]) for layer in self.config.layers})
-            opened = self._open()
-            results = score_batch(features, opened.gallery, self.config)
+                                {layer: np.stack([f.pyramid[layer] for f in batch]) for layer in target.config.layers})
+            opened = self._open(target)
+            results = score_batch(features, opened.gallery, target.config)
         except Exception as exc:
             if len(batch) > 1:
                 for item in batch:
-                    yield from self.process([item])
+                    yield from self.process((route, [item]))
                 return
             LOG.exception("scoring failed for %s", batch[0].image.uri)
             self.failed.inc()
-            yield error_row(**image_columns(batch[0].image), error=f"{batch[0].image.uri}: scoring failed: {exc}")
+            yield error_row(**image_columns(batch[0].image), error=f"{batch[0].image.uri}: scoring failed: {exc}",
+                            route=route)
             return
         rows = []
         for item, result in zip(batch, results):
             try:
-                rows.append(self._write(opened, item.image, result))
+                rows.append({**self._write(opened, target.out_url, item.image, result), "route": route})
             except Exception as exc:
                 LOG.exception("writing maps failed for %s", item.image.uri)
                 self.failed.inc()
-                rows.append(error_row(**image_columns(item.image), error=f"{item.image.uri}: writing score map failed: {exc}"))
+                rows.append(error_row(**image_columns(item.image), error=f"{item.image.uri}: writing score map failed: {exc}",
+                                      route=route))
         # Timed before yielding: a fused runner runs the downstream steps (table writing) inside the yield.
         self.latency.update(int((time.perf_counter() - start) * 1000 / len(batch)))
         yield from rows
 
-    def _write(self, opened: OpenGallery, image, result) -> dict:
+    def _write(self, opened: OpenGallery, out_url: str, image, result) -> dict:
         full = opened.framing.to_original(result.score_map, (image.width, image.height))
         png, scale = encode_score_map(full)
-        map_uri = storage.join(self.out_url, "maps", f"{image.image_id}.png")
+        map_uri = storage.join(out_url, "maps", f"{image.image_id}.png")
         storage.atomic_write_bytes(map_uri, png)
         mask_uri = None
         if opened.pixel_threshold is not None:
-            mask_uri = storage.join(self.out_url, "masks", f"{image.image_id}.png")
+            mask_uri = storage.join(out_url, "masks", f"{image.image_id}.png")
             storage.atomic_write_bytes(mask_uri, encode_mask(full >= opened.pixel_threshold))
         self.scored.inc()
         self.score_dist.update(int(result.image_score * 1000))
@@ -162,16 +181,13 @@ class ScoreBatch(beam.DoFn):
 
 
 class ScoreImages(beam.PTransform):
-    """Lists of `ImageFeatures` → (score rows, error rows)."""
+    """(route, lists of `ImageFeatures`) → (score rows, error rows); ``targets``: {route: `ScoreTarget`}."""
 
-    def __init__(self, config: SpadeConfig, gallery_url: str, out_url: str, scored_at: datetime,
-                 thresholds: dict | None = None, gallery_version: str = ""):
+    def __init__(self, targets: Mapping[str, ScoreTarget], scored_at: datetime):
         super().__init__()
-        self.config, self.gallery_url, self.out_url, self.scored_at = config, gallery_url, out_url, scored_at
-        self.thresholds, self.gallery_version = thresholds, gallery_version
+        self.targets, self.scored_at = dict(targets), scored_at
 
     def expand(self, features):
         return (features
-                | "Score" >> beam.ParDo(ScoreBatch(self.config, self.gallery_url, self.out_url, self.scored_at,
-                                                   self.thresholds, self.gallery_version))
+                | "Score" >> beam.ParDo(ScoreBatch(self.targets, self.scored_at))
                 | "Split" >> SplitErrors())

@@ -1,11 +1,12 @@
 """A run's summary written by the pipeline itself: the launcher reads one small JSON file instead of the tables."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import apache_beam as beam
 
 from spade.io import storage
+from transforms.records import routed
 
 MAX_ERRORS = 100
 SUMMARY = "summary.json"
@@ -49,22 +50,37 @@ def read_summary(url: str) -> dict[str, Any]:
     return {**{name: 0 for name in COUNTS}, "error_messages": []}
 
 
+def _write(routed_summary, urls: dict[str, str]) -> str:
+    route, summary = routed_summary
+    storage.write_json(urls[route], summary)
+    return urls[route]
+
+
+def _skipped_counts(element) -> tuple[str, dict[str, int]]:
+    """(route, {kind: n}) from what `ListInputs` counts as done (an int, a {kind: n} dict, or either keyed by route)."""
+    route, counts = element if isinstance(element, tuple) else ("", element)
+    return route, counts if isinstance(counts, dict) else {"skipped": counts}
+
+
 class WriteSummary(beam.PTransform):
     """(output rows, or a tuple of PCollections of them; counts of inputs an earlier run already did:
-    ``{"skipped": n}`` or ``{"resumed": n}``, inputs a killed run committed) → ``url`` (JSON: rows, ok, errors,
-    skipped, resumed, error_messages); outputs the URL written, to be flattened with the sinks' outputs. Each rows
-    PCollection is counted by its own step before one Flatten of small count dicts (Beam Java 2.62's fuser, on Flink
-    and Spark, rejects a Flatten of a heavy branch with another Flatten's output)."""
+    ``{"skipped": n}`` or ``{"resumed": n}``, inputs a killed run committed, optionally keyed by route) → ``url``
+    (JSON: rows, ok, errors, skipped, resumed, error_messages); outputs the URL written, to be flattened with the
+    sinks' outputs. ``url`` may be {route: url} (a routed run): each route's rows (by their ``route``) and counts
+    are summed into its own file, in one branch. Each rows PCollection is counted by its own step before one Flatten
+    of small count dicts (Beam Java 2.62's fuser, on Flink and Spark, rejects a Flatten of a heavy branch with another
+    Flatten's output)."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str | Mapping[str, str]):
         super().__init__()
-        self.url = url
+        self.urls = routed(url)
 
     def expand(self, pcolls):
         rows, skipped = pcolls
-        url = self.url
-        counted = [pcoll | f"RowCounts{i}" >> beam.Map(row_counts) for i, pcoll in enumerate(rows if isinstance(rows, tuple) else (rows,))]
-        return ((*counted, skipped | "SkippedCounts" >> beam.Map(lambda c: c if isinstance(c, dict) else {"skipped": c}))
+        urls = self.urls
+        counted = [pcoll | f"RowCounts{i}" >> beam.Map(lambda row: (row.get("route", ""), row_counts(row)))
+                   for i, pcoll in enumerate(rows if isinstance(rows, tuple) else (rows,))]
+        return ((*counted, skipped | "SkippedCounts" >> beam.Map(_skipped_counts))
                 | "AllCounts" >> beam.Flatten()
-                | "Merge" >> beam.CombineGlobally(MergeCounts()).without_defaults()
-                | "Write" >> beam.Map(lambda summary: (storage.write_json(url, summary), url)[1]))
+                | "Merge" >> beam.CombinePerKey(MergeCounts())
+                | "Write" >> beam.Map(_write, urls))

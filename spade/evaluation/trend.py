@@ -23,6 +23,7 @@ lines' scores lie above it), so a test against it would warn every night on some
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
@@ -56,7 +57,7 @@ class Reference:
         return cls(float(normal["mean"]), float(normal["std"]), int(normal.get("images") or 0),
                    tuple(float(q) for q in quantiles) if quantiles else None, threshold)
 
-    @property
+    @functools.cached_property
     def median(self) -> float:
         """The normal scores' median (their mean where only mean and standard deviation were recorded)."""
         if self.quantiles:
@@ -76,30 +77,42 @@ class Night:
 
 
 def ks_two_sample(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """(D, p) of the two-sample Kolmogorov-Smirnov test, p from the Kolmogorov distribution at the effective size
-    n·m/(n+m) (asymptotic: slightly conservative for a few dozen images, and ~50x cheaper than scipy's exact
-    `ks_2samp`, which dominated a trend over years of nights)."""
-    a, b = np.sort(np.asarray(a, dtype=np.float64)), np.sort(np.asarray(b, dtype=np.float64))
+    """(D, p) of the two-sample Kolmogorov-Smirnov test of sorted samples ``a`` and ``b``, p from the Kolmogorov
+    distribution at the effective size n·m/(n+m) (asymptotic: slightly conservative for a few dozen images, and
+    ~50x cheaper than scipy's exact `ks_2samp`, which dominated a trend over years of nights)."""
     grid = np.concatenate([a, b])
     d = float(np.max(np.abs(np.searchsorted(a, grid, side="right") / a.size - np.searchsorted(b, grid, side="right") / b.size)))
     effective = a.size * b.size / (a.size + b.size)
     return d, float(special.kolmogorov(d * np.sqrt(effective)))
 
 
-def summarise(night: Night, reference: Reference | None) -> dict[str, Any]:
-    """The night's row of the trend table (no drift tests: see `assess`)."""
-    scores = np.asarray(night.scores, dtype=np.float64)
+def _quantiles(ordered: np.ndarray, probabilities: Iterable[float]) -> list[float]:
+    """Linear-interpolation quantiles (numpy's default) of a sorted, non-empty sample."""
+    position = np.asarray(list(probabilities)) * (ordered.size - 1)
+    low = np.floor(position).astype(int)
+    high = np.minimum(low + 1, ordered.size - 1)
+    return (ordered[low] + (ordered[high] - ordered[low]) * (position - low)).tolist()
+
+
+def _pooled(samples: list[np.ndarray]) -> np.ndarray:
+    return np.sort(np.concatenate(samples)) if samples else np.zeros(0)
+
+
+def summarise(night: Night, reference: Reference | None, ordered: np.ndarray | None = None) -> dict[str, Any]:
+    """The night's row of the trend table (no drift tests: see `assess`); ``ordered``: its scores sorted, if known."""
+    ordered = np.sort(np.asarray(night.scores, dtype=np.float64)) if ordered is None else ordered
+    n = ordered.size
     flagged = None if night.flagged is None else np.asarray(night.flagged, dtype=bool)
-    row: dict[str, Any] = {"day": night.day, "gallery_hash": night.gallery_hash, "images": int(scores.size + night.errors),
-                           "ok": int(scores.size), "errors": int(night.errors),
+    row: dict[str, Any] = {"day": night.day, "gallery_hash": night.gallery_hash, "images": int(n + night.errors),
+                           "ok": int(n), "errors": int(night.errors),
                            "flagged": None if flagged is None else int(flagged.sum()),
-                           "flagged_share": None if flagged is None or not scores.size else float(flagged.mean()),
-                           "mean": float(scores.mean()) if scores.size else None}
-    values = np.quantile(scores, QUANTILES) if scores.size else [None] * len(QUANTILES)
-    row |= {f"p{round(q * 100):02d}": (None if v is None else float(v)) for q, v in zip(QUANTILES, values)}
+                           "flagged_share": None if flagged is None or not n else float(flagged.sum() / n),
+                           "mean": float(ordered.sum() / n) if n else None}
+    values = _quantiles(ordered, QUANTILES) if n else [None] * len(QUANTILES)
+    row |= {f"p{round(q * 100):02d}": v for q, v in zip(QUANTILES, values)}
     above = None
-    if reference is not None and scores.size:
-        above = float(np.mean(scores > reference.mean + 2 * reference.std))
+    if reference is not None and n:
+        above = float(n - np.searchsorted(ordered, reference.mean + 2 * reference.std, side="right")) / n
     row["above_normal_2sd"] = above
     return row
 
@@ -109,41 +122,40 @@ def assess(nights: Iterable[Night], references: dict[str, Reference | None], win
            min_effect: float = MIN_EFFECT, baseline: int = BASELINE) -> Iterator[dict[str, Any]]:
     """One row per night, in the order given (a gallery's nights by day), with the drift tests and the warnings
     (``warnings``: a list of short reasons; empty when the night is clear). ``references``: by gallery hash."""
-    history: list[np.ndarray] = []
+    history: list[np.ndarray] = []  # sorted scores of the gallery's first `baseline` nights and its last `window`
+    first: np.ndarray | None = None
     current = None
     for night in nights:
         if night.gallery_hash != current:
-            history, current = [], night.gallery_hash
+            history, first, current = [], None, night.gallery_hash
         reference = references.get(night.gallery_hash)
-        row = summarise(night, reference)
-        scores = np.asarray(night.scores, dtype=np.float64)
+        ordered = np.sort(np.asarray(night.scores, dtype=np.float64))
+        row = summarise(night, reference, ordered)
         warnings = []
         row |= {"share_above_median": None, "ks_recent": None, "p_recent": None, "ks_baseline": None,
                 "p_baseline": None}
-        latest = history + [scores]
-        if reference is not None:
-            pooled = np.concatenate(latest[-baseline:])
-            if pooled.size:
-                row["share_above_median"] = float(np.mean(pooled > reference.median))
-        previous = np.concatenate(history[-window:]) if history else np.zeros(0)
-        if scores.size >= min_images and previous.size >= min_images:
-            d, p = ks_two_sample(scores, previous)
+        last = _pooled((history + [ordered])[-baseline:])
+        if reference is not None and last.size:
+            row["share_above_median"] = float(last.size - np.searchsorted(last, reference.median, side="right")) / last.size
+        previous = _pooled(history[-window:])
+        if ordered.size >= min_images and previous.size >= min_images:
+            d, p = ks_two_sample(ordered, previous)
             row["ks_recent"], row["p_recent"] = d, p
-            if p < alpha and np.median(scores) > np.median(previous):
+            if p < alpha and _quantiles(ordered, [0.5])[0] > _quantiles(previous, [0.5])[0]:
                 warnings.append(f"scores departed from the previous {min(len(history), window)} night(s) "
                                 f"(KS D={d:.2f}, p={p:.1e})")
         if len(history) >= baseline:
-            first, last = np.concatenate(history[:baseline]), np.concatenate(latest[-baseline:])
+            first = _pooled(history[:baseline]) if first is None else first
             if first.size >= min_images and last.size >= min_images:
                 d, p = ks_two_sample(last, first)
                 row["ks_baseline"], row["p_baseline"] = d, p
-                if p < alpha and d >= min_effect and np.median(last) > np.median(first):
+                if p < alpha and d >= min_effect and _quantiles(last, [0.5])[0] > _quantiles(first, [0.5])[0]:
                     warnings.append(f"the last {baseline} nights' scores drifted from the gallery's first {baseline} "
                                     f"(KS D={d:.2f}, p={p:.1e})")
         if row["flagged_share"] is not None and row["flagged_share"] > flagged_alert:
             warnings.append(f"flagged share {row['flagged_share']:.0%} above {flagged_alert:.0%}")
         row["warnings"] = warnings
         yield row
-        if scores.size:
-            history.append(scores)
+        if ordered.size:
+            history.append(ordered)
             del history[baseline:-window]  # keep the baseline nights and the last `window`

@@ -1,6 +1,7 @@
 """Reading a score run's outputs: run.json and the score table, of one run or of all nightly partitions."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -91,10 +92,13 @@ def read_night_table(folder: str, columns: list[str]) -> pa.Table | None:
     import pyarrow.parquet as pq
 
     tables = []
-    for url in storage.list_files(storage.join(folder, "scores"), ".parquet"):
-        if storage.is_local(url):
-            tables.append(pq.ParquetFile(storage.local_path(url)).read(columns=columns))
-        else:
+    if storage.is_local(folder):  # the common case, without fsspec's per-call cost (a trend reads years of nights)
+        scores = os.path.join(storage.local_path(folder), "scores")
+        names = sorted(n for n in os.listdir(scores) if n.endswith(".parquet") and not n.startswith(".")) if os.path.isdir(scores) else []
+        for name in names:
+            tables.append(pq.ParquetFile(os.path.join(scores, name)).read(columns=columns, use_threads=False))
+    else:
+        for url in storage.list_files(storage.join(folder, "scores"), ".parquet"):
             with storage.local_copy(url) as path:
-                tables.append(pq.ParquetFile(path).read(columns=columns))
+                tables.append(pq.ParquetFile(path).read(columns=columns, use_threads=False))
     return pa.concat_tables(tables) if tables else None
