@@ -92,7 +92,7 @@ def ledger_signature(config: SpadeConfig, gallery_hash: str, images: str, since:
     """What must match for a run to resume another's ledger: the inputs asked for, gallery, config (bar the
     settings that change only speed or file layout) and thresholds."""
     settings = {k: v for k, v in config.to_dict().items()
-                if k not in ("num_threads", "shards", "rows_per_shard", "batch_size")}
+                if k not in ("num_threads", "shards", "rows_per_shard", "batch_size", "feature_runtime")}
     return stable_hash({"gallery": gallery_hash, "config": settings, "images": images, "since": since, "day": day,
                         "thresholds": thresholds})
 

@@ -13,6 +13,7 @@ import yaml
 LAYERS_BY_BACKBONE_FAMILY = ("layer1", "layer2", "layer3", "layer4")
 FRAMINGS = ("crop", "full", "aspect", "tiles")
 TILE_NEIGHBOURS = ("same", "all")
+FEATURE_RUNTIMES = ("channels_last", "eager")
 IMAGE_SCORES = ("knn", "map_max", "map_top", "combined", "combined_top")
 # Feature settings added after galleries were first written: a manifest without one was built with this value.
 FEATURE_DEFAULTS_BEFORE = {"framing": "crop", "feature_aggregation": 1, "frame_size": None}
@@ -69,6 +70,7 @@ class SpadeConfig:
     kappa: int = 1
     sigma: float = 4.0
     feature_dtype: str = "float32"
+    feature_runtime: str = "channels_last"  # how torch runs the backbone on CPU; "eager" (NCHW) is the reference
     batch_size: int = 8
     num_threads: int = 0
     pixel_threshold: float | None = None
@@ -126,6 +128,8 @@ class SpadeConfig:
             problems.append("k must be >= 1")
         if self.kappa < 1:
             problems.append("kappa must be >= 1")
+        if self.feature_runtime not in FEATURE_RUNTIMES:
+            problems.append(f"feature_runtime must be one of {', '.join(FEATURE_RUNTIMES)}")
         if self.feature_dtype not in ("float16", "float32"):
             problems.append("feature_dtype must be float16 or float32")
         if self.eval_region not in ("crop", "full"):

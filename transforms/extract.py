@@ -24,7 +24,7 @@ def extractor_key(config: SpadeConfig) -> str:
     """What one loaded backbone serves: the feature settings bar the frame size, which the extractor takes from each
     batch (galleries of one run routed to several cameras share the model whatever their frames)."""
     return stable_hash({key: value for key, value in config.feature_signature().items() if key != "frame_size"}
-                       | {"batch_size": config.batch_size})
+                       | {"batch_size": config.batch_size, "runtime": config.feature_runtime})
 
 
 class ExtractBatch(beam.DoFn):

@@ -102,6 +102,10 @@ class FeatureExtractor:
         self.weights = weights if weights is not None else resolve_weights(config.backbone, config.weights)
         check_preprocessing(self.weights, config.mean, config.std, config_name=f"the config (weights: {config.weights})")
         self.model = build_backbone(config.backbone, self.weights)
+        # channels-last (NHWC) lets oneDNN's CPU convolutions skip layout conversions: 1.5x faster on EfficientNet-
+        # Lite0 at 256 px, features within 1.3e-5 of the NCHW ("eager") reference (benchmarks/feature_pass.py)
+        self.memory_format = torch.channels_last if config.feature_runtime == "channels_last" else torch.contiguous_format
+        self.model = self.model.to(memory_format=self.memory_format)
         self.layers = tuple(config.layers)
         self.is_timm = config.backbone in TIMM_BACKBONES
         self._taps = _timm_taps(self.model) if self.is_timm else {}
@@ -143,10 +147,11 @@ class FeatureExtractor:
         step = max(1, self.config.batch_size)
         embeddings, pyramids = [], {name: [] for name in self.layers}
         for start in range(0, tiles.shape[0], step):
-            embedding, maps = self._timm(tiles[start:start + step]) if self.is_timm else self._resnet(tiles[start:start + step])
+            chunk = tiles[start:start + step].contiguous(memory_format=self.memory_format)
+            embedding, maps = self._timm(chunk) if self.is_timm else self._resnet(chunk)
             embeddings.append(embedding)
             for name in self.layers:
-                pyramids[name].append(aggregate_neighbourhood(maps[name], self.config.feature_aggregation))
+                pyramids[name].append(aggregate_neighbourhood(maps[name], self.config.feature_aggregation).contiguous())
         cat = lambda parts: parts[0] if len(parts) == 1 else torch.cat(parts)  # noqa: E731
         return cat(embeddings), {name: cat(parts) for name, parts in pyramids.items()}
 

@@ -1,0 +1,86 @@
+"""The feature pass per image on the four shared sets: the NCHW reference ("eager") against channels-last.
+
+For each set, the first ``--images`` normal images are framed as the default config frames them (its frame size from
+their median aspect, its tiles) and extracted in batches of ``batch_size`` by both runtimes in one process,
+alternately, best of ``--repeats`` (torch threads: ``--threads``). Prints per set the ms per image of each, their
+ratio and the largest difference of any feature, then
+
+    RESULT speedup_<set>=<eager / channels_last> ... max_abs_diff=<largest over all sets>
+
+    python benchmarks/feature_pass.py [--images 16] [--repeats 3] [--threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DATA = ROOT.parent / "shared" / "data"
+SETS = ("mvtec_ad_bottle", "mpdd_metal_plate", "mvtec3d_tire", "kolektorsdd_commutator")
+
+
+def frames(folder: Path, count: int, config):
+    from spade.features.framing import frame_size_for, framing_for
+    from spade.io.images import decode_rgb, preprocess
+
+    paths = sorted(p for p in (folder / "train" / "good").iterdir() if not p.name.startswith("."))[:count]
+    images = [decode_rgb(p.read_bytes()) for p in paths]
+    config = config.replace(frame_size=frame_size_for([(im.shape[1], im.shape[0]) for im in images], config.resize))
+    framing = framing_for(config)
+    batch = torch.stack([preprocess(im, config.resize, config.crop, config.mean, config.std, framing) for im in images])
+    return config, batch
+
+
+def timed(extractor, batch: torch.Tensor, step: int) -> tuple[float, list]:
+    started = time.perf_counter()
+    out = [extractor(batch[i:i + step]) for i in range(0, batch.shape[0], step)]
+    return (time.perf_counter() - started) * 1000 / batch.shape[0], out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    from spade.config import SpadeConfig
+    from spade.features.backbone import FeatureExtractor
+
+    torch.set_num_threads(args.threads)
+    print(f"load average {os.getloadavg()[0]:.2f}")
+    results, worst = [], 0.0
+    for name in SETS:
+        if not (DATA / name).is_dir():
+            print(f"{name}: skipped ({DATA / name} is absent)")
+            continue
+        config, batch = frames(DATA / name, args.images, SpadeConfig())
+        runtimes = {runtime: FeatureExtractor(config.replace(feature_runtime=runtime)) for runtime in ("eager", "channels_last")}
+        best = {runtime: float("inf") for runtime in runtimes}
+        outputs = {}
+        for _ in range(args.repeats):
+            for runtime, extractor in runtimes.items():
+                ms, outputs[runtime] = timed(extractor, batch, config.batch_size)
+                best[runtime] = min(best[runtime], ms)
+        diff = max(float(np.abs(a.pyramid[layer] - b.pyramid[layer]).max())
+                   for a, b in zip(outputs["eager"], outputs["channels_last"]) for layer in config.layers)
+        diff = max(diff, max(float(np.abs(a.embedding - b.embedding).max())
+                             for a, b in zip(outputs["eager"], outputs["channels_last"])))
+        worst = max(worst, diff)
+        speedup = best["eager"] / best["channels_last"]
+        results.append((name, speedup))
+        print(f"{name}: frame {config.frame_size[0]}x{config.frame_size[1]}, eager {best['eager']:.1f} ms/image, "
+              f"channels_last {best['channels_last']:.1f} ms/image, speedup {speedup:.2f}x, max |diff| {diff:.1e}",
+              flush=True)
+    print(f"load average {os.getloadavg()[0]:.2f}")
+    print("RESULT " + " ".join(f"speedup_{name}={speedup:.2f}" for name, speedup in results) + f" max_abs_diff={worst:.1e}")
+
+
+if __name__ == "__main__":
+    main()
