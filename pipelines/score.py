@@ -42,7 +42,7 @@ from transforms.parquet import CommitUnits, WriteParquetShards, read_ledger_rows
 from transforms.progress import CountProgress
 from transforms.inputs import ListInputs
 from transforms.read import ReadImages
-from transforms.records import new_run_id, utc_now
+from transforms.records import new_run_id, route_of, utc_now
 from transforms.score import ScoreImages, ScoreTarget, resolve_thresholds
 from transforms.summary import SUMMARY, WriteSummary, read_summary
 from transforms.unrouted import ListUnrouted
@@ -161,6 +161,10 @@ class ScoreJob:
         return self.manifest["gallery_hash"]
 
     @property
+    def prefix(self) -> str:
+        return f"score: {self.route}: " if self.route else "score: "
+
+    @property
     def scores_folder(self) -> str:
         return storage.join(self.run_out, "scores")
 
@@ -208,7 +212,7 @@ def begin_job(job: ScoreJob, lease: RunLease, say: Callable[[str], None]) -> Non
     job.lease = lease
     job.ledger = ledger_url(job.run_out, ledger_signature(job.config, job.gallery_hash, job.images, job.since, job.day,
                                                           job.explicit))
-    prefix = f"score: {job.route}: " if job.route else "score: "
+    prefix = job.prefix
     since_note = f", dated {job.since} or later" if job.since else ""
     say(f"{prefix}inputs {job.images}{since_note} (listed by the workers) against gallery {job.gallery_url} "
         f"({job.gallery_hash}) -> {job.run_out}")
@@ -256,7 +260,7 @@ class ScoreGalleries(beam.PTransform):
         branches = {"Scored": scored | "CountScored" >> beam.ParDo(CountProgress(progress_folder))}
         for name, errors in (("ReadErrors", read_errors), ("ExtractErrors", extract_errors), ("ScoreErrors", score_errors)):
             branches[name] = (errors
-                              | f"Stamp{name}" >> beam.Map(lambda row: {**row, **stamps[row.get("route", "")]})
+                              | f"Stamp{name}" >> beam.Map(lambda row: {**row, **stamps[route_of(row)]})
                               | f"Count{name}" >> beam.ParDo(CountProgress(progress_folder)))
         ledgers = {route: job.ledger for route, job in jobs.items()}
         branches = {name: rows | f"Commit{name}" >> beam.ParDo(CommitUnits(ledgers, SCORES_SCHEMA, run_id))
@@ -278,7 +282,7 @@ class ScoreGalleries(beam.PTransform):
 def finish_job(job: ScoreJob, elapsed: float, metrics: dict, say: Callable[[str], None], routed: bool) -> dict:
     """Publish what the pipeline wrote for one job (one commit, under its lease) and say what it did; returns its
     summary. A single-gallery run with no input at all is an error (a mistyped --images); a route may be empty."""
-    prefix = f"score: {job.route}: " if job.route else "score: "
+    prefix = job.prefix
     summary = {"rows": 0, "ok": 0, "errors": 0, "skipped": 0, "new": 0, "resumed": 0, "out": job.run_out,
                "scores": job.scores_folder, "maps": storage.join(job.run_out, "maps"),
                "masks": storage.join(job.run_out, "masks"), "seconds": round(elapsed, 1), "metrics": metrics,
@@ -330,6 +334,7 @@ class UnroutedJob:
     out_url: str
     specs: list[tuple[str, str]]  # (spec, why its inputs are not scored)
     day: str | None
+    scored_at: datetime
     run_id: str
     lease: RunLease | None = None
 
@@ -369,7 +374,7 @@ class UnroutedRows(beam.PTransform):
         self.job, self.progress_folder = job, progress_folder
 
     def expand(self, pbegin):
-        scored_at = utc_now()
+        scored_at = self.job.scored_at
         rows = (pbegin
                 | "List" >> ListUnrouted(self.job.specs)
                 | "Stamp" >> beam.Map(lambda row: {**row, "gallery_hash": None, "scored_at": scored_at})
@@ -419,7 +424,7 @@ def run_score(config: SpadeConfig, gallery_url: str, images: str, out_url: str, 
         raise FileNotFoundError(f"--images {images!r}: no folder matches the routing rule(s) of {gallery_url}")
     if jobs and jobs[0].run_config.num_threads:
         say(f"score: {jobs[0].run_config.num_threads} torch/faiss thread(s) per worker")
-    errors = UnroutedJob(storage.join(out_url, UNROUTED), unrouted, day, run_id) if unrouted else None
+    errors = UnroutedJob(storage.join(out_url, UNROUTED), unrouted, day, scored_at, run_id) if unrouted else None
     with contextlib.ExitStack() as leases:
         for job in jobs:
             begin_job(job, leases.enter_context(RunLease(job.lease_folder, run_id, "spade score")), say)

@@ -66,7 +66,7 @@ def gallery_reference(partitions: list[NightPartition]) -> tuple[Reference | Non
 def _night(partition: NightPartition) -> Night:
     table = read_night_table(partition.folder, ["image_score", "is_anomalous", "status"])
     if table is None:
-        return Night(partition.day, partition.gallery_hash, np.zeros(0), None, 0)
+        return _placeholder(partition)
     ok = table.column("status").to_numpy(zero_copy_only=False) == "ok"
     scores = table.column("image_score").to_numpy(zero_copy_only=False).astype(np.float64)[ok]
     flags = table.column("is_anomalous").to_numpy(zero_copy_only=False)[ok]  # bool, or object with None
@@ -138,7 +138,8 @@ def nights_to_read(ordered: list[NightPartition], cached: dict[tuple[str, str], 
 
 
 def _placeholder(partition: NightPartition) -> Night:
-    """A night whose row comes from the previous trend and whose scores no test needs (not read)."""
+    """A night without scores: one with no table, or one whose row comes from the previous trend and whose scores no
+    test needs (not read)."""
     return Night(partition.day, partition.gallery_hash, np.zeros(0), None, 0)
 
 

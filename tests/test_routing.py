@@ -148,3 +148,21 @@ def test_kill_and_rerun_resumes_each_gallery(plant, tmp_path):
         uris = [r["uri"] for r in read_score_table(str(out / route)).to_pylist()]
         assert len(uris) == len(set(uris)) == 6, route
     assert not list(out.rglob("_staging-*")) and not list(out.rglob("_ledger-*")) and not list(out.rglob("_lease.json"))
+
+
+def test_open_galleries_are_bounded_least_recently_used_first():
+    from transforms.cache import LruCache
+
+    cache = LruCache()
+    get = lambda key, size=10, items=2, limit=100: cache.get(key, lambda: f"loaded {key}", lambda _: size, items, limit)  # noqa: E731
+    assert get("a") == "loaded a" and get("b") == "loaded b" and cache.loads == 2
+    assert get("a") == "loaded a" and cache.loads == 2, "a held gallery is not loaded again"
+    get("c")  # a third: the least recently used (b) goes
+    assert cache.loads == 3 and get("a") and cache.loads == 3
+    get("b")
+    assert cache.loads == 4, "b had been dropped"
+    get("big", size=95, items=8)  # over the byte cap with the others: they go, the one just used stays
+    get("big", size=95, items=8)
+    assert cache.loads == 5
+    get("a", items=8)
+    assert cache.loads == 6, "a was dropped to make room for big"

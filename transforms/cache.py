@@ -55,11 +55,3 @@ class LruCache:
                                             or sum(size for _, size in self._items.values()) > max_bytes):
                 self._items.popitem(last=False)
             return value
-
-    def keys(self) -> list[str]:
-        with self._lock:
-            return list(self._items)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()

@@ -17,7 +17,7 @@ from apache_beam.metrics import Metrics
 from spade.io import storage
 from spade.io.ledger import ledger_schema, part_url
 from spade.io.tables import rows_to_table
-from transforms.records import routed
+from transforms.records import route_of, routed
 
 
 ROW_GROUP = 64  # rows per Parquet row group (as `spade.io.storage.write_parquet`): readers fetch a group at a time
@@ -58,10 +58,6 @@ class _WriteShard(beam.DoFn):
         yield url
 
 
-def _route(row: dict) -> str:
-    return row.get("route", "")
-
-
 class WriteParquetShards(beam.PTransform):
     """Rows (dicts) → ``{prefix}-0000i-of-0000n.parquet`` files; outputs the URLs written.
 
@@ -82,13 +78,13 @@ class WriteParquetShards(beam.PTransform):
     def expand(self, rows):
         fixed, per_shard, key, routes = self.shards, self.rows_per_shard, self.key, sorted(self.prefixes)
         counts = (rows
-                  | "One" >> beam.Map(lambda row: (_route(row), 1))
+                  | "One" >> beam.Map(lambda row: (route_of(row), 1))
                   | "Count" >> beam.CombinePerKey(sum))
         shards = beam.pvalue.AsDict(counts)
 
         def shard_of_row(row, counted):
-            n = shard_count(counted.get(_route(row), 0), fixed, per_shard)
-            return (_route(row), shard_of(key(row), n), n), row
+            n = shard_count(counted.get(route_of(row), 0), fixed, per_shard)
+            return (route_of(row), shard_of(key(row), n), n), row
 
         def every(_, counted):
             for route in routes:
@@ -129,7 +125,7 @@ class CommitUnits(beam.DoFn):
     def process(self, row):
         key, size = row.get("unit"), row.get("unit_size")
         if key and size:
-            ledger = self.ledgers[row.get("route", "")]  # a routed run: each gallery's own ledger
+            ledger = self.ledgers[route_of(row)]  # a routed run: each gallery's own ledger
             complete = None
             with _OPEN_LOCK:
                 rows = _OPEN_UNITS.setdefault((ledger, key), {})
@@ -145,9 +141,9 @@ class CommitUnits(beam.DoFn):
         yield row
 
 
-def read_ledger_rows(routed_url: str | tuple[str, str]):
-    """The rows of one committed ledger part (a unit finished by an earlier, interrupted run); given (route, URL),
-    each row carries ``route``."""
-    route, url = routed_url if isinstance(routed_url, tuple) else ("", routed_url)
+def read_ledger_rows(routed_url: tuple[str, str]):
+    """(route, URL of one committed ledger part, a unit finished by an earlier, interrupted run) → its rows, each
+    carrying ``route``."""
+    route, url = routed_url
     for row in storage.read_parquet([url]).to_pylist():
         yield {**row, "route": route}

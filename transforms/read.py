@@ -37,12 +37,11 @@ class DecodeImages(beam.DoFn):
 
     def process(self, routed_uris: tuple[str, list[str]]):
         route, uris = routed_uris
-        self.config, self.framing = self.configs[route], self.framings[route]
         batch: list[ImageInput] = []
-        for element in self._decode_all(uris):
+        for element in self._decode_all(route, uris):
             if isinstance(element, ImageInput):
                 batch.append(element)
-                if len(batch) == self.config.batch_size:
+                if len(batch) == self.configs[route].batch_size:
                     yield route, batch
                     batch = []
             else:
@@ -50,14 +49,15 @@ class DecodeImages(beam.DoFn):
         if batch:
             yield route, batch
 
-    def _decode_all(self, uris: list[str]):
+    def _decode_all(self, route: str, uris: list[str]):
         key, size = unit_key(uris), sum(count_inputs(uri) for uri in uris)
         for source in uris:
             work = WorkUnit(source, key, size)
             for image_uri, data, problem in read_inputs(source):
-                yield from self._decode_one(image_uri, data, problem, work)
+                yield from self._decode_one(route, image_uri, data, problem, work)
 
-    def _decode_one(self, image_uri: str, data: bytes | None, problem: str | None, work: WorkUnit):
+    def _decode_one(self, route: str, image_uri: str, data: bytes | None, problem: str | None, work: WorkUnit):
+        cfg, framing = self.configs[route], self.framings[route]
         label = label_from_uri(image_uri)
         if problem is not None:
             self.failed.inc()
@@ -65,11 +65,10 @@ class DecodeImages(beam.DoFn):
             return
         image_id = content_id(data)
         try:
-            rgb = decode_rgb(data, decode_limits(self.config))
-            cfg = self.config
-            tensor = preprocess(rgb, cfg.resize, cfg.crop, cfg.mean, cfg.std, self.framing).numpy()
+            rgb = decode_rgb(data, decode_limits(cfg))
+            tensor = preprocess(rgb, cfg.resize, cfg.crop, cfg.mean, cfg.std, framing).numpy()
             height, width = rgb.shape[:2]
-            reframed = self.framing.reframed((width, height))
+            reframed = framing.reframed((width, height))
             del rgb, data  # not held while the batch is extracted and scored downstream
         except ImageDecodeError as exc:
             self.failed.inc()

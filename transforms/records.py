@@ -103,3 +103,8 @@ def routed(value: Any) -> dict[str, Any]:
     """A per-route mapping: ``value`` itself when it is one, else ``{"": value}`` (a run of one gallery). Routed runs
     key their elements by route (`spade.io.routing`): ``(route, payload)`` tuples, and rows carry ``route``."""
     return dict(value) if isinstance(value, Mapping) else {"": value}
+
+
+def route_of(row: dict[str, Any]) -> str:
+    """The route a row belongs to ("" in a run of one gallery)."""
+    return row.get("route", "")

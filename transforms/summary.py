@@ -6,7 +6,7 @@ from typing import Any, Mapping
 import apache_beam as beam
 
 from spade.io import storage
-from transforms.records import routed
+from transforms.records import route_of, routed
 
 MAX_ERRORS = 100
 SUMMARY = "summary.json"
@@ -56,15 +56,9 @@ def _write(routed_summary, urls: dict[str, str]) -> str:
     return urls[route]
 
 
-def _skipped_counts(element) -> tuple[str, dict[str, int]]:
-    """(route, {kind: n}) from what `ListInputs` counts as done (an int, a {kind: n} dict, or either keyed by route)."""
-    route, counts = element if isinstance(element, tuple) else ("", element)
-    return route, counts if isinstance(counts, dict) else {"skipped": counts}
-
-
 class WriteSummary(beam.PTransform):
     """(output rows, or a tuple of PCollections of them; counts of inputs an earlier run already did:
-    ``{"skipped": n}`` or ``{"resumed": n}``, inputs a killed run committed, optionally keyed by route) → ``url``
+    (route, ``{"skipped": n}`` or ``{"resumed": n}``, inputs a killed run committed), as `ListInputs` gives them) → ``url``
     (JSON: rows, ok, errors, skipped, resumed, error_messages); outputs the URL written, to be flattened with the
     sinks' outputs. ``url`` may be {route: url} (a routed run): each route's rows (by their ``route``) and counts
     are summed into its own file, in one branch. Each rows PCollection is counted by its own step before one Flatten
@@ -78,9 +72,9 @@ class WriteSummary(beam.PTransform):
     def expand(self, pcolls):
         rows, skipped = pcolls
         urls = self.urls
-        counted = [pcoll | f"RowCounts{i}" >> beam.Map(lambda row: (row.get("route", ""), row_counts(row)))
+        counted = [pcoll | f"RowCounts{i}" >> beam.Map(lambda row: (route_of(row), row_counts(row)))
                    for i, pcoll in enumerate(rows if isinstance(rows, tuple) else (rows,))]
-        return ((*counted, skipped | "SkippedCounts" >> beam.Map(_skipped_counts))
+        return ((*counted, skipped)
                 | "AllCounts" >> beam.Flatten()
                 | "Merge" >> beam.CombinePerKey(MergeCounts())
                 | "Write" >> beam.Map(_write, urls))

@@ -45,7 +45,6 @@ class Reference:
 
     mean: float
     std: float
-    images: int
     quantiles: tuple[float, ...] | None = None  # evenly spaced probabilities 0..1
     threshold: float | None = None
 
@@ -54,8 +53,8 @@ class Reference:
         if not normal or normal.get("mean") is None or normal.get("std") is None:
             return None
         quantiles = normal.get("quantiles")
-        return cls(float(normal["mean"]), float(normal["std"]), int(normal.get("images") or 0),
-                   tuple(float(q) for q in quantiles) if quantiles else None, threshold)
+        return cls(float(normal["mean"]), float(normal["std"]), tuple(float(q) for q in quantiles) if quantiles else None,
+                   threshold)
 
     @functools.cached_property
     def median(self) -> float:

@@ -53,7 +53,6 @@ class Route:
     name: str
     images: str
     gallery: str
-    fields: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -198,9 +197,7 @@ def plan_routes(images: str, gallery: str) -> RoutePlan:
         decision, rule = _decide(rules, segments)
         if decision == "route":
             where = f"--gallery {gallery}" if rule.match is None else f"{gallery} (match: {'/'.join(rule.match)})"
-            fields = _partition_fields(segments)
-            routes.append(Route("/".join(segments), spec_below(segments, rest), _fill(rule.gallery, segments, where),
-                                tuple(sorted(fields.items()))))
+            routes.append(Route("/".join(segments), spec_below(segments, rest), _fill(rule.gallery, segments, where)))
             continue
         if decision == "unrouted":
             if segments:
