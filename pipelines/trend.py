@@ -124,13 +124,15 @@ def nights_to_read(ordered: list[NightPartition], cached: dict[tuple[str, str], 
                    baseline: int) -> tuple[set[NightPartition], set[NightPartition]]:
     """(the nights whose rows are computed again: those not in the previous trend and the route's last `RECHECK`;
     the nights whose tables are read: those, and the history their drift tests need, each gallery's first
-    ``baseline`` nights with scores and the ``window`` nights with scores before its first night computed again)."""
+    ``baseline`` nights with scores and the ``window`` nights with scores before its first night computed again).
+    Whether a night computed again has scores is known only once it is read, so the first ``baseline`` previous
+    nights with scores are read too: the first ``baseline`` with scores are among them and those computed again."""
     recompute = {p for p in ordered if (p.gallery_hash, p.day) not in cached} | set(ordered[-RECHECK:])
     needed = set(recompute)
     for gallery_hash in dict.fromkeys(p.gallery_hash for p in ordered):
         nights = [p for p in ordered if p.gallery_hash == gallery_hash]
         scored = [p for p in nights if p in recompute or (cached[(p.gallery_hash, p.day)]["ok"] or 0) > 0]
-        needed.update(scored[:baseline])
+        needed.update([p for p in scored if p not in recompute][:baseline])
         first = next((i for i, p in enumerate(scored) if p in recompute), None)
         if first is not None:
             needed.update(scored[max(0, first - window):first])

@@ -143,3 +143,16 @@ def test_years_of_nights_read_route_by_route(tmp_path):
     assert again["routes"] == fresh["routes"] and again["alerts"] == fresh["alerts"]
     changed = run_trend(str(root), str(tmp_path / "trend"), window=5)  # other settings: nothing reused
     assert changed["nights_read"] == 488
+
+
+def test_an_incremental_trend_reads_the_baseline_a_fresh_one_uses():
+    """A night to compute again that turns out empty (a backfilled, still empty folder) must not stand in for one of
+    the gallery's first nights with scores: those are read whatever the new nights hold."""
+    from pipelines.trend import nights_to_read
+    from spade.io.results import NightPartition
+
+    nights = [NightPartition("r", "g", f"2026-01-{day:02d}", f"/n/{day}") for day in range(1, 12)]
+    cached = {("g", p.day): {"ok": 40} for p in nights[1:]}  # night 1 is new (its emptiness unknown until read)
+    recompute, needed = nights_to_read(nights, cached, window=7, baseline=3)
+    assert nights[0] in recompute and set(nights[-2:]) <= recompute
+    assert set(nights[:4]) <= needed, "nights 2-4 are the first 3 with scores should night 1 hold none"
