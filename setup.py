@@ -30,8 +30,12 @@ setup(
         "timm>=0.9",
     ],
     extras_require={
-        "test": ["pytest", "scikit-image", "dask[distributed]"],
+        # s3fs: the object-store tests talk to a real S3 server (SeaweedFS, built by scripts/build_seaweedfs.sh).
+        "test": ["pytest", "scikit-image", "dask[distributed]", "s3fs"],
         "dask": ["dask[distributed]"],
+        # Archives, galleries and outputs in object storage (s3://, gs://): fsspec's own implementations.
+        "s3": ["s3fs"],
+        "gcs": ["gcsfs"],
         # ResNet-152 with ImageNet weights (torchvision architecture), 490 MB, non-commercial licence.
         "resmem": ["resmem==1.1.6"],
         # Only for benchmarks/peers.py (our configs side by side with anomalib's PatchCore); never imported by

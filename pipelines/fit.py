@@ -14,7 +14,7 @@ from typing import Callable
 
 import apache_beam as beam
 
-from spade.io import storage
+from spade.io import publication, storage
 from spade.scoring.calibration import calibrate, leave_one_out_scores
 from spade.config import SpadeConfig, stable_hash
 from spade.index.gallery import (MANIFEST, Gallery, GalleryMissing, build_gallery, check_compatible, read_manifest,
@@ -22,14 +22,14 @@ from spade.index.gallery import (MANIFEST, Gallery, GalleryMissing, build_galler
 from spade.features.framing import frame_size_for, framing_for
 from spade.io.listing import check_spec, sample_image_sizes
 from spade.io.routing import Route, RoutePlan, is_routing, plan_routes
-from spade.io.results import ok_uris
+from spade.io.ledger import discard_others, done_kind, done_uris, earlier_parts, ledger_url
 from spade.io.lease import RunLease, staging_is_live
 from spade.index.knn import k_warning
-from spade.io.tables import ERRORS_SCHEMA, embeddings_schema
+from spade.io.tables import ERRORS_SCHEMA, embeddings_schema, fit_rows_schema
 from spade.features.resolved import ResolvedWeights
 from spade.features.weights import check_preprocessing, resolve_weights
 from transforms.extract import ExtractFeatures
-from transforms.parquet import WriteParquetShards
+from transforms.parquet import CommitUnits, WriteParquetShards, committed_parts, read_ledger_rows
 from transforms.progress import CountProgress
 from transforms.inputs import ListInputs
 from transforms.read import ReadImages
@@ -58,10 +58,16 @@ class FitJob:
     append: bool
     run_id: str
     lease: RunLease | None = None
+    ledger: str = ""  # units of work committed as they finish: a killed fit resumes from them
 
     @property
     def staging(self) -> str:
-        return storage.join(self.gallery_url, f"_staging-{self.run_id}")
+        """This run's scratch folder (summary, owner record); its tables' files go straight into their folders."""
+        return storage.join(self.gallery_url, f"{publication.SCRATCH_PREFIX}{self.run_id}")
+
+    def table(self, name: str) -> str:
+        """The folder of one of the gallery's tables (embeddings, rejected)."""
+        return storage.join(self.gallery_url, name)
 
     @property
     def features_tag(self) -> str:
@@ -90,19 +96,66 @@ def plan_fit_job(config: SpadeConfig, route: Route, append: bool, beam_args: lis
                   append, run_id)
 
 
+TABLES = ("embeddings", "rejected")
+
+
+def discard_fit(job: FitJob) -> None:
+    """Remove what a fit that will not publish wrote into its gallery's tables (its pyramid shards stay until the next
+    fit's manifest leaves them out)."""
+    storage.remove(job.staging, recursive=True)
+    for name in TABLES:
+        publication.discard(job.table(name), job.run_id)
+
+
+def fit_ledger_signature(job: FitJob) -> str:
+    """What must match for a fit to resume another's ledger: the features (backbone, weights, framing, dtype), the
+    inputs asked for and whether they are appended (not the settings that change only speed or file layout)."""
+    settings = {k: v for k, v in job.config.to_dict().items()
+                if k not in ("num_threads", "shards", "rows_per_shard", "batch_size", "feature_runtime")}
+    return stable_hash({"features": job.features_tag, "config": settings, "images": job.images, "append": job.append})
+
+
 def begin_fit_job(job: FitJob, lease: RunLease, say: Callable[[str], None]) -> None:
-    """Under the gallery's lease: staging folders of dead runs removed, this run's marked live."""
+    """Under the gallery's lease: what dead runs left removed (and a ledger the last manifest consumed), this run's
+    ledger found or started, its scratch folder marked live."""
     job.lease = lease
     say(f"{job.prefix}inputs {job.images} (listed by the workers) -> gallery {job.gallery_url}")
-    for gone in storage.remove_stale_staging(job.gallery_url, staging_is_live):
-        say(f"{job.prefix}cleaned up after an interrupted run ({gone})")
+    gone = publication.remove_dead_scratch(job.gallery_url, staging_is_live)
+    for name in TABLES:
+        publication.adopt(job.table(name), job.run_id)
+        gone += publication.tidy(job.table(name), staging_is_live)
+    consumed = _consumed_ledger(job.gallery_url)
+    if consumed and storage.exists(consumed):
+        storage.remove(consumed, recursive=True)
+        gone.append(consumed)
+    job.ledger = ledger_url(job.gallery_url, fit_ledger_signature(job))
+    gone += discard_others(job.gallery_url, job.ledger)
+    for url in gone:
+        say(f"{job.prefix}cleaned up after an interrupted run ({url})")
+    if storage.exists(job.ledger):
+        say(f"{job.prefix}resuming: the images an interrupted fit committed ({job.ledger}) are not extracted again")
     lease.mark(job.staging)
 
 
-def _known_tables(galleries: dict[str, str | None], route: str) -> list[str]:
-    """(On a worker.) The embeddings tables of the gallery a route appends to (none for a new gallery)."""
-    known = galleries[route]
-    return storage.list_files(storage.join(known, "embeddings"), ".parquet") if known else []
+def _consumed_ledger(gallery_url: str) -> str | None:
+    """The ledger the gallery's manifest was built from (removed right after it was written; a fit killed in between
+    leaves it, and it must not be resumed: its rows are in the gallery)."""
+    if not storage.exists(storage.join(gallery_url, MANIFEST)):
+        return None
+    name = read_manifest(gallery_url).get("fit_ledger")
+    return storage.join(gallery_url, name) if name else None
+
+
+def _done_tables(done: dict[str, tuple[str | None, str]], run_id: str, route: str) -> list[str]:
+    """(On a worker.) What a route's fit leaves out: the embeddings tables of the gallery it appends to, and the
+    units an interrupted fit committed to its ledger."""
+    known, ledger = done[route]
+    return ((publication.table_files(storage.join(known, "embeddings")) if known else [])
+            + earlier_parts(ledger, run_id))
+
+
+def _is_rejected(row: dict) -> bool:
+    return row.get("status") == "error"
 
 
 class FitGalleries(beam.PTransform):
@@ -112,7 +165,9 @@ class FitGalleries(beam.PTransform):
     The graph holds the ``--images`` specs, not the inputs: workers list them (`ListInputs`); for ``--append`` they
     leave out the URIs already in the gallery's embeddings tables. Workers write each batch's pyramid shards straight
     into its gallery (named by the job's features tag and the batch's image ids); only small embedding rows reach
-    the sink. Each job's counts go to its staging folder's summary.json."""
+    the sink. Each unit of work's rows (accepted and rejected) are committed to the job's ledger as soon as they are
+    all in; inputs an interrupted fit committed are left out, and its rows (pointing at the pyramid shards it wrote)
+    join this run's. Each job's counts go to its staging folder's summary.json."""
 
     def __init__(self, jobs: list[FitJob], progress_folder: str | None):
         super().__init__()
@@ -121,26 +176,38 @@ class FitGalleries(beam.PTransform):
     def expand(self, pbegin):
         jobs, progress_folder = {job.route: job for job in self.jobs}, self.progress_folder
         config = self.jobs[0].run_config  # what all jobs share: layers, batch size, shards
-        appending = {route: job.gallery_url if job.append else None for route, job in jobs.items()}
-        done_tables = functools.partial(_known_tables, appending) if any(appending.values()) else None
+        run_id = self.jobs[0].run_id
+        done = {route: (job.gallery_url if job.append else None, job.ledger) for route, job in jobs.items()}
         batches, skipped = pbegin | "Inputs" >> ListInputs(
-            {route: job.images for route, job in jobs.items()}, "train", config.batch_size, done_tables=done_tables,
-            read_done=ok_uris, progress_folder=progress_folder)
+            {route: job.images for route, job in jobs.items()}, "train", config.batch_size,
+            done_tables=functools.partial(_done_tables, done, run_id), read_done=done_uris,
+            progress_folder=progress_folder, done_kind=done_kind)
         configs = {route: job.run_config for route, job in jobs.items()}
         images_in, read_errors = batches | "Read" >> ReadImages(configs)
         features, extract_errors = images_in | "Extract" >> ExtractFeatures(configs)
         targets = {route: PyramidTarget(job.gallery_url, tuple(job.config.layers), job.config.feature_dtype,
                                         job.features_tag) for route, job in jobs.items()}
-        rows = (features
-                | "WritePyramids" >> beam.ParDo(WritePyramidShards(targets))
-                | "ToRows" >> beam.FlatMap(lambda batch: batch)
-                | "CountImages" >> beam.ParDo(CountProgress(progress_folder)))
-        staged = lambda name: {route: storage.join(job.staging, name, "part") for route, job in jobs.items()}  # noqa: E731
+        ledgers, ledger_rows = {route: job.ledger for route, job in jobs.items()}, fit_rows_schema(config.layers)
+        committed = (pbegin
+                     | "Ledgers" >> beam.Create(sorted(ledgers.items()))
+                     | "CommittedParts" >> beam.FlatMap(committed_parts, run_id)
+                     | "SpreadParts" >> beam.Reshuffle()
+                     | "ReadCommitted" >> beam.FlatMap(read_ledger_rows))
+        extracted = (features
+                     | "WritePyramids" >> beam.ParDo(WritePyramidShards(targets))
+                     | "ToRows" >> beam.FlatMap(lambda batch: batch)
+                     | "CountImages" >> beam.ParDo(CountProgress(progress_folder))
+                     | "CommitImages" >> beam.ParDo(CommitUnits(ledgers, ledger_rows, run_id)))
+        rows = (extracted, committed | "ResumedImages" >> beam.Filter(lambda row: not _is_rejected(row))) \
+            | "Images" >> beam.Flatten()
+        staged = lambda name: {route: storage.join(job.table(name), f"{job.run_id}-part")  # noqa: E731
+                               for route, job in jobs.items()}
         embeddings = rows | "WriteEmbeddings" >> WriteParquetShards(staged("embeddings"), embeddings_schema(config.layers),
                                                                     config.shards, rows_per_shard=config.rows_per_shard)
-        errors = ((read_errors, extract_errors)
+        errors = ((read_errors, extract_errors, committed | "ResumedErrors" >> beam.Filter(_is_rejected))
                   | "Errors" >> beam.Flatten()
-                  | "CountErrors" >> beam.ParDo(CountProgress(progress_folder)))
+                  | "CountErrors" >> beam.ParDo(CountProgress(progress_folder))
+                  | "CommitErrors" >> beam.ParDo(CommitUnits(ledgers, ledger_rows, run_id)))
         rejected = errors | "WriteRejected" >> WriteParquetShards(staged("rejected"), ERRORS_SCHEMA, config.shards,
                                                                      rows_per_shard=config.rows_per_shard)
         summary = ((rows, errors), skipped) | "Summary" >> WriteSummary(
@@ -160,13 +227,14 @@ def run_fit_jobs(jobs: list[FitJob], beam_args: list[str] | None, say: Callable[
                                    progress)
     except BaseException:
         for job in jobs:
-            storage.remove(job.staging, recursive=True)
+            discard_fit(job)
         raise
     counts = {job.route: read_summary(storage.join(job.staging, SUMMARY)) for job in jobs}
     for job in jobs:
         found = counts[job.route]
         say(f"{job.prefix}features of {found['ok']} inputs extracted in {time.monotonic() - started:.1f}s"
-            + (f" ({found['skipped']} already in the gallery)" if job.append else ""))
+            + (f" ({found['skipped']} already in the gallery)" if job.append else "")
+            + (f"; {found['resumed']} of them committed by an interrupted fit" if found.get("resumed") else ""))
         for _, message in found["error_messages"]:
             say(f"{job.prefix}rejected {message}")
     say(metrics_line("fit", metrics))
@@ -230,7 +298,7 @@ def finish_fit_job(job: FitJob, counts: dict, say: Callable[[str], None], routed
     embeddings_folder = storage.join(gallery_url, "embeddings")
     rejected_folder = storage.join(gallery_url, "rejected")
     if counts["rows"] == 0:
-        storage.remove(job.staging, recursive=True)
+        discard_fit(job)
         if not append and not routed:
             raise FileNotFoundError(f"--images {job.images!r} matches no files")
         say(f"{job.prefix}nothing new: {counts['skipped']} inputs already in the gallery")
@@ -241,11 +309,10 @@ def finish_fit_job(job: FitJob, counts: dict, say: Callable[[str], None], routed
     if storage.exists(manifest_url):
         rejected += read_manifest(gallery_url).get("rejected_inputs", 0) if append else 0
         storage.remove(manifest_url)
-    tag = job.run_id if append else None
-    storage.publish_staged(storage.join(job.staging, "embeddings"), embeddings_folder, tag=tag, replace=not append)
-    storage.publish_staged(storage.join(job.staging, "rejected"), rejected_folder, tag=tag, replace=not append)
+    for folder in (embeddings_folder, rejected_folder):
+        publication.commit(folder, publication.run_files(folder, job.run_id), job.run_id, replace=not append)
     storage.remove(job.staging, recursive=True)
-    manifest = build_gallery(storage.list_files(embeddings_folder, ".parquet"), gallery_url, config, job.weights.source,
+    manifest = build_gallery(publication.table_files(embeddings_folder), gallery_url, config, job.weights.source,
                              job.weights.sha256, progress=say)
     manifest["rejected_inputs"] = rejected
     warning = k_warning(config.k, manifest["num_images"])
@@ -259,7 +326,9 @@ def finish_fit_job(job: FitJob, counts: dict, say: Callable[[str], None], routed
         LOG.warning("WARNING: fit: no thresholds calibrated (calibration needs 2+ normal images, the gallery has %d): "
                     "scoring against %s will flag nothing and write no masks unless the config or `spade score "
                     "--thresholds` gives thresholds.", manifest["num_images"], gallery_url)
+    manifest["fit_ledger"] = job.ledger.rstrip("/").rsplit("/", 1)[-1]  # consumed: removed now, or by the next fit
     write_manifest(gallery_url, manifest)  # last: the gallery is usable only once it is complete and calibrated
+    storage.remove(job.ledger, recursive=True)
     remove_unlisted_pyramid_shards(gallery_url, manifest)
     say(f"{job.prefix}gallery of {manifest['num_images']} images ({rejected} rejected) written to {gallery_url} "
         f"(hash {manifest['gallery_hash']}); thresholds {manifest['thresholds'] or 'none (need 2+ images)'}")

@@ -6,8 +6,8 @@ Two ways to run it:
   with this gallery are scored, so re-running a night is a no-op.
 
 Either way a run holds a lease on what it writes (a second run stops with `LeaseHeld`), commits finished
-units of work to a ledger as it goes (`spade.io.ledger`), and publishes through a plan, so a killed run is
-resumed by running the same command again, with one row per input.
+units of work to a ledger as it goes (`spade.io.ledger`), and publishes its table with one commit
+(`spade.io.publication`), so a killed run is resumed by running the same command again, with one row per input.
 """
 from __future__ import annotations
 
@@ -22,14 +22,14 @@ from typing import Callable
 
 import apache_beam as beam
 
-from spade.io import storage
+from spade.io import publication, storage
 from spade.config import SpadeConfig, stable_hash
 from spade.index.gallery import (GalleryDamaged, GalleryMissing, check_compatible, check_files, read_manifest,
                                  with_gallery_frame)
 from spade.io.lease import RunLease, staging_is_live
-from spade.io.ledger import committed_sources, discard_others, earlier_parts, is_part, ledger_url
+from spade.io.ledger import discard_others, done_kind, done_uris, earlier_parts, ledger_url
 from spade.io.listing import check_spec
-from spade.io.results import RUN_INFO, ok_uris, read_score_table, scored_tables
+from spade.io.results import RUN_INFO, read_score_table, scored_tables
 from spade.io.routing import Route, RoutePlan, is_routing, plan_routes
 from spade.index.knn import k_warning
 from spade.scoring.calibration import normal_reference
@@ -38,7 +38,7 @@ from spade.io.tables import SCORES_SCHEMA
 from spade.evaluation.thresholds import validate_thresholds
 from spade.features.weights import check_preprocessing, resolve_weights
 from transforms.extract import ExtractFeatures
-from transforms.parquet import CommitUnits, WriteParquetShards, read_ledger_rows
+from transforms.parquet import CommitUnits, WriteParquetShards, committed_parts, read_ledger_rows
 from transforms.progress import CountProgress
 from transforms.inputs import ListInputs
 from transforms.read import ReadImages
@@ -59,21 +59,6 @@ def done_tables(done: dict[str, tuple[str | None, str | None]], run_id: str, rou
     done root and the parts other runs committed to its ledger (``done``: {route: (done root, ledger)})."""
     done_root, ledger = done[route]
     return (scored_tables(done_root) if done_root else []) + (earlier_parts(ledger, run_id) if ledger else [])
-
-
-def committed_parts(routed_ledger: tuple[str, str], run_id: str) -> list[tuple[str, str]]:
-    """(route, part) for each part other, interrupted runs committed to a route's ledger."""
-    route, ledger = routed_ledger
-    return [(route, part) for part in earlier_parts(ledger, run_id)]
-
-
-def done_uris(table_url: str) -> list[str]:
-    """What a done table covers: a ledger part's sources (all its rows), a score table's ok URIs."""
-    return committed_sources(table_url) if is_part(table_url) else ok_uris(table_url)
-
-
-def done_kind(table_url: str) -> str:
-    return "resumed" if is_part(table_url) else "skipped"
 
 
 def nightly_partition(out_url: str, gallery_hash: str, day: str, rescore_all: bool) -> str:
@@ -170,7 +155,12 @@ class ScoreJob:
 
     @property
     def staging(self) -> str:
-        return storage.join(self.scores_folder, f"_staging-{self.run_id}")
+        """This run's scratch folder (summary, owner record); the table's files go straight into `scores_folder`."""
+        return storage.join(self.scores_folder, f"{publication.SCRATCH_PREFIX}{self.run_id}")
+
+    @property
+    def table_prefix(self) -> str:
+        return storage.join(self.scores_folder, f"{self.run_id}-part")
 
     @property
     def summary_url(self) -> str:
@@ -216,7 +206,8 @@ def begin_job(job: ScoreJob, lease: RunLease, say: Callable[[str], None]) -> Non
     since_note = f", dated {job.since} or later" if job.since else ""
     say(f"{prefix}inputs {job.images}{since_note} (listed by the workers) against gallery {job.gallery_url} "
         f"({job.gallery_hash}) -> {job.run_out}")
-    job.interrupted = storage.remove_stale_staging(job.scores_folder, staging_is_live)
+    publication.adopt(job.scores_folder, job.run_id)
+    job.interrupted = publication.tidy(job.scores_folder, staging_is_live)
     for gone in job.interrupted:
         say(f"{prefix}cleaned up after an interrupted run ({gone})")
     for other in discard_others(job.run_out, job.ledger):
@@ -272,7 +263,7 @@ class ScoreGalleries(beam.PTransform):
                                  | "ReadCommitted" >> beam.FlatMap(read_ledger_rows))
         rows = tuple(branches.values()) | "AllRows" >> beam.Flatten()
         written = rows | "WriteScores" >> WriteParquetShards(
-            {route: storage.join(job.staging, "part") for route, job in jobs.items()}, SCORES_SCHEMA, config.shards,
+            {route: job.table_prefix for route, job in jobs.items()}, SCORES_SCHEMA, config.shards,
             rows_per_shard=config.rows_per_shard)
         summary = (tuple(branches.values()), skipped) | "Summary" >> WriteSummary(
             {route: job.summary_url for route, job in jobs.items()})
@@ -292,14 +283,14 @@ def finish_job(job: ScoreJob, elapsed: float, metrics: dict, say: Callable[[str]
     summary |= {"skipped": skipped, "resumed": resumed, "new": counts["rows"] - resumed}
     since_note = f", dated {job.since} or later" if job.since else ""
     if counts["rows"] == 0:
-        storage.remove(job.staging, recursive=True)
+        publication.discard(job.scores_folder, job.run_id)  # its scratch and empty shard
         if not skipped and not job.since and not routed:
             raise FileNotFoundError(f"--images {job.images!r} matches no files")
         say(f"{prefix}nothing to do: 0 new, {skipped} already scored{since_note}")
         return summary
     job.lease.check()
-    storage.publish_staged(job.staging, job.scores_folder, tag=job.run_id if job.day is not None else None,
-                           replace=job.day is None, then_remove=(job.ledger,))
+    publication.commit(job.scores_folder, publication.run_files(job.scores_folder, job.run_id), job.run_id,
+                       replace=job.day is None, retire=(job.ledger,))
     if job.interrupted:
         orphans = remove_orphan_maps(job.run_out)
         if orphans:
@@ -348,17 +339,19 @@ class UnroutedJob:
 
     @property
     def staging(self) -> str:
-        return storage.join(self.scores_folder, f"_staging-{self.run_id}")
+        return storage.join(self.scores_folder, f"{publication.SCRATCH_PREFIX}{self.run_id}")
 
     def begin(self, lease: RunLease) -> None:
         self.lease = lease
-        storage.remove_stale_staging(self.scores_folder, staging_is_live)
+        publication.adopt(self.scores_folder, self.run_id)
+        publication.tidy(self.scores_folder, staging_is_live)
         lease.mark(self.staging)
 
     def finish(self, say: Callable[[str], None]) -> int:
         counts = read_summary(storage.join(self.staging, SUMMARY))
         self.lease.check()
-        storage.publish_staged(self.staging, self.scores_folder, replace=True)
+        publication.commit(self.scores_folder, publication.run_files(self.scores_folder, self.run_id), self.run_id,
+                           replace=True)
         if counts["rows"]:
             say(f"score: {counts['rows']} input(s) not scored, one error row each in {self.scores_folder}")
             for _, message in counts["error_messages"][:5]:
@@ -379,7 +372,8 @@ class UnroutedRows(beam.PTransform):
                 | "List" >> ListUnrouted(self.job.specs)
                 | "Stamp" >> beam.Map(lambda row: {**row, "gallery_hash": None, "scored_at": scored_at})
                 | "Count" >> beam.ParDo(CountProgress(self.progress_folder)))
-        written = rows | "Write" >> WriteParquetShards(storage.join(self.job.staging, "part"), SCORES_SCHEMA, 0)
+        written = rows | "Write" >> WriteParquetShards(storage.join(self.job.scores_folder, f"{self.job.run_id}-part"),
+                                                       SCORES_SCHEMA, 0)
         summary = (rows, pbegin | "NoneDone" >> beam.Create([])) | "Summary" >> WriteSummary(
             storage.join(self.job.staging, SUMMARY))
         return (written, summary) | "Written" >> beam.Flatten()
@@ -453,10 +447,10 @@ def _score_jobs(jobs: list[ScoreJob], errors: "UnroutedJob | None", beam_args: l
         unrouted = errors.finish(say) if errors is not None else 0
         published = True
     finally:
-        if not published:
-            for staging in [job.staging for job in jobs] + ([errors.staging] if errors is not None else []):
-                if not storage.exists(storage.join(staging, storage.PUBLISH_PLAN)):
-                    storage.remove(staging, recursive=True)  # the ledgers keep what was committed
+        if not published:  # the ledgers keep what was committed; the run's uncommitted files go
+            for folder, run_id in ([(job.scores_folder, job.run_id) for job in jobs]
+                                   + ([(errors.scores_folder, errors.run_id)] if errors is not None else [])):
+                publication.discard(folder, run_id)
     say(metrics_line("score", metrics))
     if not routed:
         return summaries[""]

@@ -10,7 +10,7 @@ from apache_beam.metrics.execution import MetricKey, MetricResult
 from apache_beam.metrics.metricbase import MetricName
 
 from spade.index.cache import cached_folder
-from spade.io.listing import InputsMissing, check_spec, list_part, plan_listing
+from spade.io.listing import InputsMissing, check_spec, list_part, plan_listing, split_part
 from spade.io.sources import expand_images
 from pipelines.cli import main
 from pipelines.fit import run_fit
@@ -19,13 +19,22 @@ from pipelines.progress import ProgressReporter, counter_value
 from pipelines.runner import JobSubmitted
 from pipelines.score import run_score
 from tests.conftest import BEAM_ARGS, plumbing_config
+from transforms.inputs import SPLIT_LEVELS, ListInputs
 
 GRAPH_ONLY = ["--runner=pipelines.runner.GraphOnlyRunner"]
 
 
+def split_down(parts, levels: int = SPLIT_LEVELS):
+    """What `ListInputs` does to the planned parts on workers: `split_part`, level by level."""
+    for _ in range(levels):
+        parts = [piece for part in parts for piece in split_part(part)]
+    return parts
+
+
 def listed_by_parts(spec: str, split: str | None = None) -> list[str]:
-    found = [uri for part in plan_listing(spec, split) for uri in list_part(part)]
-    assert len(found) == len(set(found)), "listing parts overlap"
+    for parts in (plan_listing(spec, split), split_down(plan_listing(spec, split))):
+        found = [uri for part in parts for uri in list_part(part)]
+        assert len(found) == len(set(found)), "listing parts overlap"
     return sorted(found)
 
 
@@ -61,6 +70,36 @@ def test_listing_splits_per_folder_and_needs_one_listing_to_plan(archive):
         fs.pipe(f"/listing-test/day{i % 3}/{i:03d}.png", b"x")
     assert listed_by_parts("memory://listing-test/**/*.png") == expand_images("memory://listing-test/**/*.png")
     assert len(plan_listing("memory://listing-test")) == 4
+
+
+def test_deep_partitions_are_listed_in_parts_of_one_leaf_folder(tmp_path):
+    """line=/camera=/date=/hour=: the root's children are only the lines; workers split further, so each part lists
+    one hour's folder, and the batches hold exactly what `expand_images` lists."""
+    import apache_beam as beam
+    from apache_beam.testing.util import assert_that, equal_to
+
+    root = tmp_path / "plant"
+    hours = [f"line={line}/camera={camera}/date=2026-12-0{day}/hour={hour:02d}" for line in ("L1", "L2")
+             for camera in ("top", "side") for day in (1, 2) for hour in (6, 7, 8)]
+    for folder in hours:
+        for i in range(3):
+            path = root / folder / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"x")
+    (root / "line=L1" / "camera=top" / "ground_truth").mkdir()
+    (root / "line=L1" / "camera=top" / "ground_truth" / "m.png").write_bytes(b"x")
+    (root / "line=L1" / "stray.png").write_bytes(b"x")
+    planned = plan_listing(str(root))
+    assert len(planned) == 1 + 2  # the root's own files + one part per line: the launcher lists one folder
+    parts = split_down(planned)
+    leaves = [p for p in parts if p.kind == "find"]
+    assert sorted(p.path for p in leaves) == sorted(str(root / h) for h in hours)  # 24 parts of 3 images each
+    assert max(len(list_part(p)) for p in parts) == 3
+    assert listed_by_parts(str(root)) == expand_images(str(root))
+    with beam.Pipeline(argv=BEAM_ARGS) as pipeline:
+        batches, _ = pipeline | ListInputs(str(root), None, batch_size=2)
+        uris = batches | beam.FlatMap(lambda batch: batch[1])
+        assert_that(uris, equal_to(expand_images(str(root))))
 
 
 def test_missing_inputs_are_refused_cheaply(tmp_path):

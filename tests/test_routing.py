@@ -147,7 +147,7 @@ def test_kill_and_rerun_resumes_each_gallery(plant, tmp_path):
     for route in summary["galleries"]:
         uris = [r["uri"] for r in read_score_table(str(out / route)).to_pylist()]
         assert len(uris) == len(set(uris)) == 6, route
-    assert not list(out.rglob("_staging-*")) and not list(out.rglob("_ledger-*")) and not list(out.rglob("_lease.json"))
+    assert not list(out.rglob("_staging-*")) and not list(out.rglob("_ledger-*")) and not list(out.rglob("_lease-*"))
 
 
 def test_open_galleries_are_bounded_least_recently_used_first():

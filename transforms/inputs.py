@@ -1,7 +1,8 @@
 """Inputs listed on workers: the job graph carries the ``--images`` spec only; workers expand, filter and batch it.
 
-``--images`` → `plan_listing` (one worker: one listing of the spec's root) → Reshuffle → `list_part` on many
-workers (one folder / date partition each; ``--since`` evaluated there) → optionally joined with the URIs an
+``--images`` → `plan_listing` (one worker: one listing of the spec's root) → Reshuffle → `split_part`, level by
+level (``SPLIT_LEVELS``, each on many workers) → `list_part` on many workers (one folder each; ``--since``
+evaluated there) → optionally joined with the URIs an
 earlier run already did (read from its tables by workers, never by the launcher) → per folder, sorted and cut
 into batches of ``batch_size`` URIs (deterministic: the same inputs give the same batches) → Reshuffle.
 """
@@ -12,10 +13,12 @@ from typing import Callable, Iterable, Mapping
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from spade.io.listing import ListingPart, list_part, plan_listing
-from spade.io.sources import dated_on_or_after
+from spade.io.listing import ListingPart, list_part, plan_listing, split_part
+from spade.io.sources import dated_on_or_after, is_tar
 from transforms.progress import CountProgress
 from transforms.records import routed
+
+SPLIT_LEVELS = 3  # folder levels below the root's children split into parts of their own (line=/camera=/date=/hour=)
 
 
 class _ListPart(beam.DoFn):
@@ -78,15 +81,25 @@ def _already_done(joined) -> list[tuple[str, dict[str, int]]]:
 
 
 def _batches(keyed, batch_size: int):
+    """Units of work: up to ``batch_size`` files, or one tar shard (counted and read from a single download)."""
     (route, _), uris = keyed
     ordered = sorted(set(uris))
-    for i in range(0, len(ordered), batch_size):
-        yield route, ordered[i:i + batch_size]
+    files = [uri for uri in ordered if not is_tar(uri)]
+    for i in range(0, len(files), batch_size):
+        yield route, files[i:i + batch_size]
+    for uri in ordered:
+        if is_tar(uri):
+            yield route, [uri]
 
 
 def _plan(routed_spec: tuple[str, str], split: str | None) -> list[tuple[str, ListingPart]]:
     route, spec = routed_spec
     return [(route, part) for part in plan_listing(spec, split)]
+
+
+def _split(routed_part: tuple[str, ListingPart]) -> list[tuple[str, ListingPart]]:
+    route, part = routed_part
+    return [(route, piece) for piece in split_part(part)]
 
 
 def _batch_size(batch: tuple[str, list[str]]) -> int:
@@ -117,8 +130,12 @@ class ListInputs(beam.PTransform):
         listed = (pbegin
                   | "Spec" >> beam.Create(sorted(self.specs.items()))
                   | "Plan" >> beam.FlatMap(_plan, self.split)
-                  | "SpreadParts" >> beam.Reshuffle()
-                  | "List" >> beam.ParDo(_ListPart(self.since)))
+                  | "SpreadParts" >> beam.Reshuffle())
+        for level in range(SPLIT_LEVELS):  # deeper partitions: one part per folder, each level listed on workers
+            listed = (listed
+                      | f"Split{level}" >> beam.FlatMap(_split)
+                      | f"SpreadSplit{level}" >> beam.Reshuffle())
+        listed = listed | "List" >> beam.ParDo(_ListPart(self.since))
         if self.done_tables is not None:
             done_tables = self.done_tables
             done = (pbegin

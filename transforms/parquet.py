@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
 
 from spade.io import storage
-from spade.io.ledger import ledger_schema, part_url
+from spade.io.ledger import earlier_parts, ledger_schema, part_url
 from spade.io.tables import rows_to_table
 from transforms.records import route_of, routed
 
@@ -139,6 +139,12 @@ class CommitUnits(beam.DoFn):
                 storage.write_parquet(part_url(ledger, key, self.run_id), rows_to_table(ordered, self.schema))
                 self.committed.inc()
         yield row
+
+
+def committed_parts(routed_ledger: tuple[str, str], run_id: str) -> list[tuple[str, str]]:
+    """(route, part) for each part other, interrupted runs committed to a route's ledger."""
+    route, ledger = routed_ledger
+    return [(route, part) for part in earlier_parts(ledger, run_id)]
 
 
 def read_ledger_rows(routed_url: tuple[str, str]):

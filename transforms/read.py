@@ -11,7 +11,8 @@ from spade.config import SpadeConfig
 from spade.features.framing import framing_for
 from spade.io.images import DecodeLimits, ImageBeyondLimits, ImageDecodeError, content_id, decode_rgb, preprocess
 from spade.io.ledger import unit_key
-from spade.io.sources import count_inputs, label_from_uri, read_inputs
+from spade.io.sources import count_inputs, is_tar, label_from_uri, read_inputs
+from spade.io.storage import object_store_copy
 from transforms.records import ImageInput, SplitErrors, WorkUnit, error_row, routed
 
 LOG = logging.getLogger(__name__)
@@ -50,7 +51,14 @@ class DecodeImages(beam.DoFn):
             yield route, batch
 
     def _decode_all(self, route: str, uris: list[str]):
-        key, size = unit_key(uris), sum(count_inputs(uri) for uri in uris)
+        key = unit_key(uris)
+        if len(uris) == 1 and is_tar(uris[0]):  # a shard is a unit of its own: counted and read from one download
+            with object_store_copy(uris[0]) as local:
+                work = WorkUnit(uris[0], key, count_inputs(uris[0], local))
+                for image_uri, data, problem in read_inputs(uris[0], local):
+                    yield from self._decode_one(route, image_uri, data, problem, work)
+            return
+        size = sum(count_inputs(uri) for uri in uris)
         for source in uris:
             work = WorkUnit(source, key, size)
             for image_uri, data, problem in read_inputs(source):

@@ -1,15 +1,16 @@
 """Who is working on a folder: a run lease (owner + heartbeat) and liveness records on staging folders.
 
 Two runs that write the same outputs (two `spade score --date D` started by mistake, or a re-run while the
-first is still going) must not both publish. The first takes ``<folder>/_lease.json`` (created exclusively:
-a hard link of a complete file, which fails when the lease exists) and rewrites its heartbeat every
-``HEARTBEAT_EVERY`` seconds; a second run finds a live lease and stops with `LeaseHeld`. A lease is stale,
-and is taken over, when its owner's process is gone (same host) or its heartbeat is older than
-``stale_after`` seconds (a run killed on another machine). Staging folders carry the same owner record
-(``_owner.json``), so that cleaning up after killed runs never deletes a live run's folder.
-
-On object stores (no exclusive create) the lease is written and read back after a short pause: two runs
-starting within that pause may both proceed; local disks and NFS have no such window.
+first is still going) must not both publish. A lease is a numbered key, ``<folder>/_lease-<epoch>.json``, made with
+an exclusive create (`spade.io.storage.create_exclusive`: a hard link on disk, a conditional PUT on S3 and GCS), so
+of two runs creating the same epoch exactly one succeeds; the highest epoch is the lease. Its holder rewrites its
+heartbeat every ``HEARTBEAT_EVERY`` seconds; a second run finds a live lease and stops with `LeaseHeld`. A lease is
+stale when its owner's process is gone (same host) or its heartbeat is older than ``stale_after`` seconds (a run
+killed on another machine); it is taken over by creating the next epoch, which again only one run can do, and the
+superseded keys are deleted. Nothing is ever renamed, so the scheme needs no more of a store than a create that
+fails when the key exists; a store without one is named at the start (`spade.io.storage.exclusive_create_note`).
+Staging folders carry the same owner record (``_owner.json``), so that cleaning up after killed runs never deletes a
+live run's folder.
 """
 from __future__ import annotations
 
@@ -19,13 +20,12 @@ import os
 import socket
 import threading
 import time
-import uuid
 from typing import Any
 
 from spade.io import storage
 
 LOG = logging.getLogger(__name__)
-LEASE = "_lease.json"
+LEASE_PREFIX = "_lease-"
 OWNER = "_owner.json"
 HEARTBEAT_EVERY = 10.0
 STALE_AFTER = 120.0
@@ -91,6 +91,16 @@ def _describe(record: dict[str, Any]) -> str:
             f"last heartbeat {age:.0f}s ago)")
 
 
+def lease_keys(folder: str) -> list[tuple[int, str]]:
+    """(epoch, URL) of the lease keys in ``folder``, lowest first."""
+    keys = []
+    for url in storage.list_files(folder, ".json"):
+        name = url.rsplit("/", 1)[-1]
+        if name.startswith(LEASE_PREFIX) and name[len(LEASE_PREFIX):-5].isdigit():
+            keys.append((int(name[len(LEASE_PREFIX):-5]), url))
+    return sorted(keys)
+
+
 class RunLease:
     """The lease of one folder for one run; a context manager that beats until released.
 
@@ -100,69 +110,63 @@ class RunLease:
     def __init__(self, folder: str, run_id: str, what: str, stale_after: float = STALE_AFTER,
                  every: float = HEARTBEAT_EVERY):
         self.folder, self.run_id, self.what = folder, run_id, what
-        self.url = storage.join(folder, LEASE)
+        self.url: str | None = None  # this run's lease key, once taken
+        self.epoch = -1
         self.stale_after, self.every = stale_after, every
         self._marked: list[str] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.lost = False
 
+    def _key(self, epoch: int) -> str:
+        return storage.join(self.folder, f"{LEASE_PREFIX}{epoch:010d}.json")
+
     def acquire(self) -> "RunLease":
         storage.makedirs(self.folder)
-        for _ in range(5):
-            if self._create():
-                self._thread = threading.Thread(target=self._beat, name="spade-lease", daemon=True)
-                self._thread.start()
-                return self
-            current = _read(self.url)
-            if current is not None and is_live(current, self.stale_after):
-                raise LeaseHeld(
-                    f"{self.folder} is being written by {_describe(current)}. Wait for it to finish (then re-run: "
-                    f"work it committed is kept), or, if that run is dead, re-run after {self.stale_after:.0f}s without "
-                    f"heartbeat (or delete {self.url}).")
-            if current is not None:
-                LOG.warning("taking over the stale lease of %s from %s", self.folder, _describe(current))
-            self._break(current)
-        raise LeaseHeld(f"could not take the lease {self.url}: other runs keep taking it; run one at a time")
+        note = storage.exclusive_create_note(self.folder)
+        if note:
+            LOG.warning("WARNING: %s", note)
+        for _ in range(8):
+            keys = lease_keys(self.folder)
+            epoch = 0
+            if keys:
+                top, top_url = keys[-1]
+                current = _read(top_url)
+                if current is None and not storage.exists(top_url):  # released between the listing and the read
+                    time.sleep(0.05)
+                    continue
+                if current is not None and is_live(current, self.stale_after):
+                    raise LeaseHeld(
+                        f"{self.folder} is being written by {_describe(current)}. Wait for it to finish (then re-run: "
+                        f"work it committed is kept), or, if that run is dead, re-run after {self.stale_after:.0f}s "
+                        f"without heartbeat (or delete {top_url}).")
+                LOG.warning("taking over the stale lease of %s from %s", self.folder,
+                            _describe(current) if current else f"an unreadable {top_url}")
+                epoch = top + 1
+            url = self._key(epoch)
+            record = json.dumps(owner_record(self.run_id, self.what)).encode()
+            if not storage.create_exclusive(url, record) or (note and not self._still_mine(url)):
+                continue  # another run took this epoch first: look again
+            if lease_keys(self.folder)[-1][0] != epoch:  # a later epoch exists: someone else holds it
+                storage.remove(url)
+                continue
+            self.url, self.epoch = url, epoch
+            for older, older_url in lease_keys(self.folder):
+                if older != epoch:
+                    storage.remove(older_url)  # superseded
+            self._thread = threading.Thread(target=self._beat, name="spade-lease", daemon=True)
+            self._thread.start()
+            return self
+        raise LeaseHeld(f"could not take the lease of {self.folder}: other runs keep taking it; run one at a time")
 
-    def _create(self) -> bool:
-        record = owner_record(self.run_id, self.what)
-        if storage.is_local(self.url):
-            path = storage.local_path(self.url)
-            tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-            with open(tmp, "w") as handle:
-                json.dump(record, handle)
-            try:
-                os.link(tmp, path)  # atomic, and fails when a lease exists
-                return True
-            except FileExistsError:
-                return False
-            finally:
-                os.unlink(tmp)
-        if storage.exists(self.url):
-            return False
-        storage.write_json(self.url, record)
+    def _still_mine(self, url: str) -> bool:
+        """Where creates are not exclusive: wait, then read back whose record won."""
         time.sleep(0.5)
-        return (_read(self.url) or {}).get("run_id") == self.run_id
+        return (_read(url) or {}).get("run_id") == self.run_id
 
-    def _break(self, seen: dict[str, Any] | None) -> None:
-        """Move a stale lease aside; if what was moved is not the one judged stale (another run took over in
-        between), put it back."""
-        aside = f"{self.url}.stale-{uuid.uuid4().hex}"
-        try:
-            storage.move(self.url, aside)
-        except (FileNotFoundError, OSError):
-            return
-        moved = _read(aside)
-        if seen is not None and moved is not None and moved.get("run_id") != seen.get("run_id"):
-            if storage.is_local(self.url):
-                try:
-                    os.link(storage.local_path(aside), storage.local_path(self.url))
-                except FileExistsError:
-                    pass
-            else:
-                storage.move(aside, self.url)
-        storage.remove(aside)
+    def _holds(self) -> bool:
+        keys = lease_keys(self.folder)
+        return bool(keys) and keys[-1][0] == self.epoch and (_read(self.url) or {}).get("run_id") == self.run_id
 
     def mark(self, staging_url: str) -> None:
         """Record this run as the owner of ``staging_url`` (kept beating while the lease is held)."""
@@ -172,10 +176,9 @@ class RunLease:
     def _beat(self) -> None:
         while not self._stop.wait(self.every):
             try:
-                current = _read(self.url)
-                if current is None or current.get("run_id") != self.run_id:
+                if not self._holds():
                     if not self.lost:
-                        LOG.error("lost the lease of %s (another run took it over); this run's outputs may be "
+                        LOG.error("lost the lease of %s (another run took it over); this run's outputs will be "
                                   "refused at publication", self.folder)
                     self.lost = True
                     continue
@@ -189,8 +192,9 @@ class RunLease:
 
     def check(self) -> None:
         """Raise `LeaseHeld` if another run has taken this lease over (checked before publishing)."""
-        current = _read(self.url)
-        if self.lost or current is None or current.get("run_id") != self.run_id:
+        if self.lost or self.url is None or not self._holds():
+            keys = lease_keys(self.folder)
+            current = _read(keys[-1][1]) if keys else None
             holder = _describe(current) if current else "nobody"
             raise LeaseHeld(f"{self.folder}: this run's lease was taken over (now held by {holder}); "
                             "nothing was published. Re-run when the other run has finished.")
@@ -199,8 +203,7 @@ class RunLease:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        current = _read(self.url)
-        if current is not None and current.get("run_id") == self.run_id:
+        if self.url is not None and (_read(self.url) or {}).get("run_id") == self.run_id:
             storage.remove(self.url)
 
     def __enter__(self) -> "RunLease":

@@ -15,6 +15,7 @@ import pyarrow as pa
 
 from spade.config import stable_hash
 from spade.io import storage
+from spade.io.results import ok_uris
 
 LEDGER_PREFIX = "_ledger-"
 SOURCE = "source"
@@ -59,3 +60,13 @@ def discard_others(run_out: str, keep: str) -> list[str]:
     for url in removed:
         storage.remove(url, recursive=True)
     return removed
+
+
+def done_uris(table_url: str) -> list[str]:
+    """What a done table covers: a ledger part's sources (all its rows), a published table's ok URIs."""
+    return committed_sources(table_url) if is_part(table_url) else ok_uris(table_url)
+
+
+def done_kind(table_url: str) -> str:
+    """How a done table's inputs are counted: "resumed" (a killed run committed them) or "skipped" (published)."""
+    return "resumed" if is_part(table_url) else "skipped"

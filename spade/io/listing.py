@@ -1,4 +1,5 @@
-"""Expanding ``--images`` in parts that separate workers can list: one part per folder (date partition) below its root.
+"""Expanding ``--images`` in parts that separate workers can list: one part per folder below its root, split further
+on workers where the archive is partitioned deeper (`split_part`).
 
 `expand_images` lists everything in one process; for an archive of millions of files that process
 would be the launcher, and the list would travel inside the job graph. Here the launcher keeps the
@@ -79,6 +80,28 @@ def plan_listing(spec: str, split: str | None = None) -> list[ListingPart]:
     if fs.exists(path):
         return [ListingPart("file", full(path))]
     raise _nothing(spec)
+
+
+def split_part(part: ListingPart) -> list[ListingPart]:
+    """A ``find`` part one level down, as parts of their own: the files directly in its folder and a ``find`` part per
+    sub-folder (``ground_truth/`` left out); other parts, and a folder without sub-folders, as they are. One
+    directory listing. Applied a few times on workers (`transforms.inputs.ListInputs`), it cuts an archive laid out
+    ``line=/camera=/date=/hour=`` into parts of one leaf folder each, whatever its depth; the parts stay disjoint and
+    together list what ``part`` lists."""
+    if part.kind != "find":
+        return [part]
+    fs, path = fsspec.core.url_to_fs(part.path)
+    prefix = _protocol_prefix(part.path)
+    try:
+        children = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return []
+    folders = [c["name"].rstrip("/") for c in children if c["type"] == "directory"]
+    folders = [f for f in folders if f.rsplit("/", 1)[-1] != "ground_truth"]
+    if not folders:
+        return [part]
+    parts = [ListingPart("files", part.path, part.root)] if any(c["type"] == "file" for c in children) else []
+    return parts + [ListingPart("find", _with_protocol(prefix, f), part.root) for f in sorted(folders)]
 
 
 def _glob_parts(fs, path: str) -> list[str]:

@@ -1,13 +1,14 @@
 """Reading a score run's outputs: run.json and the score table, of one run or of all nightly partitions."""
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import pyarrow as pa
 
-from spade.io import storage
+from spade.io import publication, storage
 
 RUN_INFO = "run.json"
 
@@ -30,7 +31,7 @@ def read_run_info(out_url: str) -> dict[str, Any]:
 
 def read_score_table(out_url: str, columns: list[str] | None = None) -> pa.Table:
     """The score table of a run, or of every nightly partition under ``out_url``."""
-    urls = [u for folder in score_folders(out_url) for u in storage.list_files(storage.join(folder, "scores"), ".parquet")]
+    urls = [u for folder in score_folders(out_url) for u in publication.table_files(storage.join(folder, "scores"))]
     if not urls:
         raise FileNotFoundError(f"{out_url} holds no score table; did `spade score --out {out_url}` finish?")
     return storage.read_parquet(urls, columns=columns)
@@ -39,7 +40,7 @@ def read_score_table(out_url: str, columns: list[str] | None = None) -> pa.Table
 def scored_tables(partition_root: str) -> list[str]:
     """The score-table files of every date partition under one gallery's folder (``gallery=<hash>/date=*/scores``)."""
     return [u for day in storage.list_dirs(partition_root, "date=")
-            for u in storage.list_files(storage.join(day, "scores"), ".parquet")]
+            for u in publication.table_files(storage.join(day, "scores"))]
 
 
 def ok_uris(table_url: str) -> list[str]:
@@ -88,17 +89,28 @@ def night_partitions(root: str) -> Iterator[tuple[str, list[NightPartition]]]:
 
 
 def read_night_table(folder: str, columns: list[str]) -> pa.Table | None:
-    """``columns`` of one run folder's score table (its scores/*.parquet files), None when it has none."""
+    """``columns`` of one run folder's score table (the files its commit names), None when it has none."""
     import pyarrow.parquet as pq
 
     tables = []
     if storage.is_local(folder):  # the common case, without fsspec's per-call cost (a trend reads years of nights)
         scores = os.path.join(storage.local_path(folder), "scores")
-        names = sorted(n for n in os.listdir(scores) if n.endswith(".parquet") and not n.startswith(".")) if os.path.isdir(scores) else []
-        for name in names:
+        for name in _local_table_names(scores):
             tables.append(pq.ParquetFile(os.path.join(scores, name)).read(columns=columns, use_threads=False))
     else:
-        for url in storage.list_files(storage.join(folder, "scores"), ".parquet"):
+        for url in publication.table_files(storage.join(folder, "scores")):
             with storage.local_copy(url) as path:
                 tables.append(pq.ParquetFile(path).read(columns=columns, use_threads=False))
     return pa.concat_tables(tables) if tables else None
+
+
+def _local_table_names(scores: str) -> list[str]:
+    """`spade.io.publication.table_files` of a local folder, by name, with plain OS calls."""
+    try:
+        with open(os.path.join(scores, publication.COMMIT)) as handle:
+            return list(json.load(handle)["files"])
+    except FileNotFoundError:
+        pass
+    if not os.path.isdir(scores):
+        return []
+    return sorted(n for n in os.listdir(scores) if n.endswith(".parquet") and not n.startswith("."))

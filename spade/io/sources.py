@@ -52,13 +52,14 @@ def expand_images(spec: str, split: str | None = None) -> list[str]:
     return uris
 
 
-def read_inputs(uri: str) -> Iterator[tuple[str, bytes | None, str | None]]:
-    """(uri, bytes, error) per image behind ``uri``: one for a file, one per member for a tar shard.
+def read_inputs(uri: str, local: str | None = None) -> Iterator[tuple[str, bytes | None, str | None]]:
+    """(uri, bytes, error) per image behind ``uri``: one for a file, one per member for a tar shard (read from
+    ``local``, a local copy of it, when given).
 
     Never raises for a bad input: a missing or unreadable file yields (uri, None, reason).
     """
     if is_tar(uri):
-        yield from _read_tar(uri)
+        yield from _read_tar(uri, local=local)
         return
     try:
         with fsspec.open(uri, "rb") as handle:
@@ -69,17 +70,19 @@ def read_inputs(uri: str) -> Iterator[tuple[str, bytes | None, str | None]]:
         yield uri, None, f"cannot read file: {exc}"
 
 
-def count_inputs(uri: str) -> int:
+def count_inputs(uri: str, local: str | None = None) -> int:
     """How many (uri, bytes, error) items `read_inputs` yields for ``uri``: 1 for a file; for a tar shard its
-    members, read without their data (a unit of work knows when all its rows are in)."""
+    members, read without their data (a unit of work knows when all its rows are in). Pass the same ``local`` copy
+    as to `read_inputs`, so that a remote shard is downloaded once."""
     if not is_tar(uri):
         return 1
-    return sum(1 for _ in _read_tar(uri, with_data=False))
+    return sum(1 for _ in _read_tar(uri, with_data=False, local=local))
 
 
-def _read_tar(uri: str, with_data: bool = True) -> Iterator[tuple[str, bytes | None, str | None]]:
+def _read_tar(uri: str, with_data: bool = True, local: str | None = None) -> Iterator[tuple[str, bytes | None, str | None]]:
     try:
-        with fsspec.open(uri, "rb") as handle, tarfile.open(fileobj=handle, mode="r:*") as archive:
+        opened = open(local, "rb") if local is not None else fsspec.open(uri, "rb")
+        with opened as handle, tarfile.open(fileobj=handle, mode="r:*") as archive:
             for member in archive:
                 if not member.isfile() or member.name.rsplit("/", 1)[-1].startswith("."):
                     continue

@@ -1,12 +1,22 @@
-"""File access through fsspec: atomic writes, Parquet, and local copies for memory-mapping."""
+"""File access through fsspec: whole-file writes, exclusive creates, Parquet, and local copies for memory-mapping.
+
+What a filesystem guarantees differs, and is decided here once. On local disks (and other filesystems that rename) a
+file is written to a temporary name and renamed into place. On object stores (S3, GCS, Azure; also ``memory://``) a
+single PUT is already all-or-nothing, and a rename is a copy plus a delete, so each object is written once, straight
+to its final key: no temporary key is ever left behind. An exclusive create (the run lease's primitive) is a hard
+link locally and a conditional PUT (S3 ``If-None-Match: *``, GCS ``ifGenerationMatch=0``) on object stores; a store
+that ignores the condition is found by a probe and named (`exclusive_create_note`).
+"""
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
+import threading
 import uuid
 from typing import Any, Callable, Iterator
 
@@ -23,9 +33,25 @@ def join(base: str, *parts: str) -> str:
     return out
 
 
+LOG = logging.getLogger(__name__)
+OBJECT_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory")  # one PUT is atomic; no rename
+CONDITIONAL_CREATE = ("s3", "s3a", "gs", "gcs")  # pipe_file(mode="create") is a conditional PUT there
+
+
+def protocol_of(url: str) -> str:
+    return url.split("://", 1)[0].lower() if "://" in url else "file"
+
+
+def is_object_store(url: str) -> bool:
+    return protocol_of(url) in OBJECT_STORES
+
+
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs, path
+    """The filesystem and path of ``url``. On object stores listings are never cached: other processes (workers, a
+    concurrent run) write there, and a cached listing would hide their files."""
+    if protocol_of(url) in CONDITIONAL_CREATE:
+        return fsspec.core.url_to_fs(url, use_listings_cache=False)
+    return fsspec.core.url_to_fs(url)
 
 
 def is_local(url: str) -> bool:
@@ -50,6 +76,9 @@ def makedirs(url: str) -> None:
 
 def _atomic_write(url: str, write: Callable[[fsspec.AbstractFileSystem, str], None]) -> None:
     fs, path = filesystem(url)
+    if is_object_store(url):
+        write(fs, path)  # one PUT: readers see the old object or the whole new one
+        return
     parent = path.rsplit("/", 1)[0] if "/" in path else ""
     if parent:
         fs.makedirs(parent, exist_ok=True)
@@ -62,7 +91,8 @@ def _atomic_write(url: str, write: Callable[[fsspec.AbstractFileSystem, str], No
 
 
 def atomic_write_bytes(url: str, data: bytes) -> None:
-    """Write ``data`` to ``url`` so that readers see the old file or the whole new one, never a part."""
+    """Write ``data`` to ``url`` so that readers see the old file or the whole new one, never a part (object
+    stores: written once, to the final key)."""
     def write(fs, tmp):
         with fs.open(tmp, "wb") as handle:
             handle.write(data)
@@ -75,8 +105,82 @@ def atomic_put_file(local: str, url: str) -> None:
     _atomic_write(url, lambda fs, tmp: fs.put_file(local, tmp))
 
 
+_MEMORY_LOCK = threading.Lock()
+_PROBED: dict[str, bool] = {}
+
+
+def create_exclusive(url: str, data: bytes) -> bool:
+    """Create ``url`` with ``data`` only if it does not exist; True when this call created it. Atomic on local disks
+    (a hard link of a complete file), ``memory://`` (one process) and object stores that honour conditional PUTs
+    (`exclusive_create_note` says when one does not)."""
+    fs, path = filesystem(url)
+    if is_local(url):
+        parent = os.path.dirname(path)
+        os.makedirs(parent or ".", exist_ok=True)
+        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+        try:
+            os.link(tmp, path)  # fails when the file exists
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+    if protocol_of(url) == "memory":
+        with _MEMORY_LOCK:
+            if fs.exists(path):
+                return False
+            fs.pipe_file(path, data)
+            return True
+    try:
+        fs.pipe_file(path, data, mode="create")
+        return True
+    except FileExistsError:
+        return False
+    except OSError as exc:  # s3fs reports S3's 412 PreconditionFailed as EINVAL, gcsfs as an HTTP error
+        if _precondition_failed(exc):
+            return False
+        raise
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    text = f"{exc} {exc.__cause__ or ''}".lower()
+    return any(sign in text for sign in ("precondition", "pre-condition", "412"))
+
+
+def exclusive_create_note(folder: str) -> str | None:
+    """None when `create_exclusive` is atomic under ``folder``; else why not (said at a run's start). On S3 and GCS a
+    probe object is created twice (once per process and bucket): a store that ignores the condition lets the second
+    succeed."""
+    protocol = protocol_of(folder)
+    if is_local(folder) or protocol == "memory":
+        return None
+    if protocol not in CONDITIONAL_CREATE:
+        return (f"{protocol}:// has no conditional create here: two runs started within a second of each other on "
+                f"{folder} may both proceed")
+    bucket = folder.split("://", 1)[1].split("/", 1)[0]
+    key = f"{protocol}://{bucket}"
+    if key not in _PROBED:
+        probe = join(folder, f"_probe-{uuid.uuid4().hex}")
+        try:
+            first, second = create_exclusive(probe, b"1"), create_exclusive(probe, b"2")
+            _PROBED[key] = first and not second
+        except OSError as exc:
+            LOG.debug("conditional-create probe failed", exc_info=True)
+            _PROBED[key] = False
+            LOG.warning("the conditional-create probe on %s failed: %s", folder, exc)
+        finally:
+            remove(probe)
+    if _PROBED[key]:
+        return None
+    return (f"the store behind {key} ignores conditional writes (If-None-Match / ifGenerationMatch): two runs started "
+            "within a second of each other may both proceed; run one at a time")
+
+
 def read_bytes(url: str) -> bytes:
-    with fsspec.open(url, "rb") as handle:
+    fs, path = filesystem(url)
+    with fs.open(path, "rb") as handle:
         return handle.read()
 
 
@@ -118,13 +222,31 @@ def local_copy(url: str) -> Iterator[str]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def object_store_copy(url: str) -> Iterator[str | None]:
+    """A local copy of an object-store file for the ``with`` block (downloaded once, then read from disk as often as
+    needed: a tar shard is counted, then read); None for any other URL (read in place) and for a file that cannot be
+    copied (its reader then reports the error as usual)."""
+    if not is_object_store(url) or protocol_of(url) == "memory":
+        yield None
+        return
+    with contextlib.ExitStack() as stack:
+        try:
+            path = stack.enter_context(local_copy(url))
+        except (OSError, ValueError):
+            path = None
+        yield path
+
+
 def _children(url: str, kind: str, keep) -> list[str]:
     """Sorted full URLs of the entries of type ``kind`` directly under folder ``url`` whose names pass ``keep``."""
     fs, path = filesystem(url)
-    if not fs.exists(path):
+    try:
+        entries = fs.ls(path, detail=True)
+    except (FileNotFoundError, NotADirectoryError):  # absent (on object stores: gone with its last object)
         return []
     protocol = url.split("://", 1)[0] + "://" if "://" in url else ""
-    found = [p["name"] for p in fs.ls(path, detail=True) if p["type"] == kind and keep(p["name"].rstrip("/").rsplit("/", 1)[-1])]
+    found = [p["name"] for p in entries if p["type"] == kind and keep(p["name"].rstrip("/").rsplit("/", 1)[-1])]
     return sorted(protocol + p if protocol and not p.startswith(protocol) else p for p in found)
 
 
@@ -143,16 +265,6 @@ def read_parquet(urls: list[str], columns: list[str] | None = None) -> pa.Table:
     return pa.concat_tables(tables)
 
 
-def move(src: str, dest: str) -> None:
-    """Rename a file (atomic on local disk; copy + delete where the filesystem cannot rename)."""
-    if is_local(src) and is_local(dest):
-        os.makedirs(os.path.dirname(local_path(dest)) or ".", exist_ok=True)
-        os.replace(local_path(src), local_path(dest))
-        return
-    fs, src_path = filesystem(src)
-    fs.mv(src_path, filesystem(dest)[1])
-
-
 def remove(url: str, recursive: bool = False) -> None:
     fs, path = filesystem(url)
     if fs.exists(path):
@@ -164,67 +276,12 @@ def list_dirs(url: str, prefix: str = "") -> list[str]:
     return _children(url, "directory", lambda name: name.startswith(prefix))
 
 
-PUBLISH_PLAN = "_publish.json"
-
-
-def publish_staged(staging: str, folder: str, tag: str | None = None, replace: bool = False,
-                   then_remove: tuple[str, ...] = ()) -> list[str]:
-    """Move the Parquet files a finished run wrote under ``staging`` into ``folder``; returns their new URLs.
-
-    A run writes only to its own staging folder, so a run killed midway leaves nothing readers see. ``tag``
-    prefixes the names (runs that add files beside earlier ones); ``replace`` removes the folder's other
-    Parquet files, so a re-run replaces rather than duplicates; ``then_remove`` lists folders to delete once
-    published (a run ledger). The whole publication is first written down as a plan in the staging folder:
-    a run killed while publishing is finished by the next one (`remove_stale_staging`) exactly as planned,
-    so no file is published twice or lost.
-    """
-    moves = []
-    for url in list_files(staging, ".parquet"):
-        name = url.rsplit("/", 1)[-1]
-        moves.append([url, join(folder, f"{tag}-{name}" if tag else name)])
-    plan = {"folder": folder, "moves": moves, "replace": replace, "then_remove": list(then_remove)}
-    write_json(join(staging, PUBLISH_PLAN), plan)
-    _carry_out(plan)
-    remove(staging, recursive=True)
-    return [dest for _, dest in moves]
-
-
-def _carry_out(plan: dict[str, Any]) -> None:
-    """Apply a publication plan; idempotent, so an interrupted one can be applied again."""
-    for src, dest in plan["moves"]:
-        if exists(src):
-            move(src, dest)
-    if plan["replace"]:
-        keep = {filesystem(dest)[1] for _, dest in plan["moves"]}
-        for old in list_files(plan["folder"], ".parquet"):
-            if filesystem(old)[1] not in keep:
-                remove(old)
-    for url in plan["then_remove"]:
-        remove(url, recursive=True)
-
-
-def remove_stale_staging(folder: str, is_live: Callable[[str], bool]) -> list[str]:
-    """Clean up after killed runs: finish any publication one was killed in (its plan is in its staging
-    folder), and delete the staging folders of runs that are gone. ``is_live(staging_url)`` decides (a heartbeat
-    and process check, `spade.io.lease.staging_is_live`): a live run's folder is never touched. Returns the
-    folders removed."""
-    removed = []
-    for staging in list_dirs(folder, "_staging-"):
-        plan_url = join(staging, PUBLISH_PLAN)
-        if exists(plan_url):
-            _carry_out(read_json(plan_url))
-        elif is_live(staging):
-            continue
-        remove(staging, recursive=True)
-        removed.append(staging)
-    return removed
-
-
 def file_digest(url: str, chunk: int = 8 << 20) -> dict[str, Any]:
     """``{"bytes": size, "sha256": hex}`` of a file, read in chunks: what a manifest records of each file it lists."""
     digest = hashlib.sha256()
     size = 0
-    with fsspec.open(url, "rb") as handle:
+    fs, path = filesystem(url)
+    with fs.open(path, "rb") as handle:
         while True:
             block = handle.read(chunk)
             if not block:

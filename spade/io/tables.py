@@ -29,6 +29,11 @@ def embeddings_schema(layers: Iterable[str]) -> pa.Schema:
     return pa.schema(fields)
 
 
+def fit_rows_schema(layers: Iterable[str]) -> pa.Schema:
+    """Fit's rows, accepted (embedding rows) and rejected (error rows), in one schema: what its ledger commits."""
+    return embeddings_schema(layers).append(pa.field("status", pa.string())).append(pa.field("error", pa.string()))
+
+
 SCORES_SCHEMA = pa.schema(list(IMAGE_COLUMNS) + [
     pa.field("image_score", pa.float64()),
     pa.field("pixel_max", pa.float64()),

@@ -1,0 +1,167 @@
+"""A real S3 server for the object-store tests: SeaweedFS (`weed server -s3`, built by scripts/build_seaweedfs.sh)
+in a process of its own, on free local ports, with a throw-away data folder; and a counting TCP proxy in front of it
+(what a client really downloads)."""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+
+WEED_CACHE = Path(os.environ.get("SPADE_WEED_CACHE", Path.home() / ".cache" / "spade" / "seaweedfs"))
+BUILD_HINT = ("SeaweedFS is not built: run `scripts/build_seaweedfs.sh ~/.cache/spade/seaweedfs` (needs the Go "
+              "toolchain and the Go module proxy; .ci/run does it)")
+
+
+def weed_binary() -> str | None:
+    """The cached `weed` (or $SPADE_WEED), None when there is none."""
+    explicit = os.environ.get("SPADE_WEED")
+    if explicit:
+        return explicit if os.access(explicit, os.X_OK) else None
+    found = sorted(glob.glob(str(WEED_CACHE / "weed-*")))
+    return next((path for path in reversed(found) if os.access(path, os.X_OK) and not path.endswith(".tmp")), None)
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+class SeaweedS3:
+    """`weed server` (master, volume, filer, S3 gateway) on 127.0.0.1; ``endpoint`` is its S3 URL. Anonymous access
+    (no identities configured), which s3fs reaches with any keys."""
+
+    def __init__(self, binary: str, folder: Path):
+        self.binary, self.folder = binary, folder
+        self.process: subprocess.Popen | None = None
+        self.endpoint = ""
+
+    def start(self, timeout: float = 90.0) -> "SeaweedS3":
+        self.folder.mkdir(parents=True, exist_ok=True)
+        master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = free_ports(8)
+        # the gRPC ports are given: by default they are the HTTP port + 10000, which may be taken
+        command = [self.binary, "server", f"-dir={self.folder}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                   f"-master.port={master}", f"-master.port.grpc={master_grpc}", f"-volume.port={volume}",
+                   f"-volume.port.grpc={volume_grpc}", "-filer", f"-filer.port={filer}",
+                   f"-filer.port.grpc={filer_grpc}", "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}",
+                   "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.volumeSizeLimitMB=64", "-volume.max=32",
+                   "-master.telemetry=false"]
+        self.log = open(self.folder / "weed.log", "w")
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, cwd=self.folder,
+                                        start_new_session=True)
+        self.endpoint = f"http://127.0.0.1:{s3}"
+        self._wait_writable(timeout)
+        return self
+
+    def env(self, endpoint: str | None = None) -> dict[str, str]:
+        """What a process needs to reach the server through s3fs/botocore."""
+        return {"AWS_ENDPOINT_URL": endpoint or self.endpoint, "AWS_ACCESS_KEY_ID": "spade",
+                "AWS_SECRET_ACCESS_KEY": "spade-secret", "AWS_DEFAULT_REGION": "us-east-1",
+                "AWS_EC2_METADATA_DISABLED": "true"}
+
+    def filesystem(self, endpoint: str | None = None):
+        import s3fs
+
+        env = self.env(endpoint)
+        return s3fs.S3FileSystem(key=env["AWS_ACCESS_KEY_ID"], secret=env["AWS_SECRET_ACCESS_KEY"],
+                                 endpoint_url=env["AWS_ENDPOINT_URL"], use_listings_cache=False, skip_instance_cache=True)
+
+    def new_bucket(self) -> str:
+        name = f"spade-{uuid.uuid4().hex[:12]}"
+        self.filesystem().mkdir(name)
+        return name
+
+    def _wait_writable(self, timeout: float) -> None:
+        """Until a bucket can be made and an object written (the volume server joins the master a few seconds in)."""
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"weed server exited with {self.process.returncode}; see {self.folder / 'weed.log'}")
+            try:
+                fs = self.filesystem()
+                fs.mkdir("spade-ready")
+                fs.pipe_file("spade-ready/probe", b"ok")
+                if fs.cat_file("spade-ready/probe") == b"ok":
+                    return
+            except Exception as exc:  # not up yet
+                last = exc
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"weed server not writable within {timeout:.0f}s ({last}); see {self.folder / 'weed.log'}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class CountingProxy:
+    """A TCP proxy to ``upstream`` (host, port) that counts the bytes the upstream sends back: what its clients
+    download."""
+
+    def __init__(self, upstream: tuple[str, int]):
+        self.upstream = upstream
+        self.downloaded = 0
+        self._lock = threading.Lock()
+        self._server = socket.socket()
+        self._server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._server.bind(("127.0.0.1", 0))
+        self._server.listen(64)
+        self.port = self._server.getsockname()[1]
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.upstream)
+            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, count: bool) -> None:
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                if count:
+                    with self._lock:
+                        self.downloaded += len(data)
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._closed = True
+        self._server.close()
