@@ -58,11 +58,14 @@ def config():
     return plumbing_config(calibration_images=3, batch_size=4, k=3)
 
 
-def fit_and_score(config, real_set, root: Path, args: list[str]):
+def fit_and_score(config, real_set, root: Path, args: list[str], root_url: bool = False):
+    """Fit, then score, under ``root`` (as a file:// URL with ``root_url``: workers on other machines refuse local
+    paths)."""
     train, test = real_set
-    manifest = run_fit(config, train, str(root / "gallery"), args)
-    summary = run_score(config, str(root / "gallery"), test, str(root / "out"), args)
-    rows = {r["uri"]: r for r in read_score_table(str(root / "out")).to_pylist()}
+    base = f"file://{root}" if root_url else str(root)
+    manifest = run_fit(config, train, f"{base}/gallery", args)
+    summary = run_score(config, f"{base}/gallery", test, f"{base}/out", args)
+    rows = {r["uri"]: r for r in read_score_table(f"{base}/out").to_pylist()}
     return manifest, summary, rows
 
 

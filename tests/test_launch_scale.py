@@ -239,7 +239,8 @@ def test_runner_profiles_load_and_production_ones_refuse_local_paths(tmp_path):
 
     profiles = {p.stem: load_runner_profile(str(p)) for p in (Path(__file__).resolve().parents[1] / "configs" / "runners").glob("*.yaml")}
     assert {"flink-local", "spark-local", "portable-external", "flink", "spark", "dataflow", "direct", "dask"} <= set(profiles)
-    assert {name for name, args in profiles.items() if runner_is_remote(args)} == {"flink", "spark", "dataflow"}
+    assert {name for name, args in profiles.items() if runner_is_remote(args)} == {"flink", "spark", "dataflow",
+                                                                                "flink-cluster", "spark-cluster"}
     for name in ("flink", "spark"):
         assert any(a.startswith("--sdk_container_image=") for a in profiles[name])
         with pytest.raises(ValueError, match="shared URL"):
