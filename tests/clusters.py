@@ -67,6 +67,11 @@ def wait_for(check, what: str, processes: list[subprocess.Popen], logs: list[Pat
     raise RuntimeError(f"{what} not ready within {timeout:.0f} s; logs: {', '.join(map(str, logs))}")
 
 
+def get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return json.loads(response.read())
+
+
 def listening(host: str, port: int) -> bool:
     with socket.socket() as sock:
         return sock.connect_ex((host, port)) == 0
@@ -102,6 +107,14 @@ class Cluster:
         hosts.write_text(f"127.0.0.1 localhost {socket.gethostname()}\n{address} {POOL_HOST}\n")
         wait_for(lambda: listening(address, self.pool_port), f"SDK worker pool {index}", self.processes, self.logs)
         return hosts
+
+    def start_job_server(self, engine: str, jar: str, java_flags: list[str], master: str) -> None:
+        """Beam's job server for ``engine``, submitting to the cluster at ``master`` (its flag and address)."""
+        self.job_port = free_port()
+        self.start("job-server", ["java", *java_flags, "-jar", jar, master, f"--job-port={self.job_port}",
+                                  f"--artifact-port={free_port()}", f"--expansion-port={free_port()}"])
+        wait_for(lambda: listening("127.0.0.1", self.job_port), f"Beam's {engine} job server", self.processes,
+                 self.logs)
 
     @property
     def environment(self) -> list[str]:
@@ -181,30 +194,18 @@ class FlinkSession(Cluster):
                                                 "--configDir", str(conf), *dynamic])
         wait_for(lambda: self.overview().get("taskmanagers") == self.task_managers, "Flink session cluster",
                  self.processes, self.logs)
-        self.job_port = free_port()
-        self.start("job-server", ["java", "-jar", self.jar, f"--flink-master=localhost:{rest}",
-                                  f"--job-port={self.job_port}", f"--artifact-port={free_port()}",
-                                  f"--expansion-port={free_port()}"])
-        wait_for(lambda: listening("127.0.0.1", self.job_port), "Beam's Flink job server", self.processes, self.logs)
+        self.start_job_server("Flink", self.jar, [], f"--flink-master=localhost:{rest}")
         return self
 
     def overview(self) -> dict:
-        with urllib.request.urlopen(f"http://localhost:{self.rest}/overview", timeout=5) as response:
-            return json.loads(response.read())
+        return get_json(f"http://localhost:{self.rest}/overview")
 
-    def task_managers_that_ran(self) -> set[str]:
+    def ran_work(self) -> set[str]:
         """The TaskManagers that ran subtasks of the finished jobs (from the JobManager's REST API)."""
-        ran = set()
-        with urllib.request.urlopen(f"http://localhost:{self.rest}/jobs", timeout=5) as response:
-            jobs = [job["id"] for job in json.loads(response.read())["jobs"]]
-        for job in jobs:
-            with urllib.request.urlopen(f"http://localhost:{self.rest}/jobs/{job}", timeout=5) as response:
-                vertices = [v["id"] for v in json.loads(response.read())["vertices"]]
-            for vertex in vertices:
-                with urllib.request.urlopen(f"http://localhost:{self.rest}/jobs/{job}/vertices/{vertex}/taskmanagers",
-                                            timeout=5) as response:
-                    ran |= {tm["taskmanager-id"] for tm in json.loads(response.read())["taskmanagers"]}
-        return ran
+        api = f"http://localhost:{self.rest}/jobs"
+        return {tm["taskmanager-id"] for job in get_json(api)["jobs"]
+                for vertex in get_json(f"{api}/{job['id']}")["vertices"]
+                for tm in get_json(f"{api}/{job['id']}/vertices/{vertex['id']}/taskmanagers")["taskmanagers"]}
 
     @property
     def beam_args(self) -> list[str]:
@@ -252,18 +253,13 @@ class SparkStandalone(Cluster):
                        {**env, "JAVA_TOOL_OPTIONS": f"-Djdk.net.hosts.file={hosts}"})
         wait_for(lambda: self.state().get("aliveworkers") == self.workers, "Spark standalone cluster", self.processes,
                  self.logs)
-        self.job_port = free_port()
-        self.start("job-server", ["java", *SPARK_OPENS, "-jar", self.jar, f"--spark-master-url={self.master}",
-                                  f"--job-port={self.job_port}", f"--artifact-port={free_port()}",
-                                  f"--expansion-port={free_port()}"])
-        wait_for(lambda: listening("127.0.0.1", self.job_port), "Beam's Spark job server", self.processes, self.logs)
+        self.start_job_server("Spark", self.jar, SPARK_OPENS, f"--spark-master-url={self.master}")
         return self
 
     def state(self) -> dict:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.ui}/json/", timeout=5) as response:
-            return json.loads(response.read())
+        return get_json(f"http://127.0.0.1:{self.ui}/json/")
 
-    def workers_that_ran(self) -> set[str]:
+    def ran_work(self) -> set[str]:
         """The workers that ran executors of the finished applications (their work folders, as Spark lays them out)."""
         return {path.parent.parent.name for path in self.folder.glob("work-*/app-*/*") if path.is_dir()}
 

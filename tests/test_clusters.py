@@ -30,51 +30,45 @@ def same_rows(result):
                                for uri, row in rows.items()}
 
 
-@pytest.fixture(scope="module")
-def flink_cluster(tmp_path_factory):
-    jar = jobserver_jar("flink")
-    home = flink_home()
+def running(cluster_class, engine: str, home, tmp_path_factory):
+    """A started cluster of ``cluster_class`` for the module, stopped afterwards; a skip naming what is missing."""
+    jar = jobserver_jar(engine)
     if home is None:
-        pytest.skip(f"no Flink distribution in {ENGINE_CACHE}: run `{FETCH_ENGINES}` (pip downloads it from PyPI)")
-    cluster = FlinkSession(tmp_path_factory.mktemp("flink-cluster"), home, jar)
+        pytest.skip(f"no {engine} distribution in {ENGINE_CACHE}: run `{FETCH_ENGINES}` (pip downloads it from PyPI)")
+    cluster = cluster_class(tmp_path_factory.mktemp(f"{engine}-cluster"), home, jar)
     try:
         yield cluster.start_all()
     finally:
         cluster.stop()
 
 
-def test_cluster_flink_session_fit_and_score_match_fnapi(config, real_set, reference, tmp_path,  # noqa: F811
-                                                         flink_cluster):
-    result = fit_and_score(config, as_urls(real_set), tmp_path, flink_cluster.beam_args, root_url=True)
-    assert_same_as_reference(reference, same_rows(result))
-    started = flink_cluster.workers_started()
-    print(f"Flink: SDK workers started by the two TaskManagers' pools: {started}; TaskManagers that ran subtasks: "
-          f"{sorted(flink_cluster.task_managers_that_ran())}")
-    assert len(started) == 2 and all(count >= 1 for count in started), started  # each task manager's own pool
-    assert len(flink_cluster.task_managers_that_ran()) == 2
+@pytest.fixture(scope="module")
+def flink_cluster(tmp_path_factory):
+    yield from running(FlinkSession, "flink", flink_home(), tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def spark_cluster(tmp_path_factory):
-    jar = jobserver_jar("spark")
-    home = spark_home()
-    if home is None:
-        pytest.skip(f"no Spark distribution in {ENGINE_CACHE}: run `{FETCH_ENGINES}` (pip downloads it from PyPI)")
-    cluster = SparkStandalone(tmp_path_factory.mktemp("spark-cluster"), home, jar)
-    try:
-        yield cluster.start_all()
-    finally:
-        cluster.stop()
+    yield from running(SparkStandalone, "spark", spark_home(), tmp_path_factory)
+
+
+def check_cluster_run(cluster, config, real_set, reference, tmp_path, what: str):  # noqa: F811
+    """Fit and score on the cluster: the FnApiRunner's results, from work both machines' pools and engines did."""
+    result = fit_and_score(config, as_urls(real_set), tmp_path, cluster.beam_args, root_url=True)
+    assert_same_as_reference(reference, same_rows(result))
+    started, ran = cluster.workers_started(), cluster.ran_work()
+    print(f"{what}: SDK workers started by the two pools: {started}; {what} processes that ran work: {sorted(ran)}")
+    assert len(started) == 2 and all(count >= 1 for count in started), started  # each machine's own pool
+    assert len(ran) == 2, ran
+
+
+def test_cluster_flink_session_fit_and_score_match_fnapi(config, real_set, reference, tmp_path,  # noqa: F811
+                                                         flink_cluster):
+    check_cluster_run(flink_cluster, config, real_set, reference, tmp_path, "Flink TaskManager")
 
 
 # Spark's job server ends its data channel with "CANCELLED: Multiplexer hanging up" after a successful job
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_cluster_spark_standalone_fit_and_score_match_fnapi(config, real_set, reference, tmp_path,  # noqa: F811
                                                             spark_cluster):
-    result = fit_and_score(config, as_urls(real_set), tmp_path, spark_cluster.beam_args, root_url=True)
-    assert_same_as_reference(reference, same_rows(result))
-    started = spark_cluster.workers_started()
-    print(f"Spark: SDK workers started by the two workers' pools: {started}; workers that ran executors: "
-          f"{sorted(spark_cluster.workers_that_ran())}")
-    assert len(started) == 2 and all(count >= 1 for count in started), started  # each worker's own pool
-    assert spark_cluster.workers_that_ran() == {"work-0", "work-1"}
+    check_cluster_run(spark_cluster, config, real_set, reference, tmp_path, "Spark worker")
