@@ -30,8 +30,9 @@ setup(
         "timm>=0.9",
     ],
     extras_require={
-        # s3fs: the object-store tests talk to a real S3 server (SeaweedFS, built by scripts/build_seaweedfs.sh).
-        "test": ["pytest", "scikit-image", "dask[distributed]", "s3fs"],
+        # s3fs, gcsfs: the object-store tests talk to real servers (SeaweedFS's S3 gateway, fake-gcs-server; built by
+        # scripts/build_seaweedfs.sh and scripts/build_fake_gcs.sh).
+        "test": ["pytest", "scikit-image", "dask[distributed]", "s3fs", "gcsfs"],
         "dask": ["dask[distributed]"],
         # Archives, galleries and outputs in object storage (s3://, gs://): fsspec's own implementations.
         "s3": ["s3fs"],

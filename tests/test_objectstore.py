@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -17,10 +18,12 @@ import pytest
 import yaml
 
 from spade.io import publication, storage
+from spade.io.lease import LeaseHeld, RunLease
 from spade.io.results import read_score_table
 from spade.io.samples import SampleSpec, write_sample_dataset
 from tests.conftest import BEAM_ARGS, TINY, plumbing_config
-from tests.s3server import BUILD_HINT, CountingProxy, SeaweedS3, weed_binary
+from tests.objectstores import (BUILD_HINT, GCS_BUILD_HINT, CountingProxy, FakeGcs, SeaweedS3, cached_binary,
+                                weed_binary)
 
 DAY = "2026-11-30"
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +43,23 @@ def s3(tmp_path_factory):
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+    binary = cached_binary("fake-gcs", "fake-gcs-server-")
+    if binary is None:
+        pytest.skip(GCS_BUILD_HINT)
+    pytest.importorskip("gcsfs", reason="gcsfs is not installed (`pip install -e .[test]` installs it)")
+    server = FakeGcs(binary, tmp_path_factory.mktemp("fake-gcs")).start()
+    saved = os.environ.get("STORAGE_EMULATOR_HOST")
+    os.environ.update(server.env())
+    yield server
+    if saved is None:
+        os.environ.pop("STORAGE_EMULATOR_HOST", None)
+    else:
+        os.environ["STORAGE_EMULATOR_HOST"] = saved
     server.stop()
 
 
@@ -127,21 +147,32 @@ def test_objectstore_table_becomes_visible_at_one_commit(s3):
 
 
 RACER = """
-import json, sys, time
+import json, os, sys, time
 from spade.io.lease import LeaseHeld, RunLease
-start, root, name, tries = float(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
+sync, root, name, tries = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+
+
+def meet(step):
+    # a barrier of the two racers (files in a local folder): both go on within a few milliseconds of each other
+    open(os.path.join(sync, f"{step}-{name}"), "w").close()
+    deadline = time.monotonic() + 120
+    while len([f for f in os.listdir(sync) if f.startswith(f"{step}-")]) < 2:
+        assert time.monotonic() < deadline, f"the other racer never reached {step}"
+        time.sleep(0.002)
+
+
 outcomes = []
 for attempt in range(tries):
     lease = RunLease(f"{root}/race-{attempt}", name, "race")
-    time.sleep(max(0.0, start + 1.5 * attempt - time.time()))  # both racers start each attempt at the same instant
+    meet(f"start{attempt}")  # both take the lease at the same instant
     try:
         lease.acquire()
+        outcomes.append("held")
     except LeaseHeld:
         outcomes.append("refused")
-        continue
-    outcomes.append("held")
-    time.sleep(1.0)  # longer than the other needs to decide
-    lease.release()
+    meet(f"decided{attempt}")  # the holder keeps it until the other has decided
+    if outcomes[-1] == "held":
+        lease.release()
 print(json.dumps(outcomes))
 """
 
@@ -150,19 +181,54 @@ def test_objectstore_lease_two_racers_one_holder_twenty_of_twenty(s3):
     """Two processes take the same lease at the same instant, 20 times: each time exactly one holds it and the other
     is refused, so two runs can never both hold it."""
     bucket = s3.new_bucket()
-    start = time.time() + 4.0  # both have imported s3fs and built their clients by then
-    racers = [subprocess.Popen([sys.executable, "-c", RACER, str(start), f"s3://{bucket}", f"racer-{i}", "20"],
-                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, **s3.env()}) for i in range(2)]
-    results = [p.communicate(timeout=300) for p in racers]
-    assert all(p.returncode == 0 for p in racers), [err[-2000:] for _, err in results]
-    first, second = (json.loads(out) for out, _ in results)
-    assert sorted(zip(first, second)) and all(sorted(pair) == ["held", "refused"] for pair in zip(first, second)), \
-        (first, second)
-    assert len(first) == 20
+    first, second = race(f"s3://{bucket}", s3.env())
+    assert len(first) == 20 and all(sorted(pair) == ["held", "refused"] for pair in zip(first, second)), (first, second)
     print(f"lease races: {sum(pair in (('held', 'refused'), ('refused', 'held')) for pair in zip(first, second))} of 20 "
           "with one holder and one refused")
     assert not leftovers(s3, bucket)
+
+
+def race(root: str, env: dict[str, str]) -> tuple[list[str], list[str]]:
+    """Two racer processes take the same lease at the same instant, 20 times (a fresh folder each time); each racer's
+    outcome per attempt."""
+    with tempfile.TemporaryDirectory(prefix="spade-race-") as sync:
+        racers = [subprocess.Popen([sys.executable, "-c", RACER, sync, root, f"racer-{i}", "20"], cwd=ROOT,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   env={**os.environ, **env}) for i in range(2)]
+        results = [p.communicate(timeout=600) for p in racers]
+    assert all(p.returncode == 0 for p in racers), [err[-2000:] for _, err in results]
+    return tuple(json.loads(out) for out, _ in results)
+
+
+def test_objectstore_gcs_conditional_create_commit_and_lease(gcs, monkeypatch):
+    """GCS's own path (gcsfs against fake-gcs-server): ifGenerationMatch=0 honoured, objects written once to their
+    final keys, a table visible at one commit, a held lease refused."""
+    import gcsfs
+    import pyarrow as pa
+
+    bucket = gcs.new_bucket()
+    assert storage.create_exclusive(f"gs://{bucket}/lock", b"first")
+    assert not storage.create_exclusive(f"gs://{bucket}/lock", b"second")
+    assert storage.read_bytes(f"gs://{bucket}/lock") == b"first"
+    assert storage.exclusive_create_note(f"gs://{bucket}/folder") is None
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an object store write went through a copy or rename")
+
+    for name in ("mv", "copy", "_copy", "_mv_file", "rename", "_cp_file"):
+        monkeypatch.setattr(gcsfs.GCSFileSystem, name, refuse, raising=False)
+    folder = f"gs://{bucket}/scores"
+    publication.adopt(folder, "first")
+    storage.write_parquet(f"{folder}/first-part-00000-of-00001.parquet", pa.table({"uri": ["old"]}))
+    assert publication.table_files(folder) == []  # written, not committed
+    publication.commit(folder, publication.run_files(folder, "first"), "first", replace=True)
+    assert storage.read_parquet(publication.table_files(folder)).column("uri").to_pylist() == ["old"]
+    monkeypatch.undo()
+    with RunLease(f"gs://{bucket}/night", "first", "spade score"):
+        with pytest.raises(LeaseHeld, match="being written by spade score first"):
+            RunLease(f"gs://{bucket}/night", "second", "spade score").acquire()
+    assert not [key for key in gcsfs.GCSFileSystem(token="anon", skip_instance_cache=True).find(bucket)
+                if "/_lease-" in key or "/_probe-" in key]
 
 
 def test_objectstore_fit_score_nightly_report_end_to_end(s3, plant, tmp_path):

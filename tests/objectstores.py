@@ -1,6 +1,7 @@
-"""A real S3 server for the object-store tests: SeaweedFS (`weed server -s3`, built by scripts/build_seaweedfs.sh)
-in a process of its own, on free local ports, with a throw-away data folder; and a counting TCP proxy in front of it
-(what a client really downloads)."""
+"""Real object-store servers for the object-store tests, each in a process of its own on free local ports: an S3
+server, SeaweedFS (`weed server -s3`, built by scripts/build_seaweedfs.sh), with a throw-away data folder; a GCS
+server, fake-gcs-server (built by scripts/build_fake_gcs.sh), in memory; and a counting TCP proxy (what a client
+really downloads)."""
 from __future__ import annotations
 
 import glob
@@ -13,18 +14,21 @@ import time
 import uuid
 from pathlib import Path
 
-WEED_CACHE = Path(os.environ.get("SPADE_WEED_CACHE", Path.home() / ".cache" / "spade" / "seaweedfs"))
+CACHE = Path(os.environ.get("SPADE_STORE_CACHE", Path.home() / ".cache" / "spade"))
 BUILD_HINT = ("SeaweedFS is not built: run `scripts/build_seaweedfs.sh ~/.cache/spade/seaweedfs` (needs the Go "
               "toolchain and the Go module proxy; .ci/run does it)")
+GCS_BUILD_HINT = ("fake-gcs-server is not built: run `scripts/build_fake_gcs.sh ~/.cache/spade/fake-gcs` (needs the "
+                  "Go toolchain and the Go module proxy; .ci/run does it)")
+
+
+def cached_binary(folder: str, prefix: str) -> str | None:
+    """The newest cached build ``CACHE/folder/prefix*``, None when there is none."""
+    found = sorted(glob.glob(str(CACHE / folder / f"{prefix}*")))
+    return next((path for path in reversed(found) if os.access(path, os.X_OK) and not path.endswith(".tmp")), None)
 
 
 def weed_binary() -> str | None:
-    """The cached `weed` (or $SPADE_WEED), None when there is none."""
-    explicit = os.environ.get("SPADE_WEED")
-    if explicit:
-        return explicit if os.access(explicit, os.X_OK) else None
-    found = sorted(glob.glob(str(WEED_CACHE / "weed-*")))
-    return next((path for path in reversed(found) if os.access(path, os.X_OK) and not path.endswith(".tmp")), None)
+    return cached_binary("seaweedfs", "weed-")
 
 
 def free_ports(count: int) -> list[int]:
@@ -111,6 +115,48 @@ class SeaweedS3:
                 self.process.wait()
         self.log.close()
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class FakeGcs:
+    """fake-gcs-server (the GCS JSON API, in memory) on 127.0.0.1; gcsfs reaches it through STORAGE_EMULATOR_HOST."""
+
+    def __init__(self, binary: str, folder: Path):
+        self.binary, self.folder = binary, folder
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60.0) -> "FakeGcs":
+        self.folder.mkdir(parents=True, exist_ok=True)
+        port = free_ports(1)[0]
+        self.endpoint = f"http://127.0.0.1:{port}"
+        self.log = open(self.folder / "fake-gcs.log", "w")
+        self.process = subprocess.Popen([self.binary, "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
+                                         "-backend", "memory", "-public-host", f"127.0.0.1:{port}"],
+                                        stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    return self
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.2)
+        raise RuntimeError(f"fake-gcs-server did not start; see {self.folder / 'fake-gcs.log'}")
+
+    def env(self) -> dict[str, str]:
+        return {"STORAGE_EMULATOR_HOST": self.endpoint}
+
+    def new_bucket(self) -> str:
+        import gcsfs
+
+        name = f"spade-{uuid.uuid4().hex[:12]}"
+        gcsfs.GCSFileSystem(token="anon", endpoint_url=self.endpoint, skip_instance_cache=True).mkdir(name)
+        return name
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+        self.log.close()
 
 
 class CountingProxy:
