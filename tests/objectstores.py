@@ -54,12 +54,13 @@ class SeaweedS3:
     def start(self, timeout: float = 90.0) -> "SeaweedS3":
         self.folder.mkdir(parents=True, exist_ok=True)
         master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = free_ports(8)
-        # the gRPC ports are given: by default they are the HTTP port + 10000, which may be taken
+        # the gRPC ports are given: by default they are the HTTP port + 10000, which may be taken. Each bucket is a
+        # collection that grows 7 volumes at a time (sparse files of at most 64 MB): room for many buckets
         command = [self.binary, "server", f"-dir={self.folder}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                    f"-master.port={master}", f"-master.port.grpc={master_grpc}", f"-volume.port={volume}",
                    f"-volume.port.grpc={volume_grpc}", "-filer", f"-filer.port={filer}",
                    f"-filer.port.grpc={filer_grpc}", "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}",
-                   "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.volumeSizeLimitMB=64", "-volume.max=32",
+                   "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.volumeSizeLimitMB=64", "-volume.max=1000",
                    "-master.telemetry=false"]
         self.log = open(self.folder / "weed.log", "w")
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, cwd=self.folder,
