@@ -140,9 +140,10 @@ def begin_fit_job(job: FitJob, lease: RunLease, say: Callable[[str], None]) -> N
 def _consumed_ledger(gallery_url: str) -> str | None:
     """The ledger the gallery's manifest was built from (removed right after it was written; a fit killed in between
     leaves it, and it must not be resumed: its rows are in the gallery)."""
-    if not storage.exists(storage.join(gallery_url, MANIFEST)):
+    try:
+        name = read_manifest(gallery_url).get("fit_ledger")
+    except GalleryMissing:
         return None
-    name = read_manifest(gallery_url).get("fit_ledger")
     return storage.join(gallery_url, name) if name else None
 
 
@@ -200,7 +201,7 @@ class FitGalleries(beam.PTransform):
                      | "CommitImages" >> beam.ParDo(CommitUnits(ledgers, ledger_rows, run_id)))
         rows = (extracted, committed | "ResumedImages" >> beam.Filter(lambda row: not _is_rejected(row))) \
             | "Images" >> beam.Flatten()
-        staged = lambda name: {route: storage.join(job.table(name), f"{job.run_id}-part")  # noqa: E731
+        staged = lambda name: {route: publication.run_file_prefix(job.table(name), job.run_id)  # noqa: E731
                                for route, job in jobs.items()}
         embeddings = rows | "WriteEmbeddings" >> WriteParquetShards(staged("embeddings"), embeddings_schema(config.layers),
                                                                     config.shards, rows_per_shard=config.rows_per_shard)

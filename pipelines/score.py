@@ -160,7 +160,7 @@ class ScoreJob:
 
     @property
     def table_prefix(self) -> str:
-        return storage.join(self.scores_folder, f"{self.run_id}-part")
+        return publication.run_file_prefix(self.scores_folder, self.run_id)
 
     @property
     def summary_url(self) -> str:
@@ -372,8 +372,8 @@ class UnroutedRows(beam.PTransform):
                 | "List" >> ListUnrouted(self.job.specs)
                 | "Stamp" >> beam.Map(lambda row: {**row, "gallery_hash": None, "scored_at": scored_at})
                 | "Count" >> beam.ParDo(CountProgress(self.progress_folder)))
-        written = rows | "Write" >> WriteParquetShards(storage.join(self.job.scores_folder, f"{self.job.run_id}-part"),
-                                                       SCORES_SCHEMA, 0)
+        written = rows | "Write" >> WriteParquetShards(
+            publication.run_file_prefix(self.job.scores_folder, self.job.run_id), SCORES_SCHEMA, 0)
         summary = (rows, pbegin | "NoneDone" >> beam.Create([])) | "Summary" >> WriteSummary(
             storage.join(self.job.staging, SUMMARY))
         return (written, summary) | "Written" >> beam.Flatten()

@@ -147,13 +147,13 @@ class RunLease:
             record = json.dumps(owner_record(self.run_id, self.what)).encode()
             if not storage.create_exclusive(url, record) or (note and not self._still_mine(url)):
                 continue  # another run took this epoch first: look again
-            if lease_keys(self.folder)[-1][0] != epoch:  # a later epoch exists: someone else holds it
+            keys = lease_keys(self.folder)
+            if keys[-1][0] != epoch:  # a later epoch exists: someone else holds it
                 storage.remove(url)
                 continue
             self.url, self.epoch = url, epoch
-            for older, older_url in lease_keys(self.folder):
-                if older != epoch:
-                    storage.remove(older_url)  # superseded
+            for older, older_url in keys[:-1]:
+                storage.remove(older_url)  # superseded
             self._thread = threading.Thread(target=self._beat, name="spade-lease", daemon=True)
             self._thread.start()
             return self

@@ -67,10 +67,10 @@ def commit(folder: str, new_files: list[str], run_id: str, replace: bool, retire
     if foreign:
         raise ValueError(f"cannot commit {foreign[0]} to {folder}: a table's files live directly in its folder")
     before = [] if replace else [_name(url) for url in table_files(folder)]
-    _write(folder, {"files": sorted(set(before) | set(names)), "run_id": run_id, "committed_at": time.time(),
-                    "retire": list(retire)})
+    files = sorted(set(before) | set(names))
+    _write(folder, {"files": files, "run_id": run_id, "committed_at": time.time(), "retire": list(retire)})
     tidy(folder, lambda _: False)
-    return table_files(folder)
+    return [storage.join(folder, name) for name in files]
 
 
 def _write(folder: str, record: dict[str, Any]) -> None:
@@ -108,6 +108,12 @@ def remove_dead_scratch(folder: str, is_live: Callable[[str], bool]) -> list[str
             storage.remove(scratch, recursive=True)
             removed.append(scratch)
     return removed
+
+
+def run_file_prefix(folder: str, run_id: str) -> str:
+    """Where a run writes a table's files: ``<folder>/<run id>-part``, to which the writer adds its shard suffix
+    (`run_files` finds them by this name)."""
+    return storage.join(folder, f"{run_id}-part")
 
 
 def run_files(folder: str, run_id: str) -> list[str]:

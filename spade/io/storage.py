@@ -47,7 +47,7 @@ def is_object_store(url: str) -> bool:
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem and path of ``url``. On object stores listings are never cached: other processes (workers, a
+    """The filesystem and path of ``url``. On S3 and GCS listings are never cached: other processes (workers, a
     concurrent run) write there, and a cached listing would hide their files."""
     if protocol_of(url) in CONDITIONAL_CREATE:
         return fsspec.core.url_to_fs(url, use_listings_cache=False)
