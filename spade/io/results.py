@@ -1,7 +1,6 @@
 """Reading a score run's outputs: run.json and the score table, of one run or of all nightly partitions."""
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -95,7 +94,7 @@ def read_night_table(folder: str, columns: list[str]) -> pa.Table | None:
     tables = []
     if storage.is_local(folder):  # the common case, without fsspec's per-call cost (a trend reads years of nights)
         scores = os.path.join(storage.local_path(folder), "scores")
-        for name in _local_table_names(scores):
+        for name in publication.local_table_names(scores):
             tables.append(pq.ParquetFile(os.path.join(scores, name)).read(columns=columns, use_threads=False))
     else:
         for url in publication.table_files(storage.join(folder, "scores")):
@@ -103,14 +102,3 @@ def read_night_table(folder: str, columns: list[str]) -> pa.Table | None:
                 tables.append(pq.ParquetFile(path).read(columns=columns, use_threads=False))
     return pa.concat_tables(tables) if tables else None
 
-
-def _local_table_names(scores: str) -> list[str]:
-    """`spade.io.publication.table_files` of a local folder, by name, with plain OS calls."""
-    try:
-        with open(os.path.join(scores, publication.COMMIT)) as handle:
-            return list(json.load(handle)["files"])
-    except FileNotFoundError:
-        pass
-    if not os.path.isdir(scores):
-        return []
-    return sorted(n for n in os.listdir(scores) if n.endswith(".parquet") and not n.startswith("."))
