@@ -254,8 +254,10 @@ def test_objectstore_fit_score_nightly_report_end_to_end(s3, plant, tmp_path):
     assert not leftovers(s3, plant["bucket"])
 
 
-def committed_units(s3, out: str) -> int:
-    return sum(1 for key in s3.filesystem().find(out[5:]) if "/_ledger-" in key and "/unit-" in key)
+def committed_units(fs, out: str) -> int:
+    """Ledger parts under ``out``, through one client (``fs``) polled often: a new client per poll is too slow to
+    catch a run of 15 small units in the middle."""
+    return sum(1 for key in fs.find(out[5:]) if "/_ledger-" in key and "/unit-" in key)
 
 
 def test_objectstore_killed_run_resumes_without_rescoring_what_it_committed(s3, plant, tmp_path):
@@ -269,7 +271,8 @@ def test_objectstore_killed_run_resumes_without_rescoring_what_it_committed(s3, 
              "--out", out, "--date", DAY]
     run = spade_cli(score, s3, tmp_path)
     deadline = time.monotonic() + 300
-    while committed_units(s3, out) < 8:  # of 15 units (2 inputs each)
+    fs = s3.filesystem()
+    while committed_units(fs, out) < 8:  # of 15 units (2 inputs each)
         assert run.poll() is None, run.communicate()
         assert time.monotonic() < deadline, "no 8 units committed within 300 s"
         time.sleep(0.05)
