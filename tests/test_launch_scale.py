@@ -9,7 +9,7 @@ import pytest
 from apache_beam.metrics.execution import MetricKey, MetricResult
 from apache_beam.metrics.metricbase import MetricName
 
-from spade.index.cache import cached_folder
+from spade.io.cache import cached_folder
 from spade.io.listing import InputsMissing, check_spec, list_part, plan_listing, split_part
 from spade.io.sources import expand_images
 from pipelines.cli import main

@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 from spade.io import storage
 from spade.config import FEATURE_DEFAULTS_BEFORE, SpadeConfig, stable_hash
 from spade.features.framing import framing_for
-from spade.index.cache import cached_folder
+from spade.io.cache import cached_folder
 from spade.index.coreset import bank_files, bank_settings, load_banks, save_banks
 from spade.index.knn import build_index
 from spade.index.pyramid import ShardedLayer, shard_path
@@ -326,7 +326,7 @@ class Gallery:
     @classmethod
     def open(cls, url: str, cache_dir: str | None = None, manifest: dict[str, Any] | None = None) -> "Gallery":
         """Open a gallery; a remote one is copied once per machine into a local cache (keyed by its hash and its
-        files'; see `spade.index.cache`) for memory-mapping.
+        files'; see `spade.io.cache`) for memory-mapping.
 
         Every file is checked against the manifest's sizes and every array against its shape: a damaged
         gallery stops here with `GalleryDamaged` naming the file. ``manifest`` opens a gallery whose manifest

@@ -1,4 +1,4 @@
-"""A machine-wide cache of remote galleries, filled atomically by one process while the others wait.
+"""A machine-wide cache (remote galleries, converted backbones), filled atomically by one process while the others wait.
 
 Several SDK worker processes on one machine open the same remote gallery at once. Each entry is
 downloaded into a temporary folder beside the cache and renamed into place when complete, under an
@@ -32,6 +32,19 @@ def cached_folder(key: str, names: list[str], fetch: Callable[[str, str], None],
     """The local folder holding ``names`` (relative paths) of cache entry ``key``; when it is absent, exactly one
     process on this machine calls ``fetch(name, local_path)`` for each name into a temporary folder and renames it
     into place."""
+    def build(tmp: str) -> None:
+        for name in names:
+            target = os.path.join(tmp, name)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            fetch(name, target)
+
+    return cached_build(key, build, cache_dir)
+
+
+def cached_build(key: str, build: Callable[[str], None], cache_dir: str | None = None) -> str:
+    """The local folder of cache entry ``key``; when it is absent, exactly one process on this machine calls
+    ``build(folder)`` to fill a temporary folder, which is then renamed into place (a build that raises leaves
+    nothing)."""
     root = cache_dir or DEFAULT_CACHE
     entry = os.path.join(root, key)
     if os.path.isdir(entry):
@@ -45,10 +58,8 @@ def cached_folder(key: str, names: list[str], fetch: Callable[[str, str], None],
                 shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
         tmp = os.path.join(root, f".tmp-{key}-{uuid.uuid4().hex}")
         try:
-            for name in names:
-                target = os.path.join(tmp, name)
-                os.makedirs(os.path.dirname(target), exist_ok=True)
-                fetch(name, target)
+            os.makedirs(tmp)
+            build(tmp)
             os.rename(tmp, entry)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
