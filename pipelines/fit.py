@@ -16,7 +16,7 @@ import apache_beam as beam
 
 from spade.io import publication, storage
 from spade.scoring.calibration import calibrate, leave_one_out_scores
-from spade.config import SpadeConfig, stable_hash
+from spade.config import SPEED_ONLY, SpadeConfig, stable_hash
 from spade.index.gallery import (MANIFEST, Gallery, GalleryMissing, build_gallery, check_compatible, read_manifest,
                                  remove_unlisted_pyramid_shards, with_gallery_frame, write_manifest)
 from spade.features.framing import frame_size_for, framing_for
@@ -111,7 +111,7 @@ def fit_ledger_signature(job: FitJob) -> str:
     """What must match for a fit to resume another's ledger: the features (backbone, weights, framing, dtype), the
     inputs asked for and whether they are appended (not the settings that change only speed or file layout)."""
     settings = {k: v for k, v in job.config.to_dict().items()
-                if k not in ("num_threads", "shards", "rows_per_shard", "batch_size", "feature_runtime")}
+                if k not in SPEED_ONLY}
     return stable_hash({"features": job.features_tag, "config": settings, "images": job.images, "append": job.append})
 
 

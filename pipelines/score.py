@@ -23,7 +23,7 @@ from typing import Callable
 import apache_beam as beam
 
 from spade.io import publication, storage
-from spade.config import SpadeConfig, stable_hash
+from spade.config import SPEED_ONLY, SpadeConfig, stable_hash
 from spade.index.gallery import (GalleryDamaged, GalleryMissing, check_compatible, check_files, read_manifest,
                                  with_gallery_frame)
 from spade.io.lease import RunLease, staging_is_live
@@ -77,7 +77,7 @@ def ledger_signature(config: SpadeConfig, gallery_hash: str, images: str, since:
     """What must match for a run to resume another's ledger: the inputs asked for, gallery, config (bar the
     settings that change only speed or file layout) and thresholds."""
     settings = {k: v for k, v in config.to_dict().items()
-                if k not in ("num_threads", "shards", "rows_per_shard", "batch_size", "feature_runtime")}
+                if k not in SPEED_ONLY}
     return stable_hash({"gallery": gallery_hash, "config": settings, "images": images, "since": since, "day": day,
                         "thresholds": thresholds})
 

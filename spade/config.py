@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import fsspec
@@ -14,6 +14,9 @@ LAYERS_BY_BACKBONE_FAMILY = ("layer1", "layer2", "layer3", "layer4")
 FRAMINGS = ("crop", "full", "aspect", "tiles")
 TILE_NEIGHBOURS = ("same", "all")
 FEATURE_RUNTIMES = ("channels_last", "eager")
+# Settings that change only speed or file layout, never a row: runs that differ only in them may resume each other's
+# ledgers.
+SPEED_ONLY = ("num_threads", "shards", "rows_per_shard", "batch_size", "feature_runtime")
 IMAGE_SCORES = ("knn", "map_max", "map_top", "combined", "combined_top")
 # Feature settings added after galleries were first written: a manifest without one was built with this value.
 FEATURE_DEFAULTS_BEFORE = {"framing": "crop", "feature_aggregation": 1, "frame_size": None}
