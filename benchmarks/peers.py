@@ -24,6 +24,8 @@ The last line is machine-readable:
 
     RESULT fit_speedup=<anomalib fit s / our default fit s> score_speedup=<our default images/s / anomalib's>
            image_delta=<ours - anomalib, image ROCAUC> pixel_delta=<ours - anomalib, pixel ROCAUC>
+           pro_delta=<ours - anomalib, PRO> approx_fit_speedup=<...> approx_score_speedup=<the approximate config's
+           images/s / anomalib's> approx_image_delta=... approx_pixel_delta=... approx_pro_delta=...
 """
 from __future__ import annotations
 
@@ -525,16 +527,23 @@ def main(argv: list[str] | None = None) -> None:
     for result in results.values():
         print_stages(result)
     if "anomalib" in results and "default" in results:
-        peer, ours = results["anomalib"], results["default"]
-        fit_speedup = peer["fit"]["wall_s"] / ours["fit"]["wall_s"]
-        score_speedup = ((ours["score"]["images"] / ours["score"]["wall_s"])
-                         / (peer["score"]["images"] / peer["score"]["wall_s"]))
-        image_delta = ours["metrics"]["image_rocauc"] - peer["metrics"]["image_rocauc"]
-        pixel_delta = ours["metrics"]["pixel_rocauc"] - peer["metrics"]["pixel_rocauc"]
+        peer = results["anomalib"]
+        fields = [comparison("", results["default"], peer)]
+        if "approximate" in results:
+            fields.append(comparison("approx_", results["approximate"], peer))
         note = " anomalib_fit=extrapolated" if peer["fit"].get("extrapolated") else ""
-        say(f"RESULT fit_speedup={fit_speedup:.2f} score_speedup={score_speedup:.2f} "
-            f"image_delta={image_delta:+.4f} pixel_delta={pixel_delta:+.4f}{note}")
+        say("RESULT " + " ".join(fields) + note)
 
+
+def comparison(prefix: str, ours: dict, peer: dict) -> str:
+    """RESULT fields of one of our configs against anomalib: fit and score speed ratios, accuracy differences."""
+    rate = lambda result: result["score"]["images"] / result["score"]["wall_s"]  # noqa: E731
+    deltas = {name: ours["metrics"][key] - peer["metrics"][key]
+              for name, key in (("image", "image_rocauc"), ("pixel", "pixel_rocauc"), ("pro", "pro"))
+              if ours["metrics"].get(key) is not None and peer["metrics"].get(key) is not None}
+    return (f"{prefix}fit_speedup={peer['fit']['wall_s'] / ours['fit']['wall_s']:.2f} "
+            f"{prefix}score_speedup={rate(ours) / rate(peer):.2f} "
+            + " ".join(f"{prefix}{name}_delta={value:+.4f}" for name, value in deltas.items()))
 
 if __name__ == "__main__":
     main()
