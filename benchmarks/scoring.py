@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from spade.features.backbone import FeatureExtractor  # noqa: E402
+from spade.features.runtime import resolve_device  # noqa: E402
 from spade.config import SpadeConfig  # noqa: E402
 from spade.scoring.correspondence import configure_threads  # noqa: E402
 from spade.index.gallery import Gallery  # noqa: E402
@@ -33,7 +34,7 @@ from spade.index.knn import build_index, image_scores, nearest_images  # noqa: E
 from spade.io.maps import encode_score_map  # noqa: E402
 from spade.scoring.scoremap import to_original_geometry  # noqa: E402
 from spade.features.framing import framing_for  # noqa: E402
-from spade.scoring.batch import finish_map, layer_distance_maps, layer_queries  # noqa: E402
+from spade.scoring.batch import finish_map, layer_distance_maps  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "mvtec_ad_bottle"
 # What this benchmark has always measured (its figures in benchmarks/README.md): the paper's centre crop, no
@@ -287,6 +288,8 @@ def main(argv=None) -> int:
     parser.add_argument("--test-images", type=int, default=0, help="score only the first N test images (0: all)")
     parser.add_argument("--gallery-images", type=int, default=0, help="use only the first N train images (0: all)")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"),
+                        help="where path (b) runs the backbone and the exact correspondence (config `device`)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--repeats", type=int, default=2,
                         help="timed runs of (b), (a2) and (a1) correspondence; the best counts (steady state, less noise)")
@@ -335,9 +338,12 @@ def _benchmark(args) -> int:
     if args.std:
         extra["std"] = tuple(float(v) for v in args.std.split(","))
     config = SpadeConfig(backbone=args.backbone, weights=args.weights, k=args.k, kappa=args.kappa, **PAPER_SETTING,
-                         batch_size=args.batch_size, num_threads=threads, refine_distances=not args.no_refine, **extra)
+                         batch_size=args.batch_size, num_threads=threads, refine_distances=not args.no_refine,
+                         device=args.device, **extra)
+    device = resolve_device(config.device)
+    gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
     say(f"scoring benchmark: {config.backbone} (weights {config.weights}), K={config.k}, kappa={config.kappa}, "
-        f"layers {','.join(config.layers)}, {threads} threads (torch and faiss), "
+        f"layers {','.join(config.layers)}, {threads} threads (torch and faiss), device {device}{gpu}, "
         f"refine_distances={config.refine_distances}, load {os.getloadavg()[0]:.2f}")
     extractor = FeatureExtractor(config)
     data = Path(args.data)

@@ -13,10 +13,11 @@ import yaml
 LAYERS_BY_BACKBONE_FAMILY = ("layer1", "layer2", "layer3", "layer4")
 FRAMINGS = ("crop", "full", "aspect", "tiles")
 TILE_NEIGHBOURS = ("same", "all")
-FEATURE_RUNTIMES = ("channels_last", "eager")
+FEATURE_RUNTIMES = ("channels_last", "eager", "openvino")
+DEVICES = ("auto", "cpu", "cuda")
 # Settings that change only speed or file layout, never a row: runs that differ only in them may resume each other's
 # ledgers.
-SPEED_ONLY = ("num_threads", "shards", "rows_per_shard", "batch_size", "feature_runtime")
+SPEED_ONLY = ("num_threads", "shards", "rows_per_shard", "batch_size", "feature_runtime", "device")
 IMAGE_SCORES = ("knn", "map_max", "map_top", "combined", "combined_top")
 # Feature settings added after galleries were first written: a manifest without one was built with this value.
 FEATURE_DEFAULTS_BEFORE = {"framing": "crop", "feature_aggregation": 1, "frame_size": None}
@@ -73,8 +74,9 @@ class SpadeConfig:
     kappa: int = 1
     sigma: float = 4.0
     feature_dtype: str = "float32"
-    feature_runtime: str = "channels_last"  # how torch runs the backbone on CPU; "eager" (NCHW) is the reference
+    feature_runtime: str = "openvino"  # openvino (OpenVINO's CPU runtime) / channels_last / eager (torch NHWC / NCHW)
     batch_size: int = 8
+    device: str = "auto"  # where the backbone and the exact correspondence run: auto (a CUDA device if any), cpu, cuda
     num_threads: int = 0
     pixel_threshold: float | None = None
     image_threshold: float | None = None
@@ -133,6 +135,8 @@ class SpadeConfig:
             problems.append("kappa must be >= 1")
         if self.feature_runtime not in FEATURE_RUNTIMES:
             problems.append(f"feature_runtime must be one of {', '.join(FEATURE_RUNTIMES)}")
+        if self.device not in DEVICES:
+            problems.append(f"device must be one of {', '.join(DEVICES)}")
         if self.feature_dtype not in ("float16", "float32"):
             problems.append("feature_dtype must be float16 or float32")
         if self.eval_region not in ("crop", "full"):

@@ -1,9 +1,11 @@
-"""The backbone's CPU runtimes give the same features: channels-last (the default) against the NCHW reference."""
+"""The backbone's runtimes give the same features: OpenVINO (the default) and channels-last against torch's NCHW
+reference."""
 import numpy as np
 import pytest
 import torch
 
 from spade.config import SpadeConfig
+from spade.features import runtime
 from spade.features.backbone import FeatureExtractor
 from spade.features.framing import framing_for
 from spade.io.images import preprocess
@@ -18,14 +20,13 @@ def frames(config: SpadeConfig, count: int = 3) -> torch.Tensor:
     return torch.stack([preprocess(image, config.resize, config.crop, config.mean, config.std, framing) for image in images])
 
 
-@pytest.mark.parametrize("config", [
+CONFIGS = [
     SpadeConfig(frame_size=(256, 640)),  # the default: EfficientNet-Lite0 (package weights), 3 tiles, 3x3 aggregation
     SpadeConfig(backbone="resnet18", weights="random", framing="crop", resize=256, crop=224, feature_aggregation=1),
-], ids=["lite0-tiles", "resnet18-crop"])
-def test_channels_last_matches_the_nchw_reference(config):
-    batch = frames(config)
-    fast = FeatureExtractor(config)(batch)
-    reference = FeatureExtractor(config.replace(feature_runtime="eager"))(batch)
+]
+
+
+def assert_same_features(fast, reference, config: SpadeConfig) -> None:
     assert np.abs(fast.embedding - reference.embedding).max() <= 1e-4
     for layer in config.layers:
         assert fast.pyramid[layer].shape == reference.pyramid[layer].shape
@@ -33,6 +34,41 @@ def test_channels_last_matches_the_nchw_reference(config):
         assert fast.pyramid[layer].flags["C_CONTIGUOUS"]
 
 
+@pytest.mark.parametrize("config", CONFIGS, ids=["lite0-tiles", "resnet18-crop"])
+def test_channels_last_matches_the_nchw_reference(config):
+    batch = frames(config)
+    fast = FeatureExtractor(config.replace(feature_runtime="channels_last"))(batch)
+    reference = FeatureExtractor(config.replace(feature_runtime="eager"))(batch)
+    assert_same_features(fast, reference, config)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=["lite0-tiles", "resnet18-crop"])
+def test_openvino_matches_the_nchw_reference_and_converts_once_per_machine(config, tmp_path, monkeypatch):
+    pytest.importorskip("openvino", reason="feature_runtime: openvino needs the openvino package ([test] installs it)")
+    monkeypatch.setattr(runtime, "BACKBONE_CACHE", str(tmp_path))
+    batch = frames(config)
+    reference = FeatureExtractor(config.replace(feature_runtime="eager"))(batch)
+    assert_same_features(FeatureExtractor(config.replace(feature_runtime="openvino"))(batch), reference, config)
+    assert_same_features(FeatureExtractor(config.replace(feature_runtime="openvino"))(batch[:2]), reference_of(reference, 2),
+                         config)  # another batch size: the same converted model (dynamic batch)
+    entries = [name for name in (p.name for p in tmp_path.iterdir()) if not name.startswith(".")]
+    assert len(entries) == 1, entries  # converted once, then read from the cache
+    assert (tmp_path / entries[0] / "model.xml").is_file()
+
+
+def reference_of(features, count: int):
+    return type(features)(embedding=features.embedding[:count],
+                          pyramid={layer: maps[:count] for layer, maps in features.pyramid.items()})
+
+
+def test_openvino_missing_says_how_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    with pytest.raises(ImportError, match="pip install"):
+        FeatureExtractor(SpadeConfig(backbone="resnet18", weights="random", feature_runtime="openvino"))
+
+
 def test_an_unknown_runtime_is_refused():
-    with pytest.raises(ValueError, match="feature_runtime must be one of channels_last, eager"):
+    with pytest.raises(ValueError, match="feature_runtime must be one of channels_last, eager, openvino"):
         SpadeConfig(feature_runtime="onnx")

@@ -8,14 +8,16 @@ backbone is asked for.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torchvision
 
-from spade.config import SpadeConfig
+from spade.config import SpadeConfig, stable_hash
 from spade.features.framing import TiledFraming
+from spade.features.runtime import PyramidNet, make_runtime, resolve_device
 from spade.features.weights import ResolvedWeights, check_preprocessing, resolve_weights
 
 RESNET_BACKBONES = (
@@ -102,34 +104,14 @@ class FeatureExtractor:
         self.weights = weights if weights is not None else resolve_weights(config.backbone, config.weights)
         check_preprocessing(self.weights, config.mean, config.std, config_name=f"the config (weights: {config.weights})")
         self.model = build_backbone(config.backbone, self.weights)
-        # channels-last (NHWC) lets oneDNN's CPU convolutions skip layout conversions: 1.5x faster on EfficientNet-
-        # Lite0 at 256 px, features within 1.3e-5 of the NCHW ("eager") reference (benchmarks/feature_pass.py)
-        self.memory_format = torch.channels_last if config.feature_runtime == "channels_last" else torch.contiguous_format
-        self.model = self.model.to(memory_format=self.memory_format)
         self.layers = tuple(config.layers)
-        self.is_timm = config.backbone in TIMM_BACKBONES
-        self._taps = _timm_taps(self.model) if self.is_timm else {}
+        taps = _timm_taps(self.model) if config.backbone in TIMM_BACKBONES else None
+        net = PyramidNet(self.model, self.layers, taps)
+        self.device = resolve_device(config.device)
+        identity = {"backbone": config.backbone, "weights": self.weights.sha256, "layers": list(self.layers),
+                    "torch": torch.__version__, "timm": getattr(sys.modules.get("timm"), "__version__", None)}
+        self.runtime = make_runtime(config.feature_runtime, net, stable_hash(identity), self.device)
         self._framings: dict[tuple[int, int], TiledFraming | None] = {}
-
-    def _resnet(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        m = self.model
-        x = m.maxpool(m.relu(m.bn1(m.conv1(batch))))
-        maps: dict[str, torch.Tensor] = {}
-        for name in ("layer1", "layer2", "layer3", "layer4"):
-            x = getattr(m, name)(x)
-            maps[name] = x
-        return torch.flatten(m.avgpool(x), 1), maps
-
-    def _timm(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        m = self.model
-        x = m.bn1(m.conv_stem(batch))
-        maps: dict[str, torch.Tensor] = {}
-        for index, block in enumerate(m.blocks):
-            x = block(x)
-            if index in self._taps:
-                maps[self._taps[index]] = x
-        x = m.bn2(m.conv_head(x))
-        return m.forward_head(x, pre_logits=True), maps
 
     def _framing(self, size: tuple[int, int]) -> TiledFraming | None:
         """The tiles of a frame of ``size`` (the framing's frame size, whatever the config records), None when the
@@ -147,8 +129,7 @@ class FeatureExtractor:
         step = max(1, self.config.batch_size)
         embeddings, pyramids = [], {name: [] for name in self.layers}
         for start in range(0, tiles.shape[0], step):
-            chunk = tiles[start:start + step].contiguous(memory_format=self.memory_format)
-            embedding, maps = self._timm(chunk) if self.is_timm else self._resnet(chunk)
+            embedding, maps = self.runtime(tiles[start:start + step])
             embeddings.append(embedding)
             for name in self.layers:
                 pyramids[name].append(aggregate_neighbourhood(maps[name], self.config.feature_aggregation).contiguous())
@@ -175,4 +156,4 @@ class FeatureExtractor:
     def classify(self, batch: torch.Tensor) -> np.ndarray:
         """ImageNet logits (B, 1000); used to prove the weights are really ImageNet-trained."""
         with torch.inference_mode():
-            return self.model(batch).numpy()
+            return self.model(batch.to(next(self.model.parameters()).device)).cpu().numpy()

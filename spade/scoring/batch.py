@@ -4,7 +4,8 @@ Two pixel modes:
 
 * ``exact`` (default, the SPADE paper): each position's distance to the kappa
   nearest features among all positions of the image's K nearest normal images,
-  computed for the whole batch at once (`spade.scoring.correspondence.batch_layer_distances`);
+  computed for the whole batch at once (`spade.scoring.correspondence.batch_layer_distances`; on a CUDA
+  device `spade.scoring.device_search`, the same distances);
 * ``approximate``: each position's distance to the kappa nearest features of a
   global per-layer memory bank reduced by greedy coreset subsampling
   (PatchCore-style, `spade.index.coreset`), searched with a faiss index. For galleries
@@ -19,12 +20,15 @@ score map; the image score is the one ``image_score`` asks for (`spade.scoring.i
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
 from spade.features.backbone import Features
 from spade.config import SpadeConfig
+from spade.features.runtime import resolve_device
 from spade.scoring.correspondence import batch_layer_distances, configure_threads
+from spade.scoring.device_search import device_layer_distances
 from spade.features.framing import Framing, framing_for
 from spade.index.gallery import Gallery, with_gallery_frame
 from spade.index.pyramid import TileRows
@@ -72,15 +76,25 @@ def tile_neighbours(neighbours: np.ndarray, tiles: int, same_place: bool) -> np.
     return np.repeat(every, tiles, axis=0)
 
 
+def _exact_search(config: SpadeConfig) -> Callable[[np.ndarray, object, np.ndarray], np.ndarray]:
+    """The exact correspondence for the config's ``device``: the CPU search, or the same distances in torch ops on
+    a CUDA device (`spade.scoring.device_search`)."""
+    device = resolve_device(config.device)
+    if device.type == "cpu":
+        return lambda queries, rows, neighbours: batch_layer_distances(queries, rows, neighbours, config.kappa,
+                                                                       refine=config.refine_distances)
+    return lambda queries, rows, neighbours: device_layer_distances(queries, rows, neighbours, config.kappa, device)
+
+
 def _exact_distances(queries: np.ndarray, layer_rows, neighbours: np.ndarray, config: SpadeConfig, tiles: int) -> np.ndarray:
     """(B, P) exact correspondence distances; with T tiles per frame each test tile is searched among its
     neighbours' tiles (`tile_neighbours`), so the cost grows with the frame's length, not its square."""
+    search = _exact_search(config)
     if tiles == 1:
-        return batch_layer_distances(queries, layer_rows, neighbours, config.kappa, refine=config.refine_distances)
+        return search(queries, layer_rows, neighbours)
     b, p, c = queries.shape
-    dist = batch_layer_distances(queries.reshape(b * tiles, p // tiles, c), TileRows(layer_rows, tiles),
-                                 tile_neighbours(neighbours, tiles, config.tile_neighbours == "same"), config.kappa,
-                                 refine=config.refine_distances)
+    dist = search(queries.reshape(b * tiles, p // tiles, c), TileRows(layer_rows, tiles),
+                  tile_neighbours(neighbours, tiles, config.tile_neighbours == "same"))
     return dist.reshape(b, p)
 
 

@@ -1,0 +1,171 @@
+"""How the backbone runs: torch on CPU (NCHW, the reference, or channels-last), OpenVINO's CPU runtime, or torch on
+a CUDA device (config ``device``).
+
+Every runtime computes the same function, `PyramidNet`: a batch of frames -> the pooled embedding and the configured
+layers' maps, in float32. They differ only in speed; the gallery records the runtime it was fitted with, and the
+features of any two runtimes agree within 1e-4 (tests/test_feature_runtime.py), so a gallery fitted with one can be
+scored with another. OpenVINO is optional (`pip install spade-beam[openvino]`): its CPU plugin fuses the network into
+a few oneDNN kernels and runs the feature pass several times faster than torch eager on the same threads
+(benchmarks/feature_pass.py). It is asked for float32 inference explicitly: on CPUs with AMX or AVX512-BF16 its
+default is bfloat16, whose features differ from torch's by up to ~1 (not what a gallery was fitted with).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+from spade.config import DEVICES, stable_hash
+from spade.io.cache import cached_build
+
+LOG = logging.getLogger(__name__)
+
+BACKBONE_CACHE = os.path.expanduser("~/.cache/spade/backbones")
+OPENVINO_INSTALL = "pip install 'openvino>=2024.0' (or the package's extra: pip install 'spade-beam[openvino]')"
+
+
+class PyramidNet(torch.nn.Module):
+    """The backbone as one function: frames (B, 3, H, W) -> (embedding (B, D), map of each of ``layers`` (B, C, h, w)).
+
+    ``taps`` ({block index: layer name}) marks where a timm EfficientNet's layers are read; a torchvision ResNet's
+    layers are its ``layer1``-``layer4`` modules. The embedding is the network's pooled last feature map, so every
+    block up to the head runs whatever layers are kept.
+    """
+
+    def __init__(self, model: torch.nn.Module, layers: tuple[str, ...], taps: dict[int, str] | None):
+        super().__init__()
+        self.model = model
+        self.layers = tuple(layers)
+        self.taps = dict(taps) if taps else None
+
+    def _resnet(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        m = self.model
+        x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
+        maps: dict[str, torch.Tensor] = {}
+        for name in ("layer1", "layer2", "layer3", "layer4"):
+            x = getattr(m, name)(x)
+            maps[name] = x
+        return torch.flatten(m.avgpool(x), 1), maps
+
+    def _timm(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        m = self.model
+        x = m.bn1(m.conv_stem(x))
+        maps: dict[str, torch.Tensor] = {}
+        for index, block in enumerate(m.blocks):
+            x = block(x)
+            if index in self.taps:
+                maps[self.taps[index]] = x
+        x = m.bn2(m.conv_head(x))
+        return m.forward_head(x, pre_logits=True), maps
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        embedding, maps = self._timm(x) if self.taps is not None else self._resnet(x)
+        return (embedding, *(maps[name] for name in self.layers))
+
+
+Runtime = Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device of config ``device``: ``auto`` is the first CUDA device when torch sees one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: cuda, but torch sees no CUDA device (torch.cuda.is_available() is False): "
+                           "install a CUDA build of torch on a machine with an NVIDIA GPU, or set device: auto or cpu")
+    if name not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {name!r}")
+    return torch.device(name)
+
+
+class TorchRuntime:
+    """`PyramidNet` in torch, NCHW (``eager``) or channels-last (NHWC: oneDNN's CPU convolutions skip layout
+    conversions, 1.4-1.7x faster on EfficientNet-Lite0 at 256 px), on the CPU or a CUDA device (frames go there and
+    the features come back to the CPU)."""
+
+    def __init__(self, net: PyramidNet, channels_last: bool, device: torch.device = torch.device("cpu")):
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.device = device
+        self.net = net.to(device=device, memory_format=self.memory_format)
+
+    def __call__(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with torch.inference_mode():
+            frames = batch.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+            outputs = [out.float().cpu() for out in self.net(frames)]
+        return outputs[0], dict(zip(self.net.layers, outputs[1:]))
+
+
+def import_openvino():
+    """The ``openvino`` module, or an ImportError that says how to install it."""
+    try:
+        import openvino
+    except ImportError:
+        raise ImportError(f"feature_runtime: openvino needs the OpenVINO runtime: {OPENVINO_INSTALL}; "
+                          "or set feature_runtime: channels_last") from None
+    return openvino
+
+
+class OpenVinoRuntime:
+    """`PyramidNet` compiled by OpenVINO for the CPU, float32, one compiled model per frame height and width (any
+    batch size).
+
+    Converting the torch network (tracing it) takes seconds, so the converted model is kept in a machine-wide cache
+    (``cache_dir``, keyed by the network's identity ``key``, the frame size and the OpenVINO version) and later
+    workers only compile it (~0.1 s).
+    """
+
+    def __init__(self, net: PyramidNet, key: str, threads: int | None = None, cache_dir: str | None = None):
+        self.ov = import_openvino()
+        self.net = net
+        self.key = key
+        self.threads = threads or torch.get_num_threads()
+        self.cache_dir = cache_dir or BACKBONE_CACHE
+        self.core = self.ov.Core()
+        self._compiled: dict[tuple[int, int], object] = {}
+
+    def _model_file(self, height: int, width: int) -> str:
+        key = stable_hash({"net": self.key, "size": [height, width], "openvino": self.ov.__version__})
+
+        def convert(folder: str) -> None:
+            started = time.perf_counter()
+            example = torch.zeros(1, 3, height, width)
+            with torch.inference_mode(False), torch.no_grad():
+                model = self.ov.convert_model(self.net, example_input=example, input=[(-1, 3, height, width)])
+            self.ov.save_model(model, os.path.join(folder, "model.xml"), compress_to_fp16=False)  # its default halves weights
+            LOG.info("converted the backbone for OpenVINO at %dx%d in %.1f s (once per machine: %s)", width, height,
+                     time.perf_counter() - started, self.cache_dir)
+
+        return os.path.join(cached_build(f"openvino-{key}", convert, self.cache_dir), "model.xml")
+
+    def _compiled_for(self, height: int, width: int):
+        size = (height, width)
+        if size not in self._compiled:
+            model = self.core.read_model(self._model_file(height, width))
+            self._compiled[size] = self.core.compile_model(model, "CPU", {
+                "INFERENCE_PRECISION_HINT": "f32",
+                "INFERENCE_NUM_THREADS": self.threads,
+                "PERFORMANCE_HINT": "LATENCY",
+            })
+        return self._compiled[size]
+
+    def __call__(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        compiled = self._compiled_for(int(batch.shape[-2]), int(batch.shape[-1]))
+        result = compiled(np.ascontiguousarray(batch.numpy(), dtype=np.float32))
+        outputs = [torch.from_numpy(np.asarray(result[port])) for port in compiled.outputs]
+        return outputs[0], dict(zip(self.net.layers, outputs[1:]))
+
+
+def make_runtime(name: str, net: PyramidNet, key: str, device: torch.device = torch.device("cpu")) -> Runtime:
+    """The runtime ``name`` (config `feature_runtime`) for ``net`` on ``device``; ``key`` identifies the network's
+    weights. On a CUDA device torch runs the network whatever ``name`` says (the CPU runtimes are for CPUs)."""
+    if device.type == "cuda":
+        return TorchRuntime(net, channels_last=name != "eager", device=device)
+    if name == "openvino":
+        return OpenVinoRuntime(net, key)
+    if name in ("channels_last", "eager"):
+        return TorchRuntime(net, channels_last=name == "channels_last")
+    raise ValueError(f"unknown feature_runtime {name!r}")
