@@ -56,6 +56,25 @@ def test_openvino_matches_the_nchw_reference_and_converts_once_per_machine(confi
     assert (tmp_path / entries[0] / "model.xml").is_file()
 
 
+def test_openvino_serves_threads_at_once(tmp_path, monkeypatch):
+    """A Flink or Spark SDK worker runs bundles in several threads against one shared extractor: each thread gets
+    its own inference request (one request serves one call at a time: "Infer Request is busy")."""
+    pytest.importorskip("openvino", reason="feature_runtime: openvino needs the openvino package ([test] installs it)")
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setattr(runtime, "BACKBONE_CACHE", str(tmp_path))
+    config = CONFIGS[1].replace(feature_runtime="openvino")
+    extractor = FeatureExtractor(config)
+    batches = [frames(config, count=2 + i % 2) * (1.0 + 0.1 * i) for i in range(8)]
+    alone = [extractor(batch) for batch in batches]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(extractor, batches))
+    for a, b in zip(alone, together):
+        np.testing.assert_array_equal(a.embedding, b.embedding)
+        for layer in config.layers:
+            np.testing.assert_array_equal(a.pyramid[layer], b.pyramid[layer])
+
+
 def reference_of(features, count: int):
     return type(features)(embedding=features.embedding[:count],
                           pyramid={layer: maps[:count] for layer, maps in features.pyramid.items()})

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from typing import Callable
 
@@ -115,7 +116,8 @@ class OpenVinoRuntime:
 
     Converting the torch network (tracing it) takes seconds, so the converted model is kept in a machine-wide cache
     (``cache_dir``, keyed by the network's identity ``key``, the frame size and the OpenVINO version) and later
-    workers only compile it (~0.1 s).
+    workers only compile it (~0.1 s). Each calling thread gets its own inference request: a worker that runs
+    bundles in several threads shares one runtime (one request serves one call at a time).
     """
 
     def __init__(self, net: PyramidNet, key: str, threads: int | None = None, cache_dir: str | None = None):
@@ -126,6 +128,8 @@ class OpenVinoRuntime:
         self.cache_dir = cache_dir or BACKBONE_CACHE
         self.core = self.ov.Core()
         self._compiled: dict[tuple[int, int], object] = {}
+        self._lock = threading.Lock()
+        self._local = threading.local()
 
     def _model_file(self, height: int, width: int) -> str:
         key = stable_hash({"net": self.key, "size": [height, width], "openvino": self.ov.__version__})
@@ -143,19 +147,29 @@ class OpenVinoRuntime:
 
     def _compiled_for(self, height: int, width: int):
         size = (height, width)
-        if size not in self._compiled:
-            model = self.core.read_model(self._model_file(height, width))
-            self._compiled[size] = self.core.compile_model(model, "CPU", {
-                "INFERENCE_PRECISION_HINT": "f32",
-                "INFERENCE_NUM_THREADS": self.threads,
-                "PERFORMANCE_HINT": "LATENCY",
-            })
-        return self._compiled[size]
+        with self._lock:  # one conversion and compilation per size, whichever thread asks first
+            if size not in self._compiled:
+                model = self.core.read_model(self._model_file(height, width))
+                self._compiled[size] = self.core.compile_model(model, "CPU", {
+                    "INFERENCE_PRECISION_HINT": "f32",
+                    "INFERENCE_NUM_THREADS": self.threads,
+                    "PERFORMANCE_HINT": "LATENCY",
+                })
+            return self._compiled[size]
+
+    def _request(self, height: int, width: int):
+        """This thread's inference request for frames of ``height`` x ``width``."""
+        requests = getattr(self._local, "requests", None)
+        if requests is None:
+            requests = self._local.requests = {}
+        if (height, width) not in requests:
+            requests[(height, width)] = self._compiled_for(height, width).create_infer_request()
+        return requests[(height, width)]
 
     def __call__(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        compiled = self._compiled_for(int(batch.shape[-2]), int(batch.shape[-1]))
-        result = compiled(np.ascontiguousarray(batch.numpy(), dtype=np.float32))
-        outputs = [torch.from_numpy(np.asarray(result[port])) for port in compiled.outputs]
+        request = self._request(int(batch.shape[-2]), int(batch.shape[-1]))
+        result = request.infer({0: np.ascontiguousarray(batch.numpy(), dtype=np.float32)}, share_outputs=False)
+        outputs = [torch.from_numpy(np.asarray(result[port])) for port in request.model_outputs]
         return outputs[0], dict(zip(self.net.layers, outputs[1:]))
 
 
