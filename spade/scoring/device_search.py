@@ -19,7 +19,7 @@ import torch
 
 from spade.scoring.correspondence import EPS64, PyramidReader, _noise
 
-COLUMNS = 1 << 16  # gallery positions per block: a block's output is (P x COLUMNS) float64
+BLOCK_BYTES = 1 << 28  # a block's float64 output (P x columns): 256 MB, whatever the frame's positions
 
 
 def _smallest(values: torch.Tensor, ids: torch.Tensor, block: torch.Tensor, first: int, count: int
@@ -33,10 +33,12 @@ def _smallest(values: torch.Tensor, ids: torch.Tensor, block: torch.Tensor, firs
     return keep.values, merged_ids.gather(1, keep.indices)
 
 
-def image_distances(q: torch.Tensor, g: torch.Tensor, kappa: int, columns: int = COLUMNS) -> torch.Tensor:
+def image_distances(q: torch.Tensor, g: torch.Tensor, kappa: int, columns: int | None = None) -> torch.Tensor:
     """Mean distance (P,) float64 from each of one image's positions ``q`` (P, C) to its ``kappa`` nearest among
-    ``g`` (N, C), both float32 on one device; within float64 rounding of the exact value."""
+    ``g`` (N, C), both float32 on one device; within float64 rounding of the exact value. ``columns``: gallery
+    positions per block (default: a `BLOCK_BYTES` output)."""
     positions, channels = q.shape
+    columns = columns or max(1024, BLOCK_BYTES // (8 * max(1, positions)))
     centre = g.double().mean(dim=0)
     qc, gc = q.double() - centre, g.double() - centre
     g_sq = (gc * gc).sum(1)
