@@ -156,4 +156,4 @@ class FeatureExtractor:
     def classify(self, batch: torch.Tensor) -> np.ndarray:
         """ImageNet logits (B, 1000); used to prove the weights are really ImageNet-trained."""
         with torch.inference_mode():
-            return self.model(batch.to(next(self.model.parameters()).device)).cpu().numpy()
+            return self.model(batch.to(self.device)).cpu().numpy()
