@@ -8,7 +8,8 @@ MVTec-layout folders and configs; one table.
 
 A config is a YAML file, optionally followed by ``:key=value,key=value`` overrides (values as YAML).
 Configs that differ only in ``image_score`` or ``eval_region`` share one gallery (fit once; its
-calibration holds every mode's threshold); the fit column then repeats that fit's time.
+calibration holds every mode's threshold; the bank modes, bank_max and combined_bank, get a gallery of their own,
+fitted with its patch bank); the fit column then repeats that fit's time.
 
 Columns: image ROCAUC; pixel ROCAUC and PRO on the paper's centre-crop region (short side 256, centre 224:
 the region the paper's preprocessing inspects, whatever the config's framing) and on the full image;
@@ -56,7 +57,7 @@ def parse_spec(spec: str) -> tuple[str, SpadeConfig]:
 
 def gallery_key(config: SpadeConfig) -> str:
     """Configs with the same key can share a gallery: everything but the score-time-only settings."""
-    return stable_hash({k: v for k, v in config.to_dict().items() if k not in SCORE_ONLY_KEYS})
+    return stable_hash({k: v for k, v in config.to_dict().items() if k not in SCORE_ONLY_KEYS} | {"bank": config.uses_patch_bank})
 
 
 def confusion(table) -> dict[str, int]:

@@ -17,7 +17,10 @@ Rules (each a function of a frame's kNN term and its raw per-layer maps):
 * ``topk_mean``: mean of the smoothed map's top 1 % of positions (a defect's area, not one hot pixel);
 * ``layer_max``: per layer, the maximum of its smoothed map, each standardised, then the largest;
 * ``layer_sum``: the same per-layer maxima standardised and summed;
-* ``combined_topk``: z(knn) + z(topk_mean); ``combined3``: z(knn) + z(map_max) + z(topk_mean).
+* ``combined_topk``: z(knn) + z(topk_mean); ``combined3``: z(knn) + z(map_max) + z(topk_mean);
+* ``bank_max``: PatchCore's, a frame's largest distance to the global coreset bank of its layer2+3 patch
+  features (`spade.index.patch_bank`, the config's ``bank_layers`` and ``bank_ratio``); ``combined_bank``:
+  z(topk_mean) + z(bank_max); ``knn+bank``: z(knn) + z(bank_max).
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ from spade.features.backbone import FeatureExtractor  # noqa: E402
 from spade.features.framing import frame_size_for, framing_for  # noqa: E402
 from spade.index.gallery import Gallery  # noqa: E402
 from spade.index.knn import build_index, image_scores, nearest_images  # noqa: E402
+from spade.index.patch_bank import bank_maxima, build_patch_bank  # noqa: E402
 from spade.io.images import decode_rgb, preprocess  # noqa: E402
 from spade.scoring.batch import layer_distance_maps  # noqa: E402
 from spade.scoring.correspondence import configure_threads  # noqa: E402
@@ -98,7 +102,7 @@ def run_set(root: Path, spec: str, calibration: int, cache: Path) -> dict:
     values = dict(item.split("=", 1) for item in filter(None, overrides.split(",")))
     import yaml
     config = load_config(path, {k: yaml.safe_load(v) for k, v in values.items()})
-    name = f"{root.name}-{Path(path).stem}-{overrides.replace('=', '').replace(',', '_')}"
+    name = f"{root.name}-{Path(path).stem}-{overrides.replace('=', '').replace(',', '_')}-bank"
     target = cache / f"{name}.npz"
     if target.exists():
         return dict(np.load(target, allow_pickle=True)) | {"config": config}
@@ -117,7 +121,14 @@ def run_set(root: Path, spec: str, calibration: int, cache: Path) -> dict:
     scored = time.perf_counter()
     rows = np.unique(np.linspace(0, len(train) - 1, num=min(calibration, len(train))).round().astype(np.int64))
     c_knn, c_maps = _score(gallery, g_emb[rows], {k: v[rows] for k, v in g_pyr.items()}, config, exclude=rows)
-    out = {"t_knn": t_knn, "c_knn": c_knn, "labels": np.array([p.parent.name != "good" for p in test]),
+    bank = build_patch_bank(gallery.pyramid, config.bank_layers, framing, config.bank_ratio, config.coreset_projection,
+                            max_candidates=config.coreset_max_candidates)
+    tiles = len(framing.tiles)
+    t_bank = np.concatenate([bank_maxima({k: t_pyr[k][s:s + 16] for k in config.bank_layers}, bank, config.bank_layers, tiles)
+                             for s in range(0, len(test), 16)])
+    c_bank = np.concatenate([bank_maxima({k: g_pyr[k][rows[s:s + 16]] for k in config.bank_layers}, bank, config.bank_layers,
+                                         tiles, exclude_rows=rows[s:s + 16]) for s in range(0, len(rows), 16)])
+    out = {"t_knn": t_knn, "c_knn": c_knn, "t_bank_max": t_bank, "c_bank_max": c_bank, "labels": np.array([p.parent.name != "good" for p in test]),
            "paths": np.array([str(p) for p in test]), "sizes": np.array(t_sizes),
            "frame_size": np.array(framing.size), "seconds": np.array([fitted - started, scored - fitted])}
     for layer in config.layers:
@@ -147,7 +158,7 @@ def frame_maps(data: dict, config, prefix: str) -> tuple[list[np.ndarray], dict[
 
 def terms(data: dict, config, prefix: str) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
     maps, layer_max = frame_maps(data, config, prefix)
-    out = {"knn": np.asarray(data[f"{prefix}_knn"]), "map_max": np.array([m.max() for m in maps]),
+    out = {"knn": np.asarray(data[f"{prefix}_knn"]), "bank_max": np.asarray(data[f"{prefix}_bank_max"]), "map_max": np.array([m.max() for m in maps]),
            "topk_mean": np.array([np.sort(m.ravel())[-max(1, m.size // 100):].mean() for m in maps])}
     out |= {f"max_{layer}": v for layer, v in layer_max.items()}
     return out, maps
@@ -165,6 +176,8 @@ def rules(test: dict, normal: dict, layers) -> dict[str, tuple[np.ndarray, np.nd
            "layer_max": (np.max([z[f"max_{layer}"][0] for layer in layers], axis=0),
                          np.max([z[f"max_{layer}"][1] for layer in layers], axis=0))}
     out["knn+layer_sum"] = (out["layer_sum"][0] + z["knn"][0], out["layer_sum"][1] + z["knn"][1])
+    out |= {"bank_max": (test["bank_max"], normal["bank_max"]), "combined_bank": add("topk_mean", "bank_max"),
+            "knn+bank": add("knn", "bank_max")}
     return out
 
 

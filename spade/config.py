@@ -18,7 +18,8 @@ DEVICES = ("auto", "cpu", "cuda")
 # Settings that change only speed or file layout, never a row: runs that differ only in them may resume each other's
 # ledgers.
 SPEED_ONLY = ("num_threads", "shards", "rows_per_shard", "batch_size", "feature_runtime", "device")
-IMAGE_SCORES = ("knn", "map_max", "map_top", "combined", "combined_top")
+IMAGE_SCORES = ("knn", "map_max", "map_top", "combined", "combined_top", "bank_max", "combined_bank")
+BANK_SCORES = ("bank_max", "combined_bank")  # the image scores that need a gallery's patch bank
 # Feature settings added after galleries were first written: a manifest without one was built with this value.
 FEATURE_DEFAULTS_BEFORE = {"framing": "crop", "feature_aggregation": 1, "frame_size": None}
 # Feature settings that only some framings have (`SpadeConfig.feature_signature` lists them only for those).
@@ -48,7 +49,10 @@ class SpadeConfig:
     its K nearest normal embeddings), ``map_max`` (the maximum of the smoothed pixel score map, as PatchCore and
     PaDiM decide), ``map_top`` (the mean of the map's highest 1 %: a defect's extent, not one hot pixel),
     ``combined`` / ``combined_top`` (the kNN term and ``map_max`` / ``map_top``, each standardised by its
-    leave-one-out mean and standard deviation on the gallery's normal calibration images, then summed).
+    leave-one-out mean and standard deviation on the gallery's normal calibration images, then summed),
+    ``bank_max`` (PatchCore's: a frame's largest distance to a global coreset memory bank of its ``bank_layers``
+    concatenated, ``bank_ratio`` of all gallery positions kept; `spade.index.patch_bank`), ``combined_bank``
+    (``map_top`` and ``bank_max`` standardised and summed).
     Calibration at `fit`: ``calibration_images`` gallery images (evenly spaced; all when the gallery
     is smaller) are scored leave-one-out; the image threshold is their mean plus (z + ``calibration_margin``)
     standard deviations, z the standard normal quantile of 1 - ``calibration_image_fpr`` (0: their highest
@@ -70,7 +74,7 @@ class SpadeConfig:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     k: int = 10
-    image_score: str = "combined_top"
+    image_score: str = "combined_bank"
     kappa: int = 1
     sigma: float = 4.0
     feature_dtype: str = "float32"
@@ -94,11 +98,14 @@ class SpadeConfig:
     coreset_ratio: float = 0.01
     coreset_projection: int = 128
     coreset_max_candidates: int = 200_000
+    bank_layers: tuple[str, ...] = ("layer2", "layer3")
+    bank_ratio: float = 0.01
     max_source_pixels: int | None = 40_000_000
     max_aspect_ratio: float | None = 50.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))
+        object.__setattr__(self, "bank_layers", tuple(self.bank_layers))
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
         if self.frame_size is not None:
@@ -145,6 +152,12 @@ class SpadeConfig:
             problems.append("scoring_mode must be 'exact' (the paper) or 'approximate' (coreset memory bank)")
         if not 0 < self.coreset_ratio <= 1:
             problems.append("coreset_ratio must be in (0, 1]")
+        if not 0 < self.bank_ratio <= 1:
+            problems.append("bank_ratio must be in (0, 1]")
+        if self.image_score in BANK_SCORES and (
+                not self.bank_layers or any(layer not in self.layers for layer in self.bank_layers)):
+            problems.append(f"bank_layers ({', '.join(self.bank_layers) or 'none'}) must be among layers "
+                            f"({', '.join(self.layers)}) for image_score: {self.image_score}")
         if self.max_source_pixels is not None and self.max_source_pixels < 1:
             problems.append("max_source_pixels must be >= 1 (or null for no limit)")
         if self.max_aspect_ratio is not None and self.max_aspect_ratio < 1:
@@ -160,13 +173,19 @@ class SpadeConfig:
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        for key in ("layers", "mean", "std", "frame_size"):
+        for key in ("layers", "bank_layers", "mean", "std", "frame_size"):
             if out[key] is not None:
                 out[key] = list(out[key])
         return out
 
     def replace(self, **changes: Any) -> "SpadeConfig":
         return dataclasses.replace(self, **changes)
+
+    @property
+    def uses_patch_bank(self) -> bool:
+        """Whether the image score needs a patch bank (`spade.index.patch_bank`): fit builds, stores and calibrates
+        it only then (a wide backbone's concatenated layers make it costly for configs that never use it)."""
+        return self.image_score in BANK_SCORES
 
     @property
     def frame_from_gallery(self) -> bool:

@@ -14,8 +14,12 @@ def test_spec_overrides_and_gallery_sharing():
     label, config = accuracy.parse_spec(f"{ROOT}/configs/default.yaml:image_score=knn,k=7")
     assert label == "default image_score=knn,k=7" and config.image_score == "knn" and config.k == 7
     _, default = accuracy.parse_spec(f"{ROOT}/configs/default.yaml")
-    # image_score and eval_region are decided at scoring time: one gallery serves both
-    assert accuracy.gallery_key(default) == accuracy.gallery_key(default.replace(image_score="knn", eval_region="crop"))
+    # image_score and eval_region are decided at scoring time: one gallery serves both, except that the bank modes
+    # need a gallery fitted with a patch bank
+    assert accuracy.gallery_key(default) == accuracy.gallery_key(default.replace(image_score="bank_max", eval_region="crop"))
+    knn = default.replace(image_score="knn")
+    assert accuracy.gallery_key(knn) == accuracy.gallery_key(knn.replace(image_score="combined_top", eval_region="crop"))
+    assert accuracy.gallery_key(default) != accuracy.gallery_key(knn)
     assert accuracy.gallery_key(default) != accuracy.gallery_key(default.replace(k=7))
     assert accuracy.gallery_key(default) != accuracy.gallery_key(default.replace(feature_aggregation=default.feature_aggregation + 2))
 

@@ -12,6 +12,8 @@ Layout of a gallery folder (local path or fsspec URL)::
                          pyramid_row say where each gallery row is; scoring reads only the rows it needs
     coreset/<layer>.npy  approximate-mode configs only: each layer's coreset memory bank (vectors, C) and
     coreset/<layer>-rows.npy  the gallery row of each vector; the manifest's "coreset" says how it was built
+    coreset/patch.npy, patch-rows.npy  configs whose image score uses it only: the patch memory bank of the bank_max
+                         term (`spade.index.patch_bank`); the manifest's "patch_bank" says how it was built
 
 No process holds or copies the whole pyramid: workers write it, scoring reads the K neighbours' rows.
 
@@ -30,7 +32,7 @@ import platform
 import shutil
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import faiss
 import numpy as np
@@ -42,6 +44,7 @@ from spade.config import FEATURE_DEFAULTS_BEFORE, SpadeConfig, stable_hash
 from spade.features.framing import framing_for
 from spade.io.cache import cached_folder
 from spade.index.coreset import bank_files, bank_settings, load_banks, save_banks
+from spade.index.patch_bank import PATCH, patch_bank_settings, save_patch_bank
 from spade.index.knn import build_index
 from spade.index.pyramid import ShardedLayer, shard_path
 
@@ -131,12 +134,12 @@ def build_gallery(shard_urls: list[str], gallery_url: str, config: SpadeConfig, 
     coreset = None
     if config.scoring_mode == "approximate":  # built once here instead of by every scoring worker
         coreset = bank_settings(config.coreset_ratio, config.coreset_projection, config.coreset_max_candidates)
-        with contextlib.ExitStack() as copies:
-            pyramids = {layer: ShardedLayer([copies.enter_context(storage.local_copy(storage.join(gallery_url, shard_path(layer, key))))
-                                             for key in pyramid_shards],
-                                            images.column("pyramid_shard").to_numpy(), images.column("pyramid_row").to_numpy())
-                        for layer in config.layers}
+        with _local_pyramids(gallery_url, images, pyramid_shards, config.layers) as pyramids:
             save_banks(workdir, config.layers, coreset, progress, pyramids)
+    patch_bank = patch_bank_settings(config) if config.uses_patch_bank else None
+    if patch_bank is not None:  # the image score's bank: built once here, stored for calibration and every worker
+        with _local_pyramids(gallery_url, images, pyramid_shards, config.bank_layers) as pyramids:
+            save_patch_bank(workdir, pyramids, framing_for(config), patch_bank, progress)
     pq.write_table(images, os.path.join(workdir, "images.parquet"))
     faiss.write_index(build_index(embeddings), os.path.join(workdir, "index.faiss"))
     ids = images.column("image_id").to_pylist()
@@ -164,6 +167,8 @@ def build_gallery(shard_urls: list[str], gallery_url: str, config: SpadeConfig, 
     }
     if coreset is not None:
         manifest["coreset"] = coreset
+    if patch_bank is not None:
+        manifest["patch_bank"] = patch_bank
     manifest["files"] = {name: storage.file_digest(os.path.join(workdir, name)) for name in _built_files(manifest)}
     manifest["files"] |= {shard_path(layer, key): digests[key][layer] for layer in config.layers for key in pyramid_shards}
     if not storage.is_local(gallery_url):
@@ -172,6 +177,16 @@ def build_gallery(shard_urls: list[str], gallery_url: str, config: SpadeConfig, 
             fs.put_file(os.path.join(workdir, name), f"{path}/{name}")
         shutil.rmtree(workdir, ignore_errors=True)
     return manifest
+
+
+@contextlib.contextmanager
+def _local_pyramids(gallery_url: str, images: pa.Table, pyramid_shards: list[str], layers) -> Iterator[dict[str, ShardedLayer]]:
+    """{layer: (N, P, C) rows} of the workers' pyramid shards, local copies while the context lasts."""
+    with contextlib.ExitStack() as copies:
+        yield {layer: ShardedLayer([copies.enter_context(storage.local_copy(storage.join(gallery_url, shard_path(layer, key))))
+                                    for key in pyramid_shards],
+                                   images.column("pyramid_shard").to_numpy(), images.column("pyramid_row").to_numpy())
+               for layer in layers}
 
 
 def _frame_record(config: SpadeConfig) -> dict[str, Any]:
@@ -185,6 +200,8 @@ def _built_files(manifest: dict[str, Any]) -> list[str]:
     names = ["images.parquet", "index.faiss"]
     if manifest.get("coreset"):
         names += [name for layer in manifest["layers"] for name in bank_files(layer)]
+    if manifest.get("patch_bank"):
+        names += list(bank_files(PATCH))
     return names
 
 
@@ -341,6 +358,8 @@ class Gallery:
                 key += "-files-" + stable_hash(manifest["files"])[:12]
             if manifest.get("coreset"):  # same features, other banks: another cache entry
                 key += "-coreset-" + stable_hash(manifest["coreset"])[:12]
+            if manifest.get("patch_bank"):
+                key += "-patch-" + stable_hash(manifest["patch_bank"])[:12]
             fs, path = storage.filesystem(url)
             root = cached_folder(key, _gallery_files(manifest), lambda name, target: fs.get_file(f"{path}/{name}", target),
                                  cache_dir)
@@ -367,6 +386,8 @@ class Gallery:
                 raise _damaged(url, f"pyramid/{layer}/", f"has rows of shape {pyramid[layer].shape[1:]}, the manifest "
                                                          f"records {expected}")
         banks = load_banks(root, manifest["layers"]) if manifest.get("coreset") else None
+        if manifest.get("patch_bank"):
+            banks = (banks or {}) | {PATCH: tuple(np.load(os.path.join(root, name), mmap_mode="r") for name in bank_files(PATCH))}
         return cls(url=url, manifest=manifest, images=images, index=index, pyramid=pyramid, banks=banks)
 
     def resident_bytes(self) -> int:

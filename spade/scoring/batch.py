@@ -33,7 +33,8 @@ from spade.features.framing import Framing, framing_for
 from spade.index.gallery import Gallery, with_gallery_frame
 from spade.index.pyramid import TileRows
 from spade.index.knn import image_scores, nearest_images
-from spade.scoring.image_score import image_score, map_top
+from spade.index.patch_bank import bank_maxima, patch_bank_for
+from spade.scoring.image_score import MODE_TERMS, image_score, map_top
 from spade.scoring.scoremap import combine_layer_maps, smooth
 
 MODES = ("exact", "approximate")
@@ -42,7 +43,8 @@ MODES = ("exact", "approximate")
 @dataclass
 class ImageScore:
     """One test image's result: image score, neighbour rows, its frame's (H, W) pixel score map, and the
-    terms image scores are made of (kNN score, maximum and top-1 % mean of the score map)."""
+    terms image scores are made of (kNN score, maximum and top-1 % mean of the score map, and the patch bank's
+    maximum where the image score uses it)."""
 
     image_score: float
     neighbours: np.ndarray
@@ -50,6 +52,7 @@ class ImageScore:
     knn_score: float = float("nan")
     map_max: float = float("nan")
     map_top: float = float("nan")
+    bank_max: float = float("nan")
 
 
 def scoring_mode(config: SpadeConfig, mode: str | None = None) -> str:
@@ -157,11 +160,17 @@ def score_batch(features: Features, gallery: Gallery, config: SpadeConfig, exclu
     knn = image_scores(distances)
     maps = layer_distance_maps({layer: features.pyramid[layer] for layer in config.layers}, gallery, rows, config,
                                mode=mode, coreset_ratio=coreset_ratio, exclude_rows=exclude_rows)
+    banks = np.full(len(rows), np.nan)
+    if "bank_max" in MODE_TERMS[config.image_score]:
+        banks = bank_maxima({layer: features.pyramid[layer] for layer in config.bank_layers},
+                            patch_bank_for(gallery, config, framing), config.bank_layers, len(framing.tiles), exclude_rows)
     stats = gallery.manifest.get("calibration") if normals is None else normals
     results = []
     for i in range(len(rows)):
         score_map = finish_map([maps[layer][i] for layer in config.layers], config, framing)
         peak, top = float(score_map.max()), map_top(score_map)
-        results.append(ImageScore(image_score(config.image_score, float(knn[i]), peak, stats, gallery.url, map_top=top),
-                                  rows[i], score_map, knn_score=float(knn[i]), map_max=peak, map_top=top))
+        results.append(ImageScore(image_score(config.image_score, float(knn[i]), peak, stats, gallery.url, map_top=top,
+                                              bank_max=float(banks[i])),
+                                  rows[i], score_map, knn_score=float(knn[i]), map_max=peak, map_top=top,
+                                  bank_max=float(banks[i])))
     return results

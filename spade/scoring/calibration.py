@@ -2,7 +2,8 @@
 
 Rule (documented in the README): ``calibration_images`` gallery images, evenly spaced over the
 gallery (all of them when it is smaller), are each scored against the gallery without themselves.
-Their two image terms give the normal statistics ``image_score: combined`` standardises by. For each
+Their image terms (kNN, map maximum and top mean, and the patch bank's maximum where the image score uses
+it) give the normal statistics the combined modes standardise by. For each
 image-score mode the image threshold is mean + (z + ``calibration_margin``) x standard deviation of the
 normal images' scores, z the standard normal quantile of 1 - ``calibration_image_fpr`` (1.645 for 5 %):
 the target false-positive rate under a normal model of the normal scores, plus an optional margin in
@@ -37,6 +38,7 @@ class NormalScores:
     map_max: np.ndarray
     maps: np.ndarray
     map_top: np.ndarray | None = None
+    bank_max: np.ndarray | None = None
 
 
 def _gallery_features(gallery: Gallery, rows: np.ndarray, config: SpadeConfig) -> Features:
@@ -60,17 +62,22 @@ def leave_one_out_scores(gallery: Gallery, config: SpadeConfig, count: int,
         empty = np.zeros(0)
         return NormalScores(empty.astype(int), empty, empty, np.zeros((0, *framing_for(config).size), dtype=np.float32), empty)
     rows = np.unique(np.linspace(0, n - 1, num=min(count, n)).round().astype(np.int64))
-    knn_only = config.replace(image_score="knn")  # the statistics `combined` needs are what is computed here
-    knn, peaks, tops, maps = [], [], [], []
+    # every term (the bank's where the config's image score uses it: fit built the bank then), so a config with
+    # another image_score can use the gallery; scored as a single-term mode, which needs no statistics
+    with_bank = config.uses_patch_bank
+    single = config.replace(image_score="bank_max" if with_bank else "knn")
+    knn, peaks, tops, banks, maps = [], [], [], [], []
     for start in range(0, len(rows), config.batch_size):
         batch = rows[start:start + config.batch_size]
-        for result in score_batch(_gallery_features(gallery, batch, config), gallery, knn_only, exclude_rows=batch):
+        for result in score_batch(_gallery_features(gallery, batch, config), gallery, single, exclude_rows=batch):
             knn.append(result.knn_score)
             peaks.append(result.map_max)
             tops.append(result.map_top)
+            banks.append(result.bank_max)
             maps.append(result.score_map)
         progress(f"calibration: {len(knn)}/{len(rows)} normal images scored leave-one-out")
-    return NormalScores(rows, np.asarray(knn), np.asarray(peaks), np.stack(maps), np.asarray(tops))
+    return NormalScores(rows, np.asarray(knn), np.asarray(peaks), np.stack(maps), np.asarray(tops),
+                        np.asarray(banks) if with_bank else None)
 
 
 def image_threshold(scores: np.ndarray, target_fpr: float, margin: float) -> float:
@@ -90,15 +97,14 @@ def calibrate(normal: NormalScores, config: SpadeConfig) -> tuple[dict[str, Any]
     config with another ``image_score`` can score against the same gallery; ``image`` is the fitted
     config's. Both are empty with fewer than 2 normal images.
     """
-    stats = normal_statistics(normal.knn, normal.map_max, normal.map_top)
+    stats = normal_statistics(normal.knn, normal.map_max, normal.map_top, normal.bank_max)
     if not stats:
         return {}, {}
     modes = [mode for mode in IMAGE_SCORES if all(term in stats for term in MODE_TERMS[mode])]
-    by_mode = {mode: image_threshold(image_scores(mode, normal.knn, normal.map_max, stats, normal.map_top),
-                                     config.calibration_image_fpr, config.calibration_margin)
+    scores = {mode: image_scores(mode, normal.knn, normal.map_max, stats, normal.map_top, normal.bank_max) for mode in modes}
+    by_mode = {mode: image_threshold(scores[mode], config.calibration_image_fpr, config.calibration_margin)
                for mode in modes}
-    stats["scores"] = {mode: _distribution(image_scores(mode, normal.knn, normal.map_max, stats, normal.map_top))
-                       for mode in modes}
+    stats["scores"] = {mode: _distribution(scores[mode]) for mode in modes}
     thresholds = {
         "image": by_mode[config.image_score],
         "image_score": config.image_score,

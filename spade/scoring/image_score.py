@@ -12,6 +12,11 @@
   `fit`), then summed: how many normal standard deviations above normal an image is, on the global and
   the local evidence together. The terms have unrelated units (embedding vs. patch-feature distances);
   standardising makes them commensurable without a tuned weight.
+* ``bank_max``: PatchCore's decision, a frame's largest distance to a global memory bank of patch
+  features (`spade.index.patch_bank`): every normal frame's positions are the reference, not only the K
+  nearest frames'.
+* ``combined_bank``: ``map_top`` and ``bank_max`` standardised and summed: SPADE's map for a defect's extent,
+  the bank for patches no normal frame has anywhere.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ from spade.config import IMAGE_SCORES
 
 MAP_TOP_FRACTION = 0.01
 MODE_TERMS = {"knn": ("knn",), "map_max": ("map_max",), "map_top": ("map_top",), "combined": ("knn", "map_max"),
-              "combined_top": ("knn", "map_top")}
+              "combined_top": ("knn", "map_top"), "bank_max": ("bank_max",), "combined_bank": ("map_top", "bank_max")}
 
 
 class MissingCalibration(ValueError):
@@ -38,10 +43,11 @@ def map_top(score_map: np.ndarray, fraction: float = MAP_TOP_FRACTION) -> float:
 
 
 def normal_statistics(knn_scores: Sequence[float] | np.ndarray, map_maxima: Sequence[float] | np.ndarray,
-                      map_tops: Sequence[float] | np.ndarray | None = None) -> dict[str, Any]:
-    """{"images": m, "knn": {"mean", "std"}, "map_max": {...}, "map_top": {...}} of normal images' terms
-    (sample standard deviation; empty when fewer than 2 images; no map_top without ``map_tops``)."""
-    terms = {"knn": knn_scores, "map_max": map_maxima, "map_top": map_tops}
+                      map_tops: Sequence[float] | np.ndarray | None = None,
+                      bank_maxima: Sequence[float] | np.ndarray | None = None) -> dict[str, Any]:
+    """{"images": m, "knn": {"mean", "std"}, "map_max": {...}, "map_top": {...}, "bank_max": {...}} of normal
+    images' terms (sample standard deviation; empty when fewer than 2 images; a term given as None is left out)."""
+    terms = {"knn": knn_scores, "map_max": map_maxima, "map_top": map_tops, "bank_max": bank_maxima}
     values = {name: np.asarray(v, dtype=np.float64).ravel() for name, v in terms.items() if v is not None}
     if values["knn"].size < 2 or any(v.size != values["knn"].size for v in values.values()):
         return {}
@@ -58,18 +64,18 @@ def require_normals(mode: str, normals: dict[str, Any] | None, gallery: str = "t
     if len(MODE_TERMS.get(mode, ())) > 1 and (not normals or any(term not in normals for term in MODE_TERMS[mode])):
         raise MissingCalibration(f"image_score: {mode} needs the normal-image statistics that `spade fit` records; "
                                  f"{gallery} has none (fitted before they existed, or with fewer than 2 images). "
-                                 "Re-run `spade fit`, or use image_score: knn or map_max.")
+                                 "Re-run `spade fit` with this image_score, or use image_score: knn or map_max.")
 
 
 def image_score(mode: str, knn: float, map_max: float, normals: dict[str, Any] | None, gallery: str = "the gallery",
-                map_top: float = float("nan")) -> float:
-    """The image score of ``mode`` from an image's kNN score, score-map maximum and top mean.
+                map_top: float = float("nan"), bank_max: float = float("nan")) -> float:
+    """The image score of ``mode`` from an image's kNN score, score-map maximum and top mean, and bank maximum.
 
     ``normals``: `normal_statistics` of the gallery's calibration images (the combined modes use it).
     """
     if mode not in MODE_TERMS:
         raise ValueError(f"image_score must be one of {', '.join(IMAGE_SCORES)}, got {mode!r}")
-    terms = {"knn": knn, "map_max": map_max, "map_top": map_top}
+    terms = {"knn": knn, "map_max": map_max, "map_top": map_top, "bank_max": bank_max}
     if len(MODE_TERMS[mode]) == 1:
         return float(terms[mode])
     require_normals(mode, normals, gallery)
@@ -77,8 +83,9 @@ def image_score(mode: str, knn: float, map_max: float, normals: dict[str, Any] |
 
 
 def image_scores(mode: str, knn: np.ndarray, map_max: np.ndarray, normals: dict[str, Any] | None,
-                 map_top: np.ndarray | None = None) -> np.ndarray:
+                 map_top: np.ndarray | None = None, bank_max: np.ndarray | None = None) -> np.ndarray:
     """`image_score` of arrays of the terms."""
     tops = np.full(len(knn), np.nan) if map_top is None else map_top
-    return np.asarray([image_score(mode, float(a), float(b), normals, map_top=float(c)) for a, b, c in zip(knn, map_max, tops)],
-                      dtype=np.float64)
+    banks = np.full(len(knn), np.nan) if bank_max is None else bank_max
+    return np.asarray([image_score(mode, float(a), float(b), normals, map_top=float(c), bank_max=float(d))
+                       for a, b, c, d in zip(knn, map_max, tops, banks)], dtype=np.float64)

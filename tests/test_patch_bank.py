@@ -1,0 +1,128 @@
+"""The patch memory bank behind ``image_score: bank_max`` / ``combined_bank`` (`spade.index.patch_bank`)."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from spade.config import SpadeConfig
+from spade.features.framing import TiledFraming
+from spade.index.patch_bank import bank_maxima, build_patch_bank, patch_bank_for, patch_features
+from spade.scoring.image_score import image_score, normal_statistics
+
+
+def _pyramid(rng: np.random.Generator, frames: int, tiles: int = 1) -> dict[str, np.ndarray]:
+    """layer2 (4 channels, 8x8 per tile) and layer3 (6 channels, 4x4 per tile), tiles stacked along the height."""
+    return {"layer2": rng.normal(size=(frames, 4, 8 * tiles, 8)).astype(np.float32),
+            "layer3": rng.normal(size=(frames, 6, 4 * tiles, 4)).astype(np.float32)}
+
+
+def _gallery(pyramid: dict[str, np.ndarray]) -> SimpleNamespace:
+    rows = {layer: np.ascontiguousarray(m.reshape(m.shape[0], m.shape[1], -1).transpose(0, 2, 1)) for layer, m in pyramid.items()}
+    frames = len(next(iter(rows.values())))
+    return SimpleNamespace(index=SimpleNamespace(ntotal=frames), pyramid=rows, hash=None)
+
+
+def test_patch_features_join_layers_at_the_first_grid_tile_by_tile():
+    pyramid = {"layer2": np.zeros((1, 2, 16, 8), np.float32), "layer3": np.zeros((1, 3, 8, 4), np.float32)}
+    pyramid["layer3"][:, :, :4] = 1.0   # tile 0 of layer 3 all ones, tile 1 all zeros
+    features = patch_features(pyramid, ("layer2", "layer3"), tiles=2)
+    assert features.shape == (1, 2 * 8 * 8, 5)
+    # no tile borrows from the other: bilinear upsampling across the stacked maps would blur the boundary rows
+    assert np.all(features[0, :64, 2:] == 1.0) and np.all(features[0, 64:, 2:] == 0.0)
+
+
+def test_bank_max_is_zero_for_a_gallery_frame_and_finds_one_odd_patch():
+    rng = np.random.default_rng(0)
+    pyramid = _pyramid(rng, 6)
+    gallery = _gallery(pyramid)
+    framing = TiledFraming((64, 64), 64, 0)
+    bank = build_patch_bank(gallery.pyramid, ("layer2", "layer3"), framing, ratio=1.0)
+    assert len(bank.vectors) == 6 * 64
+    same = {layer: m[:2] for layer, m in pyramid.items()}
+    assert np.allclose(bank_maxima(same, bank, ("layer2", "layer3"), 1), 0.0, atol=1e-3)
+    odd = {layer: m[:1].copy() for layer, m in pyramid.items()}
+    odd["layer2"][0, :, 3, 5] += 10.0
+    assert bank_maxima(odd, bank, ("layer2", "layer3"), 1)[0] > 9.0
+    # leave-one-out: a gallery frame's own patches are not its reference
+    left_out = bank_maxima(same, bank, ("layer2", "layer3"), 1, exclude_rows=np.array([0, 1]))
+    assert np.all(left_out > 1.0)
+
+
+def test_coreset_bank_keeps_the_ratio_and_each_vector_knows_its_frame():
+    rng = np.random.default_rng(1)
+    pyramid = _pyramid(rng, 10, tiles=2)
+    gallery = _gallery(pyramid)
+    framing = TiledFraming((64, 112), 64, 16)
+    assert len(framing.tiles) == 2
+    bank = build_patch_bank(gallery.pyramid, ("layer2", "layer3"), framing, ratio=0.1)
+    assert len(bank.vectors) == round(0.1 * 10 * 128) and set(bank.rows) <= set(range(10))
+    features = patch_features(pyramid, ("layer2", "layer3"), 2).reshape(-1, 10)
+    owners = np.repeat(np.arange(10), 128)
+    for vector, row in zip(bank.vectors[:20], bank.rows[:20]):
+        assert np.any(np.all(features[owners == row] == vector, axis=1))
+    again = build_patch_bank(gallery.pyramid, ("layer2", "layer3"), framing, ratio=0.1, max_candidates=600)
+    assert len(again.vectors) == 128   # the ratio of all positions, drawn from a bounded candidate set
+
+
+def test_patch_bank_for_builds_once_per_process():
+    rng = np.random.default_rng(2)
+    gallery = _gallery(_pyramid(rng, 4))
+    config = SpadeConfig(bank_ratio=0.5)
+    framing = TiledFraming((64, 64), 64, 0)
+    assert patch_bank_for(gallery, config, framing) is patch_bank_for(gallery, config, framing)
+
+
+def test_combined_bank_standardises_map_top_and_bank_max():
+    normals = normal_statistics([1.0, 3.0], [10.0, 14.0], [2.0, 4.0], [5.0, 7.0])
+    assert normals["bank_max"] == {"mean": 6.0, "std": pytest.approx(np.sqrt(2.0))}
+    value = image_score("combined_bank", 100.0, 100.0, normals, map_top=4.0, bank_max=9.0)
+    assert value == pytest.approx(1.0 / np.sqrt(2.0) + 3.0 / np.sqrt(2.0))
+    assert image_score("bank_max", 1.0, 2.0, None, bank_max=9.0) == 9.0
+
+
+def test_bank_layers_must_be_extracted():
+    with pytest.raises(ValueError, match="bank_layers"):
+        SpadeConfig(layers=("layer1", "layer2"), image_score="combined_bank")
+    SpadeConfig(layers=("layer1", "layer2"), image_score="combined_top")  # unused: no constraint
+
+
+def test_fit_stores_the_bank_and_calibrates_its_modes(tmp_path, monkeypatch):
+    """`spade fit` with a bank image score builds the patch bank once and stores it; scoring workers load it (no
+    rebuild), and the gallery's calibration holds the bank modes' thresholds beside the others'."""
+    from tests.conftest import BEAM_ARGS, TINY, plumbing_config
+    from pipelines.fit import run_fit
+    from spade.features.framing import framing_for
+    from spade.index import patch_bank
+    from spade.index.gallery import Gallery, with_gallery_frame
+    from spade.io.samples import SampleSpec, write_sample_dataset
+
+    data = write_sample_dataset(str(tmp_path / "data"), SampleSpec(size=64, train=6, test_good=1, test_per_defect=1))
+    config = plumbing_config(**TINY, image_score="combined_bank")
+    run_fit(config, f"{data}/train/good", str(tmp_path / "gallery"), BEAM_ARGS)
+    gallery = Gallery.open(str(tmp_path / "gallery"))
+    assert gallery.manifest["patch_bank"] == patch_bank.patch_bank_settings(config)
+    assert {"coreset/patch.npy", "coreset/patch-rows.npy"} <= set(gallery.manifest["files"])
+    stored_vectors, stored_rows = gallery.banks[patch_bank.PATCH]
+    calls = []
+    monkeypatch.setattr(patch_bank, "_BANKS", {})  # not the bank fit's calibration left in this process
+    original = patch_bank.build_patch_bank
+    monkeypatch.setattr(patch_bank, "build_patch_bank", lambda *a, **k: calls.append(a) or original(*a, **k))
+    bank = patch_bank.patch_bank_for(gallery, config, framing_for(with_gallery_frame(config, gallery.manifest)))
+    assert not calls and np.array_equal(bank.vectors, stored_vectors) and np.array_equal(bank.rows, stored_rows)
+    by_mode = gallery.manifest["thresholds"]["image_by_mode"]
+    assert {"bank_max", "combined_bank", "combined_top", "knn"} <= set(by_mode)
+    assert all(np.isfinite(by_mode[mode]) for mode in ("bank_max", "combined_bank"))
+    assert gallery.manifest["thresholds"]["image"] == by_mode["combined_bank"]
+
+
+def test_a_gallery_without_bank_names_the_fix_for_a_bank_mode(tiny_night):
+    """The plumbing gallery was fitted with image_score knn: no bank, no bank statistics."""
+    from spade.index.gallery import Gallery
+    from spade.scoring.image_score import MissingCalibration, require_normals
+
+    gallery = Gallery.open(tiny_night["gallery"])
+    assert "patch_bank" not in gallery.manifest
+    with pytest.raises(MissingCalibration, match="Re-run `spade fit` with this image_score"):
+        require_normals("combined_bank", gallery.manifest["calibration"], tiny_night["gallery"])
