@@ -42,7 +42,7 @@ from spade.features.backbone import FeatureExtractor  # noqa: E402
 from spade.features.framing import frame_size_for, framing_for  # noqa: E402
 from spade.index.gallery import Gallery  # noqa: E402
 from spade.index.knn import build_index, image_scores, nearest_images  # noqa: E402
-from spade.index.patch_bank import bank_maxima, build_patch_bank  # noqa: E402
+from spade.index.patch_bank import bank_maxima, build_patch_bank, patch_bank_settings  # noqa: E402
 from spade.io.images import decode_rgb, preprocess  # noqa: E402
 from spade.scoring.batch import layer_distance_maps  # noqa: E402
 from spade.scoring.correspondence import configure_threads  # noqa: E402
@@ -121,8 +121,7 @@ def run_set(root: Path, spec: str, calibration: int, cache: Path) -> dict:
     scored = time.perf_counter()
     rows = np.unique(np.linspace(0, len(train) - 1, num=min(calibration, len(train))).round().astype(np.int64))
     c_knn, c_maps = _score(gallery, g_emb[rows], {k: v[rows] for k, v in g_pyr.items()}, config, exclude=rows)
-    bank = build_patch_bank(gallery.pyramid, config.bank_layers, framing, config.bank_ratio, config.coreset_projection,
-                            max_candidates=config.coreset_max_candidates)
+    bank = build_patch_bank(gallery.pyramid, framing, patch_bank_settings(config))
     tiles = len(framing.tiles)
     t_bank = np.concatenate([bank_maxima({k: t_pyr[k][s:s + 16] for k in config.bank_layers}, bank, config.bank_layers, tiles)
                              for s in range(0, len(test), 16)])

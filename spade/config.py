@@ -51,7 +51,7 @@ class SpadeConfig:
     ``combined`` / ``combined_top`` (the kNN term and ``map_max`` / ``map_top``, each standardised by its
     leave-one-out mean and standard deviation on the gallery's normal calibration images, then summed),
     ``bank_max`` (PatchCore's: a frame's largest distance to a global coreset memory bank of its ``bank_layers``
-    concatenated, ``bank_ratio`` of all gallery positions kept; `spade.index.patch_bank`), ``combined_bank``
+    concatenated, ``bank_ratio`` of all gallery positions kept, at most ``bank_max_vectors``; `spade.index.patch_bank`), ``combined_bank``
     (``map_top`` and ``bank_max`` standardised and summed).
     Calibration at `fit`: ``calibration_images`` gallery images (evenly spaced; all when the gallery
     is smaller) are scored leave-one-out; the image threshold is their mean plus (z + ``calibration_margin``)
@@ -100,6 +100,7 @@ class SpadeConfig:
     coreset_max_candidates: int = 200_000
     bank_layers: tuple[str, ...] = ("layer2", "layer3")
     bank_ratio: float = 0.01
+    bank_max_vectors: int = 8192  # bounds the bank's greedy pass at fit (and its search) on large galleries
     max_source_pixels: int | None = 40_000_000
     max_aspect_ratio: float | None = 50.0
 
@@ -152,8 +153,8 @@ class SpadeConfig:
             problems.append("scoring_mode must be 'exact' (the paper) or 'approximate' (coreset memory bank)")
         if not 0 < self.coreset_ratio <= 1:
             problems.append("coreset_ratio must be in (0, 1]")
-        if not 0 < self.bank_ratio <= 1:
-            problems.append("bank_ratio must be in (0, 1]")
+        if not 0 < self.bank_ratio <= 1 or self.bank_max_vectors < 1:
+            problems.append("bank_ratio must be in (0, 1] and bank_max_vectors >= 1")
         if self.image_score in BANK_SCORES and (
                 not self.bank_layers or any(layer not in self.layers for layer in self.bank_layers)):
             problems.append(f"bank_layers ({', '.join(self.bank_layers) or 'none'}) must be among layers "

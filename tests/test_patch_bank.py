@@ -8,7 +8,7 @@ import pytest
 
 from spade.config import SpadeConfig
 from spade.features.framing import TiledFraming
-from spade.index.patch_bank import bank_maxima, build_patch_bank, patch_bank_for, patch_features
+from spade.index.patch_bank import bank_maxima, build_patch_bank, patch_bank_for, patch_bank_settings, patch_features
 from spade.scoring.image_score import image_score, normal_statistics
 
 
@@ -38,7 +38,7 @@ def test_bank_max_is_zero_for_a_gallery_frame_and_finds_one_odd_patch():
     pyramid = _pyramid(rng, 6)
     gallery = _gallery(pyramid)
     framing = TiledFraming((64, 64), 64, 0)
-    bank = build_patch_bank(gallery.pyramid, ("layer2", "layer3"), framing, ratio=1.0)
+    bank = build_patch_bank(gallery.pyramid, framing, patch_bank_settings(SpadeConfig(bank_ratio=1.0)))
     assert len(bank.vectors) == 6 * 64
     same = {layer: m[:2] for layer, m in pyramid.items()}
     assert np.allclose(bank_maxima(same, bank, ("layer2", "layer3"), 1), 0.0, atol=1e-3)
@@ -56,14 +56,16 @@ def test_coreset_bank_keeps_the_ratio_and_each_vector_knows_its_frame():
     gallery = _gallery(pyramid)
     framing = TiledFraming((64, 112), 64, 16)
     assert len(framing.tiles) == 2
-    bank = build_patch_bank(gallery.pyramid, ("layer2", "layer3"), framing, ratio=0.1)
+    bank = build_patch_bank(gallery.pyramid, framing, patch_bank_settings(SpadeConfig(bank_ratio=0.1)))
     assert len(bank.vectors) == round(0.1 * 10 * 128) and set(bank.rows) <= set(range(10))
     features = patch_features(pyramid, ("layer2", "layer3"), 2).reshape(-1, 10)
     owners = np.repeat(np.arange(10), 128)
     for vector, row in zip(bank.vectors[:20], bank.rows[:20]):
         assert np.any(np.all(features[owners == row] == vector, axis=1))
-    again = build_patch_bank(gallery.pyramid, ("layer2", "layer3"), framing, ratio=0.1, max_candidates=600)
+    again = build_patch_bank(gallery.pyramid, framing, patch_bank_settings(SpadeConfig(bank_ratio=0.1, coreset_max_candidates=600)))
     assert len(again.vectors) == 128   # the ratio of all positions, drawn from a bounded candidate set
+    capped = build_patch_bank(gallery.pyramid, framing, patch_bank_settings(SpadeConfig(bank_ratio=0.1, bank_max_vectors=50)))
+    assert len(capped.vectors) == 50   # whatever the gallery's size: the greedy pass is bounded
 
 
 def test_patch_bank_for_builds_once_per_process():

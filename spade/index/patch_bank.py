@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from spade.index.coreset import DEFAULT_MAX_CANDIDATES, DEFAULT_PROJECTION, FOLDER, SEED, MemoryBank, bank_files
+from spade.index.coreset import FOLDER, SEED, MemoryBank, bank_files
 
 PATCH = "patch"  # the stored bank's name beside the approximate mode's per-layer banks (coreset/patch.npy)
 _BANKS: dict[tuple, MemoryBank] = {}
@@ -57,12 +57,13 @@ def _rows_as_maps(pyramid: dict[str, Any], layer: str, rows: np.ndarray, grid_of
     return np.ascontiguousarray(positions.transpose(0, 2, 1)).reshape(len(rows), -1, *grid_of(positions.shape[1]))
 
 
-def build_patch_bank(pyramid: dict[str, Any], layers: Sequence[str], framing, ratio: float,
-                     projection: int = DEFAULT_PROJECTION, seed: int = SEED,
-                     max_candidates: int | None = DEFAULT_MAX_CANDIDATES) -> MemoryBank:
-    """A greedy coreset keeping ``ratio`` of all the patch features of a gallery's ``pyramid`` ({layer: (N, P, C)}
-    rows; a seeded random subset of at most ``max_candidates`` positions drawn first, read ``ROWS_PER_READ``
-    frames at a time), each vector knowing its gallery row (leave-one-out scoring)."""
+def build_patch_bank(pyramid: dict[str, Any], framing, settings: dict[str, Any]) -> MemoryBank:
+    """A greedy coreset of all the patch features of a gallery's ``pyramid`` ({layer: (N, P, C)} rows), keeping
+    ``settings["ratio"]`` of them but at most ``settings["max_vectors"]`` (the greedy pass costs steps x candidates:
+    bounded whatever the gallery's size), from a seeded random subset of at most ``max_candidates`` positions
+    (read ``ROWS_PER_READ`` frames at a time); each vector knows its gallery row (leave-one-out scoring).
+    ``settings``: `patch_bank_settings`."""
+    layers, seed, max_candidates = settings["layers"], settings["seed"], settings["max_candidates"]
     n = int(pyramid[layers[0]].shape[0])
     tiles = len(framing.tiles)
     chunks, chunk_rows = [], []
@@ -83,21 +84,20 @@ def build_patch_bank(pyramid: dict[str, Any], layers: Sequence[str], framing, ra
         chunks.append(np.ascontiguousarray(flat))
         chunk_rows.append(owners)
     candidates, owners = np.concatenate(chunks), np.concatenate(chunk_rows)
-    wanted = max(1, int(round(ratio * total)))
-    return MemoryBank.build(candidates, min(1.0, wanted / len(candidates)), projection, seed, rows=owners)
+    wanted = min(max(1, int(round(settings["ratio"] * total))), settings["max_vectors"])
+    return MemoryBank.build(candidates, min(1.0, wanted / len(candidates)), settings["projection"], seed, rows=owners)
 
 
 def patch_bank_settings(config) -> dict[str, Any]:
     """What determines a gallery's patch bank (recorded in its manifest as ``patch_bank``)."""
-    return {"layers": list(config.bank_layers), "ratio": float(config.bank_ratio),
+    return {"layers": list(config.bank_layers), "ratio": float(config.bank_ratio), "max_vectors": int(config.bank_max_vectors),
             "projection": int(config.coreset_projection), "max_candidates": config.coreset_max_candidates, "seed": SEED}
 
 
 def save_patch_bank(root: str, pyramid: dict[str, Any], framing, settings: dict[str, Any],
                     progress: Callable[[str], None] = lambda _: None) -> None:
     """Build the patch bank of a gallery's ``pyramid`` and store it under ``root`` (`bank_files` of ``PATCH``)."""
-    bank = build_patch_bank(pyramid, settings["layers"], framing, settings["ratio"], settings["projection"],
-                            settings["seed"], settings["max_candidates"])
+    bank = build_patch_bank(pyramid, framing, settings)
     os.makedirs(os.path.join(root, FOLDER), exist_ok=True)
     vectors_file, rows_file = bank_files(PATCH)
     np.save(os.path.join(root, vectors_file), bank.vectors)
@@ -121,8 +121,7 @@ def patch_bank_for(gallery, config, framing) -> MemoryBank:
             if PATCH in stored and manifest.get("patch_bank") == settings:
                 bank = MemoryBank.from_vectors(*stored[PATCH])
             else:
-                bank = build_patch_bank(gallery.pyramid, config.bank_layers, framing, settings["ratio"],
-                                        settings["projection"], settings["seed"], settings["max_candidates"])
+                bank = build_patch_bank(gallery.pyramid, framing, settings)
         _BANKS[key] = bank  # most recently used last
         while len(_BANKS) > KEPT_BANKS:
             _BANKS.pop(next(iter(_BANKS)))
