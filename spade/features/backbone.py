@@ -1,8 +1,8 @@
 """The ImageNet CNN and its feature pyramid: global embedding + layer1..3 maps.
 
 Two families: torchvision ResNets (pyramid = ``layer1``..``layer4``, embedding = the average-pooled
-``layer4`` output) and timm EfficientNets (``tf_efficientnet_lite0``; pyramid = the last block at
-strides 4, 8, 16 and 32, named ``layer1``..``layer4`` so configs read the same; embedding = the
+``layer4`` output) and timm EfficientNets (``tf_efficientnet_lite0``, ``tf_efficientnet_lite2``; pyramid = the last
+block at strides 4, 8, 16 and 32, named ``layer1``..``layer4`` so configs read the same; embedding = the
 average-pooled 1280-channel conv head, the classifier's input). timm is imported only when a timm
 backbone is asked for.
 """
@@ -24,7 +24,7 @@ RESNET_BACKBONES = (
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
     "wide_resnet50_2", "wide_resnet101_2", "resnext50_32x4d", "resnext101_32x8d",
 )
-TIMM_BACKBONES = ("tf_efficientnet_lite0",)
+TIMM_BACKBONES = ("tf_efficientnet_lite0", "tf_efficientnet_lite2")
 SUPPORTED_BACKBONES = RESNET_BACKBONES + TIMM_BACKBONES
 LAYER_STRIDES = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
 

