@@ -234,6 +234,17 @@ def test_greedy_coreset_picks_farthest_points():
     assert sorted(greedy_coreset(points, len(points), start=0, projection=0)) == list(range(len(points)))
 
 
+def test_greedy_coreset_reports_progress_and_picks_the_same_with_it():
+    points = np.random.default_rng(5).normal(size=(300, 6)).astype(np.float32)
+    told = []
+    picked = greedy_coreset(points, 40, projection=0, seed=1, progress=lambda done, n: told.append((done, n)), every_s=0)
+    assert told == [(done, 40) for done in range(2, 41)]  # every step after the first, up to the last
+    np.testing.assert_array_equal(picked, greedy_coreset(points, 40, projection=0, seed=1))
+    quiet = []
+    greedy_coreset(points, 40, projection=0, seed=1, progress=lambda done, n: quiet.append(done))  # 10 s apart
+    assert quiet == []
+
+
 def test_memory_bank_ratio_one_equals_exact_global_bank():
     rng = np.random.default_rng(3)
     bank_features = rng.normal(size=(400, 8)).astype(np.float32)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -26,16 +27,20 @@ import torch
 DEFAULT_PROJECTION = 128
 DEFAULT_MAX_CANDIDATES = 200_000   # positions drawn at random before the greedy pass (bounds build time and memory)
 SEED = 0
+PROGRESS_SECONDS = 10.0            # a long greedy pass reports how far it got this often
 FOLDER = "coreset"                 # gallery sub-folder of stored banks: <layer>.npy vectors, <layer>-rows.npy rows
 
 
 def greedy_coreset(features: np.ndarray, n: int, start: int | None = None, projection: int = DEFAULT_PROJECTION,
-                   seed: int = 0) -> np.ndarray:
+                   seed: int = 0, progress: Callable[[int, int], None] | None = None,
+                   every_s: float = PROGRESS_SECONDS) -> np.ndarray:
     """Indices of ``n`` rows of ``features`` (N, C) chosen by greedy farthest-point selection, in selection order.
 
     Each step adds the row farthest (Euclidean) from everything selected so far.
     With ``projection`` > 0 and C larger than it, distances are taken on a seeded
     Gaussian random projection to ``projection`` dims (Johnson-Lindenstrauss), as PatchCore does.
+    Each step reads all N rows once (memory-bound: seconds for a few thousand steps over 200,000 rows), so
+    ``progress(chosen, n)`` is told how far it got every ``every_s`` seconds.
     """
     array = np.ascontiguousarray(features, dtype=np.float32)
     x = torch.from_numpy(array if array.flags.writeable else array.copy())
@@ -50,15 +55,19 @@ def greedy_coreset(features: np.ndarray, n: int, start: int | None = None, proje
     chosen[0] = start
     with torch.inference_mode():
         sq = (x * x).sum(1)
-        def dist_to(i: int) -> torch.Tensor:
-            return (sq - 2.0 * (x @ x[i]) + sq[i]).clamp_min_(0.0)
+        def dist_to(i: int) -> torch.Tensor:  # |x|^2 + |x_i|^2 - 2 x.x_i in one pass over x
+            return torch.addmv(sq + sq[i], x, x[i], alpha=-2.0).clamp_min_(0.0)
         nearest = dist_to(start)
         nearest[start] = -1.0
+        reported = time.monotonic()
         for step in range(1, n):
             i = int(torch.argmax(nearest))
             chosen[step] = i
             torch.minimum(nearest, dist_to(i), out=nearest)  # selected rows stay at -1, never picked again
             nearest[i] = -1.0
+            if progress is not None and time.monotonic() - reported >= every_s:
+                progress(step + 1, n)
+                reported = time.monotonic()
     return chosen
 
 
@@ -79,8 +88,10 @@ class MemoryBank:
 
     @classmethod
     def build(cls, features: np.ndarray, ratio: float, projection: int = DEFAULT_PROJECTION, seed: int = SEED,
-              max_candidates: int | None = None, rows: np.ndarray | None = None) -> "MemoryBank":
-        """Greedy coreset of ``features`` (N, C) keeping ``ratio`` of them; ``rows`` (N,) their gallery rows."""
+              max_candidates: int | None = None, rows: np.ndarray | None = None,
+              progress: Callable[[int, int], None] | None = None) -> "MemoryBank":
+        """Greedy coreset of ``features`` (N, C) keeping ``ratio`` of them; ``rows`` (N,) their gallery rows;
+        ``progress``: `greedy_coreset`'s."""
         if not 0 < ratio <= 1:
             raise ValueError(f"coreset ratio must be in (0, 1], got {ratio}")
         data = np.ascontiguousarray(features, dtype=np.float32)
@@ -89,7 +100,7 @@ class MemoryBank:
             pick = np.arange(len(data))
             if max_candidates and len(data) > max_candidates and keep < max_candidates:
                 pick = np.sort(np.random.default_rng(seed).choice(len(data), max_candidates, replace=False))
-            chosen = pick[np.sort(greedy_coreset(data[pick], keep, projection=projection, seed=seed))]
+            chosen = pick[np.sort(greedy_coreset(data[pick], keep, projection=projection, seed=seed, progress=progress))]
             data = np.ascontiguousarray(data[chosen])
             rows = None if rows is None else np.asarray(rows)[chosen]
         return cls.from_vectors(data, rows)
@@ -132,14 +143,15 @@ _LOCK = threading.Lock()
 
 
 def layer_bank(pyramid: np.ndarray, ratio: float, projection: int = DEFAULT_PROJECTION, seed: int = SEED,
-               max_candidates: int | None = DEFAULT_MAX_CANDIDATES) -> MemoryBank:
+               max_candidates: int | None = DEFAULT_MAX_CANDIDATES,
+               progress: Callable[[int, int], None] | None = None) -> MemoryBank:
     """A memory bank over every position of every gallery row of one layer (N, P, C); with
     ``max_candidates`` a seeded random subset of positions is drawn first (read row by row)."""
     n, positions, channels = pyramid.shape
     total = n * positions
     if ratio >= 1 or not max_candidates or total <= max_candidates:
         return MemoryBank.build(np.asarray(pyramid, dtype=np.float32).reshape(total, channels), ratio, projection, seed,
-                                rows=np.repeat(np.arange(n), positions))
+                                rows=np.repeat(np.arange(n), positions), progress=progress)
     pick = np.sort(np.random.default_rng(seed).choice(total, max_candidates, replace=False))
     rows = pick // positions
     candidates = np.empty((len(pick), channels), dtype=np.float32)
@@ -147,7 +159,7 @@ def layer_bank(pyramid: np.ndarray, ratio: float, projection: int = DEFAULT_PROJ
         sel = rows == row
         candidates[sel] = np.asarray(pyramid[row], dtype=np.float32)[pick[sel] % positions]
     keep = max(1, int(round(ratio * total)))
-    return MemoryBank.build(candidates, min(1.0, keep / len(candidates)), projection, seed, rows=rows)
+    return MemoryBank.build(candidates, min(1.0, keep / len(candidates)), projection, seed, rows=rows, progress=progress)
 
 
 def bank_settings(ratio: float, projection: int = DEFAULT_PROJECTION, max_candidates: int | None = DEFAULT_MAX_CANDIDATES,
@@ -168,7 +180,9 @@ def save_banks(root: str, layers: Iterable[str], settings: dict[str, Any],
     os.makedirs(os.path.join(root, FOLDER), exist_ok=True)
     for layer in layers:
         pyramid = pyramids[layer] if pyramids else np.load(os.path.join(root, "pyramid", f"{layer}.npy"), mmap_mode="r")
-        bank = layer_bank(pyramid, settings["ratio"], settings["projection"], settings["seed"], settings["max_candidates"])
+        bank = layer_bank(pyramid, settings["ratio"], settings["projection"], settings["seed"], settings["max_candidates"],
+                          progress=lambda done, n, layer=layer: progress(
+                              f"gallery: coreset memory bank {layer}: {done}/{n} vectors chosen"))
         vectors_file, rows_file = bank_files(layer)
         np.save(os.path.join(root, vectors_file), bank.vectors)
         np.save(os.path.join(root, rows_file), bank.rows)

@@ -57,12 +57,13 @@ def _rows_as_maps(pyramid: dict[str, Any], layer: str, rows: np.ndarray, grid_of
     return np.ascontiguousarray(positions.transpose(0, 2, 1)).reshape(len(rows), -1, *grid_of(positions.shape[1]))
 
 
-def build_patch_bank(pyramid: dict[str, Any], framing, settings: dict[str, Any]) -> MemoryBank:
+def build_patch_bank(pyramid: dict[str, Any], framing, settings: dict[str, Any],
+                     progress: Callable[[int, int], None] | None = None) -> MemoryBank:
     """A greedy coreset of all the patch features of a gallery's ``pyramid`` ({layer: (N, P, C)} rows), keeping
     ``settings["ratio"]`` of them but at most ``settings["max_vectors"]`` (the greedy pass costs steps x candidates:
     bounded whatever the gallery's size), from a seeded random subset of at most ``max_candidates`` positions
     (read ``ROWS_PER_READ`` frames at a time); each vector knows its gallery row (leave-one-out scoring).
-    ``settings``: `patch_bank_settings`."""
+    ``settings``: `patch_bank_settings`; ``progress``: `greedy_coreset`'s."""
     layers, seed, max_candidates = settings["layers"], settings["seed"], settings["max_candidates"]
     n = int(pyramid[layers[0]].shape[0])
     tiles = len(framing.tiles)
@@ -85,7 +86,8 @@ def build_patch_bank(pyramid: dict[str, Any], framing, settings: dict[str, Any])
         chunk_rows.append(owners)
     candidates, owners = np.concatenate(chunks), np.concatenate(chunk_rows)
     wanted = min(max(1, int(round(settings["ratio"] * total))), settings["max_vectors"])
-    return MemoryBank.build(candidates, min(1.0, wanted / len(candidates)), settings["projection"], seed, rows=owners)
+    return MemoryBank.build(candidates, min(1.0, wanted / len(candidates)), settings["projection"], seed, rows=owners,
+                            progress=progress)
 
 
 def patch_bank_settings(config) -> dict[str, Any]:
@@ -97,7 +99,8 @@ def patch_bank_settings(config) -> dict[str, Any]:
 def save_patch_bank(root: str, pyramid: dict[str, Any], framing, settings: dict[str, Any],
                     progress: Callable[[str], None] = lambda _: None) -> None:
     """Build the patch bank of a gallery's ``pyramid`` and store it under ``root`` (`bank_files` of ``PATCH``)."""
-    bank = build_patch_bank(pyramid, framing, settings)
+    bank = build_patch_bank(pyramid, framing, settings, lambda done, n: progress(
+        f"gallery: patch memory bank ({'+'.join(settings['layers'])}): {done}/{n} vectors chosen"))
     os.makedirs(os.path.join(root, FOLDER), exist_ok=True)
     vectors_file, rows_file = bank_files(PATCH)
     np.save(os.path.join(root, vectors_file), bank.vectors)
