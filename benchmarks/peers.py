@@ -143,7 +143,7 @@ def anomalib_worker(job: dict) -> dict:
     from anomalib.models import Patchcore
 
     from spade.config import load_config
-    from spade.features.offline_weights import PACKAGE_LOADERS
+    from spade.features.weights import WeightsUnavailable, resolve_weights
     from spade.io.images import decode_rgb, preprocess
 
     config = load_config(job["config"])
@@ -160,11 +160,12 @@ def anomalib_worker(job: dict) -> dict:
                     coreset_sampling_ratio=min(ratio, 1.0), num_neighbors=job["num_neighbors"],
                     pre_processor=False, post_processor=False, evaluator=False, visualizer=False)
     model = lit.model
-    loader = next((one for one in PACKAGE_LOADERS if config.backbone in one.backbones), None)
-    weights = loader(config.backbone) if loader else None
-    if weights is None:
-        raise SystemExit(loader.unavailable_reason(config.backbone) if loader else
-                         f"no offline weights package carries {config.backbone}")
+    try:
+        weights = resolve_weights(config.backbone, config.weights)  # the weights our extractor resolves
+    except WeightsUnavailable as exc:
+        raise SystemExit(f"anomalib: {exc}") from None
+    if weights.state_dict is None:
+        raise SystemExit(f"anomalib: the config's weights ({config.weights}) carry no pretrained weights to compare with")
     missing, unexpected = model.feature_extractor.feature_extractor.load_state_dict(weights.state_dict, strict=False)
     say(f"anomalib: weights {weights.source}; missing keys ({len(missing)}): {sorted(missing)}; "
         f"unexpected keys ({len(unexpected)}, the classifier head the feature extractor lacks): {sorted(unexpected)}")

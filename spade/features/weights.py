@@ -186,7 +186,8 @@ def resolve_weights(backbone: str, spec: str) -> ResolvedWeights:
     ``imagenet``: torchvision's weights via its cache, downloading only if reachable.
     ``auto``: $SPADE_WEIGHTS, else the torchvision cache, else an installed offline
     weights package; never a download.
-    a registered offline package name (``resmem``, ``efficientnet_lite0_package``, ``efficientnet_lite2_package``): that package's weights.
+    a registered offline package name (``resmem``, ``efficientnet_lite0_package``, ``efficientnet_lite2_package``):
+    that package's weights.
     anything else: a path or fsspec URL of a state-dict file.
     """
     if spec == "random":
