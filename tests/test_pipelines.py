@@ -14,6 +14,7 @@ from spade.io.results import read_score_table
 from spade.io.tables import SCORES_SCHEMA
 from pipelines.evaluate import run_evaluate
 from pipelines.fit import run_fit
+from pipelines.options import load_runner_profile, local_workers
 from pipelines.score import run_score
 from tests.conftest import BEAM_ARGS, plumbing_config
 
@@ -89,6 +90,28 @@ def test_rerun_gives_identical_outputs(fitted, sample_root, tmp_path):
         assert (Path(first) / "maps" / name).read_bytes() == (Path(second) / "maps" / name).read_bytes()
     assert len(list((Path(second) / "scores").glob("*.parquet"))) == 1
     assert not list(Path(second).rglob(".tmp-*"))
+
+
+def test_two_thread_workers_give_the_same_table(fitted, sample_root, tmp_path):
+    """configs/runners/threads.yaml (two local worker threads): every input scored once, bad ones as error rows,
+    the same scores and maps as one worker."""
+    config, gallery, _ = fitted
+    images = tmp_path / "images"
+    shutil.copytree(sample_root + "/test", images)
+    (images / "spot" / "truncated.png").write_bytes((images / "spot" / "000.png").read_bytes()[:200])
+    profile = load_runner_profile(str(Path(__file__).resolve().parents[1] / "configs" / "runners" / "threads.yaml"))
+    assert local_workers(profile) == 2
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    run_score(config, gallery, str(images), one, BEAM_ARGS)
+    summary = run_score(config, gallery, str(images), two, profile)
+    assert summary == {**summary, "rows": 10, "ok": 9, "errors": 1}
+    tables = [read_score_table(out).drop(["scored_at"]).sort_by("uri") for out in (one, two)]
+    assert tables[0].num_rows == 10 and len(set(tables[1].column("uri").to_pylist())) == 10
+    assert tables[0].drop(["map_uri", "mask_uri"]).equals(tables[1].drop(["map_uri", "mask_uri"]))
+    for row in tables[0].to_pylist():
+        if row["map_uri"]:
+            name = row["map_uri"].rsplit("/", 1)[-1]
+            assert (Path(one) / "maps" / name).read_bytes() == (Path(two) / "maps" / name).read_bytes()
 
 
 def test_bad_inputs_become_error_rows(fitted, sample_root, tmp_path):
