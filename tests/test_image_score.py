@@ -8,7 +8,7 @@ from spade.features.backbone import aggregate_neighbourhood
 from spade.index.gallery import Gallery, GalleryMismatch
 from spade.index.knn import k_warning
 from spade.scoring.batch import score_batch
-from spade.scoring.calibration import NormalScores, calibrate, image_threshold, leave_one_out_scores
+from spade.scoring.calibration import NormalScores, calibrate, calibration_lanes, image_threshold, leave_one_out_scores
 from spade.scoring.image_score import MissingCalibration, image_score, map_top, normal_statistics
 from tests.test_scoring_fast import _gallery
 from transforms.score import resolve_thresholds
@@ -49,6 +49,19 @@ def test_leave_one_out_calibration_takes_every_image_up_to_the_cap(tmp_path):
     assert list(normal.rows) == list(range(n)) and normal.maps.shape == (n, 16, 16)
     assert len(normal.knn) == len(normal.map_max) == n
     assert len(leave_one_out_scores(gallery, config, count=3).rows) == 3
+
+
+def test_two_calibration_lanes_give_one_lanes_scores(tmp_path):
+    """Batches scored side by side (two lanes of one thread) give what one lane gives, in the same order, and the
+    thread count is restored."""
+    assert calibration_lanes(1) == (1, 1) and calibration_lanes(2) == (2, 1) and calibration_lanes(6) == (2, 3)
+    gallery, _, config = _gallery(tmp_path)
+    one = leave_one_out_scores(gallery, config.replace(batch_size=2, num_threads=1), count=100)
+    two = leave_one_out_scores(gallery, config.replace(batch_size=2, num_threads=2), count=100)
+    assert torch.get_num_threads() == 2
+    assert list(one.rows) == list(two.rows) and len(one.rows) > 2 * 2
+    for name in ("knn", "map_max", "map_top", "maps"):
+        np.testing.assert_allclose(getattr(two, name), getattr(one, name), rtol=1e-6, atol=1e-6, err_msg=name)
 
 
 def test_calibrated_thresholds_follow_the_documented_rule():
