@@ -8,7 +8,8 @@ from spade.features.backbone import aggregate_neighbourhood
 from spade.index.gallery import Gallery, GalleryMismatch
 from spade.index.knn import k_warning
 from spade.scoring.batch import score_batch
-from spade.scoring.calibration import NormalScores, calibrate, calibration_lanes, image_threshold, leave_one_out_scores
+from spade.scoring.calibration import NormalScores, calibrate, image_threshold, leave_one_out_scores
+from spade.scoring.lanes import halves, lanes_for
 from spade.scoring.image_score import MissingCalibration, image_score, map_top, normal_statistics
 from tests.test_scoring_fast import _gallery
 from transforms.score import resolve_thresholds
@@ -51,17 +52,30 @@ def test_leave_one_out_calibration_takes_every_image_up_to_the_cap(tmp_path):
     assert len(leave_one_out_scores(gallery, config, count=3).rows) == 3
 
 
-def test_two_calibration_lanes_give_one_lanes_scores(tmp_path):
-    """Batches scored side by side (two lanes of one thread) give what one lane gives, in the same order, and the
-    thread count is restored."""
-    assert calibration_lanes(1) == (1, 1) and calibration_lanes(2) == (2, 1) and calibration_lanes(6) == (2, 3)
-    gallery, _, config = _gallery(tmp_path)
+def test_lanes_split_the_threads_and_the_rows():
+    assert lanes_for(1) == (1, 1) and lanes_for(2) == (2, 1) and lanes_for(6) == (2, 3)
+    assert halves(5, 2) == [slice(0, 2), slice(2, 5)] or halves(5, 2) == [slice(0, 3), slice(3, 5)]
+    assert halves(1, 2) == [slice(0, 1)] and halves(4, 1) == [slice(0, 4)]
+    assert sum(s.stop - s.start for s in halves(7, 2)) == 7
+
+
+def test_two_lanes_give_one_lanes_scores(tmp_path):
+    """Calibration's batches side by side, and a batch's images searched in two lanes of one thread, give what one
+    lane gives, in the same order; the thread count is restored."""
+    gallery, features, config = _gallery(tmp_path)
     one = leave_one_out_scores(gallery, config.replace(batch_size=2, num_threads=1), count=100)
     two = leave_one_out_scores(gallery, config.replace(batch_size=2, num_threads=2), count=100)
     assert torch.get_num_threads() == 2
     assert list(one.rows) == list(two.rows) and len(one.rows) > 2 * 2
     for name in ("knn", "map_max", "map_top", "maps"):
         np.testing.assert_allclose(getattr(two, name), getattr(one, name), rtol=1e-6, atol=1e-6, err_msg=name)
+    assert len(features.embedding) >= 2
+    single = score_batch(features, gallery, config.replace(num_threads=1))
+    lanes = score_batch(features, gallery, config.replace(num_threads=2))
+    assert torch.get_num_threads() == 2
+    for a, b in zip(single, lanes):
+        assert list(a.neighbours) == list(b.neighbours)
+        np.testing.assert_allclose(b.score_map, a.score_map, rtol=1e-6, atol=1e-6)
 
 
 def test_calibrated_thresholds_follow_the_documented_rule():

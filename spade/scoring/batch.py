@@ -28,6 +28,7 @@ from spade.features.backbone import Features
 from spade.config import SpadeConfig
 from spade.features.runtime import resolve_device
 from spade.scoring.correspondence import batch_layer_distances, configure_threads
+from spade.scoring.lanes import halves, in_lanes, lanes_for
 from spade.scoring.device_search import device_layer_distances
 from spade.features.framing import Framing, framing_for
 from spade.index.gallery import Gallery, with_gallery_frame
@@ -83,10 +84,19 @@ def _exact_search(config: SpadeConfig) -> Callable[[np.ndarray, object, np.ndarr
     """The exact correspondence for the config's ``device``: the CPU search, or the same distances in torch ops on
     a CUDA device (`spade.scoring.device_search`)."""
     device = resolve_device(config.device)
-    if device.type == "cpu":
-        return lambda queries, rows, neighbours: batch_layer_distances(queries, rows, neighbours, config.kappa,
-                                                                       refine=config.refine_distances)
-    return lambda queries, rows, neighbours: device_layer_distances(queries, rows, neighbours, config.kappa, device)
+    if device.type != "cpu":
+        return lambda queries, rows, neighbours: device_layer_distances(queries, rows, neighbours, config.kappa, device)
+
+    def search(queries: np.ndarray, rows, neighbours: np.ndarray) -> np.ndarray:
+        # the batch's images in two lanes (`spade.scoring.lanes`): each image against its own neighbours, as in one
+        def part(images: slice) -> np.ndarray:
+            return batch_layer_distances(queries[images], rows, neighbours[images], config.kappa,
+                                         refine=config.refine_distances)
+
+        lanes, _ = lanes_for(config.num_threads)
+        return np.concatenate(in_lanes(part, halves(len(queries), lanes), config.num_threads))
+
+    return search
 
 
 def _exact_distances(queries: np.ndarray, layer_rows, neighbours: np.ndarray, config: SpadeConfig, tiles: int) -> np.ndarray:

@@ -15,8 +15,6 @@ pixel scores.
 """
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -28,8 +26,8 @@ from spade.features.backbone import Features
 from spade.features.framing import framing_for
 from spade.index.gallery import Gallery, with_gallery_frame
 from spade.scoring.batch import score_batch
-from spade.scoring.correspondence import configure_threads
 from spade.scoring.image_score import MODE_TERMS, image_scores, normal_statistics
+from spade.scoring.lanes import in_lanes, lanes_for
 
 
 @dataclass
@@ -55,22 +53,11 @@ def _gallery_features(gallery: Gallery, rows: np.ndarray, config: SpadeConfig) -
     return Features(embedding=gallery.index.reconstruct_batch(rows), pyramid=pyramid)
 
 
-def calibration_lanes(num_threads: int) -> tuple[int, int]:
-    """(batches scored side by side, threads each) for ``num_threads`` cores (0: all of them).
-
-    Two lanes of half the threads each, where there are two cores or more: one lane's GEMMs run beside the other's
-    single-threaded steps (running minimum, maps), 14-23 % faster than one lane of every thread on 2 cores
-    (benchmarks/run_settings.py, the same split for Beam's local workers)."""
-    cores = num_threads if num_threads > 0 else (os.cpu_count() or 1)
-    lanes = 2 if cores >= 2 else 1
-    return lanes, max(1, cores // lanes)
-
-
 def leave_one_out_scores(gallery: Gallery, config: SpadeConfig, count: int,
                          progress: Callable[[str], None] = lambda _: None) -> NormalScores:
     """Both image terms and the pixel score maps of ``count`` evenly spaced gallery images (all when the
     gallery is smaller), each scored against the gallery without itself, ``config.batch_size`` at a time, two
-    batches side by side (`calibration_lanes`); the results do not depend on the lanes."""
+    batches side by side (`spade.scoring.lanes`); the results do not depend on the lanes."""
     config = with_gallery_frame(config, gallery.manifest)
     n = gallery.index.ntotal
     if n < 2 or count < 1:
@@ -80,7 +67,7 @@ def leave_one_out_scores(gallery: Gallery, config: SpadeConfig, count: int,
     # every term (the bank's where the config's image score uses it: fit built the bank then), so a config with
     # another image_score can use the gallery; scored as a single-term mode, which needs no statistics
     with_bank = config.uses_patch_bank
-    lanes, threads = calibration_lanes(config.num_threads)
+    _, threads = lanes_for(config.num_threads)
     single = config.replace(image_score="bank_max" if with_bank else "knn", num_threads=threads)
     batches = [rows[start:start + config.batch_size] for start in range(0, len(rows), config.batch_size)]
 
@@ -88,18 +75,15 @@ def leave_one_out_scores(gallery: Gallery, config: SpadeConfig, count: int,
         return score_batch(_gallery_features(gallery, batch, config), gallery, single, exclude_rows=batch)
 
     knn, peaks, tops, banks, maps = [], [], [], [], []
-    try:
-        with ThreadPoolExecutor(lanes, thread_name_prefix="calibration") as pool:
-            for results in pool.map(leave_out, batches):
-                for result in results:
-                    knn.append(result.knn_score)
-                    peaks.append(result.map_max)
-                    tops.append(result.map_top)
-                    banks.append(result.bank_max)
-                    maps.append(result.score_map)
-                progress(f"calibration: {len(knn)}/{len(rows)} normal images scored leave-one-out")
-    finally:
-        configure_threads(config.num_threads)  # the lanes set fewer threads each
+    for start in range(0, len(batches), 2):  # two batches at a time: progress as they finish
+        for results in in_lanes(leave_out, batches[start:start + 2], config.num_threads):
+            for result in results:
+                knn.append(result.knn_score)
+                peaks.append(result.map_max)
+                tops.append(result.map_top)
+                banks.append(result.bank_max)
+                maps.append(result.score_map)
+        progress(f"calibration: {len(knn)}/{len(rows)} normal images scored leave-one-out")
     return NormalScores(rows, np.asarray(knn), np.asarray(peaks), np.stack(maps), np.asarray(tops),
                         np.asarray(banks) if with_bank else None)
 
