@@ -9,7 +9,7 @@ from spade.index.gallery import Gallery, GalleryMismatch
 from spade.index.knn import k_warning
 from spade.scoring.batch import score_batch
 from spade.scoring.calibration import NormalScores, calibrate, image_threshold, leave_one_out_scores
-from spade.scoring.lanes import halves, lanes_for
+from spade.scoring.lanes import halves, in_lanes, lanes_for
 from spade.scoring.image_score import MissingCalibration, image_score, map_top, normal_statistics
 from tests.test_scoring_fast import _gallery
 from transforms.score import resolve_thresholds
@@ -57,6 +57,15 @@ def test_lanes_split_the_threads_and_the_rows():
     assert halves(5, 2) == [slice(0, 2), slice(2, 5)] or halves(5, 2) == [slice(0, 3), slice(3, 5)]
     assert halves(1, 2) == [slice(0, 1)] and halves(4, 1) == [slice(0, 4)]
     assert sum(s.stop - s.start for s in halves(7, 2)) == 7
+    import threading
+
+    def inner(part):  # nested lanes run in the lane's own thread, one part after another
+        return in_lanes(lambda _: threading.current_thread().name, [1, 2], 4), threading.current_thread().name
+
+    for names, lane in in_lanes(inner, ["a", "b"], 4):
+        assert lane.startswith("lane") and names == [lane, lane]
+    assert torch.get_num_threads() == 4
+    torch.set_num_threads(2)
 
 
 def test_two_lanes_give_one_lanes_scores(tmp_path):

@@ -28,7 +28,7 @@ from spade.features.backbone import Features
 from spade.config import SpadeConfig
 from spade.features.runtime import resolve_device
 from spade.scoring.correspondence import batch_layer_distances, configure_threads
-from spade.scoring.lanes import halves, in_lanes, lanes_for
+from spade.scoring.lanes import halves, in_lanes
 from spade.scoring.device_search import device_layer_distances
 from spade.features.framing import Framing, framing_for
 from spade.index.gallery import Gallery, with_gallery_frame
@@ -93,8 +93,7 @@ def _exact_search(config: SpadeConfig) -> Callable[[np.ndarray, object, np.ndarr
             return batch_layer_distances(queries[images], rows, neighbours[images], config.kappa,
                                          refine=config.refine_distances)
 
-        lanes, _ = lanes_for(config.num_threads)
-        return np.concatenate(in_lanes(part, halves(len(queries), lanes), config.num_threads))
+        return np.concatenate(in_lanes(part, halves(len(queries), config.num_threads), config.num_threads))
 
     return search
 

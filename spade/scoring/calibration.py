@@ -67,7 +67,7 @@ def leave_one_out_scores(gallery: Gallery, config: SpadeConfig, count: int,
     # every term (the bank's where the config's image score uses it: fit built the bank then), so a config with
     # another image_score can use the gallery; scored as a single-term mode, which needs no statistics
     with_bank = config.uses_patch_bank
-    _, threads = lanes_for(config.num_threads)
+    lanes, threads = lanes_for(config.num_threads)
     single = config.replace(image_score="bank_max" if with_bank else "knn", num_threads=threads)
     batches = [rows[start:start + config.batch_size] for start in range(0, len(rows), config.batch_size)]
 
@@ -75,8 +75,8 @@ def leave_one_out_scores(gallery: Gallery, config: SpadeConfig, count: int,
         return score_batch(_gallery_features(gallery, batch, config), gallery, single, exclude_rows=batch)
 
     knn, peaks, tops, banks, maps = [], [], [], [], []
-    for start in range(0, len(batches), 2):  # two batches at a time: progress as they finish
-        for results in in_lanes(leave_out, batches[start:start + 2], config.num_threads):
+    for start in range(0, len(batches), lanes):  # a batch per lane at a time: progress as they finish
+        for results in in_lanes(leave_out, batches[start:start + lanes], config.num_threads):
             for result in results:
                 knn.append(result.knn_score)
                 peaks.append(result.map_max)
