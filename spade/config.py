@@ -94,10 +94,12 @@ class SpadeConfig:
     open_galleries: int = 8  # galleries a score worker keeps open in a routed run (least recently used dropped)
     open_galleries_mb: int = 2048  # ... and the most their in-memory parts (index, image table, banks) may add up to
     scoring_mode: str = "exact"
+    approximate_layers: tuple[str, ...] = ("layer1",)  # of layers, those whose pixel scores come from the coreset bank in exact mode too
     refine_distances: bool = True
     coreset_ratio: float = 0.01
     coreset_projection: int = 128
     coreset_max_candidates: int = 200_000
+    coreset_max_vectors: int | None = 8192  # caps each coreset bank (its search then costs the same on any gallery)
     bank_layers: tuple[str, ...] = ("layer2", "layer3")
     bank_ratio: float = 0.01
     bank_max_vectors: int = 8192  # bounds the bank's greedy pass at fit (and its search) on large galleries
@@ -107,6 +109,7 @@ class SpadeConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))
         object.__setattr__(self, "bank_layers", tuple(self.bank_layers))
+        object.__setattr__(self, "approximate_layers", tuple(self.approximate_layers or ()))
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
         if self.frame_size is not None:
@@ -151,8 +154,13 @@ class SpadeConfig:
             problems.append("eval_region must be 'crop' or 'full'")
         if self.scoring_mode not in ("exact", "approximate"):
             problems.append("scoring_mode must be 'exact' (the paper) or 'approximate' (coreset memory bank)")
+        for name in self.approximate_layers:
+            if name not in LAYERS_BY_BACKBONE_FAMILY:
+                problems.append(f"approximate_layers: unknown layer {name!r}; use {', '.join(LAYERS_BY_BACKBONE_FAMILY)}")
         if not 0 < self.coreset_ratio <= 1:
             problems.append("coreset_ratio must be in (0, 1]")
+        if self.coreset_max_vectors is not None and self.coreset_max_vectors < 1:
+            problems.append("coreset_max_vectors must be >= 1 (or null: ratio alone)")
         if not 0 < self.bank_ratio <= 1 or self.bank_max_vectors < 1:
             problems.append("bank_ratio must be in (0, 1] and bank_max_vectors >= 1")
         if self.image_score in BANK_SCORES and (
@@ -187,6 +195,15 @@ class SpadeConfig:
         """Whether the image score needs a patch bank (`spade.index.patch_bank`): fit builds, stores and calibrates
         it only then (a wide backbone's concatenated layers make it costly for configs that never use it)."""
         return self.image_score in BANK_SCORES
+
+    @property
+    def coreset_layers(self) -> tuple[str, ...]:
+        """The layers whose pixel scores come from the global coreset memory bank (`spade.index.coreset`): every
+        layer in approximate mode; in exact mode those of ``approximate_layers`` (a layer whose exact
+        correspondence costs most and whose bank loses nothing measurable), the others searched exactly."""
+        if self.scoring_mode == "approximate":
+            return self.layers
+        return tuple(layer for layer in self.layers if layer in self.approximate_layers)
 
     @property
     def frame_from_gallery(self) -> bool:

@@ -45,7 +45,7 @@ def test_evaluate_thresholds_drive_score(sample_root, tmp_path):
     assert min(defective) > picked["image"]  # no defective image missed at the chosen point
 
 
-@pytest.mark.parametrize("name", ["default", "fast", "paper", "paper-lite0", "resnet152-resmem", "approximate"])
+@pytest.mark.parametrize("name", ["default", "exact", "fast", "paper", "paper-lite0", "resnet152-resmem", "approximate"])
 def test_shipped_configs_load(name):
     from pathlib import Path
 
@@ -54,6 +54,8 @@ def test_shipped_configs_load(name):
     config = load_config(str(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"))
     assert config.layers == ("layer1", "layer2", "layer3") and config.kappa == 1
     assert config.scoring_mode == ("approximate" if name == "approximate" else "exact")
+    # the coreset bank searches layer 1 in the default, every layer in approximate, none in the paper's and exact
+    assert config.coreset_layers == {"default": ("layer1",), "approximate": config.layers}.get(name, ())
 
 
 def test_the_built_in_defaults_are_the_recommended_config_and_the_paper_is_one_flag_away():

@@ -163,6 +163,22 @@ def test_fsspec_memory_urls_end_to_end(sample_root):
     assert len(fs.ls("/spade-test/out/maps")) == 3
 
 
+def test_fit_stores_the_banks_of_approximate_layers_only(sample_root, tmp_path):
+    """An exact-mode fit with ``approximate_layers`` stores those layers' coreset banks, records which, and a
+    scoring worker opens them; the other layers have none."""
+    from spade.index.gallery import Gallery
+
+    config = plumbing_config(calibration_images=3, approximate_layers=["layer1"], coreset_ratio=0.05)
+    gallery_dir = tmp_path / "gallery"
+    manifest = run_fit(config, f"{sample_root}/train/good", str(gallery_dir), BEAM_ARGS)
+    assert manifest["coreset_layers"] == ["layer1"]
+    assert sorted(p.name for p in (gallery_dir / "coreset").iterdir()) == ["layer1-rows.npy", "layer1.npy"]
+    gallery = Gallery.open(str(gallery_dir))
+    assert set(gallery.banks) == {"layer1"} and len(gallery.banks["layer1"][0]) == round(0.05 * 8 * 56 * 56)
+    summary = run_score(config, str(gallery_dir), f"{sample_root}/test/scratch", str(tmp_path / "out"), BEAM_ARGS)
+    assert summary["ok"] == 3
+
+
 def test_approximate_mode_fit_stores_coreset_banks(sample_root, tmp_path, monkeypatch):
     """An approximate-mode fit builds each layer's coreset bank once and stores it (here on memory://); scoring
     workers load it; calibration scores gallery images without their own patches."""
@@ -174,20 +190,23 @@ def test_approximate_mode_fit_stores_coreset_banks(sample_root, tmp_path, monkey
     config = plumbing_config(calibration_images=3, scoring_mode="approximate", coreset_ratio=0.05)
     url = "memory://spade-test/approx-gallery"
     manifest = run_fit(config, f"{sample_root}/train/good", url, BEAM_ARGS)
-    assert manifest["coreset"] == bank_settings(0.05, config.coreset_projection, config.coreset_max_candidates)
+    assert manifest["coreset"] == bank_settings(0.05, config.coreset_projection, config.coreset_max_candidates,
+                                                max_vectors=config.coreset_max_vectors)
     assert fsspec.filesystem("memory").exists("/spade-test/approx-gallery/coreset/layer1-rows.npy")
     assert set(manifest["thresholds"]) >= {"image", "pixel"}
     gallery = Gallery.open(url, cache_dir=str(tmp_path / "cache"))
     stored, rows = gallery.banks["layer1"]
     assert len(stored) == round(0.05 * 8 * 56 * 56) and set(np.unique(rows)) <= set(range(8))
-    fresh = layer_bank(gallery.pyramid["layer1"], 0.05, config.coreset_projection, 0, config.coreset_max_candidates)
+    fresh = layer_bank(gallery.pyramid["layer1"], 0.05, config.coreset_projection, 0, config.coreset_max_candidates,
+                       max_vectors=config.coreset_max_vectors)
     np.testing.assert_array_equal(fresh.vectors, stored)
     np.testing.assert_array_equal(fresh.rows, rows)
     def no_build(*args, **kwargs):
         raise AssertionError("the stored bank should have been loaded, not rebuilt")
 
     monkeypatch.setattr("spade.index.coreset.layer_bank", no_build)
-    loaded = memory_bank_for(gallery, "layer1", 0.05, config.coreset_projection, max_candidates=config.coreset_max_candidates)
+    loaded = memory_bank_for(gallery, "layer1", 0.05, config.coreset_projection, max_candidates=config.coreset_max_candidates,
+                             max_vectors=config.coreset_max_vectors)
     np.testing.assert_array_equal(loaded.vectors, stored)
     monkeypatch.undo()
     assert len(memory_bank_for(gallery, "layer1", 0.1, config.coreset_projection).vectors) == round(0.1 * 8 * 56 * 56)

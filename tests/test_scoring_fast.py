@@ -271,7 +271,7 @@ def _gallery(tmp_path, n=8, positions=(16, 4), channels=(8, 12), dim=6):
                         {layer: rng.normal(size=(3, c, int(p ** 0.5), int(p ** 0.5))).astype(np.float32)
                          for layer, p, c in zip(layers, positions, channels)})
     config = SpadeConfig(backbone="resnet18", weights="random", layers=layers, k=3, crop=16, resize=16, sigma=1.0,
-                         framing="crop", feature_aggregation=1, image_score="knn")
+                         framing="crop", feature_aggregation=1, image_score="knn", approximate_layers=())
     return gallery, features, config
 
 
@@ -297,6 +297,37 @@ def test_approximate_mode_with_full_coreset_equals_exact_global_bank(tmp_path):
     for e, a in zip(exact, approx):
         assert e.image_score == a.image_score
         np.testing.assert_allclose(a.score_map, e.score_map, rtol=0, atol=1e-4)
+
+
+def test_approximate_layers_take_the_bank_for_those_layers_and_the_exact_search_for_the_others(tmp_path):
+    """``approximate_layers`` in exact mode: layer1 from the coreset bank (as approximate mode gives it), layer2
+    from the K nearest images' positions (as exact mode gives it)."""
+    gallery, features, config = _gallery(tmp_path)
+    gallery.manifest["gallery_hash"] = "approximate-layers"  # its own bank cache entry
+    config = config.replace(coreset_ratio=1.0)
+    neighbours = np.stack([r.neighbours for r in score_batch(features, gallery, config)])
+    exact = layer_distance_maps(features.pyramid, gallery, neighbours, config, mode="exact")
+    approx = layer_distance_maps(features.pyramid, gallery, neighbours, config, mode="approximate")
+    hybrid = config.replace(approximate_layers=["layer1"])
+    assert hybrid.coreset_layers == ("layer1",) and config.coreset_layers == ()
+    assert config.replace(scoring_mode="approximate").coreset_layers == config.layers
+    mixed = layer_distance_maps(features.pyramid, gallery, neighbours, hybrid)
+    np.testing.assert_array_equal(mixed["layer1"], approx["layer1"])
+    np.testing.assert_array_equal(mixed["layer2"], exact["layer2"])
+    assert not np.allclose(mixed["layer1"], exact["layer1"], atol=1e-4)  # the bank holds every image's positions
+    assert config.replace(approximate_layers=["layer1", "layer3"]).coreset_layers == ("layer1",)  # of layers only
+    with pytest.raises(ValueError, match="approximate_layers: unknown layer 'layer9'"):
+        config.replace(approximate_layers=["layer9"])
+
+
+def test_coreset_max_vectors_caps_a_bank_and_is_recorded_only_when_set():
+    from spade.index.coreset import bank_settings, layer_bank
+
+    pyramid = np.random.default_rng(5).normal(size=(6, 50, 4)).astype(np.float32)
+    assert len(layer_bank(pyramid, 0.5, projection=0).vectors) == 150
+    assert len(layer_bank(pyramid, 0.5, projection=0, max_vectors=40).vectors) == 40
+    assert len(layer_bank(pyramid, 0.5, projection=0, max_candidates=100, max_vectors=40).vectors) == 40
+    assert "max_vectors" not in bank_settings(0.5) and bank_settings(0.5, max_vectors=40)["max_vectors"] == 40
 
 
 def test_memory_bank_leaves_a_gallery_row_out():

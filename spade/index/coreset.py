@@ -144,11 +144,14 @@ _LOCK = threading.Lock()
 
 def layer_bank(pyramid: np.ndarray, ratio: float, projection: int = DEFAULT_PROJECTION, seed: int = SEED,
                max_candidates: int | None = DEFAULT_MAX_CANDIDATES,
-               progress: Callable[[int, int], None] | None = None) -> MemoryBank:
+               progress: Callable[[int, int], None] | None = None, max_vectors: int | None = None) -> MemoryBank:
     """A memory bank over every position of every gallery row of one layer (N, P, C); with
-    ``max_candidates`` a seeded random subset of positions is drawn first (read row by row)."""
+    ``max_candidates`` a seeded random subset of positions is drawn first (read row by row); ``max_vectors``
+    caps the bank (``ratio`` of a large gallery's positions would make its search cost grow with the gallery)."""
     n, positions, channels = pyramid.shape
     total = n * positions
+    if max_vectors is not None and ratio * total > max_vectors:
+        ratio = max_vectors / total
     if ratio >= 1 or not max_candidates or total <= max_candidates:
         return MemoryBank.build(np.asarray(pyramid, dtype=np.float32).reshape(total, channels), ratio, projection, seed,
                                 rows=np.repeat(np.arange(n), positions), progress=progress)
@@ -163,9 +166,11 @@ def layer_bank(pyramid: np.ndarray, ratio: float, projection: int = DEFAULT_PROJ
 
 
 def bank_settings(ratio: float, projection: int = DEFAULT_PROJECTION, max_candidates: int | None = DEFAULT_MAX_CANDIDATES,
-                  seed: int = SEED) -> dict[str, Any]:
-    """What determines a bank (recorded in the gallery manifest next to stored banks)."""
-    return {"ratio": float(ratio), "projection": int(projection), "max_candidates": max_candidates, "seed": int(seed)}
+                  seed: int = SEED, max_vectors: int | None = None) -> dict[str, Any]:
+    """What determines a bank (recorded in the gallery manifest next to stored banks; ``max_vectors`` only when
+    set, so galleries stored before it existed still match)."""
+    settings = {"ratio": float(ratio), "projection": int(projection), "max_candidates": max_candidates, "seed": int(seed)}
+    return settings | ({"max_vectors": int(max_vectors)} if max_vectors is not None else {})
 
 
 def bank_files(layer: str) -> tuple[str, str]:
@@ -182,7 +187,8 @@ def save_banks(root: str, layers: Iterable[str], settings: dict[str, Any],
         pyramid = pyramids[layer] if pyramids else np.load(os.path.join(root, "pyramid", f"{layer}.npy"), mmap_mode="r")
         bank = layer_bank(pyramid, settings["ratio"], settings["projection"], settings["seed"], settings["max_candidates"],
                           progress=lambda done, n, layer=layer: progress(
-                              f"gallery: coreset memory bank {layer}: {done}/{n} vectors chosen"))
+                              f"gallery: coreset memory bank {layer}: {done}/{n} vectors chosen"),
+                          max_vectors=settings.get("max_vectors"))
         vectors_file, rows_file = bank_files(layer)
         np.save(os.path.join(root, vectors_file), bank.vectors)
         np.save(os.path.join(root, rows_file), bank.rows)
@@ -196,19 +202,21 @@ def load_banks(root: str, layers: Iterable[str]) -> dict[str, tuple[np.ndarray, 
 
 
 def memory_bank_for(gallery, layer: str, ratio: float, projection: int = DEFAULT_PROJECTION, seed: int = SEED,
-                    max_candidates: int | None = DEFAULT_MAX_CANDIDATES) -> MemoryBank:
+                    max_candidates: int | None = DEFAULT_MAX_CANDIDATES, max_vectors: int | None = None) -> MemoryBank:
     """The gallery's bank for ``layer``: the one `spade fit` stored when its settings match, else built on first
     use; kept for the process (one per worker)."""
-    key = (getattr(gallery, "hash", None), id(gallery.pyramid[layer]), layer, float(ratio), projection, seed, max_candidates)
+    manifest = getattr(gallery, "manifest", None) or {}
+    key = (manifest.get("gallery_hash"), id(gallery.pyramid[layer]), layer, float(ratio), projection, seed, max_candidates,
+           max_vectors)
     with _LOCK:
         bank = _BANKS.get(key)
         if bank is None:
             stored = getattr(gallery, "banks", None) or {}
-            manifest = getattr(gallery, "manifest", None) or {}
-            if layer in stored and manifest.get("coreset") == bank_settings(ratio, projection, max_candidates, seed):
+            if layer in stored and manifest.get("coreset") == bank_settings(ratio, projection, max_candidates, seed,
+                                                                            max_vectors):
                 vectors, rows = stored[layer]
                 bank = MemoryBank.from_vectors(vectors, rows)
             else:
-                bank = layer_bank(gallery.pyramid[layer], ratio, projection, seed, max_candidates)
+                bank = layer_bank(gallery.pyramid[layer], ratio, projection, seed, max_candidates, max_vectors=max_vectors)
             _BANKS[key] = bank
     return bank

@@ -10,8 +10,9 @@ Layout of a gallery folder (local path or fsspec URL)::
     pyramid/<layer>/<shard>.npy  (images, positions, channels) blocks written by fit's workers, one per batch;
                          images.parquet's pyramid_shard (index into the manifest's "pyramid_shards") and
                          pyramid_row say where each gallery row is; scoring reads only the rows it needs
-    coreset/<layer>.npy  approximate-mode configs only: each layer's coreset memory bank (vectors, C) and
-    coreset/<layer>-rows.npy  the gallery row of each vector; the manifest's "coreset" says how it was built
+    coreset/<layer>.npy  the coreset memory bank (vectors, C) of each layer searched in one (every layer in
+    coreset/<layer>-rows.npy  approximate mode, ``approximate_layers`` in exact mode) and the gallery row of each
+                         vector; the manifest's "coreset" says how they were built, "coreset_layers" which
     coreset/patch.npy, patch-rows.npy  configs whose image score uses it only: the patch memory bank of the bank_max
                          term (`spade.index.patch_bank`); the manifest's "patch_bank" says how it was built
 
@@ -132,10 +133,11 @@ def build_gallery(shard_urls: list[str], gallery_url: str, config: SpadeConfig, 
              "written by the workers")
     workdir = storage.local_path(gallery_url) if storage.is_local(gallery_url) else tempfile.mkdtemp(prefix="spade-gallery-")
     coreset = None
-    if config.scoring_mode == "approximate":  # built once here instead of by every scoring worker
-        coreset = bank_settings(config.coreset_ratio, config.coreset_projection, config.coreset_max_candidates)
-        with _local_pyramids(gallery_url, images, pyramid_shards, config.layers) as pyramids:
-            save_banks(workdir, config.layers, coreset, progress, pyramids)
+    if config.coreset_layers:  # built once here instead of by every scoring worker
+        coreset = bank_settings(config.coreset_ratio, config.coreset_projection, config.coreset_max_candidates,
+                                max_vectors=config.coreset_max_vectors)
+        with _local_pyramids(gallery_url, images, pyramid_shards, config.coreset_layers) as pyramids:
+            save_banks(workdir, config.coreset_layers, coreset, progress, pyramids)
     patch_bank = patch_bank_settings(config) if config.uses_patch_bank else None
     if patch_bank is not None:  # the image score's bank: built once here, stored for calibration and every worker
         with _local_pyramids(gallery_url, images, pyramid_shards, config.bank_layers) as pyramids:
@@ -167,6 +169,7 @@ def build_gallery(shard_urls: list[str], gallery_url: str, config: SpadeConfig, 
     }
     if coreset is not None:
         manifest["coreset"] = coreset
+        manifest["coreset_layers"] = list(config.coreset_layers)
     if patch_bank is not None:
         manifest["patch_bank"] = patch_bank
     manifest["files"] = {name: storage.file_digest(os.path.join(workdir, name)) for name in _built_files(manifest)}
@@ -195,11 +198,17 @@ def _frame_record(config: SpadeConfig) -> dict[str, Any]:
     return {"size": list(framing.size), "tiles": len(framing.tiles), "tile_size": list(framing.tile_size)}
 
 
+def coreset_layers(manifest: dict[str, Any]) -> list[str]:
+    """The layers whose coreset banks the gallery stores (every layer in galleries fitted before
+    ``approximate_layers`` existed)."""
+    return manifest.get("coreset_layers", manifest["layers"]) if manifest.get("coreset") else []
+
+
 def _built_files(manifest: dict[str, Any]) -> list[str]:
     """The files `build_gallery` writes (the pyramid shards are the workers'), relative to the gallery root."""
     names = ["images.parquet", "index.faiss"]
     if manifest.get("coreset"):
-        names += [name for layer in manifest["layers"] for name in bank_files(layer)]
+        names += [name for layer in coreset_layers(manifest) for name in bank_files(layer)]
     if manifest.get("patch_bank"):
         names += list(bank_files(PATCH))
     return names
@@ -385,7 +394,7 @@ class Gallery:
             if tuple(pyramid[layer].shape[1:]) != expected:
                 raise _damaged(url, f"pyramid/{layer}/", f"has rows of shape {pyramid[layer].shape[1:]}, the manifest "
                                                          f"records {expected}")
-        banks = load_banks(root, manifest["layers"]) if manifest.get("coreset") else None
+        banks = load_banks(root, coreset_layers(manifest)) if manifest.get("coreset") else None
         if manifest.get("patch_bank"):
             banks = (banks or {}) | {PATCH: tuple(np.load(os.path.join(root, name), mmap_mode="r") for name in bank_files(PATCH))}
         return cls(url=url, manifest=manifest, images=images, index=index, pyramid=pyramid, banks=banks)

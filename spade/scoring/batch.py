@@ -11,6 +11,8 @@ Two pixel modes:
   (PatchCore-style, `spade.index.coreset`), searched with a faiss index. For galleries
   too large for exact correspondence; the image score is SPADE's kNN score in both.
 
+In exact mode the layers of ``approximate_layers`` (the default: layer 1, most of the exact search's work) are
+searched in the coreset bank too, the others exactly (`SpadeConfig.coreset_layers`).
 The mode and coreset ratio come from the config (``scoring_mode``,
 ``coreset_ratio``) or are passed explicitly.
 
@@ -126,14 +128,14 @@ def layer_distance_maps(pyramid: dict[str, np.ndarray], gallery: Gallery, neighb
         maps = pyramid[layer]
         b, _, h, w = maps.shape
         queries = layer_queries(maps)
-        if mode == "exact":
+        if mode == "exact" and layer not in config.coreset_layers:
             dist = _exact_distances(queries, gallery.pyramid[layer], neighbours, config, tiles)
         else:
             from spade.index.coreset import memory_bank_for
 
             ratio = coreset_ratio if coreset_ratio is not None else config.coreset_ratio
             bank = memory_bank_for(gallery, layer, ratio, projection=config.coreset_projection,
-                                   max_candidates=config.coreset_max_candidates)
+                                   max_candidates=config.coreset_max_candidates, max_vectors=config.coreset_max_vectors)
             own = None if exclude_rows is None else np.repeat(np.asarray(exclude_rows, dtype=np.int64), h * w)
             dist = bank.distances(queries.reshape(b * h * w, -1), config.kappa, exclude_row=own).reshape(b, h * w)
         out[layer] = dist.reshape(b, h, w)
