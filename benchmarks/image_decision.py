@@ -20,7 +20,9 @@ Rules (each a function of a frame's kNN term and its raw per-layer maps):
 * ``combined_topk``: z(knn) + z(topk_mean); ``combined3``: z(knn) + z(map_max) + z(topk_mean);
 * ``bank_max``: PatchCore's, a frame's largest distance to the global coreset bank of its layer2+3 patch
   features (`spade.index.patch_bank`, the config's ``bank_layers`` and ``bank_ratio``); ``combined_bank``:
-  z(topk_mean) + z(bank_max); ``knn+bank``: z(knn) + z(bank_max).
+  z(topk_mean) + z(bank_max); ``knn+bank``: z(knn) + z(bank_max);
+* ``top01_mean``: the smoothed map's top 0.1 % (a thin crack's area); ``combined_bank01``: z(top01_mean) +
+  z(bank_max); ``knn+top+bank``: z(knn) + z(topk_mean) + z(bank_max).
 """
 from __future__ import annotations
 
@@ -158,7 +160,8 @@ def frame_maps(data: dict, config, prefix: str) -> tuple[list[np.ndarray], dict[
 def terms(data: dict, config, prefix: str) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
     maps, layer_max = frame_maps(data, config, prefix)
     out = {"knn": np.asarray(data[f"{prefix}_knn"]), "bank_max": np.asarray(data[f"{prefix}_bank_max"]), "map_max": np.array([m.max() for m in maps]),
-           "topk_mean": np.array([np.sort(m.ravel())[-max(1, m.size // 100):].mean() for m in maps])}
+           "topk_mean": np.array([np.sort(m.ravel())[-max(1, m.size // 100):].mean() for m in maps]),
+           "top01_mean": np.array([np.sort(m.ravel())[-max(1, m.size // 1000):].mean() for m in maps])}
     out |= {f"max_{layer}": v for layer, v in layer_max.items()}
     return out, maps
 
@@ -176,7 +179,8 @@ def rules(test: dict, normal: dict, layers) -> dict[str, tuple[np.ndarray, np.nd
                          np.max([z[f"max_{layer}"][1] for layer in layers], axis=0))}
     out["knn+layer_sum"] = (out["layer_sum"][0] + z["knn"][0], out["layer_sum"][1] + z["knn"][1])
     out |= {"bank_max": (test["bank_max"], normal["bank_max"]), "combined_bank": add("topk_mean", "bank_max"),
-            "knn+bank": add("knn", "bank_max")}
+            "knn+bank": add("knn", "bank_max"), "top01_mean": (test["top01_mean"], normal["top01_mean"]),
+            "combined_bank01": add("top01_mean", "bank_max"), "knn+top+bank": add("knn", "topk_mean", "bank_max")}
     return out
 
 
