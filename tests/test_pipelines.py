@@ -163,9 +163,11 @@ def test_fsspec_memory_urls_end_to_end(sample_root):
     assert len(fs.ls("/spade-test/out/maps")) == 3
 
 
-def test_fit_stores_the_banks_of_approximate_layers_only(sample_root, tmp_path):
+def test_fit_stores_the_banks_of_approximate_layers_only(sample_root, tmp_path, caplog):
     """An exact-mode fit with ``approximate_layers`` stores those layers' coreset banks, records which, and a
     scoring worker opens them; the other layers have none."""
+    import logging
+
     from spade.index.gallery import Gallery
 
     config = plumbing_config(calibration_images=3, approximate_layers=["layer1"], coreset_ratio=0.05)
@@ -175,8 +177,25 @@ def test_fit_stores_the_banks_of_approximate_layers_only(sample_root, tmp_path):
     assert sorted(p.name for p in (gallery_dir / "coreset").iterdir()) == ["layer1-rows.npy", "layer1.npy"]
     gallery = Gallery.open(str(gallery_dir))
     assert set(gallery.banks) == {"layer1"} and len(gallery.banks["layer1"][0]) == round(0.05 * 8 * 56 * 56)
-    summary = run_score(config, str(gallery_dir), f"{sample_root}/test/scratch", str(tmp_path / "out"), BEAM_ARGS)
+    with caplog.at_level(logging.WARNING, logger="spade.index.coreset"):
+        summary = run_score(config, str(gallery_dir), f"{sample_root}/test/scratch", str(tmp_path / "out"), BEAM_ARGS)
     assert summary["ok"] == 3
+    assert not [r for r in caplog.records if "stores no coreset bank" in r.getMessage()]  # loaded, not rebuilt
+
+
+def test_a_gallery_without_the_bank_is_scored_with_it_built_once_and_says_so(sample_root, tmp_path, caplog):
+    """A gallery fitted with every layer exact, scored with approximate_layers (the default since they exist): the
+    worker builds layer1's bank itself, warns with the gallery and the mend, and every input is scored."""
+    import logging
+
+    gallery_dir = str(tmp_path / "gallery")
+    run_fit(plumbing_config(calibration_images=3), f"{sample_root}/train/good", gallery_dir, BEAM_ARGS)
+    with caplog.at_level(logging.WARNING, logger="spade.index.coreset"):
+        summary = run_score(plumbing_config(approximate_layers=["layer1"], coreset_ratio=0.05), gallery_dir,
+                            f"{sample_root}/test/scratch", str(tmp_path / "out"), BEAM_ARGS)
+    assert summary["ok"] == 3
+    told = [r.getMessage() for r in caplog.records if "stores no coreset bank of layer1" in r.getMessage()]
+    assert told and gallery_dir in told[0] and "Fit the gallery again" in told[0]
 
 
 def test_approximate_mode_fit_stores_coreset_banks(sample_root, tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ each repeating the greedy selection.
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -24,6 +25,7 @@ import faiss
 import numpy as np
 import torch
 
+LOG = logging.getLogger(__name__)
 DEFAULT_PROJECTION = 128
 DEFAULT_MAX_CANDIDATES = 200_000   # positions drawn at random before the greedy pass (bounds build time and memory)
 SEED = 0
@@ -217,6 +219,11 @@ def memory_bank_for(gallery, layer: str, ratio: float, projection: int = DEFAULT
                 vectors, rows = stored[layer]
                 bank = MemoryBank.from_vectors(vectors, rows)
             else:
+                if getattr(gallery, "url", None) and manifest.get("num_images"):  # an opened gallery, not arrays
+                    LOG.warning("gallery %s stores no coreset bank of %s with these settings (fitted with another "
+                                "config or before approximate_layers); this worker builds it from every gallery row, "
+                                "once per process. Fit the gallery again with this config to store it.",
+                                gallery.url, layer)
                 bank = layer_bank(gallery.pyramid[layer], ratio, projection, seed, max_candidates, max_vectors=max_vectors)
             _BANKS[key] = bank
     return bank
