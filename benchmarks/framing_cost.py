@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 from spade.config import load_config  # noqa: E402
 from spade.features.backbone import FeatureExtractor  # noqa: E402
 from spade.features.framing import frame_size_for, framing_for  # noqa: E402
-from spade.index.coreset import memory_bank_for  # noqa: E402
+from spade.index.coreset import coreset_settings, memory_bank_for  # noqa: E402
 from spade.index.gallery import Gallery  # noqa: E402
 from spade.index.knn import build_index  # noqa: E402
 from spade.index.patch_bank import patch_bank_for  # noqa: E402
@@ -79,8 +79,7 @@ def run(data: Path, spec: str, gallery_images: int, images: int) -> dict:
     if config.uses_patch_bank:
         patch_bank_for(gallery, config, framing)  # built at fit, stored in the gallery: not a scoring cost
     for layer in config.coreset_layers:  # the same for the coreset banks
-        memory_bank_for(gallery, layer, config.coreset_ratio, config.coreset_projection,
-                        max_candidates=config.coreset_max_candidates, max_vectors=config.coreset_max_vectors)
+        memory_bank_for(gallery, layer, **coreset_settings(config))
     normals = {term: {"mean": 0.0, "std": 1.0} for term in ("knn", "map_max", "map_top", "bank_max")}  # timing only
     cpu, wall = time.process_time(), time.perf_counter()
     for start in range(0, len(test), config.batch_size):

@@ -175,6 +175,13 @@ def bank_settings(ratio: float, projection: int = DEFAULT_PROJECTION, max_candid
     return settings | ({"max_vectors": int(max_vectors)} if max_vectors is not None else {})
 
 
+def coreset_settings(config, ratio: float | None = None) -> dict[str, Any]:
+    """`bank_settings` of a config's coreset keys (``ratio`` instead of its ``coreset_ratio`` where given): what fit
+    stores and scoring asks `memory_bank_for` for (``memory_bank_for(gallery, layer, **coreset_settings(config))``)."""
+    return bank_settings(config.coreset_ratio if ratio is None else ratio, config.coreset_projection,
+                         config.coreset_max_candidates, max_vectors=config.coreset_max_vectors)
+
+
 def bank_files(layer: str) -> tuple[str, str]:
     """A stored bank's files, relative to the gallery root: (vectors (n, C), gallery row of each vector (n,))."""
     return f"{FOLDER}/{layer}.npy", f"{FOLDER}/{layer}-rows.npy"

@@ -44,7 +44,7 @@ from spade.io import storage
 from spade.config import FEATURE_DEFAULTS_BEFORE, SpadeConfig, stable_hash
 from spade.features.framing import framing_for
 from spade.io.cache import cached_folder
-from spade.index.coreset import bank_files, bank_settings, load_banks, save_banks
+from spade.index.coreset import bank_files, coreset_settings, load_banks, save_banks
 from spade.index.patch_bank import PATCH, patch_bank_settings, save_patch_bank
 from spade.index.knn import build_index
 from spade.index.pyramid import ShardedLayer, shard_path
@@ -134,8 +134,7 @@ def build_gallery(shard_urls: list[str], gallery_url: str, config: SpadeConfig, 
     workdir = storage.local_path(gallery_url) if storage.is_local(gallery_url) else tempfile.mkdtemp(prefix="spade-gallery-")
     coreset = None
     if config.coreset_layers:  # built once here instead of by every scoring worker
-        coreset = bank_settings(config.coreset_ratio, config.coreset_projection, config.coreset_max_candidates,
-                                max_vectors=config.coreset_max_vectors)
+        coreset = coreset_settings(config)
         with _local_pyramids(gallery_url, images, pyramid_shards, config.coreset_layers) as pyramids:
             save_banks(workdir, config.coreset_layers, coreset, progress, pyramids)
     patch_bank = patch_bank_settings(config) if config.uses_patch_bank else None
@@ -207,8 +206,7 @@ def coreset_layers(manifest: dict[str, Any]) -> list[str]:
 def _built_files(manifest: dict[str, Any]) -> list[str]:
     """The files `build_gallery` writes (the pyramid shards are the workers'), relative to the gallery root."""
     names = ["images.parquet", "index.faiss"]
-    if manifest.get("coreset"):
-        names += [name for layer in coreset_layers(manifest) for name in bank_files(layer)]
+    names += [name for layer in coreset_layers(manifest) for name in bank_files(layer)]
     if manifest.get("patch_bank"):
         names += list(bank_files(PATCH))
     return names
@@ -394,7 +392,7 @@ class Gallery:
             if tuple(pyramid[layer].shape[1:]) != expected:
                 raise _damaged(url, f"pyramid/{layer}/", f"has rows of shape {pyramid[layer].shape[1:]}, the manifest "
                                                          f"records {expected}")
-        banks = load_banks(root, coreset_layers(manifest)) if manifest.get("coreset") else None
+        banks = load_banks(root, coreset_layers(manifest)) or None
         if manifest.get("patch_bank"):
             banks = (banks or {}) | {PATCH: tuple(np.load(os.path.join(root, name), mmap_mode="r") for name in bank_files(PATCH))}
         return cls(url=url, manifest=manifest, images=images, index=index, pyramid=pyramid, banks=banks)

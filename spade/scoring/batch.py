@@ -131,11 +131,9 @@ def layer_distance_maps(pyramid: dict[str, np.ndarray], gallery: Gallery, neighb
         if mode == "exact" and layer not in config.coreset_layers:
             dist = _exact_distances(queries, gallery.pyramid[layer], neighbours, config, tiles)
         else:
-            from spade.index.coreset import memory_bank_for
+            from spade.index.coreset import coreset_settings, memory_bank_for
 
-            ratio = coreset_ratio if coreset_ratio is not None else config.coreset_ratio
-            bank = memory_bank_for(gallery, layer, ratio, projection=config.coreset_projection,
-                                   max_candidates=config.coreset_max_candidates, max_vectors=config.coreset_max_vectors)
+            bank = memory_bank_for(gallery, layer, **coreset_settings(config, coreset_ratio))
             own = None if exclude_rows is None else np.repeat(np.asarray(exclude_rows, dtype=np.int64), h * w)
             dist = bank.distances(queries.reshape(b * h * w, -1), config.kappa, exclude_row=own).reshape(b, h * w)
         out[layer] = dist.reshape(b, h, w)
