@@ -1,15 +1,18 @@
 """The feature pass per image on the four shared sets: the NCHW reference ("eager") against channels-last and
-OpenVINO.
+OpenVINO, in float32 or (``runtime:bf16``) bfloat16.
 
 For each set, the first ``--images`` normal images are framed as the default config frames them (its frame size from
 their median aspect, its tiles) and extracted in batches of ``batch_size`` by every runtime in one process,
 alternately, best of ``--repeats`` (torch and OpenVINO threads: ``--threads``; OpenVINO's conversion is done before
 the clock starts, as a worker finds it in its machine's cache). Prints per set the ms per image of each, their ratio
-to eager and the largest difference of any feature from eager's, then
+to eager and the largest difference of any feature from eager's (for bf16 also over the largest feature), then
 
     RESULT channels_last_<set>=<eager / channels_last> openvino_<set>=<eager / openvino> ... max_abs_diff=<largest>
 
+where max_abs_diff is over the float32 runtimes.
+
     python benchmarks/feature_pass.py [--images 16] [--repeats 3] [--threads 2] [--runtimes channels_last,openvino]
+    python benchmarks/feature_pass.py --runtimes openvino,openvino:bf16
 """
 from __future__ import annotations
 
@@ -51,7 +54,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--runtimes", default="channels_last,openvino", help="compared with eager, comma-separated")
+    parser.add_argument("--runtimes", default="channels_last,openvino",
+                        help="compared with eager, comma-separated; runtime:bf16 runs it with feature_precision bf16")
     args = parser.parse_args()
     from spade.config import SpadeConfig
     from spade.features.backbone import FeatureExtractor
@@ -65,7 +69,9 @@ def main() -> None:
             continue
         config, batch = frames(DATA / name, args.images, SpadeConfig())
         names = ["eager", *args.runtimes.split(",")]
-        runtimes = {runtime: FeatureExtractor(config.replace(feature_runtime=runtime)) for runtime in names}
+        runtimes = {spec: FeatureExtractor(config.replace(feature_runtime=spec.split(":")[0],
+                                                          feature_precision=(spec.split(":") + ["f32"])[1]))
+                    for spec in names}
         for extractor in runtimes.values():
             extractor(batch[:config.batch_size])  # warm-up: OpenVINO converts (or reads its cache) and compiles here
         best = {runtime: float("inf") for runtime in runtimes}
@@ -80,10 +86,13 @@ def main() -> None:
                        for a, b in zip(outputs["eager"], outputs[runtime]))
             diff = max(diff, max(float(np.abs(a.embedding - b.embedding).max())
                                  for a, b in zip(outputs["eager"], outputs[runtime])))
-            worst = max(worst, diff)
+            top = max(max(float(np.abs(a.pyramid[layer]).max()) for layer in config.layers) for a in outputs["eager"])
+            lowered = runtime.endswith(":bf16")
+            worst = worst if lowered else max(worst, diff)
             speedup = best["eager"] / best[runtime]
-            results.append((f"{runtime}_{name}", speedup))
-            line.append(f"{runtime} {best[runtime]:.1f} ms/image ({speedup:.2f}x, max |diff| {diff:.1e})")
+            results.append((f"{runtime.replace(':', '_')}_{name}", speedup))
+            relative = f", {diff / top:.1%} of the largest feature {top:.0f}" if lowered else ""
+            line.append(f"{runtime} {best[runtime]:.1f} ms/image ({speedup:.2f}x, max |diff| {diff:.1e}{relative})")
         print(", ".join(line), flush=True)
     print(f"load average {os.getloadavg()[0]:.2f}")
     print("RESULT " + " ".join(f"{name}={speedup:.2f}" for name, speedup in results) + f" max_abs_diff={worst:.1e}")

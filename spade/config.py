@@ -14,6 +14,7 @@ LAYERS_BY_BACKBONE_FAMILY = ("layer1", "layer2", "layer3", "layer4")
 FRAMINGS = ("crop", "full", "aspect", "tiles")
 TILE_NEIGHBOURS = ("same", "all")
 FEATURE_RUNTIMES = ("channels_last", "eager", "openvino")
+FEATURE_PRECISIONS = ("f32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 # Settings that change only speed or file layout, never a row: runs that differ only in them may resume each other's
 # ledgers.
@@ -21,7 +22,10 @@ SPEED_ONLY = ("num_threads", "shards", "rows_per_shard", "batch_size", "feature_
 IMAGE_SCORES = ("knn", "map_max", "map_top", "combined", "combined_top", "bank_max", "combined_bank")
 BANK_SCORES = ("bank_max", "combined_bank")  # the image scores that need a gallery's patch bank
 # Feature settings added after galleries were first written: a manifest without one was built with this value.
-FEATURE_DEFAULTS_BEFORE = {"framing": "crop", "feature_aggregation": 1, "frame_size": None}
+FEATURE_DEFAULTS_BEFORE = {"framing": "crop", "feature_aggregation": 1, "frame_size": None, "feature_precision": "f32"}
+# Feature settings a signature lists only where they differ from these values, so that galleries fitted before them
+# keep their hash; a manifest without one was built with this value.
+FEATURES_LISTED_IF_SET = {"feature_precision": "f32"}
 # Feature settings that only some framings have (`SpadeConfig.feature_signature` lists them only for those).
 FRAMING_FEATURES = {"aspect": ("frame_size",), "tiles": ("frame_size", "tile_size", "tile_overlap")}
 
@@ -32,8 +36,8 @@ class SpadeConfig:
     setting (configs/default.yaml says why); configs/paper.yaml is the paper's.
 
     The fields that change the features (``backbone``, ``weights``, ``layers``,
-    ``resize``, ``crop``, ``framing``, ``feature_aggregation``, ``mean``, ``std``) must match
-    between `fit` and `score`; `feature_signature` hashes exactly those.
+    ``resize``, ``crop``, ``framing``, ``feature_aggregation``, ``mean``, ``std``, ``feature_precision``) must
+    match between `fit` and `score`; `feature_signature` hashes exactly those.
 
     ``framing``: what the model sees (`spade.features.framing`). ``crop`` (the paper): the short side resized
     to ``resize``, then the centre ``crop``² (the borders of the frame are never inspected); ``full``: the whole
@@ -79,6 +83,7 @@ class SpadeConfig:
     sigma: float = 4.0
     feature_dtype: str = "float32"
     feature_runtime: str = "openvino"  # openvino (OpenVINO's CPU runtime) / channels_last / eager (torch NHWC / NCHW)
+    feature_precision: str = "bf16"  # the backbone's arithmetic: bf16 where the hardware has it (else f32), or f32
     batch_size: int = 8
     device: str = "auto"  # where the backbone and the exact correspondence run: auto (a CUDA device if any), cpu, cuda
     num_threads: int = 0
@@ -146,6 +151,8 @@ class SpadeConfig:
             problems.append("kappa must be >= 1")
         if self.feature_runtime not in FEATURE_RUNTIMES:
             problems.append(f"feature_runtime must be one of {', '.join(FEATURE_RUNTIMES)}")
+        if self.feature_precision not in FEATURE_PRECISIONS:
+            problems.append(f"feature_precision must be one of {', '.join(FEATURE_PRECISIONS)}")
         if self.device not in DEVICES:
             problems.append(f"device must be one of {', '.join(DEVICES)}")
         if self.feature_dtype not in ("float16", "float32"):
@@ -214,7 +221,8 @@ class SpadeConfig:
         """The settings that determine feature values; fit and score must agree on them."""
         d = self.to_dict()
         keys = ("backbone", "weights", "layers", "resize", "crop", "framing", "feature_aggregation", "mean", "std")
-        return {key: d[key] for key in keys + FRAMING_FEATURES.get(self.framing, ())}
+        listed = {key: d[key] for key, usual in FEATURES_LISTED_IF_SET.items() if d[key] != usual}
+        return {key: d[key] for key in keys + FRAMING_FEATURES.get(self.framing, ())} | listed
 
 
 def config_from_mapping(values: Mapping[str, Any], source: str = "<mapping>") -> SpadeConfig:

@@ -1,5 +1,5 @@
 """The backbone's runtimes give the same features: OpenVINO (the default) and channels-last against torch's NCHW
-reference."""
+reference, in float32; in bfloat16 (feature_precision: bf16, the default) features close to float32's."""
 import numpy as np
 import pytest
 import torch
@@ -20,9 +20,10 @@ def frames(config: SpadeConfig, count: int = 3) -> torch.Tensor:
     return torch.stack([preprocess(image, config.resize, config.crop, config.mean, config.std, framing) for image in images])
 
 
-CONFIGS = [
-    SpadeConfig(frame_size=(256, 640)),  # the default: EfficientNet-Lite2 (package weights), 3 tiles, 3x3 aggregation
-    SpadeConfig(backbone="resnet18", weights="random", framing="crop", resize=256, crop=224, feature_aggregation=1),
+CONFIGS = [  # in float32: the runtimes agree to its rounding (bf16's tests are below)
+    SpadeConfig(frame_size=(256, 640), feature_precision="f32"),  # the default: EfficientNet-Lite2, 3 tiles, 3x3 aggregation
+    SpadeConfig(backbone="resnet18", weights="random", framing="crop", resize=256, crop=224, feature_aggregation=1,
+                feature_precision="f32"),
 ]
 
 
@@ -91,3 +92,48 @@ def test_openvino_missing_says_how_to_install(monkeypatch):
 def test_an_unknown_runtime_is_refused():
     with pytest.raises(ValueError, match="feature_runtime must be one of channels_last, eager, openvino"):
         SpadeConfig(feature_runtime="onnx")
+
+
+def relative_difference(a, b) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.mark.parametrize("runtime_name", ["openvino", "channels_last"])
+def test_bf16_features_are_close_to_f32_and_come_from_bf16_arithmetic(runtime_name, tmp_path, monkeypatch):
+    """feature_precision: bf16 runs the backbone in bfloat16 (OpenVINO's precision hint, torch's autocast): features
+    within a few percent of their largest value of float32's, and not float32's (the setting takes effect). Hardware
+    without bf16 arithmetic runs float32: then only the closeness can be asserted."""
+    if runtime_name == "openvino":
+        pytest.importorskip("openvino", reason="feature_runtime: openvino needs the openvino package ([test] installs it)")
+    monkeypatch.setattr(runtime, "BACKBONE_CACHE", str(tmp_path))
+    config = CONFIGS[0].replace(feature_runtime=runtime_name)
+    batch = frames(config, count=2)
+    reference = FeatureExtractor(config)(batch)
+    extractor = FeatureExtractor(config.replace(feature_precision="bf16"))
+    bf16 = extractor(batch)
+    differences = [relative_difference(bf16.embedding, reference.embedding)]
+    differences += [relative_difference(bf16.pyramid[layer], reference.pyramid[layer]) for layer in config.layers]
+    assert max(differences) < 0.1, differences
+    assert all(bf16.pyramid[layer].dtype == np.float32 for layer in config.layers)
+    tile = config.tile_size  # the frame's three tiles went through one compiled model
+    executed = (str(extractor.runtime._compiled_for(tile, tile).get_property("INFERENCE_PRECISION_HINT"))
+                if runtime_name == "openvino" else "bf16" if extractor.runtime.bf16 else "f32")
+    if "bf16" in executed or "bfloat16" in executed:
+        assert min(differences) > 1e-4, differences
+
+
+def test_feature_precision_is_a_feature_setting_that_old_galleries_need_not_list():
+    """Galleries fitted before feature_precision existed were float32: their signature (and hash) stays as it was,
+    and scoring a gallery with the other precision is refused, whichever side has bf16."""
+    from spade.index.gallery import GalleryMismatch, check_compatible
+
+    f32, bf16 = SpadeConfig(feature_precision="f32"), SpadeConfig(feature_precision="bf16")
+    assert "feature_precision" not in f32.feature_signature()
+    assert bf16.feature_signature() == f32.feature_signature() | {"feature_precision": "bf16"}
+    for built, asked in ((f32, bf16), (bf16, f32)):
+        manifest = {"feature_signature": built.feature_signature()}
+        check_compatible(manifest, "gallery", built)
+        with pytest.raises(GalleryMismatch, match="feature_precision: gallery has '(f32|bf16)', config has '(bf16|f32)'"):
+            check_compatible(manifest, "gallery", asked)
+    with pytest.raises(ValueError, match="feature_precision must be one of f32, bf16"):
+        SpadeConfig(feature_precision="fp8")

@@ -110,7 +110,8 @@ class FeatureExtractor:
         self.device = resolve_device(config.device)
         identity = {"backbone": config.backbone, "weights": self.weights.sha256, "layers": list(self.layers),
                     "torch": torch.__version__, "timm": getattr(sys.modules.get("timm"), "__version__", None)}
-        self.runtime = make_runtime(config.feature_runtime, net, stable_hash(identity), self.device)
+        self.runtime = make_runtime(config.feature_runtime, net, stable_hash(identity), self.device,
+                                    config.feature_precision)
         self._framings: dict[tuple[int, int], TiledFraming | None] = {}
 
     def _framing(self, size: tuple[int, int]) -> TiledFraming | None:

@@ -6,8 +6,15 @@ layers' maps, in float32. They differ only in speed; the gallery records the run
 features of any two runtimes agree to float32 rounding (within 1e-4 on the tests' frames, 2.8e-4 on real frames whose
 features reach ~45; the accuracy table is the same), so a gallery fitted with one can be scored with another.
 OpenVINO (a dependency, the default runtime): its CPU plugin fuses the network into a few oneDNN kernels and runs
-the feature pass several times faster than torch eager on the same threads (benchmarks/feature_pass.py). It is asked for float32 inference explicitly: on CPUs with AMX or AVX512-BF16 its
-default is bfloat16, whose features differ from torch's by up to ~1 (not what a gallery was fitted with).
+the feature pass several times faster than torch eager on the same threads (benchmarks/feature_pass.py).
+
+The arithmetic is config ``feature_precision``, a feature setting the gallery records (fit and score must agree):
+``f32`` (the reference) asks OpenVINO for float32 explicitly, since on CPUs with AMX or AVX512-BF16 its default is
+bfloat16; ``bf16`` (the default) asks for bfloat16 (OpenVINO's inference precision hint; torch's autocast on the
+torch runtimes), twice as fast where the hardware has bf16 arithmetic, with features within a few percent of
+their largest value of float32's. Hardware without it runs float32 and logs so: the features then differ from a
+bf16 gallery's as much, which the accuracy table does not show (README "Accuracy": float32 features scored
+against bf16 galleries), so galleries and scoring machines of either kind mix.
 """
 from __future__ import annotations
 
@@ -83,18 +90,31 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def bf16_supported(device: torch.device) -> bool:
+    """Whether torch runs bfloat16 convolutions natively on ``device`` (oneDNN's on CPUs with AVX-512 or AMX;
+    elsewhere it refuses or emulates them slowly)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 class TorchRuntime:
     """`PyramidNet` in torch, NCHW (``eager``) or channels-last (NHWC: oneDNN's CPU convolutions skip layout
     conversions, 1.4-1.7x faster on EfficientNet-Lite0 at 256 px), on the CPU or a CUDA device (frames go there and
     the features come back to the CPU)."""
 
-    def __init__(self, net: PyramidNet, channels_last: bool, device: torch.device = torch.device("cpu")):
+    def __init__(self, net: PyramidNet, channels_last: bool, device: torch.device = torch.device("cpu"),
+                 precision: str = "f32"):
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.device = device
         self.net = net.to(device=device, memory_format=self.memory_format)
+        self.bf16 = precision == "bf16" and bf16_supported(device)
+        if precision == "bf16" and not self.bf16:
+            LOG.info("feature_precision bf16: %s has no bfloat16 arithmetic torch can use; the backbone runs in "
+                     "float32", device)
 
     def __call__(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             frames = batch.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
             outputs = [out.float().cpu() for out in self.net(frames)]
         return outputs[0], dict(zip(self.net.layers, outputs[1:]))
@@ -111,8 +131,8 @@ def import_openvino():
 
 
 class OpenVinoRuntime:
-    """`PyramidNet` compiled by OpenVINO for the CPU, float32, one compiled model per frame height and width (any
-    batch size).
+    """`PyramidNet` compiled by OpenVINO for the CPU in ``precision`` (f32 or bf16), one compiled model per frame
+    height and width (any batch size).
 
     Converting the torch network (tracing it) takes seconds, so the converted model is kept in a machine-wide cache
     (``cache_dir``, keyed by the network's identity ``key``, the frame size and the OpenVINO version) and later
@@ -120,10 +140,12 @@ class OpenVinoRuntime:
     bundles in several threads shares one runtime (one request serves one call at a time).
     """
 
-    def __init__(self, net: PyramidNet, key: str, threads: int | None = None, cache_dir: str | None = None):
+    def __init__(self, net: PyramidNet, key: str, threads: int | None = None, cache_dir: str | None = None,
+                 precision: str = "f32"):
         self.ov = import_openvino()
         self.net = net
         self.key = key
+        self.precision = precision
         self.threads = threads or torch.get_num_threads()
         self.cache_dir = cache_dir or BACKBONE_CACHE
         self.core = self.ov.Core()
@@ -150,11 +172,17 @@ class OpenVinoRuntime:
         with self._lock:  # one conversion and compilation per size, whichever thread asks first
             if size not in self._compiled:
                 model = self.core.read_model(self._model_file(height, width))
-                self._compiled[size] = self.core.compile_model(model, "CPU", {
-                    "INFERENCE_PRECISION_HINT": "f32",
+                compiled = self.core.compile_model(model, "CPU", {
+                    "INFERENCE_PRECISION_HINT": self.precision,
                     "INFERENCE_NUM_THREADS": self.threads,
                     "PERFORMANCE_HINT": "LATENCY",
                 })
+                executed = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+                if self.precision == "bf16" and "bf16" not in executed and "bfloat16" not in executed:
+                    LOG.info("feature_precision bf16: this CPU has no bfloat16 arithmetic, so OpenVINO runs the "
+                             "backbone in %s (as fast as feature_precision: f32; the accuracy of bf16 galleries "
+                             "is unchanged, README \"Accuracy\")", executed)
+                self._compiled[size] = compiled
             return self._compiled[size]
 
     def _request(self, height: int, width: int):
@@ -173,13 +201,15 @@ class OpenVinoRuntime:
         return outputs[0], dict(zip(self.net.layers, outputs[1:]))
 
 
-def make_runtime(name: str, net: PyramidNet, key: str, device: torch.device = torch.device("cpu")) -> Runtime:
-    """The runtime ``name`` (config `feature_runtime`) for ``net`` on ``device``; ``key`` identifies the network's
-    weights. On a CUDA device torch runs the network whatever ``name`` says (the CPU runtimes are for CPUs)."""
+def make_runtime(name: str, net: PyramidNet, key: str, device: torch.device = torch.device("cpu"),
+                 precision: str = "f32") -> Runtime:
+    """The runtime ``name`` (config `feature_runtime`) for ``net`` on ``device`` in ``precision`` (config
+    `feature_precision`); ``key`` identifies the network's weights. On a CUDA device torch runs the network whatever
+    ``name`` says (the CPU runtimes are for CPUs)."""
     if device.type == "cuda":
-        return TorchRuntime(net, channels_last=name != "eager", device=device)
+        return TorchRuntime(net, channels_last=name != "eager", device=device, precision=precision)
     if name == "openvino":
-        return OpenVinoRuntime(net, key)
+        return OpenVinoRuntime(net, key, precision=precision)
     if name in ("channels_last", "eager"):
-        return TorchRuntime(net, channels_last=name == "channels_last")
+        return TorchRuntime(net, channels_last=name == "channels_last", precision=precision)
     raise ValueError(f"unknown feature_runtime {name!r}")

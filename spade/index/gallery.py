@@ -41,7 +41,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from spade.io import storage
-from spade.config import FEATURE_DEFAULTS_BEFORE, SpadeConfig, stable_hash
+from spade.config import FEATURE_DEFAULTS_BEFORE, FEATURES_LISTED_IF_SET, SpadeConfig, stable_hash
 from spade.features.framing import framing_for
 from spade.io.cache import cached_folder
 from spade.index.coreset import bank_files, coreset_settings, load_banks, save_banks
@@ -272,7 +272,7 @@ def check_compatible(manifest: dict[str, Any], url: str, config: SpadeConfig, we
         raise GalleryMismatch(f"gallery {url} was built with backbone weights sha256 {built_sha[:12]}..., "
                               f"but this run loaded {weights_sha256[:12]}... ({config.weights!r}). Point `weights:` at "
                               f"the file the gallery used ({manifest['weights']['source']}) or re-run `spade fit`.")
-    wanted = config.feature_signature()
+    wanted = FEATURES_LISTED_IF_SET | config.feature_signature()
     if built.get("weights") != wanted["weights"] and "auto" in (built.get("weights"), wanted["weights"]):
         built.pop("weights")
         wanted = {k: v for k, v in wanted.items() if k != "weights"}
