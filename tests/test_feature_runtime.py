@@ -137,3 +137,18 @@ def test_feature_precision_is_a_feature_setting_that_old_galleries_need_not_list
             check_compatible(manifest, "gallery", asked)
     with pytest.raises(ValueError, match="feature_precision must be one of f32, bf16"):
         SpadeConfig(feature_precision="fp8")
+
+
+def test_bf16_on_hardware_without_it_runs_float32(monkeypatch, caplog):
+    """Where torch has no bfloat16 arithmetic (an older CPU, a GPU before Ampere), feature_precision: bf16 runs the
+    backbone in float32 (oneDNN would refuse or emulate it) and says so: features equal to float32's."""
+    monkeypatch.setattr(runtime, "bf16_supported", lambda device: False)
+    config = CONFIGS[1].replace(feature_runtime="channels_last")
+    batch = frames(config, count=2)
+    reference = FeatureExtractor(config)(batch)
+    with caplog.at_level("INFO", logger=runtime.__name__):
+        fallback = FeatureExtractor(config.replace(feature_precision="bf16"))(batch)
+    assert "no bfloat16 arithmetic" in caplog.text
+    np.testing.assert_array_equal(fallback.embedding, reference.embedding)
+    for layer in config.layers:
+        np.testing.assert_array_equal(fallback.pyramid[layer], reference.pyramid[layer])

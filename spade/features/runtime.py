@@ -95,7 +95,10 @@ def bf16_supported(device: torch.device) -> bool:
     elsewhere it refuses or emulates them slowly)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without the query: assume not
+        return False
 
 
 class TorchRuntime:
