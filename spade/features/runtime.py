@@ -11,10 +11,11 @@ the feature pass several times faster than torch eager on the same threads (benc
 The arithmetic is config ``feature_precision``, a feature setting the gallery records (fit and score must agree):
 ``f32`` (the reference) asks OpenVINO for float32 explicitly, since on CPUs with AMX or AVX512-BF16 its default is
 bfloat16; ``bf16`` (the default) asks for bfloat16 (OpenVINO's inference precision hint; torch's autocast on the
-torch runtimes), twice as fast where the hardware has bf16 arithmetic, with features within a few percent of
-their largest value of float32's. Hardware without it runs float32 and logs so: the features then differ from a
-bf16 gallery's as much, which the accuracy table does not show (README "Accuracy": float32 features scored
-against bf16 galleries), so galleries and scoring machines of either kind mix.
+torch runtimes), the network twice as fast where the hardware has bf16 arithmetic, with features differing from
+float32's by a few percent of the largest feature (up to 12 % at the worst single value of real frames). Hardware
+without it runs float32 and logs so: the features then differ from a bf16 gallery's as much, which the accuracy
+table does not show (README "Accuracy": float32 features scored against bf16 galleries), so galleries and scoring
+machines of either kind mix.
 """
 from __future__ import annotations
 
