@@ -140,6 +140,7 @@ class ScoreJob:
     ledger: str = ""
     lease: RunLease | None = None
     interrupted: list[str] = field(default_factory=list)
+    earlier: bool = True  # whether earlier runs left anything to leave out or to join (set under the lease)
 
     @property
     def gallery_hash(self) -> str:
@@ -215,6 +216,7 @@ def begin_job(job: ScoreJob, lease: RunLease, say: Callable[[str], None]) -> Non
         job.interrupted.append(other)
     if storage.exists(job.ledger):
         job.interrupted.append(job.ledger)
+    job.earlier = job.ledger in job.interrupted or bool(job.done_root and storage.exists(job.done_root))
     lease.mark(job.staging)
 
 
@@ -237,7 +239,11 @@ class ScoreGalleries(beam.PTransform):
         jobs, progress_folder = {job.route: job for job in self.jobs}, self.progress_folder
         first = self.jobs[0]
         config, run_id = first.run_config, first.run_id  # what all jobs share: batch size, shards, the run
-        done = functools.partial(done_tables, {route: (job.done_root, job.ledger) for route, job in jobs.items()}, run_id)
+        # a first run (no ledger, no earlier nights: known under the leases) has nothing to leave out or to join: the
+        # graph leaves those branches out, a fixed cost of every run (~0.2 s of a 97-image run's 3.5 s)
+        earlier = any(job.earlier for job in self.jobs)
+        done = (functools.partial(done_tables, {route: (job.done_root, job.ledger) for route, job in jobs.items()}, run_id)
+                if earlier else None)
         batches, skipped = pbegin | "Inputs" >> ListInputs(
             {route: job.images for route, job in jobs.items()}, "test", config.batch_size, since=first.since,
             done_tables=done, read_done=done_uris, progress_folder=progress_folder, done_kind=done_kind)
@@ -256,11 +262,12 @@ class ScoreGalleries(beam.PTransform):
         ledgers = {route: job.ledger for route, job in jobs.items()}
         branches = {name: rows | f"Commit{name}" >> beam.ParDo(CommitUnits(ledgers, SCORES_SCHEMA, run_id))
                     for name, rows in branches.items()}
-        branches["Committed"] = (pbegin
-                                 | "Ledgers" >> beam.Create(sorted(ledgers.items()))
-                                 | "CommittedParts" >> beam.FlatMap(committed_parts, run_id)
-                                 | "SpreadParts" >> beam.Reshuffle()
-                                 | "ReadCommitted" >> beam.FlatMap(read_ledger_rows))
+        if earlier:
+            branches["Committed"] = (pbegin
+                                     | "Ledgers" >> beam.Create(sorted(ledgers.items()))
+                                     | "CommittedParts" >> beam.FlatMap(committed_parts, run_id)
+                                     | "SpreadParts" >> beam.Reshuffle()
+                                     | "ReadCommitted" >> beam.FlatMap(read_ledger_rows))
         rows = tuple(branches.values()) | "AllRows" >> beam.Flatten()
         written = rows | "WriteScores" >> WriteParquetShards(
             {route: job.table_prefix for route, job in jobs.items()}, SCORES_SCHEMA, config.shards,

@@ -274,3 +274,35 @@ def test_sharded_pyramid_reads_rows_from_whichever_shard_holds_them(tmp_path):
         np.testing.assert_array_equal(reader.read(np.array([2, 6, 1]), out), expected[[2, 6, 1]].astype(np.float32))
     with pytest.raises(ValueError, match="past the end"):
         ShardedLayer(paths, shards, rows + 3)
+
+
+def test_a_first_run_leaves_the_earlier_runs_branches_out_of_its_graph(sample_root, tmp_path, monkeypatch):
+    """Leaving out inputs earlier runs did and joining rows interrupted runs committed are branches of the graph (a
+    fixed cost of every run); a run whose out folder holds no ledger and no earlier night has none of that to do, and
+    its graph leaves them out. A leftover ledger (an interrupted run's) puts them back; their results are tested in
+    test_operations (a killed run's committed units resumed, a night's scored inputs skipped). A nightly run keeps
+    them: its partitions sit under the root whose earlier nights it leaves out."""
+    import pipelines.score as score_module
+
+    config = plumbing_config(calibration_images=2)
+    gallery = str(tmp_path / "gallery")
+    run_fit(config, f"{sample_root}/train/good", gallery, BEAM_ARGS)
+    images = _tiny_inputs("first-run", 10)
+    jobs = []
+
+    def begin_job(job, lease, say):
+        original(job, lease, say)
+        jobs.append(job)
+
+    original = score_module.begin_job
+    monkeypatch.setattr(score_module, "begin_job", begin_job)
+    launch = lambda: _graph_bytes(lambda: run_score(config, gallery, images, str(tmp_path / "o"), GRAPH_ONLY))  # noqa: E731
+    first = launch()
+    assert not jobs[-1].earlier
+    again = launch()
+    assert not jobs[-1].earlier and abs(again - first) < 0.01 * first  # a launch leaves nothing that counts as earlier work
+    os.makedirs(jobs[-1].ledger)  # what an interrupted run leaves: its ledger
+    interrupted = launch()
+    assert jobs[-1].earlier and interrupted > 1.1 * first, (first, interrupted)
+    nightly = _graph_bytes(lambda: run_score(config, gallery, images, str(tmp_path / "n"), GRAPH_ONLY, day="2026-11-28"))
+    assert jobs[-1].earlier and nightly > 1.1 * first
