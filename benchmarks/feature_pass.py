@@ -69,9 +69,10 @@ def main() -> None:
             continue
         config, batch = frames(DATA / name, args.images, SpadeConfig())
         names = ["eager", *args.runtimes.split(",")]
-        runtimes = {spec: FeatureExtractor(config.replace(feature_runtime=spec.split(":")[0],
-                                                          feature_precision=(spec.split(":") + ["f32"])[1]))
-                    for spec in names}
+        runtimes = {}
+        for spec in names:  # runtime[:precision]
+            runtime, _, precision = spec.partition(":")
+            runtimes[spec] = FeatureExtractor(config.replace(feature_runtime=runtime, feature_precision=precision or "f32"))
         for extractor in runtimes.values():
             extractor(batch[:config.batch_size])  # warm-up: OpenVINO converts (or reads its cache) and compiles here
         best = {runtime: float("inf") for runtime in runtimes}

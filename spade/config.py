@@ -21,11 +21,11 @@ DEVICES = ("auto", "cpu", "cuda")
 SPEED_ONLY = ("num_threads", "shards", "rows_per_shard", "batch_size", "feature_runtime", "device")
 IMAGE_SCORES = ("knn", "map_max", "map_top", "combined", "combined_top", "bank_max", "combined_bank")
 BANK_SCORES = ("bank_max", "combined_bank")  # the image scores that need a gallery's patch bank
-# Feature settings added after galleries were first written: a manifest without one was built with this value.
-FEATURE_DEFAULTS_BEFORE = {"framing": "crop", "feature_aggregation": 1, "frame_size": None, "feature_precision": "f32"}
 # Feature settings a signature lists only where they differ from these values, so that galleries fitted before them
 # keep their hash; a manifest without one was built with this value.
 FEATURES_LISTED_IF_SET = {"feature_precision": "f32"}
+# Feature settings added after galleries were first written: a manifest without one was built with this value.
+FEATURE_DEFAULTS_BEFORE = {"framing": "crop", "feature_aggregation": 1, "frame_size": None} | FEATURES_LISTED_IF_SET
 # Feature settings that only some framings have (`SpadeConfig.feature_signature` lists them only for those).
 FRAMING_FEATURES = {"aspect": ("frame_size",), "tiles": ("frame_size", "tile_size", "tile_overlap")}
 
