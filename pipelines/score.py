@@ -32,7 +32,7 @@ from spade.io.listing import check_spec
 from spade.io.results import RUN_INFO, read_score_table, scored_tables
 from spade.io.routing import Route, RoutePlan, is_routing, plan_routes
 from spade.index.knn import k_warning
-from spade.scoring.calibration import normal_reference
+from spade.scoring.calibration import check_calibrated_with, normal_reference
 from spade.scoring.image_score import require_normals
 from spade.io.tables import SCORES_SCHEMA
 from spade.evaluation.thresholds import validate_thresholds
@@ -187,6 +187,7 @@ def plan_job(config: SpadeConfig, route: Route, out_url: str, day: str | None, s
     if warning:
         LOG.warning("score: %s%s", f"{route.name}: " if route.name else "", warning)
     used_thresholds = resolve_thresholds(config, manifest, explicit)
+    check_calibrated_with(manifest, config, used_thresholds, gallery_url)
     warn_missing_thresholds(used_thresholds, gallery_url)
     gallery_hash = manifest["gallery_hash"]
     run_out, done_root, lease_folder = out_url, None, out_url

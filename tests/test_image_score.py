@@ -8,7 +8,8 @@ from spade.features.backbone import aggregate_neighbourhood
 from spade.index.gallery import Gallery, GalleryMismatch
 from spade.index.knn import k_warning
 from spade.scoring.batch import score_batch
-from spade.scoring.calibration import NormalScores, calibrate, image_threshold, leave_one_out_scores
+from spade.scoring.calibration import (CalibrationMismatch, NormalScores, calibrate, check_calibrated_with, image_threshold,
+                                      leave_one_out_scores)
 from spade.scoring.lanes import halves, in_lanes, lanes_for
 from spade.scoring.image_score import MissingCalibration, image_score, map_top, normal_statistics
 from tests.test_scoring_fast import _gallery
@@ -163,3 +164,17 @@ def test_map_top_is_a_defect_extent_not_one_hot_pixel():
     assert image_score("combined_top", 2.0, 22.0, normals, map_top=5.0) == pytest.approx(0.0 + 2.0 / np.sqrt(2.0))
     with pytest.raises(MissingCalibration, match="combined_top"):
         image_score("combined_top", 2.0, 22.0, normal_statistics([1.0, 3.0], [10.0, 14.0]), map_top=5.0)
+
+
+def test_a_combined_image_score_needs_maps_made_as_calibrated_even_with_thresholds_given():
+    """The combined modes standardise by the calibration's normal statistics, which --thresholds does not replace;
+    a single-term mode with both thresholds given uses nothing calibration measured; a gallery that recorded no
+    sigma (or k) is not judged on it."""
+    manifest = {"k": 10, "kappa": 1, "sigma": 4.0, "calibration": {"images": 20}}
+    given = {"image": 1.0, "pixel": 2.0, "source": "image: file t.json; pixel: file t.json"}
+    config = SpadeConfig(image_score="combined_bank", sigma=2.0)
+    with pytest.raises(CalibrationMismatch, match=r"calibrated normal statistics were .*sigma: gallery calibrated with 4.0"):
+        check_calibrated_with(manifest, config, given, "g")
+    check_calibrated_with(manifest, config.replace(image_score="knn"), given, "g")
+    check_calibrated_with(manifest, config.replace(sigma=4.0), given, "g")
+    check_calibrated_with({"k": 10, "kappa": 1, "calibration": {"images": 20}}, config, given, "g")

@@ -11,6 +11,7 @@ from PIL import Image
 
 from spade.index.gallery import GalleryMismatch, GalleryMissing
 from spade.io.results import read_score_table
+from spade.scoring.calibration import CalibrationMismatch
 from spade.io.tables import SCORES_SCHEMA
 from pipelines.evaluate import run_evaluate
 from pipelines.fit import run_fit
@@ -148,6 +149,27 @@ def test_mismatched_gallery_and_missing_gallery(fitted, sample_root, tmp_path):
         run_score(config.replace(crop=192), gallery, sample_root, str(tmp_path / "x"), BEAM_ARGS)
     with pytest.raises(GalleryMissing, match="spade fit"):
         run_score(config, str(tmp_path / "nowhere"), sample_root, str(tmp_path / "x"), BEAM_ARGS)
+
+
+def test_maps_made_otherwise_than_calibrated_are_refused_unless_thresholds_are_given(fitted, sample_root, tmp_path):
+    """A gallery's thresholds were measured on maps of its k, kappa and sigma: a config that makes other maps (a new
+    default sigma, a --k) would flag at unknown rates, so it stops before any work, saying how to go on."""
+    config, gallery, manifest = fitted
+    assert (manifest["k"], manifest["sigma"]) == (3, 4.0)
+    with pytest.raises(CalibrationMismatch, match=r"sigma: gallery calibrated with 4.0, config has 2.0.*`sigma: 4.0`"):
+        run_score(config.replace(sigma=2.0), gallery, sample_root, str(tmp_path / "a"), BEAM_ARGS)
+    with pytest.raises(CalibrationMismatch, match=r"image threshold and pixel threshold were.*k: gallery calibrated with 3, config has 2"):
+        run_score(config.replace(k=2), gallery, sample_root, str(tmp_path / "a"), BEAM_ARGS)
+    assert not (tmp_path / "a").exists()
+    thresholds = tmp_path / "thresholds.json"
+    thresholds.write_text(json.dumps({"image": 1.0}))  # the pixel threshold would still be the calibrated one
+    with pytest.raises(CalibrationMismatch, match=r"calibrated pixel threshold were"):
+        run_score(config.replace(sigma=2.0), gallery, sample_root, str(tmp_path / "a"), BEAM_ARGS,
+                  thresholds_url=str(thresholds))
+    thresholds.write_text(json.dumps({"image": 1.0, "pixel": 2.0}))
+    summary = run_score(config.replace(sigma=2.0), gallery, f"{sample_root}/test/good", str(tmp_path / "b"), BEAM_ARGS,
+                        thresholds_url=str(thresholds))
+    assert summary["ok"] == 3
 
 
 def test_fsspec_memory_urls_end_to_end(sample_root):

@@ -127,6 +127,34 @@ def calibrate(normal: NormalScores, config: SpadeConfig) -> tuple[dict[str, Any]
     return stats, thresholds
 
 
+MAP_SETTINGS = ("k", "kappa", "sigma")  # what a score map's values depend on beyond the features
+
+
+class CalibrationMismatch(ValueError):
+    """A run would judge its maps by thresholds or normal statistics that calibration measured on other maps."""
+
+
+def check_calibrated_with(manifest: dict[str, Any], config: SpadeConfig, used: dict[str, Any], url: str) -> None:
+    """Raise `CalibrationMismatch` when this run uses what the gallery's calibration measured (a calibrated threshold
+    in ``used``, `resolve_thresholds`' result, or the normal statistics a combined image score standardises by) and
+    ``config`` makes its maps with other `MAP_SETTINGS` than `fit` calibrated with: those thresholds would flag other
+    images and pixels than their target rates say, and nothing else would show it."""
+    calibrated = [f"{kind} threshold" for kind in ("image", "pixel") if f"{kind}: calibration" in used.get("source", "")]
+    if len(MODE_TERMS.get(config.image_score, ())) > 1 and manifest.get("calibration"):
+        calibrated.append("normal statistics")
+    diffs = [(key, manifest[key], getattr(config, key)) for key in MAP_SETTINGS
+             if manifest.get(key) is not None and manifest[key] != getattr(config, key)]
+    if calibrated and diffs:
+        settings = "; ".join(f"{key}: gallery calibrated with {had!r}, config has {has!r}" for key, had, has in diffs)
+        theirs = ", ".join(f"`{key}: {had}`" for key, had, _ in diffs)
+        raise CalibrationMismatch(
+            f"gallery {url}: its calibrated {' and '.join(calibrated)} were measured on maps made with other settings "
+            f"than this config's ({settings}), so they would not mean their target rates. Score with {theirs} in "
+            "--config (the gallery's settings), re-run `spade fit` with this config to calibrate anew, or give "
+            "thresholds from `spade evaluate` with --thresholds and a single-term image_score (knn, map_max, map_top, "
+            "bank_max).")
+
+
 REFERENCE_QUANTILES = 21  # 0, 5, ..., 100 %
 
 
