@@ -29,7 +29,7 @@ from spade.io.tables import ERRORS_SCHEMA, embeddings_schema, fit_rows_schema
 from spade.features.resolved import ResolvedWeights
 from spade.features.weights import check_preprocessing, resolve_weights
 from transforms.extract import ExtractFeatures
-from transforms.parquet import CommitUnits, WriteParquetShards, committed_parts, read_ledger_rows
+from transforms.parquet import CommitUnits, ReadCommittedRows, WriteParquetShards
 from transforms.progress import CountProgress
 from transforms.inputs import ListInputs
 from transforms.read import ReadImages
@@ -59,6 +59,7 @@ class FitJob:
     run_id: str
     lease: RunLease | None = None
     ledger: str = ""  # units of work committed as they finish: a killed fit resumes from them
+    resuming: bool = True  # whether an interrupted fit left that ledger (set under the lease)
 
     @property
     def staging(self) -> str:
@@ -132,7 +133,8 @@ def begin_fit_job(job: FitJob, lease: RunLease, say: Callable[[str], None]) -> N
     gone += discard_others(job.gallery_url, job.ledger)
     for url in gone:
         say(f"{job.prefix}cleaned up after an interrupted run ({url})")
-    if storage.exists(job.ledger):
+    job.resuming = storage.exists(job.ledger)
+    if job.resuming:
         say(f"{job.prefix}resuming: the images an interrupted fit committed ({job.ledger}) are not extracted again")
     lease.mark(job.staging)
 
@@ -178,10 +180,14 @@ class FitGalleries(beam.PTransform):
         jobs, progress_folder = {job.route: job for job in self.jobs}, self.progress_folder
         config = self.jobs[0].run_config  # what all jobs share: layers, batch size, shards
         run_id = self.jobs[0].run_id
+        # a fit that neither appends nor resumes (known under the leases) has nothing to leave out or to join: the
+        # graph leaves those branches out, as a first score run's does
+        resuming = any(job.resuming for job in self.jobs)
         done = {route: (job.gallery_url if job.append else None, job.ledger) for route, job in jobs.items()}
+        leave_out = resuming or any(job.append for job in self.jobs)
         batches, skipped = pbegin | "Inputs" >> ListInputs(
             {route: job.images for route, job in jobs.items()}, "train", config.batch_size,
-            done_tables=functools.partial(_done_tables, done, run_id), read_done=done_uris,
+            done_tables=functools.partial(_done_tables, done, run_id) if leave_out else None, read_done=done_uris,
             progress_folder=progress_folder, done_kind=done_kind)
         configs = {route: job.run_config for route, job in jobs.items()}
         images_in, read_errors = batches | "Read" >> ReadImages(configs)
@@ -189,23 +195,20 @@ class FitGalleries(beam.PTransform):
         targets = {route: PyramidTarget(job.gallery_url, tuple(job.config.layers), job.config.feature_dtype,
                                         job.features_tag) for route, job in jobs.items()}
         ledgers, ledger_rows = {route: job.ledger for route, job in jobs.items()}, fit_rows_schema(config.layers)
-        committed = (pbegin
-                     | "Ledgers" >> beam.Create(sorted(ledgers.items()))
-                     | "CommittedParts" >> beam.FlatMap(committed_parts, run_id)
-                     | "SpreadParts" >> beam.Reshuffle()
-                     | "ReadCommitted" >> beam.FlatMap(read_ledger_rows))
         extracted = (features
                      | "WritePyramids" >> beam.ParDo(WritePyramidShards(targets))
                      | "ToRows" >> beam.FlatMap(lambda batch: batch)
                      | "CountImages" >> beam.ParDo(CountProgress(progress_folder))
                      | "CommitImages" >> beam.ParDo(CommitUnits(ledgers, ledger_rows, run_id)))
-        rows = (extracted, committed | "ResumedImages" >> beam.Filter(lambda row: not _is_rejected(row))) \
-            | "Images" >> beam.Flatten()
+        committed = pbegin | "Committed" >> ReadCommittedRows(ledgers, run_id) if resuming else None
+        rows = extracted if committed is None else (
+            (extracted, committed | "ResumedImages" >> beam.Filter(lambda row: not _is_rejected(row))) | "Images" >> beam.Flatten())
         staged = lambda name: {route: publication.run_file_prefix(job.table(name), job.run_id)  # noqa: E731
                                for route, job in jobs.items()}
         embeddings = rows | "WriteEmbeddings" >> WriteParquetShards(staged("embeddings"), embeddings_schema(config.layers),
                                                                     config.shards, rows_per_shard=config.rows_per_shard)
-        errors = ((read_errors, extract_errors, committed | "ResumedErrors" >> beam.Filter(_is_rejected))
+        resumed_errors = () if committed is None else (committed | "ResumedErrors" >> beam.Filter(_is_rejected),)
+        errors = ((read_errors, extract_errors, *resumed_errors)
                   | "Errors" >> beam.Flatten()
                   | "CountErrors" >> beam.ParDo(CountProgress(progress_folder))
                   | "CommitErrors" >> beam.ParDo(CommitUnits(ledgers, ledger_rows, run_id)))

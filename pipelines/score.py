@@ -38,7 +38,7 @@ from spade.io.tables import SCORES_SCHEMA
 from spade.evaluation.thresholds import validate_thresholds
 from spade.features.weights import check_preprocessing, resolve_weights
 from transforms.extract import ExtractFeatures
-from transforms.parquet import CommitUnits, WriteParquetShards, committed_parts, read_ledger_rows
+from transforms.parquet import CommitUnits, ReadCommittedRows, WriteParquetShards
 from transforms.progress import CountProgress
 from transforms.inputs import ListInputs
 from transforms.read import ReadImages
@@ -264,11 +264,7 @@ class ScoreGalleries(beam.PTransform):
         branches = {name: rows | f"Commit{name}" >> beam.ParDo(CommitUnits(ledgers, SCORES_SCHEMA, run_id))
                     for name, rows in branches.items()}
         if earlier:
-            branches["Committed"] = (pbegin
-                                     | "Ledgers" >> beam.Create(sorted(ledgers.items()))
-                                     | "CommittedParts" >> beam.FlatMap(committed_parts, run_id)
-                                     | "SpreadParts" >> beam.Reshuffle()
-                                     | "ReadCommitted" >> beam.FlatMap(read_ledger_rows))
+            branches["Committed"] = pbegin | "Committed" >> ReadCommittedRows(ledgers, run_id)
         rows = tuple(branches.values()) | "AllRows" >> beam.Flatten()
         written = rows | "WriteScores" >> WriteParquetShards(
             {route: job.table_prefix for route, job in jobs.items()}, SCORES_SCHEMA, config.shards,

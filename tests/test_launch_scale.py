@@ -306,3 +306,35 @@ def test_a_first_run_leaves_the_earlier_runs_branches_out_of_its_graph(sample_ro
     assert jobs[-1].earlier and interrupted > 1.1 * first, (first, interrupted)
     nightly = _graph_bytes(lambda: run_score(config, gallery, images, str(tmp_path / "n"), GRAPH_ONLY, day="2026-11-28"))
     assert jobs[-1].earlier and nightly > 1.1 * first
+
+
+def test_a_fit_that_neither_resumes_nor_appends_leaves_those_branches_out_of_its_graph(sample_root, tmp_path, monkeypatch):
+    """The fit's twin of the score run's: leaving out inputs the gallery holds (``--append``) or an interrupted fit
+    committed, and joining the rows it committed, are graph branches only a fit that appends or resumes needs. A
+    leftover ledger puts the join back, ``--append`` the leaving out; their results are tested in test_operations
+    (a killed fit resumed) and test_pipelines (appending)."""
+    import pipelines.fit as fit_module
+
+    config = plumbing_config(calibration_images=2)
+    images = _tiny_inputs("first-fit", 10)
+    jobs = []
+
+    def begin_fit_job(job, lease, say):
+        original(job, lease, say)
+        jobs.append(job)
+
+    original = fit_module.begin_fit_job
+    monkeypatch.setattr(fit_module, "begin_fit_job", begin_fit_job)
+    launch = lambda **kw: _graph_bytes(lambda: run_fit(config, images, str(tmp_path / "g"), GRAPH_ONLY, **kw))  # noqa: E731
+    first = launch()
+    assert not jobs[-1].resuming
+    again = launch()
+    assert not jobs[-1].resuming and abs(again - first) < 0.01 * first  # a launch leaves nothing to resume
+    os.makedirs(jobs[-1].ledger)  # what an interrupted fit leaves: its ledger
+    resumed = launch()
+    assert jobs[-1].resuming and resumed > 1.1 * first, (first, resumed)
+    gallery = str(tmp_path / "fitted")
+    run_fit(config, f"{sample_root}/train/good", gallery, BEAM_ARGS)
+    fresh = _graph_bytes(lambda: run_fit(config, images, str(tmp_path / "h"), GRAPH_ONLY))
+    appended = _graph_bytes(lambda: run_fit(config, images, gallery, GRAPH_ONLY, append=True))
+    assert not jobs[-1].resuming and appended > 1.02 * fresh, (fresh, appended)

@@ -153,3 +153,19 @@ def read_ledger_rows(routed_url: tuple[str, str]):
     route, url = routed_url
     for row in storage.read_parquet([url]).to_pylist():
         yield {**row, "route": route}
+
+
+class ReadCommittedRows(beam.PTransform):
+    """PBegin → the rows other, interrupted runs committed to each route's ledger (``ledgers``: {route: ledger}),
+    each carrying ``route``; its parts are listed on a worker and spread, so a large ledger is read in parallel."""
+
+    def __init__(self, ledgers: Mapping[str, str], run_id: str):
+        super().__init__()
+        self.ledgers, self.run_id = dict(ledgers), run_id
+
+    def expand(self, pbegin):
+        return (pbegin
+                | "Ledgers" >> beam.Create(sorted(self.ledgers.items()))
+                | "CommittedParts" >> beam.FlatMap(committed_parts, self.run_id)
+                | "SpreadParts" >> beam.Reshuffle()
+                | "ReadCommitted" >> beam.FlatMap(read_ledger_rows))
