@@ -80,7 +80,7 @@ class SpadeConfig:
     k: int = 10
     image_score: str = "combined_bank"
     kappa: int = 1
-    sigma: float = 4.0
+    sigma: float = 2.0  # Gaussian smoothing of the score map, in frame pixels (the paper: 4, unaggregated features)
     feature_dtype: str = "float32"
     feature_runtime: str = "openvino"  # openvino (OpenVINO's CPU runtime) / channels_last / eager (torch NHWC / NCHW)
     feature_precision: str = "bf16"  # the backbone's arithmetic: bf16 where the hardware has it (else f32), or f32

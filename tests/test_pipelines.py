@@ -155,19 +155,20 @@ def test_maps_made_otherwise_than_calibrated_are_refused_unless_thresholds_are_g
     """A gallery's thresholds were measured on maps of its k, kappa and sigma: a config that makes other maps (a new
     default sigma, a --k) would flag at unknown rates, so it stops before any work, saying how to go on."""
     config, gallery, manifest = fitted
-    assert (manifest["k"], manifest["sigma"]) == (3, 4.0)
-    with pytest.raises(CalibrationMismatch, match=r"sigma: gallery calibrated with 4.0, config has 2.0.*`sigma: 4.0`"):
-        run_score(config.replace(sigma=2.0), gallery, sample_root, str(tmp_path / "a"), BEAM_ARGS)
+    sigma = manifest["sigma"]
+    assert (manifest["k"], sigma) == (3, config.sigma)
+    with pytest.raises(CalibrationMismatch, match=rf"sigma: gallery calibrated with {sigma}, config has {sigma + 1}.*`sigma: {sigma}`"):
+        run_score(config.replace(sigma=sigma + 1), gallery, sample_root, str(tmp_path / "a"), BEAM_ARGS)
     with pytest.raises(CalibrationMismatch, match=r"image threshold and pixel threshold were.*k: gallery calibrated with 3, config has 2"):
         run_score(config.replace(k=2), gallery, sample_root, str(tmp_path / "a"), BEAM_ARGS)
     assert not (tmp_path / "a").exists()
     thresholds = tmp_path / "thresholds.json"
     thresholds.write_text(json.dumps({"image": 1.0}))  # the pixel threshold would still be the calibrated one
     with pytest.raises(CalibrationMismatch, match=r"calibrated pixel threshold were"):
-        run_score(config.replace(sigma=2.0), gallery, sample_root, str(tmp_path / "a"), BEAM_ARGS,
+        run_score(config.replace(sigma=sigma + 1), gallery, sample_root, str(tmp_path / "a"), BEAM_ARGS,
                   thresholds_url=str(thresholds))
     thresholds.write_text(json.dumps({"image": 1.0, "pixel": 2.0}))
-    summary = run_score(config.replace(sigma=2.0), gallery, f"{sample_root}/test/good", str(tmp_path / "b"), BEAM_ARGS,
+    summary = run_score(config.replace(sigma=sigma + 1), gallery, f"{sample_root}/test/good", str(tmp_path / "b"), BEAM_ARGS,
                         thresholds_url=str(thresholds))
     assert summary["ok"] == 3
 
