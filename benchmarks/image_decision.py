@@ -38,7 +38,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from spade.config import load_config  # noqa: E402
+from spade.config import load_config, stable_hash  # noqa: E402
 from spade.evaluation.metrics import auroc, pro_auc  # noqa: E402
 from spade.features.backbone import FeatureExtractor  # noqa: E402
 from spade.features.framing import frame_size_for, framing_for  # noqa: E402
@@ -104,7 +104,7 @@ def run_set(root: Path, spec: str, calibration: int, cache: Path) -> dict:
     values = dict(item.split("=", 1) for item in filter(None, overrides.split(",")))
     import yaml
     config = load_config(path, {k: yaml.safe_load(v) for k, v in values.items()})
-    name = f"{root.name}-{Path(path).stem}-{overrides.replace('=', '').replace(',', '_')}-bank"
+    name = f"{root.name}-{Path(path).stem}-{stable_hash(config.to_dict())[:12]}"  # a cache per config's values
     target = cache / f"{name}.npz"
     if target.exists():
         return dict(np.load(target, allow_pickle=True)) | {"config": config}

@@ -1,0 +1,96 @@
+"""Score-map rules compared on real MVTec-layout sets, from `image_decision.py`'s cached pass of the method.
+
+    python benchmarks/map_rules.py                                   # the four shared sets, configs/default.yaml
+    python benchmarks/map_rules.py --sigma 4 --sigma 2 --combine mean --combine geometric
+
+A pixel's score is its layers' correspondence distances, upsampled to the tile, combined, the tiles blended into
+the frame and the frame smoothed (`spade.scoring.batch.finish_map`). This varies the last two steps on the cached
+raw per-layer maps of every test image (`image_decision.run_set`, same cache: the pass runs once per set and
+config) and prints pixel ROCAUC and PRO (full image) for each rule:
+
+* ``--sigma``: the Gaussian smoothing of the frame, in frame pixels (the paper's 4; the default 2);
+* ``--combine``: ``mean`` of the layers (the method's), ``geometric`` mean, or ``standardised`` (each layer's
+  distances standardised by the mean and standard deviation of the calibration images' leave-one-out maps, then
+  averaged).
+
+The image decisions do not change with these rules but through ``map_top``; `image_decision.py` prints them.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import image_decision  # noqa: E402
+from spade.evaluation.metrics import auroc, pro_auc  # noqa: E402
+from spade.features.framing import framing_for  # noqa: E402
+from spade.scoring.correspondence import configure_threads  # noqa: E402
+from spade.scoring.scoremap import smooth  # noqa: E402
+
+
+def combine(parts: list[np.ndarray], size: tuple[int, int], rule: str, stats: list[tuple[float, float]]) -> np.ndarray:
+    """One tile's layer maps upsampled to ``size`` and combined by ``rule``."""
+    if rule == "standardised":
+        parts = [(p - mean) / std for p, (mean, std) in zip(parts, stats)]
+    ups = torch.stack([F.interpolate(torch.from_numpy(np.ascontiguousarray(p, dtype=np.float32))[None, None], size=size,
+                                     mode="bilinear", align_corners=False)[0, 0] for p in parts])
+    if rule == "geometric":
+        return torch.exp(torch.log(ups.clamp(min=1e-6)).mean(0)).numpy()
+    return ups.mean(0).numpy()
+
+
+def frame_map(data: dict, config, framing, index: int, rule: str, sigma: float, stats) -> np.ndarray:
+    count = len(framing.tiles)
+    layer_maps = [np.asarray(data[f"t_{layer}"][index], dtype=np.float32) for layer in config.layers]
+    tiles = [combine([m[t * (m.shape[0] // count):(t + 1) * (m.shape[0] // count)] for m in layer_maps],
+                     framing.tile_size, rule, stats) for t in range(count)]
+    return smooth(framing.blend(tiles), sigma)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", action="append", help="MVTec-layout folder (repeatable); default: the shared sets")
+    parser.add_argument("--config", default=f"{ROOT}/configs/default.yaml", help="config[:key=value,...]")
+    parser.add_argument("--sigma", action="append", type=float, help="repeatable; default 4, 3, 2, 1")
+    parser.add_argument("--combine", action="append", choices=("mean", "geometric", "standardised"),
+                        help="repeatable; default mean")
+    parser.add_argument("--calibration", type=int, default=100)
+    parser.add_argument("--cache", default="/tmp/spade-image-decision")
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args(argv)
+    configure_threads(args.threads)
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    sets = [Path(d) for d in args.data] if args.data else [image_decision.SHARED / s for s in image_decision.SETS
+                                                            if (image_decision.SHARED / s).exists()]
+    print("| set | combine | sigma | pixel ROCAUC | PRO |")
+    print("|---|---|---|---|---|")
+    for root in sets:
+        data = image_decision.run_set(root, args.config, args.calibration, cache)
+        config = data["config"]
+        if config.frame_from_gallery:
+            config = config.replace(frame_size=tuple(int(v) for v in data["frame_size"]))
+        framing = framing_for(config)
+        stats = [(float(data[f"c_{layer}"].mean()), float(data[f"c_{layer}"].std())) for layer in config.layers]
+        sizes = [tuple(int(v) for v in size) for size in data["sizes"]]
+        masks = [image_decision._mask(root, Path(p), size) for p, size in zip(data["paths"], sizes)]
+        truth = np.concatenate([m.ravel() for m in masks])
+        for rule in args.combine or ["mean"]:
+            for sigma in args.sigma or [4.0, 3.0, 2.0, 1.0]:
+                maps = [framing.to_original(frame_map(data, config, framing, i, rule, sigma, stats), size)
+                        for i, size in enumerate(sizes)]
+                pixel = auroc(truth, np.concatenate([m.ravel() for m in maps]))
+                print(f"| {root.name} | {rule} | {sigma:g} | {pixel:.4f} | {pro_auc(masks, maps):.4f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
