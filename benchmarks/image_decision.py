@@ -22,7 +22,10 @@ Rules (each a function of a frame's kNN term and its raw per-layer maps):
   features (`spade.index.patch_bank`, the config's ``bank_layers`` and ``bank_ratio``); ``combined_bank``:
   z(topk_mean) + z(bank_max); ``knn+bank``: z(knn) + z(bank_max);
 * ``top01_mean``: the smoothed map's top 0.1 % (a thin crack's area); ``combined_bank01``: z(top01_mean) +
-  z(bank_max); ``knn+top+bank``: z(knn) + z(topk_mean) + z(bank_max).
+  z(bank_max); ``knn+top+bank``: z(knn) + z(topk_mean) + z(bank_max);
+* ``map_residual``: the top 0.1 % of the map minus the calibration images' mean map at each place (on the 8-pixel
+  grid the gallery records; each calibration image against the others' mean), `spade.scoring.position_baseline`;
+  ``combined_residual``: z(map_residual) + z(bank_max) + z(knn); ``residual+bank``, ``residual+knn``.
 """
 from __future__ import annotations
 
@@ -48,6 +51,7 @@ from spade.index.patch_bank import bank_maxima, build_patch_bank, patch_bank_set
 from spade.io.images import decode_rgb, preprocess  # noqa: E402
 from spade.scoring.batch import layer_distance_maps  # noqa: E402
 from spade.scoring.correspondence import configure_threads  # noqa: E402
+from spade.scoring.position_baseline import baseline_map, leave_one_out_residuals, map_residual, position_baseline  # noqa: E402
 from spade.scoring.scoremap import combine_layer_maps, smooth  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
@@ -181,6 +185,10 @@ def rules(test: dict, normal: dict, layers) -> dict[str, tuple[np.ndarray, np.nd
     out |= {"bank_max": (test["bank_max"], normal["bank_max"]), "combined_bank": add("topk_mean", "bank_max"),
             "knn+bank": add("knn", "bank_max"), "top01_mean": (test["top01_mean"], normal["top01_mean"]),
             "combined_bank01": add("top01_mean", "bank_max"), "knn+top+bank": add("knn", "topk_mean", "bank_max")}
+    if "map_residual" in test:  # above the normal frames' mean map by place (spade.scoring.position_baseline)
+        out |= {"map_residual": (test["map_residual"], normal["map_residual"]),
+                "combined_residual": add("map_residual", "bank_max", "knn"), "residual+bank": add("map_residual", "bank_max"),
+                "residual+knn": add("map_residual", "knn")}
     return out
 
 
@@ -206,7 +214,10 @@ def main(argv: list[str] | None = None) -> int:
             data = run_set(root, spec, args.calibration, cache)
             config = data["config"]
             test, maps = terms(data, config, "t")
-            normal, _ = terms(data, config, "c")
+            normal, normal_maps = terms(data, config, "c")
+            baseline = baseline_map(position_baseline(np.stack(normal_maps)), maps[0].shape)
+            test["map_residual"] = np.array([map_residual(m, baseline) for m in maps])
+            normal["map_residual"] = leave_one_out_residuals(np.stack(normal_maps))
             labels = data["labels"].astype(bool)
             pixel = pro = float("nan")
             if not args.no_pixel:

@@ -19,8 +19,8 @@ DEVICES = ("auto", "cpu", "cuda")
 # Settings that change only speed or file layout, never a row: runs that differ only in them may resume each other's
 # ledgers.
 SPEED_ONLY = ("num_threads", "shards", "rows_per_shard", "batch_size", "feature_runtime", "device")
-IMAGE_SCORES = ("knn", "map_max", "map_top", "combined", "combined_top", "bank_max", "combined_bank")
-BANK_SCORES = ("bank_max", "combined_bank")  # the image scores that need a gallery's patch bank
+IMAGE_SCORES = ("knn", "map_max", "map_top", "combined", "combined_top", "bank_max", "combined_bank", "combined_residual")
+BANK_SCORES = ("bank_max", "combined_bank", "combined_residual")  # the image scores that need a gallery's patch bank
 # Feature settings a signature lists only where they differ from these values, so that galleries fitted before them
 # keep their hash; a manifest without one was built with this value.
 FEATURES_LISTED_IF_SET = {"feature_precision": "f32"}
@@ -56,7 +56,9 @@ class SpadeConfig:
     leave-one-out mean and standard deviation on the gallery's normal calibration images, then summed),
     ``bank_max`` (PatchCore's: a frame's largest distance to a global coreset memory bank of its ``bank_layers``
     concatenated, ``bank_ratio`` of all gallery positions kept, at most ``bank_max_vectors``; `spade.index.patch_bank`), ``combined_bank``
-    (``map_top`` and ``bank_max`` standardised and summed).
+    (``map_top`` and ``bank_max`` standardised and summed), ``combined_residual`` (``map_residual``, how far the
+    map's highest 0.1 % rise above the calibration images' mean map at the same place, with ``bank_max`` and ``knn``,
+    standardised and summed; `spade.scoring.position_baseline`).
     Calibration at `fit`: ``calibration_images`` gallery images (evenly spaced; all when the gallery
     is smaller) are scored leave-one-out; the image threshold is their mean plus (z + ``calibration_margin``)
     standard deviations, z the standard normal quantile of 1 - ``calibration_image_fpr`` (0: their highest

@@ -37,7 +37,8 @@ from spade.index.gallery import Gallery, with_gallery_frame
 from spade.index.pyramid import TileRows
 from spade.index.knn import image_scores, nearest_images
 from spade.index.patch_bank import bank_maxima, patch_bank_for
-from spade.scoring.image_score import MODE_TERMS, image_score, map_top
+from spade.scoring.image_score import MODE_TERMS, image_score, map_top, require_normals
+from spade.scoring.position_baseline import baseline_map, map_residual
 from spade.scoring.scoremap import combine_layer_maps, smooth
 
 MODES = ("exact", "approximate")
@@ -47,7 +48,7 @@ MODES = ("exact", "approximate")
 class ImageScore:
     """One test image's result: image score, neighbour rows, its frame's (H, W) pixel score map, and the
     terms image scores are made of (kNN score, maximum and top-1 % mean of the score map, and the patch bank's
-    maximum where the image score uses it)."""
+    maximum and the map's residual above the normal position baseline where the image score uses them)."""
 
     image_score: float
     neighbours: np.ndarray
@@ -56,6 +57,7 @@ class ImageScore:
     map_max: float = float("nan")
     map_top: float = float("nan")
     bank_max: float = float("nan")
+    map_residual: float = float("nan")
 
 
 def scoring_mode(config: SpadeConfig, mode: str | None = None) -> str:
@@ -174,12 +176,17 @@ def score_batch(features: Features, gallery: Gallery, config: SpadeConfig, exclu
         banks = bank_maxima({layer: features.pyramid[layer] for layer in config.bank_layers},
                             patch_bank_for(gallery, config, framing), config.bank_layers, len(framing.tiles), exclude_rows)
     stats = gallery.manifest.get("calibration") if normals is None else normals
+    baseline = None
+    if "map_residual" in MODE_TERMS[config.image_score]:
+        require_normals(config.image_score, stats, gallery.url)
+        baseline = baseline_map(stats["position_baseline"], framing.size)
     results = []
     for i in range(len(rows)):
         score_map = finish_map([maps[layer][i] for layer in config.layers], config, framing)
         peak, top = float(score_map.max()), map_top(score_map)
+        residual = float("nan") if baseline is None else map_residual(score_map, baseline)
         results.append(ImageScore(image_score(config.image_score, float(knn[i]), peak, stats, gallery.url, map_top=top,
-                                              bank_max=float(banks[i])),
+                                              bank_max=float(banks[i]), map_residual=residual),
                                   rows[i], score_map, knn_score=float(knn[i]), map_max=peak, map_top=top,
-                                  bank_max=float(banks[i])))
+                                  bank_max=float(banks[i]), map_residual=residual))
     return results

@@ -2,8 +2,9 @@
 
 Rule (documented in the README): ``calibration_images`` gallery images, evenly spaced over the
 gallery (all of them when it is smaller), are each scored against the gallery without themselves.
-Their image terms (kNN, map maximum and top mean, and the patch bank's maximum where the image score uses
-it) give the normal statistics the combined modes standardise by. For each
+Their image terms (kNN, map maximum and top mean, the residual above the other calibration images' mean map, and
+the patch bank's maximum where the image score uses it) give the normal statistics the combined modes standardise
+by; their mean map, on a coarse grid, is the position baseline ``combined_residual`` compares maps with. For each
 image-score mode the image threshold is mean + (z + ``calibration_margin``) x standard deviation of the
 normal images' scores, z the standard normal quantile of 1 - ``calibration_image_fpr`` (1.645 for 5 %):
 the target false-positive rate under a normal model of the normal scores, plus an optional margin in
@@ -28,6 +29,7 @@ from spade.index.gallery import Gallery, with_gallery_frame
 from spade.scoring.batch import score_batch
 from spade.scoring.image_score import MODE_TERMS, image_scores, normal_statistics
 from spade.scoring.lanes import in_lanes, lanes_for
+from spade.scoring.position_baseline import leave_one_out_residuals, position_baseline
 
 
 @dataclass
@@ -105,11 +107,14 @@ def calibrate(normal: NormalScores, config: SpadeConfig) -> tuple[dict[str, Any]
     config with another ``image_score`` can score against the same gallery; ``image`` is the fitted
     config's. Both are empty with fewer than 2 normal images.
     """
-    stats = normal_statistics(normal.knn, normal.map_max, normal.map_top, normal.bank_max)
+    residuals = leave_one_out_residuals(normal.maps)
+    stats = normal_statistics(normal.knn, normal.map_max, normal.map_top, normal.bank_max, residuals)
     if not stats:
         return {}, {}
+    stats["position_baseline"] = position_baseline(normal.maps)
     modes = [mode for mode in IMAGE_SCORES if all(term in stats for term in MODE_TERMS[mode])]
-    scores = {mode: image_scores(mode, normal.knn, normal.map_max, stats, normal.map_top, normal.bank_max) for mode in modes}
+    scores = {mode: image_scores(mode, normal.knn, normal.map_max, stats, normal.map_top, normal.bank_max, residuals)
+              for mode in modes}
     by_mode = {mode: image_threshold(scores[mode], config.calibration_image_fpr, config.calibration_margin)
                for mode in modes}
     stats["scores"] = {mode: _distribution(scores[mode]) for mode in modes}

@@ -17,6 +17,9 @@
   nearest frames'.
 * ``combined_bank``: ``map_top`` and ``bank_max`` standardised and summed: SPADE's map for a defect's extent,
   the bank for patches no normal frame has anywhere.
+* ``combined_residual``: ``map_residual`` (how far the map's highest 0.1 % rise above the normal frames' mean map
+  at the same place, `spade.scoring.position_baseline`), ``bank_max`` and ``knn``, standardised and summed: the
+  map's evidence without the places every normal frame scores high, beside the bank's and the embedding's.
 """
 from __future__ import annotations
 
@@ -28,7 +31,8 @@ from spade.config import IMAGE_SCORES
 
 MAP_TOP_FRACTION = 0.01
 MODE_TERMS = {"knn": ("knn",), "map_max": ("map_max",), "map_top": ("map_top",), "combined": ("knn", "map_max"),
-              "combined_top": ("knn", "map_top"), "bank_max": ("bank_max",), "combined_bank": ("map_top", "bank_max")}
+              "combined_top": ("knn", "map_top"), "bank_max": ("bank_max",), "combined_bank": ("map_top", "bank_max"),
+              "combined_residual": ("map_residual", "bank_max", "knn")}
 
 
 class MissingCalibration(ValueError):
@@ -44,10 +48,13 @@ def map_top(score_map: np.ndarray, fraction: float = MAP_TOP_FRACTION) -> float:
 
 def normal_statistics(knn_scores: Sequence[float] | np.ndarray, map_maxima: Sequence[float] | np.ndarray,
                       map_tops: Sequence[float] | np.ndarray | None = None,
-                      bank_maxima: Sequence[float] | np.ndarray | None = None) -> dict[str, Any]:
-    """{"images": m, "knn": {"mean", "std"}, "map_max": {...}, "map_top": {...}, "bank_max": {...}} of normal
-    images' terms (sample standard deviation; empty when fewer than 2 images; a term given as None is left out)."""
-    terms = {"knn": knn_scores, "map_max": map_maxima, "map_top": map_tops, "bank_max": bank_maxima}
+                      bank_maxima: Sequence[float] | np.ndarray | None = None,
+                      map_residuals: Sequence[float] | np.ndarray | None = None) -> dict[str, Any]:
+    """{"images": m, "knn": {"mean", "std"}, "map_max": {...}, "map_top": {...}, "bank_max": {...},
+    "map_residual": {...}} of normal images' terms (sample standard deviation; empty when fewer than 2 images; a term
+    given as None is left out)."""
+    terms = {"knn": knn_scores, "map_max": map_maxima, "map_top": map_tops, "bank_max": bank_maxima,
+             "map_residual": map_residuals}
     values = {name: np.asarray(v, dtype=np.float64).ravel() for name, v in terms.items() if v is not None}
     if values["knn"].size < 2 or any(v.size != values["knn"].size for v in values.values()):
         return {}
@@ -68,14 +75,15 @@ def require_normals(mode: str, normals: dict[str, Any] | None, gallery: str = "t
 
 
 def image_score(mode: str, knn: float, map_max: float, normals: dict[str, Any] | None, gallery: str = "the gallery",
-                map_top: float = float("nan"), bank_max: float = float("nan")) -> float:
-    """The image score of ``mode`` from an image's kNN score, score-map maximum and top mean, and bank maximum.
+                map_top: float = float("nan"), bank_max: float = float("nan"), map_residual: float = float("nan")) -> float:
+    """The image score of ``mode`` from an image's kNN score, score-map maximum, top mean and residual above the
+    normal baseline, and bank maximum.
 
     ``normals``: `normal_statistics` of the gallery's calibration images (the combined modes use it).
     """
     if mode not in MODE_TERMS:
         raise ValueError(f"image_score must be one of {', '.join(IMAGE_SCORES)}, got {mode!r}")
-    terms = {"knn": knn, "map_max": map_max, "map_top": map_top, "bank_max": bank_max}
+    terms = {"knn": knn, "map_max": map_max, "map_top": map_top, "bank_max": bank_max, "map_residual": map_residual}
     if len(MODE_TERMS[mode]) == 1:
         return float(terms[mode])
     require_normals(mode, normals, gallery)
@@ -83,9 +91,11 @@ def image_score(mode: str, knn: float, map_max: float, normals: dict[str, Any] |
 
 
 def image_scores(mode: str, knn: np.ndarray, map_max: np.ndarray, normals: dict[str, Any] | None,
-                 map_top: np.ndarray | None = None, bank_max: np.ndarray | None = None) -> np.ndarray:
+                 map_top: np.ndarray | None = None, bank_max: np.ndarray | None = None,
+                 map_residual: np.ndarray | None = None) -> np.ndarray:
     """`image_score` of arrays of the terms."""
-    tops = np.full(len(knn), np.nan) if map_top is None else map_top
-    banks = np.full(len(knn), np.nan) if bank_max is None else bank_max
-    return np.asarray([image_score(mode, float(a), float(b), normals, map_top=float(c), bank_max=float(d))
-                       for a, b, c, d in zip(knn, map_max, tops, banks)], dtype=np.float64)
+    missing = np.full(len(knn), np.nan)
+    tops, banks, residuals = (missing if v is None else v for v in (map_top, bank_max, map_residual))
+    return np.asarray([image_score(mode, float(a), float(b), normals, map_top=float(c), bank_max=float(d),
+                                   map_residual=float(e))
+                       for a, b, c, d, e in zip(knn, map_max, tops, banks, residuals)], dtype=np.float64)

@@ -1,0 +1,75 @@
+"""Where normal frames score high, place by place, and how far an image's map rises above that.
+
+A product framed in place has parts whose patches are far from every normal neighbour's in every normal frame too
+(a commutator's slot edges, a tyre's tread rim, a bottle's lip). Their distances are part of the method's map, and
+an image score taken from the map's highest values (``map_max``, ``map_top``) reads them in every frame, so a
+small defect elsewhere barely rises above the normal images' own peaks. The calibration images' leave-one-out maps
+(`spade.scoring.calibration`) say how high each place of a normal frame scores: their mean, kept on a coarse grid
+of `BASELINE_CELL` frame pixels (a few kB in the manifest; a grid of 8 pixels scored as the full-resolution mean on
+the four shared sets, benchmarks/image_decision.py). ``map_residual``, the mean of the highest `RESIDUAL_FRACTION`
+of an image's map minus that baseline, is the image term of how far it rises above normal at the same place, as
+PaDiM models each position's normal features. Only the image decision uses it: the pixel maps stay the method's
+(the baseline removed from them loses on frames whose parts do not sit at the same place, the tire's).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+BASELINE_CELL = 8  # frame pixels per grid cell
+RESIDUAL_FRACTION = 0.001  # the highest 0.1 % of a frame's positions: a small defect's extent, not one pixel
+
+
+def baseline_grids(maps: np.ndarray, cell: int = BASELINE_CELL) -> np.ndarray:
+    """(m, h, w) grids of ``cell``-pixel means of (m, H, W) frame maps (h = ceil(H / cell))."""
+    maps = np.asarray(maps, dtype=np.float32)
+    height, width = maps.shape[-2:]
+    grid = (math.ceil(height / cell), math.ceil(width / cell))
+    return F.adaptive_avg_pool2d(torch.from_numpy(np.ascontiguousarray(maps))[:, None], grid)[:, 0].numpy()
+
+
+def position_baseline(maps: np.ndarray, cell: int = BASELINE_CELL) -> dict[str, Any]:
+    """The manifest's record of normal frames' mean map: {"cell", "frame": [H, W], "shape": [h, w], "values"}."""
+    maps = np.asarray(maps, dtype=np.float32)
+    mean = baseline_grids(maps, cell).mean(0)
+    return {"cell": int(cell), "frame": [int(v) for v in maps.shape[-2:]], "shape": [int(v) for v in mean.shape],
+            "values": [float(f"{v:.6g}") for v in mean.ravel()]}
+
+
+def upsampled(grid: np.ndarray, frame: tuple[int, int]) -> np.ndarray:
+    """A (h, w) grid bilinearly upsampled to the (H, W) frame."""
+    tensor = torch.from_numpy(np.ascontiguousarray(grid, dtype=np.float32))[None, None]
+    return F.interpolate(tensor, size=tuple(frame), mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+def baseline_map(record: dict[str, Any], frame: tuple[int, int]) -> np.ndarray:
+    """The (H, W) baseline of a `position_baseline` record, for frames of ``frame`` size; a frame of another size
+    than calibration's (a gallery's frame is fixed at fit, so only a mismatched config) is refused, named."""
+    if tuple(record["frame"]) != tuple(frame):
+        raise ValueError(f"the gallery's position baseline was measured on {record['frame'][0]}x{record['frame'][1]} "
+                         f"frames, this config frames {frame[0]}x{frame[1]}: score with the gallery's framing settings "
+                         "or re-run `spade fit` with this config")
+    return upsampled(np.asarray(record["values"], dtype=np.float32).reshape(record["shape"]), frame)
+
+
+def map_residual(score_map: np.ndarray, baseline: np.ndarray, fraction: float = RESIDUAL_FRACTION) -> float:
+    """The mean of the highest ``fraction`` (at least one) of ``score_map - baseline``."""
+    flat = (np.asarray(score_map, dtype=np.float32) - baseline).ravel()
+    count = max(1, int(flat.size * fraction))
+    return float(np.partition(flat, flat.size - count)[flat.size - count:].mean())
+
+
+def leave_one_out_residuals(maps: np.ndarray, cell: int = BASELINE_CELL) -> np.ndarray:
+    """``map_residual`` of each of m >= 2 normal frame maps against the baseline of the other m - 1: a calibration
+    image's own map is not part of the normal it is compared with, as a new image's is not."""
+    maps = np.asarray(maps, dtype=np.float32)
+    count = len(maps)
+    if count < 2:
+        return np.zeros(0)
+    grids = baseline_grids(maps, cell)
+    total = grids.sum(0)
+    return np.asarray([map_residual(m, upsampled((total - g) / (count - 1), m.shape)) for m, g in zip(maps, grids)])
