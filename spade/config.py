@@ -80,7 +80,7 @@ class SpadeConfig:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     k: int = 10
-    image_score: str = "combined_bank"
+    image_score: str = "combined_residual"
     kappa: int = 1
     sigma: float = 2.0  # Gaussian smoothing of the score map, in frame pixels (the paper: 4, unaggregated features)
     feature_dtype: str = "float32"
