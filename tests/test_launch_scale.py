@@ -276,6 +276,18 @@ def test_sharded_pyramid_reads_rows_from_whichever_shard_holds_them(tmp_path):
         ShardedLayer(paths, shards, rows + 3)
 
 
+def _recorded_jobs(monkeypatch, module, name: str) -> list:
+    """The jobs ``module.name(job, lease, say)`` begins from now on, in order (the function itself still runs)."""
+    jobs, original = [], getattr(module, name)
+
+    def begin(job, lease, say):
+        original(job, lease, say)
+        jobs.append(job)
+
+    monkeypatch.setattr(module, name, begin)
+    return jobs
+
+
 def test_a_first_run_leaves_the_earlier_runs_branches_out_of_its_graph(sample_root, tmp_path, monkeypatch):
     """Leaving out inputs earlier runs did and joining rows interrupted runs committed are branches of the graph (a
     fixed cost of every run); a run whose out folder holds no ledger and no earlier night has none of that to do, and
@@ -288,14 +300,7 @@ def test_a_first_run_leaves_the_earlier_runs_branches_out_of_its_graph(sample_ro
     gallery = str(tmp_path / "gallery")
     run_fit(config, f"{sample_root}/train/good", gallery, BEAM_ARGS)
     images = _tiny_inputs("first-run", 10)
-    jobs = []
-
-    def begin_job(job, lease, say):
-        original(job, lease, say)
-        jobs.append(job)
-
-    original = score_module.begin_job
-    monkeypatch.setattr(score_module, "begin_job", begin_job)
+    jobs = _recorded_jobs(monkeypatch, score_module, "begin_job")
     launch = lambda: _graph_bytes(lambda: run_score(config, gallery, images, str(tmp_path / "o"), GRAPH_ONLY))  # noqa: E731
     first = launch()
     assert not jobs[-1].earlier
@@ -317,14 +322,7 @@ def test_a_fit_that_neither_resumes_nor_appends_leaves_those_branches_out_of_its
 
     config = plumbing_config(calibration_images=2)
     images = _tiny_inputs("first-fit", 10)
-    jobs = []
-
-    def begin_fit_job(job, lease, say):
-        original(job, lease, say)
-        jobs.append(job)
-
-    original = fit_module.begin_fit_job
-    monkeypatch.setattr(fit_module, "begin_fit_job", begin_fit_job)
+    jobs = _recorded_jobs(monkeypatch, fit_module, "begin_fit_job")
     launch = lambda **kw: _graph_bytes(lambda: run_fit(config, images, str(tmp_path / "g"), GRAPH_ONLY, **kw))  # noqa: E731
     first = launch()
     assert not jobs[-1].resuming
