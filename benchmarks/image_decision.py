@@ -215,9 +215,10 @@ def main(argv: list[str] | None = None) -> int:
             config = data["config"]
             test, maps = terms(data, config, "t")
             normal, normal_maps = terms(data, config, "c")
-            baseline = baseline_map(position_baseline(np.stack(normal_maps)), maps[0].shape)
+            normal_maps = np.stack(normal_maps)
+            baseline = baseline_map(position_baseline(normal_maps), maps[0].shape)
             test["map_residual"] = np.array([map_residual(m, baseline) for m in maps])
-            normal["map_residual"] = leave_one_out_residuals(np.stack(normal_maps))
+            normal["map_residual"] = leave_one_out_residuals(normal_maps)
             labels = data["labels"].astype(bool)
             pixel = pro = float("nan")
             if not args.no_pixel:

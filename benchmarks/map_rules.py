@@ -33,18 +33,19 @@ import image_decision  # noqa: E402
 from spade.evaluation.metrics import auroc, pro_auc  # noqa: E402
 from spade.features.framing import framing_for  # noqa: E402
 from spade.scoring.correspondence import configure_threads  # noqa: E402
-from spade.scoring.scoremap import smooth  # noqa: E402
+from spade.scoring.scoremap import combine_layer_maps, smooth  # noqa: E402
 
 
 def combine(parts: list[np.ndarray], size: tuple[int, int], rule: str, stats: list[tuple[float, float]]) -> np.ndarray:
-    """One tile's layer maps upsampled to ``size`` and combined by ``rule``."""
+    """One tile's layer maps upsampled to ``size`` and combined by ``rule`` (``mean``: the method's
+    `combine_layer_maps`)."""
     if rule == "standardised":
         parts = [(p - mean) / std for p, (mean, std) in zip(parts, stats)]
+    if rule != "geometric":
+        return combine_layer_maps(parts, size)
     ups = torch.stack([F.interpolate(torch.from_numpy(np.ascontiguousarray(p, dtype=np.float32))[None, None], size=size,
                                      mode="bilinear", align_corners=False)[0, 0] for p in parts])
-    if rule == "geometric":
-        return torch.exp(torch.log(ups.clamp(min=1e-6)).mean(0)).numpy()
-    return ups.mean(0).numpy()
+    return torch.exp(torch.log(ups.clamp(min=1e-6)).mean(0)).numpy()
 
 
 def frame_map(data: dict, config, framing, index: int, rule: str, sigma: float, stats) -> np.ndarray:

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from spade.scoring.image_score import map_top
+
 BASELINE_CELL = 8  # frame pixels per grid cell
 RESIDUAL_FRACTION = 0.001  # the highest 0.1 % of a frame's positions: a small defect's extent, not one pixel
 
@@ -58,9 +60,7 @@ def baseline_map(record: dict[str, Any], frame: tuple[int, int]) -> np.ndarray:
 
 def map_residual(score_map: np.ndarray, baseline: np.ndarray, fraction: float = RESIDUAL_FRACTION) -> float:
     """The mean of the highest ``fraction`` (at least one) of ``score_map - baseline``."""
-    flat = (np.asarray(score_map, dtype=np.float32) - baseline).ravel()
-    count = max(1, int(flat.size * fraction))
-    return float(np.partition(flat, flat.size - count)[flat.size - count:].mean())
+    return map_top(np.asarray(score_map, dtype=np.float32) - baseline, fraction)
 
 
 def leave_one_out_residuals(maps: np.ndarray, cell: int = BASELINE_CELL) -> np.ndarray:
