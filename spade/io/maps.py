@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import zlib
 
 import numpy as np
 from PIL import Image, PngImagePlugin
@@ -9,6 +10,7 @@ from PIL import Image, PngImagePlugin
 SCALE_KEY = "spade_scale"
 _BLOCK = 1 << 20  # pixels per block when quantising a score map
 PNG_LEVEL = 1  # zlib level of score maps and masks: fast encodes (see encode_score_map)
+PNG_STRATEGY = zlib.Z_RLE  # zlib strategy of score maps and masks: run-length matches only (see encode_score_map)
 
 
 def encode_score_map(score_map: np.ndarray) -> tuple[bytes, float]:
@@ -31,8 +33,11 @@ def encode_score_map(score_map: np.ndarray) -> tuple[bytes, float]:
     info.add_text(SCALE_KEY, repr(scale))
     buffer = io.BytesIO()
     # zlib level 1: a 256x256 map encodes in 4.1 ms instead of 11.1 (level 6, PIL's default), a 900x900 one in 45
-    # instead of 199, for files ~3 % larger; at archive scale the encode is a visible share of scoring
-    Image.fromarray(quantised).save(buffer, format="PNG", pnginfo=info, compress_level=PNG_LEVEL)
+    # instead of 199, for files ~3 % larger; at archive scale the encode is a visible share of scoring. Z_RLE (matches
+    # of the previous byte only) on top: metal_plate's 256x256 maps 2.8 ms instead of 4.4 and 3 % smaller, 900x900
+    # ones 24 ms instead of 33 and 12 % larger; binary masks 0.29 ms instead of 0.44 and 43 % smaller
+    Image.fromarray(quantised).save(buffer, format="PNG", pnginfo=info, compress_level=PNG_LEVEL,
+                                    compress_type=PNG_STRATEGY)
     return buffer.getvalue(), scale
 
 
@@ -46,9 +51,9 @@ def decode_score_map(data: bytes) -> np.ndarray:
 
 def encode_mask(mask: np.ndarray) -> bytes:
     """Binary mask → 8-bit PNG (0 normal, 255 anomalous), the MVTec ground-truth convention."""
+    binary = np.asarray(mask, dtype=bool).astype(np.uint8) * np.uint8(255)
     buffer = io.BytesIO()
-    Image.fromarray(np.asarray(mask, dtype=bool).astype(np.uint8) * np.uint8(255)).save(buffer, format="PNG",
-                                                                                        compress_level=PNG_LEVEL)
+    Image.fromarray(binary).save(buffer, format="PNG", compress_level=PNG_LEVEL, compress_type=PNG_STRATEGY)
     return buffer.getvalue()
 
 
