@@ -234,6 +234,21 @@ def test_greedy_coreset_picks_farthest_points():
     assert sorted(greedy_coreset(points, len(points), start=0, projection=0)) == list(range(len(points)))
 
 
+@pytest.mark.parametrize("channels", [24, 128])
+def test_greedy_coreset_equals_farthest_point_selection_in_float64(channels):
+    # the channel-major float32 search picks what a plain float64 farthest-point loop over the rows picks
+    rng = np.random.default_rng(channels)
+    points = (rng.normal(size=(3000, channels)) * rng.random((3000, 1))).astype(np.float32)
+    picked = greedy_coreset(points, 200, start=7, projection=0)
+    reference = points.astype(np.float64)
+    nearest = ((reference - reference[7]) ** 2).sum(1)
+    expected = [7]
+    for _ in range(199):
+        expected.append(int(nearest.argmax()))
+        nearest = np.minimum(nearest, ((reference - reference[expected[-1]]) ** 2).sum(1))
+    assert list(picked) == expected
+
+
 def test_greedy_coreset_reports_progress_and_picks_the_same_with_it():
     points = np.random.default_rng(5).normal(size=(300, 6)).astype(np.float32)
     told = []
