@@ -45,17 +45,18 @@ def greedy_coreset(features: np.ndarray, n: int, start: int | None = None, proje
     ``progress(chosen, n)`` is told how far it got every ``every_s`` seconds.
     """
     array = np.ascontiguousarray(features, dtype=np.float32)
-    x = torch.from_numpy(array if array.flags.writeable else array.copy())
-    total = x.shape[0]
+    total, channels = array.shape
     n = int(min(max(n, 1), total))
     gen = torch.Generator().manual_seed(seed)
     with torch.inference_mode():
         # channel-major (C, N): each step's matrix-vector product runs along contiguous rows of N, 3.5x faster than
-        # over (N, C) rows at C=128 on 2 cores (4.3 against 14.8 ms per step for 200,000 rows), 1.5x at C=24
-        if projection and x.shape[1] > projection:
-            columns = (torch.randn(x.shape[1], projection, generator=gen) / np.sqrt(projection)).t() @ x.t()
+        # over (N, C) rows at C=128 on 2 cores (4.3 against 14.8 ms per step for 200,000 rows); 1.5x at C=24
+        # (metal_plate's layer 1, 2,212 steps over 200,000 rows: 1.27-1.35 against 1.94-2.19 s, with numpy's argmax)
+        if projection and channels > projection:
+            x = torch.from_numpy(array if array.flags.writeable else array.copy())
+            columns = (torch.randn(channels, projection, generator=gen) / np.sqrt(projection)).t() @ x.t()
         else:
-            columns = x.t().contiguous()
+            columns = torch.from_numpy(np.ascontiguousarray(array.T))  # the one copy, read-only input or not
         if start is None:
             start = int(torch.randint(total, (1,), generator=gen))
         chosen = np.empty(n, dtype=np.int64)
