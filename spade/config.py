@@ -102,6 +102,7 @@ class SpadeConfig:
     open_galleries_mb: int = 2048  # ... and the most their in-memory parts (index, image table, banks) may add up to
     scoring_mode: str = "exact"
     approximate_layers: tuple[str, ...] = ("layer1",)  # of layers, those whose pixel scores come from the coreset bank in exact mode too
+    approximate_local_radius: int = 0  # bank-searched layers also search the K nearest frames near each place (spade.scoring.local_search)
     refine_distances: bool = True
     coreset_ratio: float = 0.01
     coreset_projection: int = 128
@@ -166,6 +167,11 @@ class SpadeConfig:
         for name in self.approximate_layers:
             if name not in LAYERS_BY_BACKBONE_FAMILY:
                 problems.append(f"approximate_layers: unknown layer {name!r}; use {', '.join(LAYERS_BY_BACKBONE_FAMILY)}")
+        if self.approximate_local_radius < 0:
+            problems.append("approximate_local_radius must be >= 0 (0: the coreset bank alone)")
+        elif self.approximate_local_radius and self.kappa != 1:
+            problems.append("approximate_local_radius needs kappa: 1 (the bank and the local window each give their "
+                            "nearest feature); set approximate_local_radius: 0 for kappa > 1")
         if not 0 < self.coreset_ratio <= 1:
             problems.append("coreset_ratio must be in (0, 1]")
         if self.coreset_max_vectors is not None and self.coreset_max_vectors < 1:

@@ -32,6 +32,7 @@ from spade.features.runtime import resolve_device
 from spade.scoring.correspondence import batch_layer_distances, configure_threads
 from spade.scoring.lanes import halves, in_lanes
 from spade.scoring.device_search import device_layer_distances
+from spade.scoring.local_search import local_window_distances
 from spade.features.framing import Framing, framing_for
 from spade.index.gallery import Gallery, with_gallery_frame
 from spade.index.pyramid import TileRows
@@ -114,6 +115,18 @@ def _exact_distances(queries: np.ndarray, layer_rows, neighbours: np.ndarray, co
     return dist.reshape(b, p)
 
 
+def _local_distances(maps: np.ndarray, layer_rows, neighbours: np.ndarray, config: SpadeConfig) -> np.ndarray:
+    """(B, h*w) each position's nearest feature among its K nearest frames' features near the same place
+    (`spade.scoring.local_search`), the batch's images in two lanes."""
+    def part(images: slice) -> list[np.ndarray]:
+        return [local_window_distances(maps[i], layer_rows[np.asarray(neighbours[i], dtype=np.int64)],
+                                       config.approximate_local_radius).reshape(-1)
+                for i in range(len(maps))[images]]
+
+    parts = in_lanes(part, halves(len(maps), config.num_threads), config.num_threads)
+    return np.stack([row for rows in parts for row in rows])
+
+
 def layer_distance_maps(pyramid: dict[str, np.ndarray], gallery: Gallery, neighbours: np.ndarray, config: SpadeConfig,
                         mode: str | None = None, coreset_ratio: float | None = None,
                         exclude_rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
@@ -138,6 +151,8 @@ def layer_distance_maps(pyramid: dict[str, np.ndarray], gallery: Gallery, neighb
             bank = memory_bank_for(gallery, layer, **coreset_settings(config, coreset_ratio))
             own = None if exclude_rows is None else np.repeat(np.asarray(exclude_rows, dtype=np.int64), h * w)
             dist = bank.distances(queries.reshape(b * h * w, -1), config.kappa, exclude_row=own).reshape(b, h * w)
+            if config.approximate_local_radius:
+                dist = np.minimum(dist, _local_distances(maps, gallery.pyramid[layer], neighbours, config))
         out[layer] = dist.reshape(b, h, w)
     return out
 

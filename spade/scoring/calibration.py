@@ -132,7 +132,7 @@ def calibrate(normal: NormalScores, config: SpadeConfig) -> tuple[dict[str, Any]
     return stats, thresholds
 
 
-MAP_SETTINGS = ("k", "kappa", "sigma")  # what a score map's values depend on beyond the features
+MAP_SETTINGS = ("k", "kappa", "sigma", "approximate_local_radius")  # what a score map's values depend on beyond the features
 
 
 class CalibrationMismatch(ValueError):

@@ -1,0 +1,82 @@
+"""The local search beside the coreset bank: the K nearest frames' features near each position."""
+import numpy as np
+import pytest
+
+from spade.config import SpadeConfig
+from spade.scoring.batch import layer_distance_maps, score_batch
+from spade.scoring.calibration import CalibrationMismatch, check_calibrated_with
+from spade.scoring.local_search import local_window_distances
+from tests.test_scoring_fast import _gallery
+
+
+def block_window_reference(query, neighbours, radius, block=8):
+    """Each position against every neighbour feature in its block grown by ``radius``, in float64, one by one."""
+    c, h, w = query.shape
+    frames = neighbours.reshape(len(neighbours), h, w, c).astype(np.float64)
+    out = np.empty((h, w))
+    for y in range(h):
+        for x in range(w):
+            y0, x0 = y // block * block, x // block * block
+            window = frames[:, max(0, y0 - radius):y0 + block + radius, max(0, x0 - radius):x0 + block + radius]
+            out[y, x] = np.sqrt(((window.reshape(-1, c) - query[:, y, x]) ** 2).sum(1).min())
+    return out
+
+
+@pytest.mark.parametrize("shape,radius", [((16, 16), 1), ((21, 13), 2), ((5, 30), 0)])
+def test_local_window_equals_a_float64_search_of_each_block_window(shape, radius):
+    rng = np.random.default_rng(1)
+    h, w = shape
+    query = rng.normal(size=(6, h, w)).astype(np.float32)
+    neighbours = rng.normal(size=(3, h * w, 6)).astype(np.float32)
+    got = local_window_distances(query, neighbours, radius)
+    assert got.shape == (h, w)
+    np.testing.assert_allclose(got, block_window_reference(query, neighbours, radius), rtol=0, atol=1e-4)
+
+
+def test_a_feature_shifted_within_the_radius_is_found_and_one_beyond_it_is_not():
+    """A neighbour holding the query's features moved by one position: radius 1 matches every position exactly."""
+    rng = np.random.default_rng(2)
+    query = rng.normal(size=(4, 16, 16)).astype(np.float32)
+    shifted = np.roll(query, 1, axis=2)  # the neighbour's (y, x + 1) holds the query's (y, x)
+    rows = shifted.reshape(4, -1).T[None].copy()
+    inside = local_window_distances(query, rows, radius=1)
+    assert inside[:, :15].max() < 1e-3
+    wide = rng.normal(size=(4, 16, 40)).astype(np.float32)
+    far = np.roll(wide, 20, axis=2).reshape(4, -1).T[None].copy()  # 20 positions away: outside every window
+    assert local_window_distances(wide, far, radius=1).min() > 0.1
+
+
+def test_neighbour_rows_of_another_frame_size_are_refused():
+    with pytest.raises(ValueError, match="frame or layer differs"):
+        local_window_distances(np.zeros((4, 8, 8), np.float32), np.zeros((2, 60, 4), np.float32), 1)
+
+
+def test_bank_layers_take_the_smaller_of_the_bank_and_the_local_window(tmp_path):
+    """``approximate_local_radius``: layer 1 (from the bank) becomes min(bank, local window of the K neighbours);
+    the exactly searched layer is unchanged."""
+    gallery, features, config = _gallery(tmp_path, positions=(64, 16))
+    gallery.manifest["gallery_hash"] = "local-window"  # its own bank cache entry
+    config = config.replace(approximate_layers=["layer1"], coreset_ratio=0.05)
+    neighbours = np.stack([r.neighbours for r in score_batch(features, gallery, config)])
+    bank = layer_distance_maps(features.pyramid, gallery, neighbours, config)
+    local = layer_distance_maps(features.pyramid, gallery, neighbours, config.replace(approximate_local_radius=1))
+    np.testing.assert_array_equal(local["layer2"], bank["layer2"])
+    for i in range(len(neighbours)):
+        rows = np.asarray(gallery.pyramid["layer1"])[neighbours[i]]
+        window = local_window_distances(features.pyramid["layer1"][i], rows, 1)
+        np.testing.assert_allclose(local["layer1"][i], np.minimum(bank["layer1"][i], window), rtol=0, atol=1e-6)
+    assert np.all(local["layer1"] <= bank["layer1"]) and np.any(local["layer1"] < bank["layer1"] - 1e-3)
+
+
+def test_local_radius_is_checked_and_recorded_as_a_map_setting():
+    with pytest.raises(ValueError, match="approximate_local_radius must be >= 0"):
+        SpadeConfig(approximate_local_radius=-1)
+    with pytest.raises(ValueError, match="approximate_local_radius needs kappa: 1"):
+        SpadeConfig(approximate_local_radius=1, kappa=3)
+    SpadeConfig(approximate_local_radius=0, kappa=3)
+    manifest = {"k": 10, "kappa": 1, "sigma": 2.0, "approximate_local_radius": 0, "calibration": {"images": 20}}
+    given = {"source": "image: calibration; pixel: calibration"}
+    config = SpadeConfig(k=10, sigma=2.0, approximate_local_radius=1)
+    with pytest.raises(CalibrationMismatch, match="approximate_local_radius: gallery calibrated with 0"):
+        check_calibrated_with(manifest, config, given, "g")
+    check_calibrated_with(manifest, config.replace(approximate_local_radius=0), given, "g")
