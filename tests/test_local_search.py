@@ -22,8 +22,9 @@ def block_window_reference(query, neighbours, radius, block=8):
     return out
 
 
-@pytest.mark.parametrize("shape,radius", [((16, 16), 1), ((21, 13), 2), ((5, 30), 0)])
+@pytest.mark.parametrize("shape,radius", [((16, 16), 1), ((21, 13), 2), ((5, 30), 0), ((70, 9), 1)])
 def test_local_window_equals_a_float64_search_of_each_block_window(shape, radius):
+    """Partial blocks at the edges, radius 0, and a map of several steps of block rows (70x9)."""
     rng = np.random.default_rng(1)
     h, w = shape
     query = rng.normal(size=(6, h, w)).astype(np.float32)

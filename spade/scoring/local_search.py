@@ -17,23 +17,22 @@ import torch
 import torch.nn.functional as F
 
 BLOCK = 8
-BLOCKS_PER_STEP = 16  # blocks whose (block², K·span²) distance matrix is held at once (~6 MB at K=10)
+BLOCKS_PER_STEP = 16  # blocks whose windows and (block², K·span²) distances are held at once (~6 MB at K=10)
 
 
 def _windows(padded: torch.Tensor, blocks: tuple[int, int], block: int, span: int) -> torch.Tensor:
-    """(K, H', W', *rest) padded neighbour maps -> (hb*wb, K*span*span, *rest): each block's grown window."""
+    """(K, H', W', *rest) padded neighbour maps -> a (hb, wb, K, span, span, *rest) view: each block's grown window."""
     k = padded.shape[0]
-    rest = padded.shape[3:]
     s = padded.stride()
-    view = padded.as_strided((blocks[0], blocks[1], k, span, span, *rest),
+    return padded.as_strided((blocks[0], blocks[1], k, span, span, *padded.shape[3:]),
                              (block * s[1], block * s[2], s[0], s[1], s[2], *s[3:]))
-    return view.reshape(blocks[0] * blocks[1], k * span * span, *rest)
 
 
 def local_window_distances(query: np.ndarray, neighbours: np.ndarray, radius: int, block: int = BLOCK) -> np.ndarray:
     """(h, w) Euclidean distance of each position of one frame's layer map ``query`` (C, h, w) to its nearest
     feature among the neighbour frames' maps ``neighbours`` (K, h*w, C) (gallery rows of the same layer and frame
-    size) within its block's window (see the module docstring)."""
+    size) within its block's window (see the module docstring). Windows are copied a few block rows at a time, so
+    beyond the neighbours' maps memory does not grow with a frame's length."""
     c, h, w = query.shape
     k = len(neighbours)
     if neighbours.shape[1:] != (h * w, c):
@@ -43,17 +42,20 @@ def local_window_distances(query: np.ndarray, neighbours: np.ndarray, radius: in
     ph, pw = hb * block - h, wb * block - w
     span = block + 2 * radius
     g = torch.from_numpy(np.ascontiguousarray(neighbours, dtype=np.float32)).reshape(k, h, w, c)
-    g_sq = F.pad((g * g).sum(3), (radius, radius + pw, radius, radius + ph), value=float("inf"))
-    g = F.pad(g, (0, 0, radius, radius + pw, radius, radius + ph))
-    candidates = _windows(g, (hb, wb), block, span)                        # (nb, K*span², C)
-    candidate_sq = _windows(g_sq, (hb, wb), block, span).unsqueeze(1)       # (nb, 1, K*span²)
+    g_sq = _windows(F.pad((g * g).sum(3), (radius, radius + pw, radius, radius + ph), value=float("inf")),
+                    (hb, wb), block, span)
+    g = _windows(F.pad(g, (0, 0, radius, radius + pw, radius, radius + ph)), (hb, wb), block, span)
     q = torch.from_numpy(np.ascontiguousarray(query, dtype=np.float32)).permute(1, 2, 0)
-    q = F.pad(q, (0, 0, 0, pw, 0, ph)).reshape(hb, block, wb, block, c).transpose(1, 2).reshape(hb * wb, block * block, c)
-    nearest = torch.empty(hb * wb, block * block, dtype=torch.int64)
-    for start in range(0, hb * wb, BLOCKS_PER_STEP):
-        part = slice(start, start + BLOCKS_PER_STEP)
-        torch.argmin(torch.baddbmm(candidate_sq[part], q[part], candidates[part].transpose(1, 2), alpha=-2), 2,
-                     out=nearest[part])
-    winners = torch.gather(candidates, 1, nearest.unsqueeze(2).expand(-1, -1, c))
-    best = torch.linalg.vector_norm(winners - q, dim=2)  # recomputed directly: no cancellation near zero
+    q = F.pad(q, (0, 0, 0, pw, 0, ph)).reshape(hb, block, wb, block, c).transpose(1, 2).reshape(hb, wb, block * block, c)
+    best = torch.empty(hb, wb, block * block)
+    rows = max(1, BLOCKS_PER_STEP // wb)
+    for top in range(0, hb, rows):
+        part = slice(top, top + rows)
+        n = len(range(hb)[part]) * wb
+        candidates = g[part].reshape(n, k * span * span, c)
+        queries = q[part].reshape(n, block * block, c)
+        nearest = torch.baddbmm(g_sq[part].reshape(n, 1, k * span * span), queries, candidates.transpose(1, 2),
+                                alpha=-2).argmin(2)
+        winners = torch.gather(candidates, 1, nearest.unsqueeze(2).expand(-1, -1, c))
+        best[part] = torch.linalg.vector_norm(winners - queries, dim=2).reshape(-1, wb, block * block)  # direct: no cancellation
     return best.reshape(hb, wb, block, block).transpose(1, 2).reshape(hb * block, wb * block)[:h, :w].numpy()
