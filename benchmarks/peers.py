@@ -21,8 +21,9 @@ each worker, excluding interpreter start and imports for every tool:
   Parquet writes). Both include loading the backbone, as anomalib's fit does.
 
 ``--score-rounds R`` scores the test set R times in each worker after its one fit (ours into a new run folder each
-round, so nothing is skipped as already scored) and reports each tool's median wall and CPU time; accuracy comes
-from the first round. One run's rate moves by 10-50 % on a shared VM (anomalib's read 11.2 to 17.1 images/s on
+round, so nothing is skipped as already scored) and reports each tool's median wall and CPU time, with the pipeline's
+stage times and Beam metrics of the round nearest that median (so its "other" row is that round's remainder); accuracy
+comes from the first round. One run's rate moves by 10-50 % on a shared VM (anomalib's read 11.2 to 17.1 images/s on
 metal_plate in three runs of one morning), more than the bars being checked.
 
 The last line is machine-readable:
@@ -313,21 +314,24 @@ def spade_worker(job: dict) -> dict:
     say(f"{prefix}fit {fit_s:.1f} s wall, {fit_cpu:.1f} s CPU ({fit_stages})")
     score_stages: dict[str, float] = {}
     _timed(score_module, "run_pipeline", score_stages, "Beam pipeline: read, extract, score, write")
-    rounds = []
+    rounds, round_stages, summaries = [], [], []
     for round_no in range(job["score_rounds"]):  # each round a new run folder: nothing already scored
         target = out if round_no == 0 else f"{out}-round{round_no + 1}"
+        before = dict(score_stages)
         clock.lap()
         scored = run_score(config, gallery, job["test_spec"], target, [], lambda m: say(prefix + m))
         rounds.append(clock.lap())
-        if round_no == 0:
-            summary = scored
+        round_stages.append({stage: seconds - before.get(stage, 0.0) for stage, seconds in score_stages.items()})
+        summaries.append(scored)
+    summary = summaries[0]  # accuracy and the table are the first round's
     score = _median_round(rounds, summary["rows"])
     score_s, score_cpu = score["wall_s"], score["cpu_s"]
-    score_stages = {stage: seconds / len(rounds) for stage, seconds in score_stages.items()}
+    middle = min(range(len(rounds)), key=lambda i: abs(rounds[i][0] - score_s))  # the round nearest the median
+    score_stages = round_stages[middle]
     say(f"{prefix}scored {summary['rows']} images in {score_s:.1f} s wall, {score_cpu:.1f} s CPU{_rounds_note(rounds)}")
     fit_stages["other (weights check, publish, manifest)"] = fit_s - sum(fit_stages.values())
-    score_stages["other (gallery open, weights check, table read-back)"] = score_s - sum(score_stages.values())
-    metrics = summary["metrics"]
+    score_stages["other (gallery open, weights check, table read-back)"] = rounds[middle][0] - sum(score_stages.values())
+    metrics = summaries[middle]["metrics"]
     for key in ("extract_ms_per_image_mean", "score_ms_per_image_mean"):
         if key in metrics:
             score_stages[f"Beam metric {key} (s/image)"] = metrics[key] / 1000.0
