@@ -51,10 +51,9 @@ def local_window_distances(query: np.ndarray, neighbours: np.ndarray, radius: in
     rows = max(1, BLOCKS_PER_STEP // wb)
     for top in range(0, hb, rows):
         part = slice(top, top + rows)
-        n = len(range(hb)[part]) * wb
-        candidates = g[part].reshape(n, k * span * span, c)
-        queries = q[part].reshape(n, block * block, c)
-        nearest = torch.baddbmm(g_sq[part].reshape(n, 1, k * span * span), queries, candidates.transpose(1, 2),
+        candidates = g[part].reshape(-1, k * span * span, c)  # (blocks of these rows, K·span², C)
+        queries = q[part].reshape(-1, block * block, c)
+        nearest = torch.baddbmm(g_sq[part].reshape(-1, 1, k * span * span), queries, candidates.transpose(1, 2),
                                 alpha=-2).argmin(2)
         winners = torch.gather(candidates, 1, nearest.unsqueeze(2).expand(-1, -1, c))
         best[part] = torch.linalg.vector_norm(winners - queries, dim=2).reshape(-1, wb, block * block)  # direct: no cancellation
