@@ -35,6 +35,7 @@ from spade.config import SpadeConfig, load_config, stable_hash  # noqa: E402
 from spade.evaluation.ground_truth import GOOD, evaluate, labelled_rows  # noqa: E402
 from spade.io.results import read_score_table  # noqa: E402
 from spade.io.samples import SampleSpec, write_sample_dataset  # noqa: E402
+from spade.scoring.image_score import SELECTED_MODES  # noqa: E402
 from pipelines.fit import run_fit  # noqa: E402
 from pipelines.score import run_score  # noqa: E402
 
@@ -57,7 +58,8 @@ def parse_spec(spec: str) -> tuple[str, SpadeConfig]:
 
 def gallery_key(config: SpadeConfig) -> str:
     """Configs with the same key can share a gallery: everything but the score-time-only settings."""
-    return stable_hash({k: v for k, v in config.to_dict().items() if k not in SCORE_ONLY_KEYS} | {"bank": config.uses_patch_bank})
+    shared = {k: v for k, v in config.to_dict().items() if k not in SCORE_ONLY_KEYS}
+    return stable_hash(shared | {"bank": config.uses_patch_bank, "selected": config.image_score in SELECTED_MODES})
 
 
 def confusion(table) -> dict[str, int]:

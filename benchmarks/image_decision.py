@@ -25,7 +25,10 @@ Rules (each a function of a frame's kNN term and its raw per-layer maps):
   z(bank_max); ``knn+top+bank``: z(knn) + z(topk_mean) + z(bank_max);
 * ``map_residual``: the top 0.1 % of the map minus the calibration images' mean map at each place (on the 8-pixel
   grid the gallery records; each calibration image against the others' mean), `spade.scoring.position_baseline`;
-  ``combined_residual``: z(map_residual) + z(bank_max) + z(knn); ``residual+bank``, ``residual+knn``.
+  ``combined_residual``: z(map_residual) + z(bank_max) + z(knn); ``residual+bank``, ``residual+knn``;
+* ``combined_selected``: the two of those three terms that best separate ``--synthetic`` gallery images with a drawn
+  defect from the leave-one-out normal images (`spade.scoring.term_selection`, as `spade fit` selects them); each
+  set's selection and every term's synthetic ROCAUC are printed under the table.
 """
 from __future__ import annotations
 
@@ -52,6 +55,7 @@ from spade.io.images import decode_rgb, preprocess  # noqa: E402
 from spade.scoring.batch import layer_distance_maps  # noqa: E402
 from spade.scoring.correspondence import configure_threads  # noqa: E402
 from spade.scoring.position_baseline import baseline_map, leave_one_out_residuals, map_residual, position_baseline  # noqa: E402
+from spade.scoring.term_selection import SyntheticScores, select_terms, synthetic_scores  # noqa: E402
 from spade.scoring.scoremap import combine_layer_maps, smooth  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
@@ -103,13 +107,13 @@ def _score(gallery: Gallery, embedding: np.ndarray, pyramid: dict, config, exclu
     return np.concatenate(knn), {k: np.concatenate(v) for k, v in maps.items()}
 
 
-def run_set(root: Path, spec: str, calibration: int, cache: Path) -> dict:
+def run_set(root: Path, spec: str, calibration: int, cache: Path, synthetic: int = 0) -> dict:
     path, _, overrides = spec.partition(":")
     values = dict(item.split("=", 1) for item in filter(None, overrides.split(",")))
     import yaml
     config = load_config(path, {k: yaml.safe_load(v) for k, v in values.items()})
     name = f"{root.name}-{Path(path).stem}-{stable_hash(config.to_dict())[:12]}"  # a cache per config's values
-    target = cache / f"{name}.npz"
+    target = cache / f"{name}-synthetic{synthetic}.npz"
     if target.exists():
         return dict(np.load(target, allow_pickle=True)) | {"config": config}
     started = time.perf_counter()
@@ -138,6 +142,12 @@ def run_set(root: Path, spec: str, calibration: int, cache: Path) -> dict:
            "frame_size": np.array(framing.size), "seconds": np.array([fitted - started, scored - fitted])}
     for layer in config.layers:
         out[f"t_{layer}"], out[f"c_{layer}"] = t_maps[layer], c_maps[layer]
+    if synthetic:
+        import pyarrow as pa
+        gallery.images = pa.table({"uri": [str(p) for p in train]})
+        normal_maps = np.stack(frame_maps(out, config, "c")[0])
+        found = synthetic_scores(gallery, config, normal_maps, synthetic, lambda uri: Path(uri).read_bytes(), extractor)
+        out |= {f"s_{term}": values for term, values in found.terms.items()} | {"s_rows": found.rows}
     np.savez(target, **out)
     return out | {"config": config}
 
@@ -189,6 +199,8 @@ def rules(test: dict, normal: dict, layers) -> dict[str, tuple[np.ndarray, np.nd
         out |= {"map_residual": (test["map_residual"], normal["map_residual"]),
                 "combined_residual": add("map_residual", "bank_max", "knn"), "residual+bank": add("map_residual", "bank_max"),
                 "residual+knn": add("map_residual", "knn")}
+    if "selected_terms" in normal:
+        out["combined_selected"] = add(*normal["selected_terms"])
     return out
 
 
@@ -198,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", action="append", help="config[:key=value,...] (repeatable); default: "
                         "configs/default.yaml with framing full, aspect and tiles")
     parser.add_argument("--calibration", type=int, default=100)
+    parser.add_argument("--synthetic", type=int, default=60, help="gallery images with a drawn defect for "
+                        "combined_selected (0: no such rule)")
     parser.add_argument("--cache", default="/tmp/spade-image-decision")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--no-pixel", action="store_true", help="skip pixel ROCAUC / PRO")
@@ -209,9 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     specs = args.config or [f"{ROOT}/configs/default.yaml:framing={f}" for f in ("full", "aspect", "tiles")]
     print("| set | config | frame | rule | image ROCAUC | good flagged | defective missed | pixel ROCAUC | PRO | fit s | score s/img |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
+    selections = []
     for root in sets:
         for spec in specs:
-            data = run_set(root, spec, args.calibration, cache)
+            data = run_set(root, spec, args.calibration, cache, args.synthetic)
             config = data["config"]
             test, maps = terms(data, config, "t")
             normal, normal_maps = terms(data, config, "c")
@@ -219,6 +234,12 @@ def main(argv: list[str] | None = None) -> int:
             baseline = baseline_map(position_baseline(normal_maps), maps[0].shape)
             test["map_residual"] = np.array([map_residual(m, baseline) for m in maps])
             normal["map_residual"] = leave_one_out_residuals(normal_maps)
+            if "s_rows" in data:
+                found = SyntheticScores(data["s_rows"], {t: data[f"s_{t}"] for t in ("map_residual", "bank_max", "knn")})
+                selection = select_terms(normal, found)
+                normal["selected_terms"] = selection["terms"]
+                selections.append(f"{root.name} {spec.rsplit('/', 1)[-1]}: combined_selected = "
+                                  f"{' + '.join(selection['terms'])} (synthetic ROCAUC {selection['auroc']})")
             labels = data["labels"].astype(bool)
             pixel = pro = float("nan")
             if not args.no_pixel:
@@ -238,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"| {root.name} | {label} | {frame} | {rule} | {auroc(labels, scores):.3f} | "
                       f"{int(flagged[~labels].sum())}/{int((~labels).sum())} | {int((~flagged[labels]).sum())}/{int(labels.sum())} | "
                       f"{pixel:.3f} | {pro:.3f} | {seconds[0]:.0f} | {seconds[1] / len(labels):.3f} |", flush=True)
+    print("\n".join(selections))
     return 0
 
 

@@ -16,6 +16,8 @@ import apache_beam as beam
 
 from spade.io import publication, storage
 from spade.scoring.calibration import calibrate, leave_one_out_scores
+from spade.scoring.image_score import SELECTED_MODES
+from spade.scoring.term_selection import synthetic_scores
 from spade.config import SPEED_ONLY, SpadeConfig, stable_hash
 from spade.index.gallery import (MANIFEST, Gallery, GalleryMissing, build_gallery, check_compatible, read_manifest,
                                  remove_unlisted_pyramid_shards, with_gallery_frame, write_manifest)
@@ -325,7 +327,13 @@ def finish_fit_job(job: FitJob, counts: dict, say: Callable[[str], None], routed
     gallery = Gallery.open(gallery_url, manifest=manifest)
     say(f"{job.prefix}calibrating thresholds on up to {config.calibration_images} normal images (leave-one-out)")
     normal = leave_one_out_scores(gallery, job.run_config, config.calibration_images, progress=say)
-    manifest["calibration"], manifest["thresholds"] = calibrate(normal, config)
+    synthetic = None
+    if config.image_score in SELECTED_MODES:
+        say(f"{job.prefix}selecting image-score terms on up to {config.synthetic_defects} gallery images with a "
+            "synthetic defect (leave-one-out)")
+        synthetic = synthetic_scores(gallery, job.run_config, normal.maps, config.synthetic_defects, storage.read_bytes,
+                                     progress=say)
+    manifest["calibration"], manifest["thresholds"] = calibrate(normal, config, synthetic)
     if not manifest["thresholds"]:
         LOG.warning("WARNING: fit: no thresholds calibrated (calibration needs 2+ normal images, the gallery has %d): "
                     "scoring against %s will flag nothing and write no masks unless the config or `spade score "

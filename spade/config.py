@@ -19,8 +19,9 @@ DEVICES = ("auto", "cpu", "cuda")
 # Settings that change only speed or file layout, never a row: runs that differ only in them may resume each other's
 # ledgers.
 SPEED_ONLY = ("num_threads", "shards", "rows_per_shard", "batch_size", "feature_runtime", "device")
-IMAGE_SCORES = ("knn", "map_max", "map_top", "combined", "combined_top", "bank_max", "combined_bank", "combined_residual")
-BANK_SCORES = ("bank_max", "combined_bank", "combined_residual")  # the image scores that need a gallery's patch bank
+IMAGE_SCORES = ("knn", "map_max", "map_top", "combined", "combined_top", "bank_max", "combined_bank", "combined_residual",
+                "combined_selected")
+BANK_SCORES = ("bank_max", "combined_bank", "combined_residual", "combined_selected")  # the image scores that need a gallery's patch bank
 # Feature settings a signature lists only where they differ from these values, so that galleries fitted before them
 # keep their hash; a manifest without one was built with this value.
 FEATURES_LISTED_IF_SET = {"feature_precision": "f32"}
@@ -58,7 +59,9 @@ class SpadeConfig:
     concatenated, ``bank_ratio`` of all gallery positions kept, at most ``bank_max_vectors``; `spade.index.patch_bank`), ``combined_bank``
     (``map_top`` and ``bank_max`` standardised and summed), ``combined_residual`` (``map_residual``, how far the
     map's highest 0.1 % rise above the calibration images' mean map at the same place, with ``bank_max`` and ``knn``,
-    standardised and summed; `spade.scoring.position_baseline`).
+    standardised and summed; `spade.scoring.position_baseline`), ``combined_selected`` (the two of those three
+    terms that best separate ``synthetic_defects`` gallery images with a defect drawn on them from the normal
+    calibration images, measured at `fit`; `spade.scoring.term_selection`).
     Calibration at `fit`: ``calibration_images`` gallery images (evenly spaced; all when the gallery
     is smaller) are scored leave-one-out; the image threshold is their mean plus (z + ``calibration_margin``)
     standard deviations, z the standard normal quantile of 1 - ``calibration_image_fpr`` (0: their highest
@@ -95,6 +98,7 @@ class SpadeConfig:
     calibration_fpr: float = 0.001
     calibration_image_fpr: float = 0.05
     calibration_margin: float = 0.0
+    synthetic_defects: int = 60  # gallery images scored with a drawn defect at fit, for combined_selected's terms
     eval_region: str = "full"
     shards: int = 0  # table files per output table; 0: follow the row count (rows_per_shard rows per file)
     rows_per_shard: int = 10_000
@@ -148,6 +152,8 @@ class SpadeConfig:
             problems.append("calibration_image_fpr must be in [0, 1)")
         if self.calibration_margin < 0:
             problems.append("calibration_margin must be >= 0")
+        if self.synthetic_defects < 0:
+            problems.append("synthetic_defects must be >= 0 (0: combined_selected keeps all three terms)")
         if self.k < 1:
             problems.append("k must be >= 1")
         if self.kappa < 1:

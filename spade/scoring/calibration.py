@@ -27,9 +27,10 @@ from spade.features.backbone import Features
 from spade.features.framing import framing_for
 from spade.index.gallery import Gallery, with_gallery_frame
 from spade.scoring.batch import score_batch
-from spade.scoring.image_score import MODE_TERMS, image_scores, normal_statistics
+from spade.scoring.image_score import MODE_TERMS, SELECTED_MODES, image_scores, normal_statistics
 from spade.scoring.lanes import in_lanes, lanes_for
 from spade.scoring.position_baseline import leave_one_out_residuals, position_baseline
+from spade.scoring.term_selection import SyntheticScores, select_terms
 
 
 @dataclass
@@ -100,8 +101,11 @@ def image_threshold(scores: np.ndarray, target_fpr: float, margin: float) -> flo
     return float(scores.mean() + (norm.ppf(1.0 - target_fpr) + margin) * spread)
 
 
-def calibrate(normal: NormalScores, config: SpadeConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(normal statistics, thresholds) for the manifest from leave-one-out normal scores.
+def calibrate(normal: NormalScores, config: SpadeConfig,
+              synthetic: SyntheticScores | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(normal statistics, thresholds) for the manifest from leave-one-out normal scores; ``synthetic``: the
+    candidate terms of gallery images with a drawn defect (`spade.scoring.term_selection`), which select the terms of
+    ``combined_selected`` (``selected_terms``; that mode is calibrated only with them).
 
     The thresholds hold the image threshold of every image-score mode (``image_by_mode``), so a
     config with another ``image_score`` can score against the same gallery; ``image`` is the fitted
@@ -112,7 +116,11 @@ def calibrate(normal: NormalScores, config: SpadeConfig) -> tuple[dict[str, Any]
     if not stats:
         return {}, {}
     stats["position_baseline"] = position_baseline(normal.maps)
-    modes = [mode for mode in IMAGE_SCORES if all(term in stats for term in MODE_TERMS[mode])]
+    if synthetic is not None and normal.bank_max is not None:
+        stats["selected_terms"] = select_terms({"knn": normal.knn, "bank_max": normal.bank_max, "map_residual": residuals},
+                                               synthetic)
+    modes = [mode for mode in IMAGE_SCORES if all(term in stats for term in MODE_TERMS[mode])
+             and (mode not in SELECTED_MODES or "selected_terms" in stats)]
     scores = {mode: image_scores(mode, normal.knn, normal.map_max, stats, normal.map_top, normal.bank_max, residuals)
               for mode in modes}
     by_mode = {mode: image_threshold(scores[mode], config.calibration_image_fpr, config.calibration_margin)

@@ -20,6 +20,10 @@
 * ``combined_residual``: ``map_residual`` (how far the map's highest 0.1 % rise above the normal frames' mean map
   at the same place, `spade.scoring.position_baseline`), ``bank_max`` and ``knn``, standardised and summed: the
   map's evidence without the places every normal frame scores high, beside the bank's and the embedding's.
+* ``combined_selected``: the same three candidates, of which only those `fit` selected (``selected_terms`` in the
+  normal statistics: the ones that best separate synthetic defects from normal images on this gallery's product,
+  `spade.scoring.term_selection`) are standardised and summed: a term that does not separate a product's defects
+  adds only its noise to the sum.
 """
 from __future__ import annotations
 
@@ -32,7 +36,9 @@ from spade.config import IMAGE_SCORES
 MAP_TOP_FRACTION = 0.01
 MODE_TERMS = {"knn": ("knn",), "map_max": ("map_max",), "map_top": ("map_top",), "combined": ("knn", "map_max"),
               "combined_top": ("knn", "map_top"), "bank_max": ("bank_max",), "combined_bank": ("map_top", "bank_max"),
-              "combined_residual": ("map_residual", "bank_max", "knn")}
+              "combined_residual": ("map_residual", "bank_max", "knn"),
+              "combined_selected": ("map_residual", "bank_max", "knn")}  # candidates: fit selects among them
+SELECTED_MODES = ("combined_selected",)  # modes whose terms are the normal statistics' "selected_terms"
 
 
 class MissingCalibration(ValueError):
@@ -62,13 +68,22 @@ def normal_statistics(knn_scores: Sequence[float] | np.ndarray, map_maxima: Sequ
             **{name: {"mean": float(v.mean()), "std": float(v.std(ddof=1))} for name, v in values.items()}}
 
 
+def mode_terms(mode: str, normals: dict[str, Any] | None) -> tuple[str, ...]:
+    """The terms ``mode`` sums: `MODE_TERMS`, or for a selected mode those the normal statistics record as selected
+    (a selected mode without a selection has none, so `require_normals` refuses it)."""
+    if mode in SELECTED_MODES:
+        selected = (normals or {}).get("selected_terms") or {}
+        return tuple(selected.get("terms") or ("selected_terms",))
+    return MODE_TERMS[mode]
+
+
 def _standardised(value: float, stats: dict[str, float]) -> float:
     return (value - stats["mean"]) / max(stats["std"], 1e-12 * max(abs(stats["mean"]), 1.0))
 
 
 def require_normals(mode: str, normals: dict[str, Any] | None, gallery: str = "the gallery") -> None:
     """Raise `MissingCalibration` when ``mode`` needs normal statistics that ``normals`` lacks."""
-    if len(MODE_TERMS.get(mode, ())) > 1 and (not normals or any(term not in normals for term in MODE_TERMS[mode])):
+    if len(MODE_TERMS.get(mode, ())) > 1 and (not normals or any(term not in normals for term in mode_terms(mode, normals))):
         raise MissingCalibration(f"image_score: {mode} needs the normal-image statistics that `spade fit` records; "
                                  f"{gallery} has none (fitted before they existed, or with fewer than 2 images). "
                                  "Re-run `spade fit` with this image_score, or use image_score: knn or map_max.")
@@ -87,7 +102,7 @@ def image_score(mode: str, knn: float, map_max: float, normals: dict[str, Any] |
     if len(MODE_TERMS[mode]) == 1:
         return float(terms[mode])
     require_normals(mode, normals, gallery)
-    return float(sum(_standardised(terms[name], normals[name]) for name in MODE_TERMS[mode]))
+    return float(sum(_standardised(terms[name], normals[name]) for name in mode_terms(mode, normals)))
 
 
 def image_scores(mode: str, knn: np.ndarray, map_max: np.ndarray, normals: dict[str, Any] | None,
