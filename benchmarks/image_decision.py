@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", action="append", help="config[:key=value,...] (repeatable); default: "
                         "configs/default.yaml with framing full, aspect and tiles")
     parser.add_argument("--calibration", type=int, default=100)
-    parser.add_argument("--synthetic", type=int, default=60, help="gallery images with a drawn defect for "
+    parser.add_argument("--synthetic", type=int, default=120, help="gallery images with a drawn defect for "
                         "combined_selected (0: no such rule)")
     parser.add_argument("--cache", default="/tmp/spade-image-decision")
     parser.add_argument("--threads", type=int, default=0)

@@ -98,7 +98,7 @@ class SpadeConfig:
     calibration_fpr: float = 0.001
     calibration_image_fpr: float = 0.05
     calibration_margin: float = 0.0
-    synthetic_defects: int = 60  # gallery images scored with a drawn defect at fit, for combined_selected's terms
+    synthetic_defects: int = 120  # gallery images scored with a drawn defect at fit, for combined_selected's terms
     eval_region: str = "full"
     shards: int = 0  # table files per output table; 0: follow the row count (rows_per_shard rows per file)
     rows_per_shard: int = 10_000
