@@ -55,7 +55,7 @@ from spade.io.images import decode_rgb, preprocess  # noqa: E402
 from spade.scoring.batch import layer_distance_maps  # noqa: E402
 from spade.scoring.correspondence import configure_threads  # noqa: E402
 from spade.scoring.position_baseline import baseline_map, leave_one_out_residuals, map_residual, position_baseline  # noqa: E402
-from spade.scoring.term_selection import SyntheticScores, select_terms, synthetic_scores  # noqa: E402
+from spade.scoring.term_selection import CANDIDATES, SyntheticScores, select_terms, synthetic_scores  # noqa: E402
 from spade.scoring.scoremap import combine_layer_maps, smooth  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             test["map_residual"] = np.array([map_residual(m, baseline) for m in maps])
             normal["map_residual"] = leave_one_out_residuals(normal_maps)
             if "s_rows" in data:
-                found = SyntheticScores(data["s_rows"], {t: data[f"s_{t}"] for t in ("map_residual", "bank_max", "knn")})
+                found = SyntheticScores(data["s_rows"], {t: data[f"s_{t}"] for t in CANDIDATES})
                 selection = select_terms(normal, found)
                 normal["selected_terms"] = selection["terms"]
                 selections.append(f"{root.name} {spec.rsplit('/', 1)[-1]}: combined_selected = "

@@ -332,7 +332,7 @@ def finish_fit_job(job: FitJob, counts: dict, say: Callable[[str], None], routed
         say(f"{job.prefix}selecting image-score terms on up to {config.synthetic_defects} gallery images with a "
             "synthetic defect (leave-one-out)")
         synthetic = synthetic_scores(gallery, job.run_config, normal.maps, config.synthetic_defects, storage.read_bytes,
-                                     progress=say)
+                                     progress=say, weights=job.weights)
     manifest["calibration"], manifest["thresholds"] = calibrate(normal, config, synthetic)
     if not manifest["thresholds"]:
         LOG.warning("WARNING: fit: no thresholds calibrated (calibration needs 2+ normal images, the gallery has %d): "

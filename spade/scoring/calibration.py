@@ -27,7 +27,7 @@ from spade.features.backbone import Features
 from spade.features.framing import framing_for
 from spade.index.gallery import Gallery, with_gallery_frame
 from spade.scoring.batch import score_batch
-from spade.scoring.image_score import MODE_TERMS, SELECTED_MODES, image_scores, normal_statistics
+from spade.scoring.image_score import MODE_TERMS, image_scores, mode_terms, normal_statistics
 from spade.scoring.lanes import in_lanes, lanes_for
 from spade.scoring.position_baseline import leave_one_out_residuals, position_baseline
 from spade.scoring.term_selection import SyntheticScores, select_terms
@@ -119,8 +119,7 @@ def calibrate(normal: NormalScores, config: SpadeConfig,
     if synthetic is not None and normal.bank_max is not None:
         stats["selected_terms"] = select_terms({"knn": normal.knn, "bank_max": normal.bank_max, "map_residual": residuals},
                                                synthetic)
-    modes = [mode for mode in IMAGE_SCORES if all(term in stats for term in MODE_TERMS[mode])
-             and (mode not in SELECTED_MODES or "selected_terms" in stats)]
+    modes = [mode for mode in IMAGE_SCORES if all(term in stats for term in MODE_TERMS[mode] + mode_terms(mode, stats))]
     scores = {mode: image_scores(mode, normal.knn, normal.map_max, stats, normal.map_top, normal.bank_max, residuals)
               for mode in modes}
     by_mode = {mode: image_threshold(scores[mode], config.calibration_image_fpr, config.calibration_margin)

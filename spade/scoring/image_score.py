@@ -69,8 +69,9 @@ def normal_statistics(knn_scores: Sequence[float] | np.ndarray, map_maxima: Sequ
 
 
 def mode_terms(mode: str, normals: dict[str, Any] | None) -> tuple[str, ...]:
-    """The terms ``mode`` sums: `MODE_TERMS`, or for a selected mode those the normal statistics record as selected
-    (a selected mode without a selection has none, so `require_normals` refuses it)."""
+    """The terms ``mode`` sums: `MODE_TERMS`, or for a selected mode those the normal statistics record as selected;
+    without that record, ("selected_terms",), the record itself, so a check that every term is in the statistics
+    (`require_normals`, `calibrate`) finds it missing."""
     if mode in SELECTED_MODES:
         selected = (normals or {}).get("selected_terms") or {}
         return tuple(selected.get("terms") or ("selected_terms",))

@@ -41,11 +41,12 @@ class SyntheticScores:
 
 def synthetic_scores(gallery: Gallery, config: SpadeConfig, normal_maps: np.ndarray, count: int,
                      read: Callable[[str], bytes], extractor: Callable | None = None,
-                     progress: Callable[[str], None] = lambda _: None) -> SyntheticScores:
+                     progress: Callable[[str], None] = lambda _: None, weights=None) -> SyntheticScores:
     """Up to ``count`` gallery images (seeded choice), each with one synthetic defect (scar and cut-paste in turn, the
     donor another gallery image), through the backbone and scored against the gallery without their source image;
     ``normal_maps``: the calibration images' maps, the position baseline of the residual term. An image that can no
-    longer be read is left out (named)."""
+    longer be read is left out (named). ``extractor``: the backbone to use, else one built with ``weights`` (the
+    caller's `ResolvedWeights`, so a fit does not resolve and hash the weights file again), else the config's."""
     config = with_gallery_frame(config, gallery.manifest)
     n = gallery.index.ntotal
     if n < 2 or count < 1 or len(normal_maps) < 1:
@@ -53,7 +54,7 @@ def synthetic_scores(gallery: Gallery, config: SpadeConfig, normal_maps: np.ndar
     if extractor is None:
         from spade.features.backbone import FeatureExtractor
 
-        extractor = FeatureExtractor(config)
+        extractor = FeatureExtractor(config, weights)
     framing = framing_for(config)
     rng = np.random.default_rng(SEED)
     sources = np.sort(rng.choice(n, size=min(count, n), replace=False))
@@ -72,10 +73,12 @@ def synthetic_scores(gallery: Gallery, config: SpadeConfig, normal_maps: np.ndar
     for start in range(0, len(sources), config.batch_size):
         batch, tensors = [], []
         for i, row in enumerate(sources[start:start + config.batch_size], start):
-            rgb, donor = image(int(row)), image(int((row + n // 2) % n))
+            kind = KINDS[i % len(KINDS)]
+            rgb = image(int(row))
+            donor = image(int((row + n // 2) % n)) if kind == "cut_paste" and rgb is not None else rgb  # a scar needs none
             if rgb is None or donor is None:
                 continue
-            defective, _ = synthetic_defect(rgb, donor, KINDS[i % len(KINDS)], rng)
+            defective, _ = synthetic_defect(rgb, donor, kind, rng)
             tensors.append(preprocess(defective, config.resize, config.crop, config.mean, config.std, framing))
             batch.append(int(row))
         if not batch:
