@@ -141,6 +141,35 @@ def test_bad_inputs_become_error_rows(fitted, sample_root, tmp_path):
     assert rows["rgba_small.png"]["status"] == "ok" and (rows["rgba_small.png"]["width"], rows["rgba_small.png"]["height"]) == (50, 70)
 
 
+def test_a_map_that_cannot_be_written_is_its_images_error_row(fitted, sample_root, tmp_path, monkeypatch):
+    """A batch's maps are written in lanes: one failing write is that image's error row, the rest of the batch is
+    scored, and the counters count each image once."""
+    import threading
+
+    import transforms.score as score_transform
+
+    config, gallery, _ = fitted
+    encode, lock, failed = score_transform.encode_score_map, threading.Lock(), []
+
+    def encode_once_failing(score_map):
+        with lock:
+            first = not failed
+            failed.append(first)
+        if first:
+            raise OSError("disk full")
+        return encode(score_map)
+
+    monkeypatch.setattr(score_transform, "encode_score_map", encode_once_failing)
+    out = str(tmp_path / "out")
+    summary = run_score(config, gallery, f"{sample_root}/test", out, BEAM_ARGS)
+    rows = read_score_table(out).to_pylist()
+    assert summary["rows"] == len(rows) == len(failed) == 9 and summary["ok"] == 8 and summary["errors"] == 1
+    bad = [row for row in rows if row["status"] == "error"]
+    assert "writing score map failed: disk full" in bad[0]["error"] and bad[0]["uri"] in bad[0]["error"]
+    assert summary["metrics"]["images_scored"] == 8 and summary["metrics"]["images_failed"] == 1
+    assert len(list(Path(out, "maps").glob("*.png"))) == 8
+
+
 def test_mismatched_gallery_and_missing_gallery(fitted, sample_root, tmp_path):
     config, gallery, _ = fitted
     with pytest.raises(GalleryMismatch, match="backbone: gallery has 'resnet18', config has 'resnet34'"):

@@ -13,6 +13,7 @@ from spade.io.images import DecodeLimits, ImageBeyondLimits, ImageDecodeError, c
 from spade.io.ledger import unit_key
 from spade.io.sources import count_inputs, is_tar, label_from_uri, read_inputs
 from spade.io.storage import object_store_copy
+from spade.scoring.lanes import each_in_lanes
 from transforms.records import ImageInput, SplitErrors, WorkUnit, error_row, routed
 
 LOG = logging.getLogger(__name__)
@@ -51,26 +52,41 @@ class DecodeImages(beam.DoFn):
             yield route, batch
 
     def _decode_all(self, route: str, uris: list[str]):
+        """Each input's `ImageInput` or error row, in input order; ``batch_size`` inputs at a time are decoded in
+        lanes (`each_in_lanes`: Pillow's decoders and resampling release the GIL), the counters counted here."""
+        cfg = self.configs[route]
+        for chunk in _chunks(self._inputs(uris), max(1, cfg.batch_size)):
+            for element in each_in_lanes(lambda item: self._decode_one(route, *item), chunk, cfg.num_threads):
+                if isinstance(element, ImageInput):
+                    self.read.inc()
+                    if element.reframed:
+                        self.reframed.inc()
+                else:
+                    self.failed.inc()
+                yield element
+
+    @staticmethod
+    def _inputs(uris: list[str]):
+        """(image URI, bytes or None, problem or None, `WorkUnit`) of every input of a unit of work."""
         key = unit_key(uris)
         if len(uris) == 1 and is_tar(uris[0]):  # a shard is a unit of its own: counted and read from one download
             with object_store_copy(uris[0]) as local:
                 work = WorkUnit(uris[0], key, count_inputs(uris[0], local))
                 for image_uri, data, problem in read_inputs(uris[0], local):
-                    yield from self._decode_one(route, image_uri, data, problem, work)
+                    yield image_uri, data, problem, work
             return
         size = sum(count_inputs(uri) for uri in uris)
         for source in uris:
             work = WorkUnit(source, key, size)
             for image_uri, data, problem in read_inputs(source):
-                yield from self._decode_one(route, image_uri, data, problem, work)
+                yield image_uri, data, problem, work
 
-    def _decode_one(self, route: str, image_uri: str, data: bytes | None, problem: str | None, work: WorkUnit):
+    def _decode_one(self, route: str, image_uri: str, data: bytes | None, problem: str | None,
+                    work: WorkUnit) -> ImageInput | dict:
         cfg, framing = self.configs[route], self.framings[route]
         label = label_from_uri(image_uri)
         if problem is not None:
-            self.failed.inc()
-            yield error_row(image_uri, f"{image_uri}: {problem}", label=label, **work.columns())
-            return
+            return error_row(image_uri, f"{image_uri}: {problem}", label=label, **work.columns())
         image_id = content_id(data)
         try:
             rgb = decode_rgb(data, decode_limits(cfg))
@@ -79,20 +95,25 @@ class DecodeImages(beam.DoFn):
             reframed = framing.reframed((width, height))
             del rgb, data  # not held while the batch is extracted and scored downstream
         except ImageDecodeError as exc:
-            self.failed.inc()
             fix = "" if isinstance(exc, ImageBeyondLimits) else "; replace or remove the file"
-            yield error_row(image_uri, f"{image_uri}: {exc}{fix}", image_id=image_id, label=label, **work.columns())
-            return
+            return error_row(image_uri, f"{image_uri}: {exc}{fix}", image_id=image_id, label=label, **work.columns())
         except Exception as exc:  # one odd image must not end the batch
             LOG.exception("unexpected failure decoding %s", image_uri)
-            self.failed.inc()
-            yield error_row(image_uri, f"{image_uri}: {exc.__class__.__name__}: {exc}", image_id=image_id, label=label,
-                            **work.columns())
-            return
-        self.read.inc()
-        if reframed:
-            self.reframed.inc()
-        yield ImageInput(image_uri, image_id, label, int(width), int(height), tensor, work, reframed)
+            return error_row(image_uri, f"{image_uri}: {exc.__class__.__name__}: {exc}", image_id=image_id, label=label,
+                             **work.columns())
+        return ImageInput(image_uri, image_id, label, int(width), int(height), tensor, work, reframed)
+
+
+def _chunks(items, size: int):
+    """Lists of up to ``size`` consecutive items of an iterable."""
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def decode_limits(config: SpadeConfig) -> DecodeLimits:

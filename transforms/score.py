@@ -15,6 +15,7 @@ from spade.io import storage
 from spade.features.backbone import Features
 from spade.config import SpadeConfig, stable_hash
 from spade.scoring.correspondence import configure_threads
+from spade.scoring.lanes import each_in_lanes
 from spade.io.maps import encode_mask, encode_score_map
 from spade.features.framing import Framing, framing_for
 from spade.index.gallery import Gallery, with_gallery_frame
@@ -141,17 +142,29 @@ class ScoreBatch(beam.DoFn):
                             route=route)
             return
         rows = []
-        for item, result in zip(batch, results):
-            try:
-                rows.append({**self._write(opened, target.out_url, item.image, result), "route": route})
-            except Exception as exc:
-                LOG.exception("writing maps failed for %s", item.image.uri)
+        written = each_in_lanes(lambda pair: self._write_or_fail(opened, target.out_url, *pair), list(zip(batch, results)),
+                                target.config.num_threads)
+        for item, result, row in zip(batch, results, written):
+            if isinstance(row, Exception):
                 self.failed.inc()
-                rows.append(error_row(**image_columns(item.image), error=f"{item.image.uri}: writing score map failed: {exc}",
+                rows.append(error_row(**image_columns(item.image), error=f"{item.image.uri}: writing score map failed: {row}",
                                       route=route))
+            else:
+                self.scored.inc()
+                self.score_dist.update(int(result.image_score * 1000))
+                rows.append({**row, "route": route})
         # Timed before yielding: a fused runner runs the downstream steps (table writing) inside the yield.
         self.latency.update(int((time.perf_counter() - start) * 1000 / len(batch)))
         yield from rows
+
+    def _write_or_fail(self, opened: OpenGallery, out_url: str, item, result) -> dict | Exception:
+        """`_write`, or the exception it raised (the batch's images are written in lanes; metrics are counted by the
+        bundle's own thread)."""
+        try:
+            return self._write(opened, out_url, item.image, result)
+        except Exception as exc:
+            LOG.exception("writing maps failed for %s", item.image.uri)
+            return exc
 
     def _write(self, opened: OpenGallery, out_url: str, image, result) -> dict:
         full = opened.framing.to_original(result.score_map, (image.width, image.height))
@@ -162,8 +175,6 @@ class ScoreBatch(beam.DoFn):
         if opened.pixel_threshold is not None:
             mask_uri = storage.join(out_url, "masks", f"{image.image_id}.png")
             storage.atomic_write_bytes(mask_uri, encode_mask(full >= opened.pixel_threshold))
-        self.scored.inc()
-        self.score_dist.update(int(result.image_score * 1000))
         return {
             **image_columns(image),
             "image_score": result.image_score,

@@ -30,7 +30,7 @@ from spade.features.backbone import Features
 from spade.config import SpadeConfig
 from spade.features.runtime import resolve_device
 from spade.scoring.correspondence import batch_layer_distances, configure_threads
-from spade.scoring.lanes import halves, in_lanes
+from spade.scoring.lanes import each_in_lanes, halves, in_lanes
 from spade.scoring.device_search import device_layer_distances
 from spade.scoring.local_search import local_window_distances
 from spade.features.framing import Framing, framing_for
@@ -195,13 +195,14 @@ def score_batch(features: Features, gallery: Gallery, config: SpadeConfig, exclu
     if "map_residual" in MODE_TERMS[config.image_score]:
         require_normals(config.image_score, stats, gallery.url)
         baseline = baseline_map(stats["position_baseline"], framing.size)
-    results = []
-    for i in range(len(rows)):
+
+    def finish(i: int) -> ImageScore:
         score_map = finish_map([maps[layer][i] for layer in config.layers], config, framing)
         peak, top = float(score_map.max()), map_top(score_map)
         residual = float("nan") if baseline is None else map_residual(score_map, baseline)
-        results.append(ImageScore(image_score(config.image_score, float(knn[i]), peak, stats, gallery.url, map_top=top,
-                                              bank_max=float(banks[i]), map_residual=residual),
-                                  rows[i], score_map, knn_score=float(knn[i]), map_max=peak, map_top=top,
-                                  bank_max=float(banks[i]), map_residual=residual))
-    return results
+        return ImageScore(image_score(config.image_score, float(knn[i]), peak, stats, gallery.url, map_top=top,
+                                      bank_max=float(banks[i]), map_residual=residual),
+                          rows[i], score_map, knn_score=float(knn[i]), map_max=peak, map_top=top,
+                          bank_max=float(banks[i]), map_residual=residual)
+
+    return each_in_lanes(finish, range(len(rows)), config.num_threads)

@@ -4,7 +4,8 @@ On a small machine one lane of every thread leaves cores idle in each search's s
 minimum's numpy work, gathers, map finishing); two lanes run one part's GEMMs beside the other's serial steps.
 Measured on 2 cores (benchmarks/lanes.py): calibration 1.25x, scoring 1.19x faster on metal_plate. The parts must be
 independent: every result is what one lane would give. Lanes do not nest: work already in a lane runs its parts one
-after another with that lane's threads.
+after another with that lane's threads. `each_in_lanes` runs per-image steps the same way (finishing a batch's score
+maps, encoding and writing their PNGs: numpy, torch, scipy and Pillow release the GIL in them).
 """
 from __future__ import annotations
 
@@ -54,3 +55,9 @@ def in_lanes(work: Callable[[Part], Result], parts: Sequence[Part], num_threads:
             return list(pool.map(lane, parts))
     finally:
         configure_threads(num_threads)
+
+
+def each_in_lanes(work: Callable[[Part], Result], items: Sequence[Part], num_threads: int) -> list[Result]:
+    """``[work(item) for item in items]``, the items cut into one contiguous half per lane (`halves`, `in_lanes`)."""
+    parts = in_lanes(lambda part: [work(item) for item in items[part]], halves(len(items), num_threads), num_threads)
+    return [result for part in parts for result in part]
