@@ -127,6 +127,19 @@ def test_neighbourhood_aggregation_is_a_local_mean():
     assert aggregate_neighbourhood(maps, 1) is maps
 
 
+def test_neighbourhood_aggregation_equals_torch_average_pooling():
+    """The shifted-sum mean is avg_pool2d without the padding counted, on any map shape and memory layout."""
+    generator = torch.Generator().manual_seed(0)
+    for size in (3, 5):
+        for shape in ((2, 24, 64, 64), (1, 5, 3, 2), (3, 7, 40, 17), (1, 2, 1, 9)):
+            maps = torch.randn(shape, generator=generator)
+            expected = torch.nn.functional.avg_pool2d(maps, size, stride=1, padding=size // 2, count_include_pad=False)
+            for layout in (maps, maps.contiguous(memory_format=torch.channels_last)):
+                out = aggregate_neighbourhood(layout, size)
+                assert out.shape == expected.shape
+                assert torch.allclose(out, expected, atol=1e-6, rtol=1e-5), (size, shape)
+
+
 def test_new_feature_settings_are_in_the_signature_and_old_galleries_stay_usable(tmp_path):
     gallery, _, _ = _gallery(tmp_path)
     paper = SpadeConfig(framing="crop", feature_aggregation=1, crop=224)
