@@ -128,3 +128,19 @@ def test_a_gallery_without_bank_names_the_fix_for_a_bank_mode(tiny_night):
     assert "patch_bank" not in gallery.manifest
     with pytest.raises(MissingCalibration, match="Re-run `spade fit` with this image_score"):
         require_normals("combined_bank", gallery.manifest["calibration"], tiny_night["gallery"])
+
+
+def test_one_images_queries_search_the_bank_by_gemm_with_the_same_distances():
+    """One frame's 4,096 layer-1 queries of 24 channels are below faiss's own GEMM threshold (queries x dimensions
+    128,000), where it compares one query at a time, several times slower; the bank's threshold sends them to the
+    GEMM, and the distances are the direct ones."""
+    import faiss
+
+    from spade.index.coreset import BLAS_THRESHOLD, MemoryBank
+
+    rng = np.random.default_rng(0)
+    bank = MemoryBank.from_vectors(rng.standard_normal((600, 24), dtype=np.float32))
+    queries = rng.standard_normal((4096, 24), dtype=np.float32)
+    assert faiss.cvar.distance_compute_blas_threshold == BLAS_THRESHOLD <= len(queries) * 24 < 128_000
+    direct = np.sqrt(((queries[:, None, :] - bank.vectors[None, :, :]) ** 2).sum(-1)).min(1)
+    np.testing.assert_allclose(bank.distances(queries), direct, rtol=1e-5, atol=1e-5)

@@ -31,6 +31,12 @@ DEFAULT_MAX_CANDIDATES = 200_000   # positions drawn at random before the greedy
 SEED = 0
 PROGRESS_SECONDS = 10.0            # a long greedy pass reports how far it got this often
 FOLDER = "coreset"                 # gallery sub-folder of stored banks: <layer>.npy vectors, <layer>-rows.npy rows
+# faiss searches a flat index by a GEMM only from queries x dimensions >= this (its own default 128,000), one query
+# at a time below. On the banks here the GEMM is 2-6x faster from a few hundred queries on (benchmarks/bank_search.py):
+# one image's 4,096 layer-1 queries of 24 channels (98,304) took the slow path, 16.8 ms instead of 2.6 ms against a
+# 2,212-vector bank, 64 instead of 13 against 8,192; a batch's few image embeddings keep the one-at-a-time path.
+BLAS_THRESHOLD = 16384
+faiss.cvar.distance_compute_blas_threshold = BLAS_THRESHOLD
 
 
 def greedy_coreset(features: np.ndarray, n: int, start: int | None = None, projection: int = DEFAULT_PROJECTION,
