@@ -35,6 +35,7 @@ from spade.index.patch_bank import patch_bank_for  # noqa: E402
 from spade.io.images import decode_rgb, preprocess  # noqa: E402
 from spade.scoring.batch import layer_queries, score_batch  # noqa: E402
 from spade.scoring.correspondence import configure_threads  # noqa: E402
+from spade.scoring.position_baseline import position_baseline  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 DEFAULT_RUNS = (
@@ -80,7 +81,9 @@ def run(data: Path, spec: str, gallery_images: int, images: int) -> dict:
         patch_bank_for(gallery, config, framing)  # built at fit, stored in the gallery: not a scoring cost
     for layer in config.coreset_layers:  # the same for the coreset banks
         memory_bank_for(gallery, layer, **coreset_settings(config))
-    normals = {term: {"mean": 0.0, "std": 1.0} for term in ("knn", "map_max", "map_top", "bank_max")}  # timing only
+    # timing only: unit statistics for every term, and a flat position baseline for combined_residual's residual term
+    normals = {term: {"mean": 0.0, "std": 1.0} for term in ("knn", "map_max", "map_top", "bank_max", "map_residual")}
+    normals["position_baseline"] = position_baseline(np.zeros((1, *framing.size), dtype=np.float32))
     cpu, wall = time.process_time(), time.perf_counter()
     for start in range(0, len(test), config.batch_size):
         rgbs, batch = tensors(test[start:start + config.batch_size])
