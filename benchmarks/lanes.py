@@ -36,6 +36,7 @@ import pipelines.fit as fit_module  # noqa: E402
 import spade.scoring.batch as batch_module  # noqa: E402
 import spade.scoring.calibration as calibration_module  # noqa: E402
 import spade.scoring.lanes as lanes_module  # noqa: E402
+import transforms.read as read_transform  # noqa: E402
 import transforms.score as score_transform  # noqa: E402
 from pipelines.score import run_score  # noqa: E402
 from spade.config import load_config  # noqa: E402
@@ -61,7 +62,7 @@ def each_in_sequence(work, items, num_threads: int) -> list:
 
 
 def use_each(each) -> None:
-    for module in (batch_module, score_transform):
+    for module in (batch_module, score_transform, read_transform):
         module.each_in_lanes = each
 
 
