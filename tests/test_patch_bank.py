@@ -8,6 +8,7 @@ import pytest
 
 from spade.config import SpadeConfig
 from spade.features.framing import TiledFraming
+from spade.index.coreset import SCREEN_MIN, MemoryBank
 from spade.index.patch_bank import bank_maxima, build_patch_bank, patch_bank_for, patch_bank_settings, patch_features
 from spade.scoring.image_score import image_score, normal_statistics
 
@@ -144,3 +145,28 @@ def test_one_images_queries_search_the_bank_by_gemm_with_the_same_distances():
     assert faiss.cvar.distance_compute_blas_threshold == BLAS_THRESHOLD <= len(queries) * 24 < 128_000
     direct = np.sqrt(((queries[:, None, :] - bank.vectors[None, :, :]) ** 2).sum(-1)).min(1)
     np.testing.assert_allclose(bank.distances(queries), direct, rtol=1e-5, atol=1e-5)
+
+
+def test_largest_distances_equal_searching_every_query():
+    """The screened search (`MemoryBank.largest_distances`) gives each frame's largest nearest-bank distance as
+    searching every query in the whole bank does, leaving gallery rows out or not, while searching fewer queries
+    in the whole bank."""
+    rng = np.random.default_rng(3)
+    vectors = rng.normal(size=(2048, 12)).astype(np.float32)
+    rows = np.repeat(np.arange(64), 32)
+    bank = MemoryBank.from_vectors(vectors, rows)
+    assert len(vectors) >= SCREEN_MIN
+    queries = rng.normal(size=(6, 300, 12)).astype(np.float32)
+    queries[2, 17] += 6.0   # one odd patch
+    queries[4] = vectors[rows == 5][rng.integers(0, 32, 300)] + rng.normal(scale=0.01, size=(300, 12))  # row 5 again
+    flat = queries.reshape(-1, 12)
+    own = np.repeat(np.array([0, 1, 2, 3, 5, 6]), 300)
+    every = bank.distances(flat, 1).reshape(6, 300).max(axis=1)
+    every_left_out = bank.distances(flat, 1, exclude_row=own).reshape(6, 300).max(axis=1)
+    assert every_left_out[4] > 10 * every[4]   # leaving row 5 out matters to frame 4
+    searched = []
+    whole = bank.distances
+    bank.distances = lambda q, *args, **kwargs: searched.append(len(q)) or whole(q, *args, **kwargs)
+    assert np.allclose(bank.largest_distances(flat, 6), every, rtol=1e-6, atol=0)
+    assert np.allclose(bank.largest_distances(flat, 6, exclude_row=own), every_left_out, rtol=1e-6, atol=0)
+    assert sum(searched) < len(flat)   # both calls together: most queries only in the screen

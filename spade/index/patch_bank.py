@@ -138,5 +138,4 @@ def bank_maxima(pyramid: dict[str, np.ndarray], bank: MemoryBank, layers: Sequen
     features = patch_features(pyramid, layers, tiles)
     b, p, c = features.shape
     own = None if exclude_rows is None else np.repeat(np.asarray(exclude_rows, dtype=np.int64), p)
-    distances = bank.distances(features.reshape(b * p, c), 1, exclude_row=own)
-    return distances.reshape(b, p).max(axis=1).astype(np.float64)
+    return bank.largest_distances(features.reshape(b * p, c), b, exclude_row=own).astype(np.float64)
