@@ -34,6 +34,22 @@ def test_patch_features_join_layers_at_the_first_grid_tile_by_tile():
     assert np.all(features[0, :64, 2:] == 1.0) and np.all(features[0, 64:, 2:] == 0.0)
 
 
+def test_patch_features_are_each_tiles_layers_upsampled_and_joined_position_by_position():
+    import torch
+    import torch.nn.functional as F
+    rng = np.random.default_rng(5)
+    pyramid = _pyramid(rng, 3, tiles=3)
+    features = patch_features(pyramid, ("layer2", "layer3"), tiles=3)
+    expected = []
+    for frame in range(3):
+        for tile in range(3):
+            layer2 = torch.from_numpy(pyramid["layer2"][frame:frame + 1, :, 8 * tile:8 * tile + 8].copy())
+            layer3 = torch.from_numpy(pyramid["layer3"][frame:frame + 1, :, 4 * tile:4 * tile + 4].copy())
+            layer3 = F.interpolate(layer3, size=(8, 8), mode="bilinear", align_corners=False)
+            expected.append(torch.cat([layer2, layer3], 1)[0].permute(1, 2, 0).reshape(64, 10).numpy())
+    assert np.allclose(features.reshape(9, 64, 10), np.stack(expected), atol=1e-6)
+
+
 def test_bank_max_is_zero_for_a_gallery_frame_and_finds_one_odd_patch():
     rng = np.random.default_rng(0)
     pyramid = _pyramid(rng, 6)
