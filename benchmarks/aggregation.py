@@ -12,18 +12,13 @@ set ms per image of each, their ratio and the largest difference between them, t
 """
 from __future__ import annotations
 
-import argparse
-import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-DATA = ROOT.parent / "shared" / "data"
-SETS = ("mvtec_ad_bottle", "mpdd_metal_plate", "mvtec3d_tire", "kolektorsdd_commutator")
 
 
 def reference(maps: torch.Tensor, size: int) -> torch.Tensor:
@@ -32,24 +27,12 @@ def reference(maps: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    from benchmarks.feature_pass import frames
-    from spade.config import load_config
+    from benchmarks.feature_pass import alternate, options, result_line, shared_sets
+    args = options(__doc__, repeats=5).parse_args()
     from spade.features.backbone import FeatureExtractor, aggregate_neighbourhood
 
-    torch.set_num_threads(args.threads)
-    print(f"load average {os.getloadavg()[0]:.2f}")
-    default = load_config(str(ROOT / "configs" / "default.yaml"))
     results, worst = [], 0.0
-    for name in SETS:
-        if not (DATA / name).is_dir():
-            print(f"{name}: skipped ({DATA / name} is absent)")
-            continue
-        config, batch = frames(DATA / name, args.images, default)
+    for name, config, batch in shared_sets(args):
         size = config.feature_aggregation
         extractor = FeatureExtractor(config.replace(feature_aggregation=1))
         raw = []  # each batch's tiles' raw layer maps, as the extractor's runtime gives them
@@ -57,27 +40,20 @@ def main() -> None:
             frames_ = batch[start:start + config.batch_size]
             framing = extractor._framing(tuple(frames_.shape[-2:]))
             raw.append(extractor.runtime(frames_ if framing is None else framing.cut(frames_))[1])
-        timings = {"avg_pool2d": float("inf"), "shipped": float("inf")}
         ways = {"avg_pool2d": reference, "shipped": lambda maps, k: aggregate_neighbourhood(maps, k).contiguous()}
-        for _ in range(args.repeats):
-            for way, aggregate in ways.items():
-                started = time.perf_counter()
-                for maps in raw:
-                    for layer in config.layers:
-                        aggregate(maps[layer], size)
-                timings[way] = min(timings[way], (time.perf_counter() - started) * 1000 / batch.shape[0])
+        timings, _ = alternate({way: lambda aggregate=aggregate: [aggregate(maps[layer], size) for maps in raw
+                                                                  for layer in config.layers]
+                                for way, aggregate in ways.items()}, args.repeats, batch.shape[0])
         diff = max(float((reference(maps[layer], size) - aggregate_neighbourhood(maps[layer], size)).abs().max())
                    for maps in raw for layer in config.layers)
         worst = max(worst, diff)
         speedup = timings["avg_pool2d"] / timings["shipped"]
-        results.append((name, speedup))
+        results.append((f"aggregation_speedup_{name}", speedup))
         shapes = ", ".join("x".join(map(str, raw[0][layer].shape)) for layer in config.layers)
         print(f"{name}: frame {config.frame_size[0]}x{config.frame_size[1]} (maps of a batch {shapes}): avg_pool2d "
               f"{timings['avg_pool2d']:.3f} ms/image, shipped {timings['shipped']:.3f} ms/image ({speedup:.2f}x), "
               f"max |diff| {diff:.1e}", flush=True)
-    print(f"load average {os.getloadavg()[0]:.2f}")
-    print("RESULT " + " ".join(f"aggregation_speedup_{name}={speedup:.2f}" for name, speedup in results)
-          + f" max_abs_diff={worst:.1e}")
+    result_line(results, worst)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,51 @@ DATA = ROOT.parent / "shared" / "data"
 SETS = ("mvtec_ad_bottle", "mpdd_metal_plate", "mvtec3d_tire", "kolektorsdd_commutator")
 
 
+def options(doc: str, repeats: int) -> argparse.ArgumentParser:
+    """The shared-set benchmarks' common options: ``--images``, ``--repeats``, ``--threads``."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--threads", type=int, default=2)
+    return parser
+
+
+def shared_sets(args: argparse.Namespace, config=None):
+    """(set name, config, frames) for each shared set beside the project, its first ``args.images`` normal images
+    framed as ``config`` (configs/default.yaml if None) frames them; a set that is absent is said and skipped. Sets
+    torch's threads to ``args.threads`` and prints the load average first."""
+    from spade.config import load_config
+
+    torch.set_num_threads(args.threads)
+    print(f"load average {os.getloadavg()[0]:.2f}")
+    config = config or load_config(str(ROOT / "configs" / "default.yaml"))
+    for name in SETS:
+        if not (DATA / name).is_dir():
+            print(f"{name}: skipped ({DATA / name} is absent)")
+            continue
+        yield (name, *frames(DATA / name, args.images, config))
+
+
+def alternate(ways: dict, repeats: int, images: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Each of ``ways`` ({name: a call doing the whole work}) run in turn ``repeats`` times: the best wall and process
+    CPU ms per image of each."""
+    wall = {way: float("inf") for way in ways}
+    cpu = dict(wall)
+    for _ in range(repeats):
+        for way, work in ways.items():
+            started, started_cpu = time.perf_counter(), time.process_time()
+            work()
+            wall[way] = min(wall[way], (time.perf_counter() - started) * 1000 / images)
+            cpu[way] = min(cpu[way], (time.process_time() - started_cpu) * 1000 / images)
+    return wall, cpu
+
+
+def result_line(results: list[tuple[str, float]], worst: float) -> None:
+    """The load average after the run, then ``RESULT <name>=<ratio> ... max_abs_diff=<worst>``."""
+    print(f"load average {os.getloadavg()[0]:.2f}")
+    print("RESULT " + " ".join(f"{name}={ratio:.2f}" for name, ratio in results) + f" max_abs_diff={worst:.1e}")
+
+
 def frames(folder: Path, count: int, config):
     from spade.features.framing import frame_size_for, framing_for
     from spade.io.images import decode_rgb, preprocess
@@ -50,24 +95,15 @@ def timed(extractor, batch: torch.Tensor, step: int) -> tuple[float, list]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser = options(__doc__, repeats=3)
     parser.add_argument("--runtimes", default="channels_last,openvino",
                         help="compared with eager, comma-separated; runtime:bf16 runs it with feature_precision bf16")
     args = parser.parse_args()
     from spade.config import SpadeConfig
     from spade.features.backbone import FeatureExtractor
 
-    torch.set_num_threads(args.threads)
-    print(f"load average {os.getloadavg()[0]:.2f}")
     results, worst = [], 0.0
-    for name in SETS:
-        if not (DATA / name).is_dir():
-            print(f"{name}: skipped ({DATA / name} is absent)")
-            continue
-        config, batch = frames(DATA / name, args.images, SpadeConfig())
+    for name, config, batch in shared_sets(args, SpadeConfig()):
         names = ["eager", *args.runtimes.split(",")]
         runtimes = {}
         for spec in names:  # runtime[:precision]
@@ -95,8 +131,7 @@ def main() -> None:
             relative = f", {diff / top:.1%} of the largest feature {top:.0f}" if lowered else ""
             line.append(f"{runtime} {best[runtime]:.1f} ms/image ({speedup:.2f}x, max |diff| {diff:.1e}{relative})")
         print(", ".join(line), flush=True)
-    print(f"load average {os.getloadavg()[0]:.2f}")
-    print("RESULT " + " ".join(f"{name}={speedup:.2f}" for name, speedup in results) + f" max_abs_diff={worst:.1e}")
+    result_line(results, worst)
 
 
 if __name__ == "__main__":
