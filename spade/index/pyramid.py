@@ -140,11 +140,8 @@ class TileRows:
         per = self.shape[1]
         if hasattr(self.layer, "read_part"):
             return self.layer.read_part(rows // self.tiles, (rows % self.tiles) * per, target)
-        frames, first = np.unique(rows // self.tiles, return_inverse=True)
-        whole = np.empty((len(frames), *self.layer.shape[1:]), dtype=np.float32)
-        whole[...] = np.asarray(self.layer[frames], dtype=np.float32)
-        for i, (frame, tile) in enumerate(zip(first, rows % self.tiles)):
-            target[i] = whole[frame, tile * per:(tile + 1) * per]
+        for i, (frame, tile) in enumerate(zip(rows // self.tiles, rows % self.tiles)):
+            target[i] = self.layer[frame, tile * per:(tile + 1) * per]  # the tile alone, one copy
         return target
 
     def __getitem__(self, index) -> np.ndarray:
