@@ -5,6 +5,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 
 from spade.config import SpadeConfig
 from spade.features.framing import TiledFraming
@@ -35,8 +37,6 @@ def test_patch_features_join_layers_at_the_first_grid_tile_by_tile():
 
 
 def test_patch_features_are_each_tiles_layers_upsampled_and_joined_position_by_position():
-    import torch
-    import torch.nn.functional as F
     rng = np.random.default_rng(5)
     pyramid = _pyramid(rng, 3, tiles=3)
     features = patch_features(pyramid, ("layer2", "layer3"), tiles=3)

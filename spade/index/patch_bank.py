@@ -36,7 +36,7 @@ def patch_features(pyramid: dict[str, np.ndarray], layers: Sequence[str], tiles:
 
     Deeper layers are upsampled bilinearly to the first layer's tile grid, tile by tile. Channels last throughout:
     the features are wanted so, and torch's CPU bilinear kernel is ~20x faster on channels-last input than on NCHW
-    (the NCHW upsampling was most of `bank_maxima`'s time on a three-tile frame); the numbers are the same.
+    (this function 1.8-3.5x less CPU than upsampling in NCHW, the same numbers: benchmarks/patch_features.py).
     """
     first = pyramid[layers[0]]
     b, _, height, width = first.shape
