@@ -50,6 +50,11 @@ class SpadeConfig:
     at every place (``all``), the tile maps blended into one frame map.
     ``feature_aggregation``: side of the local average (stride 1) applied to each pyramid layer's
     map at extraction, PatchCore's neighbourhood aggregation (3); 1 = none (the paper).
+    ``map_edge_band``: within this many frame pixels of a tile's edge (the frame's border, the seams between tiles),
+    the score map is lowered by how far the calibration images' mean map rises there above its median further inside
+    (`spade.scoring.position_baseline.edge_excess`): features near a tile's edge saw the network's zero padding and
+    run high in every frame. 48 = three strides of the deepest layer; 0: the correspondence's distances as they are
+    (the paper). Image terms are taken from the map before it, as calibration measured them.
     ``image_score`` (`spade.scoring.image_score`): ``knn`` (the paper: mean distance of the global embedding to
     its K nearest normal embeddings), ``map_max`` (the maximum of the smoothed pixel score map, as PatchCore and
     PaDiM decide), ``map_top`` (the mean of the map's highest 1 %: a defect's extent, not one hot pixel),
@@ -86,6 +91,7 @@ class SpadeConfig:
     image_score: str = "combined_residual"
     kappa: int = 1
     sigma: float = 2.0  # Gaussian smoothing of the score map, in frame pixels (the paper: 4, unaggregated features)
+    map_edge_band: int = 48  # frame pixels near a tile's edge where the normal maps' excess is removed (0: none)
     feature_dtype: str = "float32"
     feature_runtime: str = "openvino"  # openvino (OpenVINO's CPU runtime) / channels_last / eager (torch NHWC / NCHW)
     feature_precision: str = "bf16"  # the backbone's arithmetic: bf16 where the hardware has it (else f32), or f32
@@ -173,6 +179,8 @@ class SpadeConfig:
         for name in self.approximate_layers:
             if name not in LAYERS_BY_BACKBONE_FAMILY:
                 problems.append(f"approximate_layers: unknown layer {name!r}; use {', '.join(LAYERS_BY_BACKBONE_FAMILY)}")
+        if self.map_edge_band < 0:
+            problems.append("map_edge_band must be >= 0 frame pixels (0: the score maps as the correspondence gives them)")
         if self.approximate_local_radius < 0:
             problems.append("approximate_local_radius must be >= 0 (0: the coreset bank alone)")
         elif self.approximate_local_radius and self.kappa != 1:

@@ -92,7 +92,8 @@ def test_calibrated_thresholds_follow_the_documented_rule():
     rng = np.random.default_rng(0)
     knn, peak = rng.normal(5, 1, 40), rng.normal(2, 0.5, 40)
     maps = rng.random((40, 8, 8)).astype(np.float32)
-    config = SpadeConfig(image_score="combined", calibration_image_fpr=0.05, calibration_margin=0.5, calibration_fpr=0.01)
+    config = SpadeConfig(image_score="combined", calibration_image_fpr=0.05, calibration_margin=0.5, calibration_fpr=0.01,
+                         map_edge_band=0)   # the maps as given (the band's correction: tests/test_position_baseline.py)
     stats, thresholds = calibrate(NormalScores(np.arange(40), knn, peak, maps), config)
     assert stats["images"] == 40
     z95 = 1.6448536269514722  # standard normal 95 % quantile: a 5 % target false-positive rate
@@ -182,12 +183,16 @@ def test_map_top_is_a_defect_extent_not_one_hot_pixel():
 def test_a_combined_image_score_needs_maps_made_as_calibrated_even_with_thresholds_given():
     """The combined modes standardise by the calibration's normal statistics, which --thresholds does not replace;
     a single-term mode with both thresholds given uses nothing calibration measured; a gallery that recorded no
-    sigma (or k) is not judged on it."""
-    manifest = {"k": 10, "kappa": 1, "sigma": 4.0, "calibration": {"images": 20}}
+    sigma (or k) is not judged on it; one that recorded no map_edge_band made its maps without the correction."""
+    manifest = {"k": 10, "kappa": 1, "sigma": 4.0, "map_edge_band": 48, "calibration": {"images": 20}}
     given = {"image": 1.0, "pixel": 2.0, "source": "image: file t.json; pixel: file t.json"}
     config = SpadeConfig(image_score="combined_bank", sigma=2.0)
     with pytest.raises(CalibrationMismatch, match=r"calibrated normal statistics were .*sigma: gallery calibrated with 4.0"):
         check_calibrated_with(manifest, config, given, "g")
     check_calibrated_with(manifest, config.replace(image_score="knn"), given, "g")
     check_calibrated_with(manifest, config.replace(sigma=4.0), given, "g")
-    check_calibrated_with({"k": 10, "kappa": 1, "calibration": {"images": 20}}, config, given, "g")
+    check_calibrated_with({"k": 10, "kappa": 1, "map_edge_band": 48, "calibration": {"images": 20}}, config, given, "g")
+    before = {"k": 10, "kappa": 1, "calibration": {"images": 20}}   # fitted before map_edge_band was recorded
+    with pytest.raises(CalibrationMismatch, match="map_edge_band: gallery calibrated with 0, config has 48"):
+        check_calibrated_with(before, config, given, "g")
+    check_calibrated_with(before, config.replace(map_edge_band=0), given, "g")

@@ -75,7 +75,8 @@ def test_local_radius_is_checked_and_recorded_as_a_map_setting():
     with pytest.raises(ValueError, match="approximate_local_radius needs kappa: 1"):
         SpadeConfig(approximate_local_radius=1, kappa=3)
     SpadeConfig(approximate_local_radius=0, kappa=3)
-    manifest = {"k": 10, "kappa": 1, "sigma": 2.0, "approximate_local_radius": 0, "calibration": {"images": 20}}
+    manifest = {"k": 10, "kappa": 1, "sigma": 2.0, "approximate_local_radius": 0, "map_edge_band": 48,
+                "calibration": {"images": 20}}
     given = {"source": "image: calibration; pixel: calibration"}
     config = SpadeConfig(k=10, sigma=2.0, approximate_local_radius=1)
     with pytest.raises(CalibrationMismatch, match="approximate_local_radius: gallery calibrated with 0"):

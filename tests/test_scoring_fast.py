@@ -286,7 +286,8 @@ def _gallery(tmp_path, n=8, positions=(16, 4), channels=(8, 12), dim=6):
                         {layer: rng.normal(size=(3, c, int(p ** 0.5), int(p ** 0.5))).astype(np.float32)
                          for layer, p, c in zip(layers, positions, channels)})
     config = SpadeConfig(backbone="resnet18", weights="random", layers=layers, k=3, crop=16, resize=16, sigma=1.0,
-                         framing="crop", feature_aggregation=1, image_score="knn", approximate_layers=())
+                         framing="crop", feature_aggregation=1, image_score="knn", approximate_layers=(),
+                         map_edge_band=0)  # no calibration here: the method's maps
     return gallery, features, config
 
 

@@ -143,6 +143,19 @@ class Framing:
             weight[box] += window
         return total / weight
 
+    def interior_distance(self) -> np.ndarray:
+        """(H, W): each frame pixel's distance in pixels to the nearest edge of the tile that holds it furthest
+        inside (0 on a tile's outermost row or column). Features within a few of the deepest layer's strides of a
+        tile's edge saw the network's zero padding there (`spade.scoring.position_baseline.edge_excess`)."""
+        th, tw = self.tile_size
+        rows, cols = np.arange(th)[:, None], np.arange(tw)[None, :]
+        inside = np.minimum(np.minimum(rows, th - 1 - rows), np.minimum(cols, tw - 1 - cols)).astype(np.float32)
+        out = np.zeros(self.size, dtype=np.float32)
+        for tile in self.tiles:
+            box = (slice(tile.top, tile.top + th), slice(tile.left, tile.left + tw))
+            out[box] = np.maximum(out[box], inside)
+        return out
+
     def to_original(self, frame_map: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
         """The (H, W) frame map resampled bilinearly onto the original (height, width) of ``original_size``
         (width, height)."""

@@ -39,7 +39,7 @@ from spade.index.pyramid import TileRows
 from spade.index.knn import image_scores, nearest_images
 from spade.index.patch_bank import bank_maxima, patch_bank_for
 from spade.scoring.image_score import MODE_TERMS, image_score, map_top, require_normals
-from spade.scoring.position_baseline import baseline_map, map_residual
+from spade.scoring.position_baseline import baseline_map, gallery_edge_excess, map_residual
 from spade.scoring.scoremap import combine_layer_maps, smooth
 
 MODES = ("exact", "approximate")
@@ -47,9 +47,10 @@ MODES = ("exact", "approximate")
 
 @dataclass
 class ImageScore:
-    """One test image's result: image score, neighbour rows, its frame's (H, W) pixel score map, and the
-    terms image scores are made of (kNN score, maximum and top-1 % mean of the score map, and the patch bank's
-    maximum and the map's residual above the normal position baseline where the image score uses them)."""
+    """One test image's result: image score, neighbour rows, its frame's (H, W) pixel score map (less the normal
+    frames' tile-edge excess where ``map_edge_band`` asks for it), and the terms image scores are made of (kNN score,
+    maximum and top-1 % mean of the method's map before that correction, as calibration measured them, and the patch
+    bank's maximum and the map's residual above the normal position baseline where the image score uses them)."""
 
     image_score: float
     neighbours: np.ndarray
@@ -196,13 +197,15 @@ def score_batch(features: Features, gallery: Gallery, config: SpadeConfig, exclu
         require_normals(config.image_score, stats, gallery.url)
         baseline = baseline_map(stats["position_baseline"], framing.size)
 
+    excess = gallery_edge_excess(stats, framing, config.map_edge_band, gallery.url)
+
     def finish(i: int) -> ImageScore:
-        score_map = finish_map([maps[layer][i] for layer in config.layers], config, framing)
-        peak, top = float(score_map.max()), map_top(score_map)
-        residual = float("nan") if baseline is None else map_residual(score_map, baseline)
+        method_map = finish_map([maps[layer][i] for layer in config.layers], config, framing)
+        peak, top = float(method_map.max()), map_top(method_map)
+        residual = float("nan") if baseline is None else map_residual(method_map, baseline)
         return ImageScore(image_score(config.image_score, float(knn[i]), peak, stats, gallery.url, map_top=top,
                                       bank_max=float(banks[i]), map_residual=residual),
-                          rows[i], score_map, knn_score=float(knn[i]), map_max=peak, map_top=top,
-                          bank_max=float(banks[i]), map_residual=residual)
+                          rows[i], method_map if excess is None else method_map - excess, knn_score=float(knn[i]),
+                          map_max=peak, map_top=top, bank_max=float(banks[i]), map_residual=residual)
 
     return each_in_lanes(finish, range(len(rows)), config.num_threads)

@@ -29,7 +29,7 @@ from spade.index.gallery import Gallery, with_gallery_frame
 from spade.scoring.batch import score_batch
 from spade.scoring.image_score import MODE_TERMS, image_scores, mode_terms, normal_statistics
 from spade.scoring.lanes import in_lanes, lanes_for
-from spade.scoring.position_baseline import leave_one_out_residuals, position_baseline
+from spade.scoring.position_baseline import leave_one_out_edge_corrected, leave_one_out_residuals, position_baseline
 from spade.scoring.term_selection import SyntheticScores, select_terms
 
 
@@ -71,7 +71,8 @@ def leave_one_out_scores(gallery: Gallery, config: SpadeConfig, count: int,
     # another image_score can use the gallery; scored as a single-term mode, which needs no statistics
     with_bank = config.uses_patch_bank
     lanes, threads = lanes_for(config.num_threads)
-    single = config.replace(image_score="bank_max" if with_bank else "knn", num_threads=threads)
+    single = config.replace(image_score="bank_max" if with_bank else "knn", num_threads=threads,
+                            map_edge_band=0)  # the method's maps: what the position baseline is measured on
     batches = [rows[start:start + config.batch_size] for start in range(0, len(rows), config.batch_size)]
 
     def leave_out(batch: np.ndarray):
@@ -129,7 +130,7 @@ def calibrate(normal: NormalScores, config: SpadeConfig,
         "image": by_mode[config.image_score],
         "image_score": config.image_score,
         "image_by_mode": by_mode,
-        "pixel": float(np.quantile(normal.maps, 1.0 - config.calibration_fpr)),
+        "pixel": float(np.quantile(_pixel_maps(normal.maps, config), 1.0 - config.calibration_fpr)),
         "source": "calibration",
         "calibration_images": int(len(normal.rows)),
         "calibration_fpr": float(config.calibration_fpr),
@@ -139,7 +140,17 @@ def calibrate(normal: NormalScores, config: SpadeConfig,
     return stats, thresholds
 
 
-MAP_SETTINGS = ("k", "kappa", "sigma", "approximate_local_radius")  # what a score map's values depend on beyond the features
+def _pixel_maps(maps: np.ndarray, config: SpadeConfig) -> np.ndarray:
+    """Normal maps as scoring makes them: less their tile-edge excess where ``map_edge_band`` asks for it."""
+    if not config.map_edge_band or len(maps) < 2:
+        return maps
+    return leave_one_out_edge_corrected(maps, framing_for(config.replace(frame_size=tuple(maps.shape[1:]))
+                                                          if config.frame_from_gallery else config).interior_distance(),
+                                        config.map_edge_band)
+
+
+MAP_SETTINGS = ("k", "kappa", "sigma", "approximate_local_radius", "map_edge_band")  # what a score map's values depend on beyond the features
+UNRECORDED = {"map_edge_band": 0}  # what a gallery fitted before a setting was recorded made its maps with
 
 
 class CalibrationMismatch(ValueError):
@@ -154,8 +165,9 @@ def check_calibrated_with(manifest: dict[str, Any], config: SpadeConfig, used: d
     calibrated = [f"{kind} threshold" for kind in ("image", "pixel") if f"{kind}: calibration" in used.get("source", "")]
     if len(MODE_TERMS.get(config.image_score, ())) > 1 and manifest.get("calibration"):
         calibrated.append("normal statistics")
-    diffs = [(key, manifest[key], getattr(config, key)) for key in MAP_SETTINGS
-             if manifest.get(key) is not None and manifest[key] != getattr(config, key)]
+    recorded = {key: manifest.get(key, UNRECORDED.get(key)) for key in MAP_SETTINGS}
+    diffs = [(key, had, getattr(config, key)) for key, had in recorded.items()
+             if had is not None and had != getattr(config, key)]
     if calibrated and diffs:
         settings = "; ".join(f"{key}: gallery calibrated with {had!r}, config has {has!r}" for key, had, has in diffs)
         theirs = ", ".join(f"`{key}: {had}`" for key, had, _ in diffs)

@@ -8,8 +8,15 @@ small defect elsewhere barely rises above the normal images' own peaks. The cali
 of `BASELINE_CELL` frame pixels (a few kB in the manifest; a grid of 8 pixels scored as the full-resolution mean on
 the four shared sets, benchmarks/image_decision.py). ``map_residual``, the mean of the highest `RESIDUAL_FRACTION`
 of an image's map minus that baseline, is the image term of how far it rises above normal at the same place, as
-PaDiM models each position's normal features. Only the image decision uses it: the pixel maps stay the method's
-(the baseline removed from them loses on frames whose parts do not sit at the same place, the tire's).
+PaDiM models each position's normal features. The image decision uses it whole; the pixel maps only near tiles'
+edges (the baseline removed everywhere loses on frames whose parts do not sit at the same place, the tire's).
+
+``edge_excess``: features within a few of the deepest layer's strides of a tile's edge saw the network's zero padding,
+and their distances run high in every frame (the commutators' layer-3 cells at a tile's edge 21.8 against 17.3
+inside); a defect there reads as no higher than normal, and normal frames' edges and the seams between tiles read as
+defects. ``map_edge_band`` removes, within that band only, how far the baseline rises above its median further
+inside, never more: a product's own structure inside the band stays (the tire's tread) unless it is an excess every
+normal frame shows there.
 """
 from __future__ import annotations
 
@@ -20,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from spade.scoring.image_score import map_top
+from spade.scoring.image_score import MissingCalibration, map_top
 
 BASELINE_CELL = 8  # frame pixels per grid cell
 RESIDUAL_FRACTION = 0.001  # the highest 0.1 % of a frame's positions: a small defect's extent, not one pixel
@@ -61,6 +68,45 @@ def baseline_map(record: dict[str, Any], frame: tuple[int, int]) -> np.ndarray:
 def map_residual(score_map: np.ndarray, baseline: np.ndarray, fraction: float = RESIDUAL_FRACTION) -> float:
     """The mean of the highest ``fraction`` (at least one) of ``score_map - baseline``."""
     return map_top(np.asarray(score_map, dtype=np.float32) - baseline, fraction)
+
+
+def edge_excess(baseline: np.ndarray, interior: np.ndarray, band: int) -> np.ndarray:
+    """(H, W): within ``band`` pixels of a tile's edge (``interior``: `Framing.interior_distance`), how far the
+    ``baseline`` map rises above its median further inside (at least 0); 0 beyond the band and everywhere when
+    ``band`` is 0."""
+    baseline = np.asarray(baseline, dtype=np.float32)
+    near = interior < band
+    if not near.any():
+        return np.zeros_like(baseline)
+    inside = baseline[~near] if (~near).any() else baseline
+    return np.where(near, np.maximum(baseline - np.median(inside), 0.0), 0.0).astype(np.float32)
+
+
+def gallery_edge_excess(normals: dict[str, Any] | None, framing: Any, band: int,
+                        gallery: str = "the gallery") -> np.ndarray | None:
+    """The (H, W) `edge_excess` a gallery's score maps are corrected by: None when ``band`` is 0 or the gallery has
+    no normal maps to measure it on (fewer than 2 calibration images: the method's distances as they are);
+    `MissingCalibration` when it was calibrated before the position baseline was recorded."""
+    if band <= 0 or not normals:
+        return None
+    if "position_baseline" not in normals:
+        raise MissingCalibration(f"map_edge_band: {band} needs the normal images' mean map that `spade fit` records; "
+                                 f"{gallery} was calibrated before it existed. Re-run `spade fit`, or score with "
+                                 "map_edge_band: 0 (the maps it was calibrated on).")
+    return edge_excess(baseline_map(normals["position_baseline"], framing.size), framing.interior_distance(), band)
+
+
+def leave_one_out_edge_corrected(maps: np.ndarray, interior: np.ndarray, band: int,
+                                 cell: int = BASELINE_CELL) -> np.ndarray:
+    """m >= 2 normal frame maps, each less the `edge_excess` of the other m - 1's baseline (on the grid the manifest
+    records): the maps a new normal image's corrected map is compared with (the calibrated pixel threshold)."""
+    maps = np.asarray(maps, dtype=np.float32)
+    if len(maps) < 2 or band <= 0:
+        return maps
+    grids = baseline_grids(maps, cell)
+    total = grids.sum(0)
+    return np.stack([m - edge_excess(upsampled((total - g) / (len(maps) - 1), m.shape), interior, band)
+                     for m, g in zip(maps, grids)])
 
 
 def leave_one_out_residuals(maps: np.ndarray, cell: int = BASELINE_CELL) -> np.ndarray:

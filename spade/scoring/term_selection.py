@@ -60,7 +60,7 @@ def synthetic_scores(gallery: Gallery, config: SpadeConfig, normal_maps: np.ndar
     sources = np.sort(rng.choice(n, size=min(count, n), replace=False))
     uris = gallery.images.column("uri").to_pylist()
     baseline = baseline_map(position_baseline(normal_maps), framing.size)
-    single = config.replace(image_score="bank_max")
+    single = config.replace(image_score="bank_max", map_edge_band=0)  # the map residual compares the method's maps
     rows, found = [], {term: [] for term in CANDIDATES}
 
     def image(row: int) -> np.ndarray | None:
