@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from spade.features.framing import Framing
 from spade.scoring.image_score import MissingCalibration, map_top
 
 BASELINE_CELL = 8  # frame pixels per grid cell
@@ -82,7 +83,7 @@ def edge_excess(baseline: np.ndarray, interior: np.ndarray, band: int) -> np.nda
     return np.where(near, np.maximum(baseline - np.median(inside), 0.0), 0.0).astype(np.float32)
 
 
-def gallery_edge_excess(normals: dict[str, Any] | None, framing: Any, band: int,
+def gallery_edge_excess(normals: dict[str, Any] | None, framing: Framing, band: int,
                         gallery: str = "the gallery") -> np.ndarray | None:
     """The (H, W) `edge_excess` a gallery's score maps are corrected by: None when ``band`` is 0 or the gallery has
     no normal maps to measure it on (fewer than 2 calibration images: the method's distances as they are);
