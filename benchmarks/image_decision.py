@@ -7,8 +7,9 @@ For each set and framing it runs the method itself (no Beam: `spade` functions o
 gallery (train/good) and test images, the kNN term and each layer's raw correspondence map of every test image
 and of up to ``--calibration`` gallery images scored leave-one-out. These are cached (``--cache``), so each
 image-score rule below costs no scoring. Printed: image ROCAUC of every rule, pixel ROCAUC and PRO (full image; of
-the method's maps, without the config's ``map_edge_band``: `map_rules.py --edge-band` applies it), and for every rule the good flagged / defective missed at the calibrated threshold (mean + 1.645 std of the
-leave-one-out normal scores, the default's 5 % target).
+the method's maps, without the config's ``map_edge_band``: `map_rules.py --edge-band` applies it), and for every
+rule the good flagged / defective missed at the calibrated threshold (mean + 1.645 std of the leave-one-out normal
+scores, the default's 5 % target).
 
 Rules (each a function of a frame's kNN term and its raw per-layer maps):
 

@@ -21,7 +21,7 @@ normal frame shows there.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -83,18 +83,21 @@ def edge_excess(baseline: np.ndarray, interior: np.ndarray, band: int) -> np.nda
     return np.where(near, np.maximum(baseline - np.median(inside), 0.0), 0.0).astype(np.float32)
 
 
-def gallery_edge_excess(normals: dict[str, Any] | None, framing: Framing, band: int,
-                        gallery: str = "the gallery") -> np.ndarray | None:
+def gallery_edge_excess(normals: dict[str, Any] | None, framing: Framing, band: int, gallery: str = "the gallery",
+                        baseline: np.ndarray | None = None) -> np.ndarray | None:
     """The (H, W) `edge_excess` a gallery's score maps are corrected by: None when ``band`` is 0 or the gallery has
     no normal maps to measure it on (fewer than 2 calibration images: the method's distances as they are);
-    `MissingCalibration` when it was calibrated before the position baseline was recorded."""
+    `MissingCalibration` when it was calibrated before the position baseline was recorded. ``baseline``: its
+    `baseline_map` for ``framing`` where the caller has it already."""
     if band <= 0 or not normals:
         return None
     if "position_baseline" not in normals:
         raise MissingCalibration(f"map_edge_band: {band} needs the normal images' mean map that `spade fit` records; "
                                  f"{gallery} was calibrated before it existed. Re-run `spade fit`, or score with "
                                  "map_edge_band: 0 (the maps it was calibrated on).")
-    return edge_excess(baseline_map(normals["position_baseline"], framing.size), framing.interior_distance(), band)
+    if baseline is None:
+        baseline = baseline_map(normals["position_baseline"], framing.size)
+    return edge_excess(baseline, framing.interior_distance(), band)
 
 
 def leave_one_out_edge_corrected(maps: np.ndarray, interior: np.ndarray, band: int,
@@ -104,19 +107,21 @@ def leave_one_out_edge_corrected(maps: np.ndarray, interior: np.ndarray, band: i
     maps = np.asarray(maps, dtype=np.float32)
     if len(maps) < 2 or band <= 0:
         return maps
-    grids = baseline_grids(maps, cell)
-    total = grids.sum(0)
-    return np.stack([m - edge_excess(upsampled((total - g) / (len(maps) - 1), m.shape), interior, band)
-                     for m, g in zip(maps, grids)])
+    return np.stack([m - edge_excess(others, interior, band) for m, others in _with_the_others_baseline(maps, cell)])
 
 
 def leave_one_out_residuals(maps: np.ndarray, cell: int = BASELINE_CELL) -> np.ndarray:
     """``map_residual`` of each of m >= 2 normal frame maps against the baseline of the other m - 1: a calibration
     image's own map is not part of the normal it is compared with, as a new image's is not."""
     maps = np.asarray(maps, dtype=np.float32)
-    count = len(maps)
-    if count < 2:
+    if len(maps) < 2:
         return np.zeros(0)
+    return np.asarray([map_residual(m, others) for m, others in _with_the_others_baseline(maps, cell)])
+
+
+def _with_the_others_baseline(maps: np.ndarray, cell: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Each of m >= 2 (H, W) maps with the (H, W) baseline of the other m - 1 (their mean on the ``cell`` grid)."""
     grids = baseline_grids(maps, cell)
     total = grids.sum(0)
-    return np.asarray([map_residual(m, upsampled((total - g) / (count - 1), m.shape)) for m, g in zip(maps, grids)])
+    for m, g in zip(maps, grids):
+        yield m, upsampled((total - g) / (len(maps) - 1), m.shape)
