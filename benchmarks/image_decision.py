@@ -27,6 +27,9 @@ Rules (each a function of a frame's kNN term and its raw per-layer maps):
 * ``map_residual``: the top 0.1 % of the map minus the calibration images' mean map at each place (on the 8-pixel
   grid the gallery records; each calibration image against the others' mean), `spade.scoring.position_baseline`;
   ``combined_residual``: z(map_residual) + z(bank_max) + z(knn); ``residual+bank``, ``residual+knn``;
+* ``region_excess``: the largest connected region of that residual above the level normal frames' residuals reach at
+  1 pixel in 200, its summed excess (log), the frame's 16-pixel border left out (`spade.scoring.region_excess`);
+  ``combined_region``: z(map_residual) + z(region_excess) + z(bank_max) + z(knn);
 * ``combined_selected``: the two of those three terms that best separate ``--synthetic`` gallery images with a drawn
   defect from the leave-one-out normal images (`spade.scoring.term_selection`, as `spade fit` selects them); each
   set's selection and every term's synthetic ROCAUC are printed under the table.
@@ -56,6 +59,7 @@ from spade.io.images import decode_rgb, preprocess  # noqa: E402
 from spade.scoring.batch import layer_distance_maps  # noqa: E402
 from spade.scoring.correspondence import configure_threads  # noqa: E402
 from spade.scoring.position_baseline import baseline_map, leave_one_out_residuals, map_residual, position_baseline  # noqa: E402
+from spade.scoring.region_excess import region_excess, region_record  # noqa: E402
 from spade.scoring.term_selection import CANDIDATES, SyntheticScores, select_terms, synthetic_scores  # noqa: E402
 from spade.scoring.scoremap import combine_layer_maps, smooth  # noqa: E402
 
@@ -200,6 +204,9 @@ def rules(test: dict, normal: dict, layers) -> dict[str, tuple[np.ndarray, np.nd
         out |= {"map_residual": (test["map_residual"], normal["map_residual"]),
                 "combined_residual": add("map_residual", "bank_max", "knn"), "residual+bank": add("map_residual", "bank_max"),
                 "residual+knn": add("map_residual", "knn")}
+    if "region_excess" in test:  # the residual's largest region above normal (spade.scoring.region_excess)
+        out |= {"region_excess": (test["region_excess"], normal["region_excess"]),
+                "combined_region": add("map_residual", "region_excess", "bank_max", "knn")}
     if "selected_terms" in normal:
         out["combined_selected"] = add(*normal["selected_terms"])
     return out
@@ -235,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
             baseline = baseline_map(position_baseline(normal_maps), maps[0].shape)
             test["map_residual"] = np.array([map_residual(m, baseline) for m in maps])
             normal["map_residual"] = leave_one_out_residuals(normal_maps)
+            region, normal["region_excess"] = region_record(normal_maps)
+            test["region_excess"] = np.array([region_excess(m - baseline, region["level"], region["border"]) for m in maps])
             if "s_rows" in data:
                 found = SyntheticScores(data["s_rows"], {t: data[f"s_{t}"] for t in CANDIDATES})
                 selection = select_terms(normal, found)

@@ -20,8 +20,8 @@ DEVICES = ("auto", "cpu", "cuda")
 # ledgers.
 SPEED_ONLY = ("num_threads", "shards", "rows_per_shard", "batch_size", "feature_runtime", "device")
 IMAGE_SCORES = ("knn", "map_max", "map_top", "combined", "combined_top", "bank_max", "combined_bank", "combined_residual",
-                "combined_selected")
-BANK_SCORES = ("bank_max", "combined_bank", "combined_residual", "combined_selected")  # the image scores that need a gallery's patch bank
+                "combined_selected", "region_excess", "combined_region")
+BANK_SCORES = ("bank_max", "combined_bank", "combined_residual", "combined_selected", "combined_region")  # the image scores that need a gallery's patch bank
 # Feature settings a signature lists only where they differ from these values, so that galleries fitted before them
 # keep their hash; a manifest without one was built with this value.
 FEATURES_LISTED_IF_SET = {"feature_precision": "f32"}
@@ -66,7 +66,9 @@ class SpadeConfig:
     map's highest 0.1 % rise above the calibration images' mean map at the same place, with ``bank_max`` and ``knn``,
     standardised and summed; `spade.scoring.position_baseline`), ``combined_selected`` (the two of those three
     terms that best separate ``synthetic_defects`` gallery images with a defect drawn on them from the normal
-    calibration images, measured at `fit`; `spade.scoring.term_selection`).
+    calibration images, measured at `fit`; `spade.scoring.term_selection`), ``region_excess`` (how much of the frame
+    rises above the level normal frames' residuals reach, over its largest connected region: a crack's extent;
+    `spade.scoring.region_excess`), ``combined_region`` (``combined_residual``'s terms and ``region_excess``).
     Calibration at `fit`: ``calibration_images`` gallery images (evenly spaced; all when the gallery
     is smaller) are scored leave-one-out; the image threshold is their mean plus (z + ``calibration_margin``)
     standard deviations, z the standard normal quantile of 1 - ``calibration_image_fpr`` (0: their highest

@@ -40,6 +40,7 @@ from spade.index.knn import image_scores, nearest_images
 from spade.index.patch_bank import bank_maxima, patch_bank_for
 from spade.scoring.image_score import MODE_TERMS, image_score, map_top, require_normals
 from spade.scoring.position_baseline import baseline_map, gallery_edge_excess, map_residual
+from spade.scoring.region_excess import gallery_region, region_excess
 from spade.scoring.scoremap import combine_layer_maps, smooth
 
 MODES = ("exact", "approximate")
@@ -60,6 +61,7 @@ class ImageScore:
     map_top: float = float("nan")
     bank_max: float = float("nan")
     map_residual: float = float("nan")
+    region_excess: float = float("nan")
 
 
 def scoring_mode(config: SpadeConfig, mode: str | None = None) -> str:
@@ -192,8 +194,11 @@ def score_batch(features: Features, gallery: Gallery, config: SpadeConfig, exclu
         banks = bank_maxima({layer: features.pyramid[layer] for layer in config.bank_layers},
                             patch_bank_for(gallery, config, framing), config.bank_layers, len(framing.tiles), exclude_rows)
     stats = gallery.manifest.get("calibration") if normals is None else normals
-    baseline = None
-    if "map_residual" in MODE_TERMS[config.image_score]:
+    baseline = region = None
+    uses = MODE_TERMS[config.image_score]
+    if "region_excess" in uses:
+        region = gallery_region(stats, gallery.url)
+    if "map_residual" in uses or "region_excess" in uses:
         require_normals(config.image_score, stats, gallery.url)
         baseline = baseline_map(stats["position_baseline"], framing.size)
 
@@ -203,9 +208,11 @@ def score_batch(features: Features, gallery: Gallery, config: SpadeConfig, exclu
         method_map = finish_map([maps[layer][i] for layer in config.layers], config, framing)
         peak, top = float(method_map.max()), map_top(method_map)
         residual = float("nan") if baseline is None else map_residual(method_map, baseline)
-        return ImageScore(image_score(config.image_score, float(knn[i]), peak, stats, gallery.url, map_top=top,
-                                      bank_max=float(banks[i]), map_residual=residual),
+        extent = float("nan") if region is None else region_excess(method_map - baseline, region["level"],
+                                                                   region["border"])
+        terms = {"map_top": top, "bank_max": float(banks[i]), "map_residual": residual, "region_excess": extent}
+        return ImageScore(image_score(config.image_score, float(knn[i]), peak, stats, gallery.url, **terms),
                           rows[i], method_map if excess is None else method_map - excess, knn_score=float(knn[i]),
-                          map_max=peak, map_top=top, bank_max=float(banks[i]), map_residual=residual)
+                          map_max=peak, **terms)
 
     return each_in_lanes(finish, range(len(rows)), config.num_threads)

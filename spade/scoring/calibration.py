@@ -30,6 +30,7 @@ from spade.scoring.batch import score_batch
 from spade.scoring.image_score import MODE_TERMS, image_scores, mode_terms, normal_statistics
 from spade.scoring.lanes import in_lanes, lanes_for
 from spade.scoring.position_baseline import leave_one_out_edge_corrected, leave_one_out_residuals, position_baseline
+from spade.scoring.region_excess import region_record
 from spade.scoring.term_selection import SyntheticScores, select_terms
 
 
@@ -113,15 +114,18 @@ def calibrate(normal: NormalScores, config: SpadeConfig,
     config's. Both are empty with fewer than 2 normal images.
     """
     residuals = leave_one_out_residuals(normal.maps)
-    stats = normal_statistics(normal.knn, normal.map_max, normal.map_top, normal.bank_max, residuals)
+    region, regions = region_record(normal.maps)
+    stats = normal_statistics(normal.knn, normal.map_max, normal.map_top, normal.bank_max, residuals, regions)
     if not stats:
         return {}, {}
     stats["position_baseline"] = position_baseline(normal.maps)
+    stats["region_level"] = region
     if synthetic is not None and normal.bank_max is not None:
         stats["selected_terms"] = select_terms({"knn": normal.knn, "bank_max": normal.bank_max, "map_residual": residuals},
                                                synthetic)
     modes = [mode for mode in IMAGE_SCORES if all(term in stats for term in MODE_TERMS[mode] + mode_terms(mode, stats))]
-    scores = {mode: image_scores(mode, normal.knn, normal.map_max, stats, normal.map_top, normal.bank_max, residuals)
+    scores = {mode: image_scores(mode, normal.knn, normal.map_max, stats, map_top=normal.map_top,
+                                 bank_max=normal.bank_max, map_residual=residuals, region_excess=regions)
               for mode in modes}
     by_mode = {mode: image_threshold(scores[mode], config.calibration_image_fpr, config.calibration_margin)
                for mode in modes}

@@ -20,7 +20,11 @@
 * ``combined_residual``: ``map_residual`` (how far the map's highest 0.1 % rise above the normal frames' mean map
   at the same place, `spade.scoring.position_baseline`), ``bank_max`` and ``knn``, standardised and summed: the
   map's evidence without the places every normal frame scores high, beside the bank's and the embedding's.
-* ``combined_selected``: the same three candidates, of which only those `fit` selected (``selected_terms`` in the
+* ``region_excess``: how much of the frame rises above what normal frames reach there, as one connected region (the
+  residual above a level normal frames' residuals reach at 1 pixel in 200, summed over its largest region,
+  `spade.scoring.region_excess`): a crack's extent where its peak is no higher than normal peaks.
+* ``combined_region``: ``combined_residual``'s three terms and ``region_excess``, standardised and summed.
+* ``combined_selected``: the same three candidates as ``combined_residual``, of which only those `fit` selected (``selected_terms`` in the
   normal statistics: the ones that best separate synthetic defects from normal images on this gallery's product,
   `spade.scoring.term_selection`) are standardised and summed: a term that does not separate a product's defects
   adds only its noise to the sum.
@@ -36,9 +40,12 @@ from spade.config import IMAGE_SCORES
 MAP_TOP_FRACTION = 0.01
 MODE_TERMS = {"knn": ("knn",), "map_max": ("map_max",), "map_top": ("map_top",), "combined": ("knn", "map_max"),
               "combined_top": ("knn", "map_top"), "bank_max": ("bank_max",), "combined_bank": ("map_top", "bank_max"),
-              "combined_residual": ("map_residual", "bank_max", "knn"),
+              "combined_residual": ("map_residual", "bank_max", "knn"), "region_excess": ("region_excess",),
+              "combined_region": ("map_residual", "region_excess", "bank_max", "knn"),
               "combined_selected": ("map_residual", "bank_max", "knn")}  # candidates: fit selects among them
 SELECTED_MODES = ("combined_selected",)  # modes whose terms are the normal statistics' "selected_terms"
+MAP_TERMS = ("map_top", "bank_max", "map_residual", "region_excess")  # an image's terms besides knn and map_max
+CALIBRATED_TERMS = ("region_excess",)  # single terms measured against a level that fit records
 
 
 class MissingCalibration(ValueError):
@@ -55,12 +62,13 @@ def map_top(score_map: np.ndarray, fraction: float = MAP_TOP_FRACTION) -> float:
 def normal_statistics(knn_scores: Sequence[float] | np.ndarray, map_maxima: Sequence[float] | np.ndarray,
                       map_tops: Sequence[float] | np.ndarray | None = None,
                       bank_maxima: Sequence[float] | np.ndarray | None = None,
-                      map_residuals: Sequence[float] | np.ndarray | None = None) -> dict[str, Any]:
+                      map_residuals: Sequence[float] | np.ndarray | None = None,
+                      region_excesses: Sequence[float] | np.ndarray | None = None) -> dict[str, Any]:
     """{"images": m, "knn": {"mean", "std"}, "map_max": {...}, "map_top": {...}, "bank_max": {...},
-    "map_residual": {...}} of normal images' terms (sample standard deviation; empty when fewer than 2 images; a term
-    given as None is left out)."""
+    "map_residual": {...}, "region_excess": {...}} of normal images' terms (sample standard deviation; empty when
+    fewer than 2 images; a term given as None is left out)."""
     terms = {"knn": knn_scores, "map_max": map_maxima, "map_top": map_tops, "bank_max": bank_maxima,
-             "map_residual": map_residuals}
+             "map_residual": map_residuals, "region_excess": region_excesses}
     values = {name: np.asarray(v, dtype=np.float64).ravel() for name, v in terms.items() if v is not None}
     if values["knn"].size < 2 or any(v.size != values["knn"].size for v in values.values()):
         return {}
@@ -83,23 +91,29 @@ def _standardised(value: float, stats: dict[str, float]) -> float:
 
 
 def require_normals(mode: str, normals: dict[str, Any] | None, gallery: str = "the gallery") -> None:
-    """Raise `MissingCalibration` when ``mode`` needs normal statistics that ``normals`` lacks."""
-    if len(MODE_TERMS.get(mode, ())) > 1 and (not normals or any(term not in normals for term in mode_terms(mode, normals))):
+    """Raise `MissingCalibration` when ``mode`` needs normal statistics that ``normals`` lacks (the combined modes, and
+    ``region_excess``, whose level `fit` records beside its statistics)."""
+    needs = len(MODE_TERMS.get(mode, ())) > 1 or mode in CALIBRATED_TERMS
+    if needs and (not normals or any(term not in normals for term in mode_terms(mode, normals))):
         raise MissingCalibration(f"image_score: {mode} needs the normal-image statistics that `spade fit` records; "
                                  f"{gallery} has none (fitted before they existed, or with fewer than 2 images). "
                                  "Re-run `spade fit` with this image_score, or use image_score: knn or map_max.")
 
 
 def image_score(mode: str, knn: float, map_max: float, normals: dict[str, Any] | None, gallery: str = "the gallery",
-                map_top: float = float("nan"), bank_max: float = float("nan"), map_residual: float = float("nan")) -> float:
-    """The image score of ``mode`` from an image's kNN score, score-map maximum, top mean and residual above the
-    normal baseline, and bank maximum.
+                **more: float) -> float:
+    """The image score of ``mode`` from an image's kNN score and score-map maximum, and ``more`` of its terms by name
+    (`MAP_TERMS`: the map's top mean, the bank maximum, the residual above the normal baseline, the region excess;
+    a term the mode does not use may be left out).
 
     ``normals``: `normal_statistics` of the gallery's calibration images (the combined modes use it).
     """
     if mode not in MODE_TERMS:
         raise ValueError(f"image_score must be one of {', '.join(IMAGE_SCORES)}, got {mode!r}")
-    terms = {"knn": knn, "map_max": map_max, "map_top": map_top, "bank_max": bank_max, "map_residual": map_residual}
+    unknown = set(more) - set(MAP_TERMS)
+    if unknown:
+        raise TypeError(f"unknown image terms {sorted(unknown)}; the terms are knn, map_max, {', '.join(MAP_TERMS)}")
+    terms = {"knn": knn, "map_max": map_max} | {name: float(more.get(name, float("nan"))) for name in MAP_TERMS}
     if len(MODE_TERMS[mode]) == 1:
         return float(terms[mode])
     require_normals(mode, normals, gallery)
@@ -107,11 +121,8 @@ def image_score(mode: str, knn: float, map_max: float, normals: dict[str, Any] |
 
 
 def image_scores(mode: str, knn: np.ndarray, map_max: np.ndarray, normals: dict[str, Any] | None,
-                 map_top: np.ndarray | None = None, bank_max: np.ndarray | None = None,
-                 map_residual: np.ndarray | None = None) -> np.ndarray:
-    """`image_score` of arrays of the terms."""
-    missing = np.full(len(knn), np.nan)
-    tops, banks, residuals = (missing if v is None else v for v in (map_top, bank_max, map_residual))
-    return np.asarray([image_score(mode, float(a), float(b), normals, map_top=float(c), bank_max=float(d),
-                                   map_residual=float(e))
-                       for a, b, c, d, e in zip(knn, map_max, tops, banks, residuals)], dtype=np.float64)
+                 **more: np.ndarray | None) -> np.ndarray:
+    """`image_score` of arrays of the terms (``more``: arrays by `MAP_TERMS` name; None or left out: not measured)."""
+    given = {name: np.asarray(values, dtype=np.float64) for name, values in more.items() if values is not None}
+    return np.asarray([image_score(mode, float(a), float(b), normals, **{name: float(v[i]) for name, v in given.items()})
+                       for i, (a, b) in enumerate(zip(knn, map_max))], dtype=np.float64)

@@ -119,6 +119,13 @@ def leave_one_out_residuals(maps: np.ndarray, cell: int = BASELINE_CELL) -> np.n
     return np.asarray([map_residual(m, others) for m, others in _with_the_others_baseline(maps, cell)])
 
 
+def leave_one_out_residual_maps(maps: np.ndarray, cell: int = BASELINE_CELL) -> Iterator[np.ndarray]:
+    """Each of m >= 2 (H, W) normal frame maps less the baseline of the other m - 1 (one at a time: m full maps
+    need not be held twice)."""
+    for m, others in _with_the_others_baseline(np.asarray(maps, dtype=np.float32), cell):
+        yield m - others
+
+
 def _with_the_others_baseline(maps: np.ndarray, cell: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Each of m >= 2 (H, W) maps with the (H, W) baseline of the other m - 1 (their mean on the ``cell`` grid)."""
     grids = baseline_grids(maps, cell)
