@@ -29,7 +29,8 @@ Rules (each a function of a frame's kNN term and its raw per-layer maps):
   ``combined_residual``: z(map_residual) + z(bank_max) + z(knn); ``residual+bank``, ``residual+knn``;
 * ``region_excess``: the largest connected region of that residual above the level normal frames' residuals reach at
   1 pixel in 200, its summed excess (log), the frame's 16-pixel border left out (`spade.scoring.region_excess`);
-  ``combined_region``: z(map_residual) + z(region_excess) + z(bank_max) + z(knn);
+  ``combined_region``: z(map_residual) + z(region_excess) + z(bank_max) + z(knn); ``max(residual,region)+bank+knn``: the
+  map's two terms counted once, by the larger;
 * ``combined_selected``: the two of those three terms that best separate ``--synthetic`` gallery images with a drawn
   defect from the leave-one-out normal images (`spade.scoring.term_selection`, as `spade fit` selects them); each
   set's selection and every term's synthetic ROCAUC are printed under the table.
@@ -206,7 +207,9 @@ def rules(test: dict, normal: dict, layers) -> dict[str, tuple[np.ndarray, np.nd
                 "residual+knn": add("map_residual", "knn")}
     if "region_excess" in test:  # the residual's largest region above normal (spade.scoring.region_excess)
         out |= {"region_excess": (test["region_excess"], normal["region_excess"]),
-                "combined_region": add("map_residual", "region_excess", "bank_max", "knn")}
+                "combined_region": add("map_residual", "region_excess", "bank_max", "knn"),
+                "max(residual,region)+bank+knn": (np.maximum(z["map_residual"][0], z["region_excess"][0]) + add("bank_max", "knn")[0],
+                                                  np.maximum(z["map_residual"][1], z["region_excess"][1]) + add("bank_max", "knn")[1])}
     if "selected_terms" in normal:
         out["combined_selected"] = add(*normal["selected_terms"])
     return out
