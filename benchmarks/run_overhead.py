@@ -1,6 +1,7 @@
 """What a scoring run pays besides its images: the fixed cost of `spade score` (graph construction, the runner's
-stages) against the cost per image, with Beam's options as shipped (`pipelines.options.BeamOptions`, each view made
-once) and as before (plain ``PipelineOptions``: every view parses every option again).
+stages) against the cost per image, as shipped (`pipelines.options.BeamOptions`, each view made once; Beam's reads of
+DoFn signatures kept per function, `pipelines.signatures`), with the views but Beam's own signature reads ("views"),
+and as before both (plain ``PipelineOptions``: every view parses every option again).
 
 Fits a gallery of ``--data``'s training images with ``--config``, then alternately, ``--rounds`` times after a
 warm-up round, runs the whole `run_score` call (local FnApiRunner) on one test image and on the whole test split,
@@ -9,6 +10,7 @@ and
 
     RESULT build_speedup=<before / shipped> fixed_s=<one-image run, shipped> per_image_ms=<(all - one) / (n - 1)>
            fixed_share=<fixed / all-image run> run_speedup=<all-image run, before / shipped>
+           signatures_fixed_speedup=<one-image run, views / shipped> signatures_run_speedup=<all-image run, views / shipped>
 
     python benchmarks/run_overhead.py [--data ../shared/data/mpdd_metal_plate] [--config configs/approximate.yaml]
 """
@@ -37,8 +39,11 @@ def main() -> None:
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
+    import apache_beam.transforms.core as beam_core
+
     import pipelines.options as options_module
     import pipelines.runner as runner_module
+    import pipelines.signatures as signatures
     from pipelines.fit import run_fit
     from pipelines.score import run_score
     from spade.config import load_config
@@ -46,7 +51,8 @@ def main() -> None:
 
     config = load_config(args.config)
     shipped = options_module.beam_options
-    kinds = {"before": lambda beam_args: PipelineOptions(shipped(beam_args)._flags), "shipped": shipped}
+    plain = lambda beam_args: PipelineOptions(shipped(beam_args)._flags)  # noqa: E731
+    kinds = {"before": (plain, False), "views": (shipped, False), "shipped": (shipped, True)}  # options, kept signatures
     marks: dict[str, float] = {}
     create, run = beam.Pipeline.__init__, beam.Pipeline.run
 
@@ -69,8 +75,10 @@ def main() -> None:
         times = {(kind, size): [] for kind in kinds for size in ("one", "all")}
         builds = {kind: [] for kind in kinds}
         for rnd in range(args.rounds + 1):
-            for kind, make in kinds.items():
+            for kind, (make, kept) in kinds.items():
                 runner_module.beam_options = make
+                runner_module.keep_signatures = signatures.install if kept else (lambda: False)
+                beam_core.get_signature = signatures.kept_signature if kept else signatures._BEAMS
                 for size, images in (("one", os.path.dirname(one)), ("all", args.data)):
                     started = time.perf_counter()
                     run_score(config, gallery, images, os.path.join(work, f"out-{rnd}-{kind}-{size}"), [], lambda m: None)
@@ -78,6 +86,7 @@ def main() -> None:
                         times[kind, size].append(time.perf_counter() - started)
                         builds[kind].append(marks["built"] - marks["created"])
         runner_module.beam_options = shipped
+        runner_module.keep_signatures = signatures.install
     med = {key: statistics.median(values) for key, values in times.items()}
     build = {kind: statistics.median(values) for kind, values in builds.items()}
     n = len(tests)
@@ -89,7 +98,8 @@ def main() -> None:
           f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print(f"RESULT build_speedup={build['before'] / build['shipped']:.2f} fixed_s={fixed:.3f} "
           f"per_image_ms={(every - fixed) / max(n - 1, 1) * 1000:.1f} fixed_share={fixed / every:.2f} "
-          f"run_speedup={med['before', 'all'] / every:.3f}")
+          f"run_speedup={med['before', 'all'] / every:.3f} "
+          f"signatures_fixed_speedup={med['views', 'one'] / fixed:.2f} signatures_run_speedup={med['views', 'all'] / every:.3f}")
 
 
 if __name__ == "__main__":

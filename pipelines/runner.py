@@ -10,6 +10,7 @@ from apache_beam.runners.runner import PipelineResult, PipelineRunner
 
 from pipelines.options import beam_options
 from pipelines.progress import counter_value
+from pipelines.signatures import install as keep_signatures
 
 LOG = logging.getLogger("spade")
 
@@ -23,6 +24,7 @@ def run_pipeline(build: Callable[[beam.Pipeline], object], beam_args: list[str] 
     values (portable runners: committed is None) give those. The caller's summary comes from the
     pipeline's own run summary, not from here.
     """
+    keep_signatures()
     pipeline = beam.Pipeline(options=beam_options(beam_args))
     build(pipeline)
     result = pipeline.run()

@@ -30,3 +30,39 @@ def test_pickled_options_carry_no_views_and_still_hide_impersonation():
     assert "_views" not in restored.__dict__
     assert restored.view_as(StandardOptions).runner == "FnApiRunner"
     assert restored.view_as(GoogleCloudOptions).impersonate_service_account is None  # as Beam's own options do
+
+
+def test_kept_signatures_are_beams_per_function_and_stateful_dofns_keep_their_state():
+    """`pipelines.signatures`: a bound method's signature is read once per function, equal to Beam's own; other
+    callables are read as before; a stateful DoFn's state spec is still found once it is installed."""
+    import inspect
+
+    import apache_beam as beam
+    import apache_beam.transforms.core as core
+    from apache_beam.coders import VarIntCoder
+    from apache_beam.transforms import userstate
+
+    from pipelines import signatures
+
+    class Counting(beam.DoFn):
+        SEEN = userstate.BagStateSpec("seen", VarIntCoder())
+
+        def process(self, element, seen=beam.DoFn.StateParam(SEEN), size: int = 3):
+            yield element
+
+    first, second = Counting(), Counting()
+    for name in ("process", "setup", "display_data"):
+        kept = signatures.kept_signature(getattr(first, name))
+        assert kept == inspect.signature(getattr(first, name))
+        assert signatures.kept_signature(getattr(second, name)) is kept   # another object, the same function
+    lam = lambda x, y=2: x  # noqa: E731
+    assert signatures.kept_signature(lam) == inspect.signature(lam)
+    assert lam not in signatures._KEPT
+    try:
+        assert signatures.install() and core.get_signature is signatures.kept_signature
+        states, timers = userstate.get_dofn_specs(Counting())
+        assert states == {Counting.SEEN} and timers == set()
+        args, defaults = core.get_function_args_defaults(first.process)
+        assert args == ["element", "seen", "size"] and defaults[1] == 3 and defaults[0].state_spec is Counting.SEEN
+    finally:
+        core.get_signature = signatures._BEAMS
