@@ -95,8 +95,10 @@ def require_normals(mode: str, normals: dict[str, Any] | None, gallery: str = "t
     ``region_excess``, whose level `fit` records beside its statistics)."""
     needs = len(MODE_TERMS.get(mode, ())) > 1 or mode in CALIBRATED_TERMS
     if needs and (not normals or any(term not in normals for term in mode_terms(mode, normals))):
+        missing = [term for term in mode_terms(mode, normals) if term not in (normals or {})]
         raise MissingCalibration(f"image_score: {mode} needs the normal-image statistics that `spade fit` records; "
-                                 f"{gallery} has none (fitted before they existed, or with fewer than 2 images). "
+                                 f"{gallery} has none of {', '.join(missing)} (fitted before they existed, or with fewer "
+                                 "than 2 images). "
                                  "Re-run `spade fit` with this image_score, or use image_score: knn or map_max.")
 
 
