@@ -24,10 +24,10 @@
   residual above a level normal frames' residuals reach at 1 pixel in 200, summed over its largest region,
   `spade.scoring.region_excess`): a crack's extent where its peak is no higher than normal peaks.
 * ``combined_region``: ``combined_residual``'s three terms and ``region_excess``, standardised and summed.
-* ``combined_selected``: the same three candidates as ``combined_residual``, of which only those `fit` selected (``selected_terms`` in the
-  normal statistics: the ones that best separate synthetic defects from normal images on this gallery's product,
-  `spade.scoring.term_selection`) are standardised and summed: a term that does not separate a product's defects
-  adds only its noise to the sum.
+* ``combined_selected``: the same three candidates as ``combined_residual``, of which only those `fit` selected
+  (``selected_terms`` in the normal statistics: the ones that best separate synthetic defects from normal images on
+  this gallery's product, `spade.scoring.term_selection`) are standardised and summed: a term that does not separate
+  a product's defects adds only its noise to the sum.
 """
 from __future__ import annotations
 

@@ -116,7 +116,7 @@ def leave_one_out_residuals(maps: np.ndarray, cell: int = BASELINE_CELL) -> np.n
     maps = np.asarray(maps, dtype=np.float32)
     if len(maps) < 2:
         return np.zeros(0)
-    return np.asarray([map_residual(m, others) for m, others in _with_the_others_baseline(maps, cell)])
+    return np.asarray([map_top(r, RESIDUAL_FRACTION) for r in leave_one_out_residual_maps(maps, cell)])
 
 
 def leave_one_out_residual_maps(maps: np.ndarray, cell: int = BASELINE_CELL) -> Iterator[np.ndarray]:
