@@ -93,9 +93,10 @@ def _standardised(value: float, stats: dict[str, float]) -> float:
 def require_normals(mode: str, normals: dict[str, Any] | None, gallery: str = "the gallery") -> None:
     """Raise `MissingCalibration` when ``mode`` needs normal statistics that ``normals`` lacks (the combined modes, and
     ``region_excess``, whose level `fit` records beside its statistics)."""
-    needs = len(MODE_TERMS.get(mode, ())) > 1 or mode in CALIBRATED_TERMS
-    if needs and (not normals or any(term not in normals for term in mode_terms(mode, normals))):
-        missing = [term for term in mode_terms(mode, normals) if term not in (normals or {})]
+    if len(MODE_TERMS.get(mode, ())) <= 1 and mode not in CALIBRATED_TERMS:
+        return
+    missing = [term for term in mode_terms(mode, normals) if term not in (normals or {})]
+    if missing:
         raise MissingCalibration(f"image_score: {mode} needs the normal-image statistics that `spade fit` records; "
                                  f"{gallery} has none of {', '.join(missing)} (fitted before they existed, or with fewer "
                                  "than 2 images). "

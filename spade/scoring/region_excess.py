@@ -46,7 +46,7 @@ def region_excess(residual: np.ndarray, level: float, border: int = REGION_BORDE
     if not above.any():
         return 0.0
     labels, count = ndimage.label(above, structure=_CONNECTIVITY)
-    mass = np.bincount(labels.ravel(), weights=np.where(above, excess, 0.0).ravel(), minlength=count + 1)[1:]
+    mass = np.bincount(labels.ravel(), weights=excess.ravel(), minlength=count + 1)[1:]  # label 0: below, dropped
     return float(np.log1p(mass.max()))
 
 
