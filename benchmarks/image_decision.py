@@ -7,7 +7,9 @@ For each set and framing it runs the method itself (no Beam: `spade` functions o
 gallery (train/good) and test images, the kNN term and each layer's raw correspondence map of every test image
 and of up to ``--calibration`` gallery images scored leave-one-out. These are cached (``--cache``), so each
 image-score rule below costs no scoring. Printed: image ROCAUC of every rule, pixel ROCAUC and PRO (full image; of
-the method's maps, without the config's ``map_edge_band``: `map_rules.py --edge-band` applies it), and for every
+the method's maps, without the config's ``map_edge_band``: `map_rules.py --edge-band` applies it; with
+``approximate_local_radius`` the rules read the bank's maps and the pixel columns the local search's, as
+`spade.scoring.batch` does), and for every
 rule the good flagged / defective missed at the calibrated threshold (mean + 1.645 std of the leave-one-out normal
 scores, the default's 5 % target).
 
@@ -101,7 +103,8 @@ def _rows(pyramid: dict) -> dict:
 
 
 def _score(gallery: Gallery, embedding: np.ndarray, pyramid: dict, config, exclude: np.ndarray | None = None):
-    knn, maps = [], {layer: [] for layer in config.layers}
+    """(kNN terms, the layer maps the image terms read, the pixel maps of the layers where those differ)."""
+    knn, maps, pixel = [], {layer: [] for layer in config.layers}, {layer: [] for layer in config.layers}
     for start in range(0, len(embedding), config.batch_size):
         sl = slice(start, start + config.batch_size)
         ex = None if exclude is None else exclude[sl]
@@ -109,8 +112,11 @@ def _score(gallery: Gallery, embedding: np.ndarray, pyramid: dict, config, exclu
         knn.append(image_scores(distances))
         part = layer_distance_maps({k: v[sl] for k, v in pyramid.items()}, gallery, rows, config, exclude_rows=ex)
         for layer in config.layers:
-            maps[layer].append(part[layer])
-    return np.concatenate(knn), {k: np.concatenate(v) for k, v in maps.items()}
+            maps[layer].append(part.terms[layer])
+            if part.terms[layer] is not part.pixel[layer]:
+                pixel[layer].append(part.pixel[layer])
+    return (np.concatenate(knn), {k: np.concatenate(v) for k, v in maps.items()},
+            {k: np.concatenate(v) for k, v in pixel.items() if v})
 
 
 def run_set(root: Path, spec: str, calibration: int, cache: Path, synthetic: int = 0) -> dict:
@@ -119,6 +125,8 @@ def run_set(root: Path, spec: str, calibration: int, cache: Path, synthetic: int
     import yaml
     config = load_config(path, {k: yaml.safe_load(v) for k, v in values.items()})
     name = f"{root.name}-{Path(path).stem}-{stable_hash(config.to_dict())[:12]}"  # a cache per config's values
+    if config.approximate_local_radius:
+        name += "-bankterms"  # the image terms on the bank's maps (spade.scoring.batch); earlier caches held one kind
     target = cache / f"{name}-synthetic{synthetic}.npz"
     if target.exists():
         return dict(np.load(target, allow_pickle=True)) | {"config": config}
@@ -133,10 +141,10 @@ def run_set(root: Path, spec: str, calibration: int, cache: Path, synthetic: int
     gallery = Gallery(str(root), {"feature_signature": config.feature_signature()}, None, build_index(g_emb), _rows(g_pyr))
     t_emb, t_pyr, t_sizes = _extract(test, extractor, framing, config)
     fitted = time.perf_counter()
-    t_knn, t_maps = _score(gallery, t_emb, t_pyr, config)
+    t_knn, t_maps, t_pixel = _score(gallery, t_emb, t_pyr, config)
     scored = time.perf_counter()
     rows = np.unique(np.linspace(0, len(train) - 1, num=min(calibration, len(train))).round().astype(np.int64))
-    c_knn, c_maps = _score(gallery, g_emb[rows], {k: v[rows] for k, v in g_pyr.items()}, config, exclude=rows)
+    c_knn, c_maps, c_pixel = _score(gallery, g_emb[rows], {k: v[rows] for k, v in g_pyr.items()}, config, exclude=rows)
     bank = build_patch_bank(gallery.pyramid, framing, patch_bank_settings(config))
     tiles = len(framing.tiles)
     t_bank = np.concatenate([bank_maxima({k: t_pyr[k][s:s + 16] for k in config.bank_layers}, bank, config.bank_layers, tiles)
@@ -148,6 +156,7 @@ def run_set(root: Path, spec: str, calibration: int, cache: Path, synthetic: int
            "frame_size": np.array(framing.size), "seconds": np.array([fitted - started, scored - fitted])}
     for layer in config.layers:
         out[f"t_{layer}"], out[f"c_{layer}"] = t_maps[layer], c_maps[layer]
+    out |= {f"tp_{layer}": maps for layer, maps in t_pixel.items()} | {f"cp_{layer}": maps for layer, maps in c_pixel.items()}
     if synthetic:
         import pyarrow as pa
         gallery.images = pa.table({"uri": [str(p) for p in train]})
@@ -156,6 +165,13 @@ def run_set(root: Path, spec: str, calibration: int, cache: Path, synthetic: int
         out |= {f"s_{term}": values for term, values in found.terms.items()} | {"s_rows": found.rows}
     np.savez(target, **out)
     return out | {"config": config}
+
+
+def pixel_view(data: dict, layers) -> dict:
+    """``data`` with each layer's pixel maps (``tp_``, ``cp_``: a local search's) in place of the maps the image terms
+    read (``t_``, ``c_``), where they differ: what the score maps and their pixel metrics are made of."""
+    return data | {f"{prefix}_{layer}": data[f"{prefix}p_{layer}"] for prefix in ("t", "c") for layer in layers
+                   if f"{prefix}p_{layer}" in data}
 
 
 def frame_maps(data: dict, config, prefix: str) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
@@ -259,7 +275,9 @@ def main(argv: list[str] | None = None) -> int:
                 framing_config = config.replace(frame_size=tuple(int(v) for v in data["frame_size"])) \
                     if config.frame_from_gallery else config
                 framing = framing_for(framing_config)
-                originals = [framing.to_original(m, tuple(int(v) for v in size)) for m, size in zip(maps, data["sizes"])]
+                pixel_maps = frame_maps(pixel_view(data, config.layers), config, "t")[0]
+                originals = [framing.to_original(m, tuple(int(v) for v in size))
+                             for m, size in zip(pixel_maps, data["sizes"])]
                 masks = [_mask(root, Path(p), tuple(int(v) for v in size)) for p, size in zip(data["paths"], data["sizes"])]
                 pixel = auroc(np.concatenate([m.ravel() for m in masks]), np.concatenate([o.ravel() for o in originals]))
                 pro = pro_auc(masks, originals)

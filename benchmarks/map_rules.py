@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     for root in sets:
         data = image_decision.run_set(root, args.config, args.calibration, cache)
         config = data["config"]
+        data = image_decision.pixel_view(data, config.layers)  # with a local search, its maps (the score maps')
         if config.frame_from_gallery:
             config = config.replace(frame_size=tuple(int(v) for v in data["frame_size"]))
         framing = framing_for(config)

@@ -396,7 +396,7 @@ def _benchmark(args) -> int:
         start = time.perf_counter()
         for b0 in range(0, n_test, config.batch_size):
             sl = slice(b0, b0 + config.batch_size)
-            maps = layer_distance_maps({layer: pyr[layer][sl] for layer in config.layers}, gallery, rows[sl], config)
+            maps = layer_distance_maps({layer: pyr[layer][sl] for layer in config.layers}, gallery, rows[sl], config).pixel
             for layer in config.layers:
                 b_layer_maps[layer][sl] = maps[layer]
         b_runs.append(time.perf_counter() - start)
@@ -548,7 +548,7 @@ def _approx(args, config, pyr, rows, gallery, b_maps, exact_time, test_paths, n_
     for b0 in range(0, n_test, config.batch_size):
         sl = slice(b0, b0 + config.batch_size)
         maps = layer_distance_maps({layer: pyr[layer][sl] for layer in config.layers}, gallery, rows[sl], config,
-                                   mode="approximate", coreset_ratio=args.coreset_ratio)
+                                   mode="approximate", coreset_ratio=args.coreset_ratio).pixel
         approx_maps.extend(finish_map([maps[layer][i] for layer in config.layers], config)
                            for i in range(len(rows[sl])))
     approx_time = time.perf_counter() - start

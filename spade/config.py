@@ -114,9 +114,9 @@ class SpadeConfig:
     open_galleries_mb: int = 2048  # ... and the most their in-memory parts (index, image table, banks) may add up to
     scoring_mode: str = "exact"
     approximate_layers: tuple[str, ...] = ("layer1",)  # of layers, those whose pixel scores come from the coreset bank in exact mode too
-    approximate_local_radius: int = 0  # bank-searched layers also search the K nearest frames near each place (spade.scoring.local_search)
+    approximate_local_radius: int = 1  # bank-searched layers' pixel maps also search the K nearest frames near each place (spade.scoring.local_search)
     refine_distances: bool = True
-    coreset_ratio: float = 0.01
+    coreset_ratio: float = 0.04
     coreset_projection: int = 128
     coreset_max_candidates: int = 200_000
     coreset_max_vectors: int | None = 8192  # caps each coreset bank (its search then costs the same on any gallery)
@@ -185,7 +185,7 @@ class SpadeConfig:
             problems.append("map_edge_band must be >= 0 frame pixels (0: the score maps as the correspondence gives them)")
         if self.approximate_local_radius < 0:
             problems.append("approximate_local_radius must be >= 0 (0: the coreset bank alone)")
-        elif self.approximate_local_radius and self.kappa != 1:
+        elif self.approximate_local_radius and self.kappa != 1 and self.coreset_layers:
             problems.append("approximate_local_radius needs kappa: 1 (the bank and the local window each give their "
                             "nearest feature); set approximate_local_radius: 0 for kappa > 1")
         if not 0 < self.coreset_ratio <= 1:
@@ -235,6 +235,12 @@ class SpadeConfig:
         if self.scoring_mode == "approximate":
             return self.layers
         return tuple(layer for layer in self.layers if layer in self.approximate_layers)
+
+    @property
+    def local_radius(self) -> int:
+        """The local window's radius the score maps are made with (`spade.scoring.local_search`): 0 where no layer is
+        searched in a coreset bank, whatever ``approximate_local_radius`` says (the exact configs' maps)."""
+        return self.approximate_local_radius if self.coreset_layers else 0
 
     @property
     def frame_from_gallery(self) -> bool:

@@ -57,16 +57,36 @@ def test_bank_layers_take_the_smaller_of_the_bank_and_the_local_window(tmp_path)
     the exactly searched layer is unchanged."""
     gallery, features, config = _gallery(tmp_path, positions=(64, 16))
     gallery.manifest["gallery_hash"] = "local-window"  # its own bank cache entry
-    config = config.replace(approximate_layers=["layer1"], coreset_ratio=0.05)
+    config = config.replace(approximate_layers=["layer1"], coreset_ratio=0.05, approximate_local_radius=0)
     neighbours = np.stack([r.neighbours for r in score_batch(features, gallery, config)])
     bank = layer_distance_maps(features.pyramid, gallery, neighbours, config)
-    local = layer_distance_maps(features.pyramid, gallery, neighbours, config.replace(approximate_local_radius=1))
-    np.testing.assert_array_equal(local["layer2"], bank["layer2"])
+    both = layer_distance_maps(features.pyramid, gallery, neighbours, config.replace(approximate_local_radius=1))
+    assert not bank.split and both.split
+    local = both.pixel
+    np.testing.assert_array_equal(local["layer2"], bank.pixel["layer2"])
     for i in range(len(neighbours)):
         rows = np.asarray(gallery.pyramid["layer1"])[neighbours[i]]
         window = local_window_distances(features.pyramid["layer1"][i], rows, 1)
-        np.testing.assert_allclose(local["layer1"][i], np.minimum(bank["layer1"][i], window), rtol=0, atol=1e-6)
-    assert np.all(local["layer1"] <= bank["layer1"]) and np.any(local["layer1"] < bank["layer1"] - 1e-3)
+        np.testing.assert_allclose(local["layer1"][i], np.minimum(bank.pixel["layer1"][i], window), rtol=0, atol=1e-6)
+    assert np.all(local["layer1"] <= bank.pixel["layer1"]) and np.any(local["layer1"] < bank.pixel["layer1"] - 1e-3)
+    for layer in ("layer1", "layer2"):  # the image terms' maps: the bank's distances alone
+        np.testing.assert_array_equal(both.terms[layer], bank.pixel[layer])
+
+
+def test_image_terms_read_the_bank_map_while_the_score_map_takes_the_local_window(tmp_path):
+    """With a local radius every image term and image score is the bank-alone run's; the score map is the sharper
+    one (never higher, lower somewhere), as calibration measures them (its baseline on the terms' maps)."""
+    gallery, features, config = _gallery(tmp_path, positions=(64, 16))
+    gallery.manifest["gallery_hash"] = "local-terms"
+    config = config.replace(approximate_layers=["layer1"], coreset_ratio=0.05, image_score="map_max", map_edge_band=0,
+                            approximate_local_radius=0)
+    alone = score_batch(features, gallery, config)
+    local = score_batch(features, gallery, config.replace(approximate_local_radius=1))
+    for a, b in zip(alone, local):
+        assert (b.image_score, b.map_max, b.map_top, b.knn_score) == (a.image_score, a.map_max, a.map_top, a.knn_score)
+        np.testing.assert_array_equal(b.term_map, a.score_map)
+        assert np.all(b.score_map <= a.score_map + 1e-6)
+    assert any(np.any(b.score_map < a.score_map - 1e-3) for a, b in zip(alone, local))
 
 
 def test_local_radius_is_checked_and_recorded_as_a_map_setting():
@@ -82,3 +102,16 @@ def test_local_radius_is_checked_and_recorded_as_a_map_setting():
     with pytest.raises(CalibrationMismatch, match="approximate_local_radius: gallery calibrated with 0"):
         check_calibrated_with(manifest, config, given, "g")
     check_calibrated_with(manifest, config.replace(approximate_local_radius=0), given, "g")
+
+
+def test_a_local_radius_gallery_calibrated_when_the_terms_read_the_local_maps_is_refused():
+    """Calibrated (no ``pixel_baseline``) when the image terms read the local search's maps: its image threshold and
+    statistics belong to other maps; its pixel threshold, and a gallery calibrated since, still serve."""
+    before = {"k": 10, "kappa": 1, "sigma": 2.0, "approximate_local_radius": 1, "map_edge_band": 48,
+              "calibration": {"images": 20, "position_baseline": {}}}
+    config = SpadeConfig(k=10, sigma=2.0, approximate_local_radius=1, image_score="combined_residual")
+    with pytest.raises(CalibrationMismatch, match="approximate_local_radius: 1 when the image terms read"):
+        check_calibrated_with(before, config, {"source": "image: calibration; pixel: calibration"}, "g")
+    check_calibrated_with(before, config.replace(image_score="knn"), {"source": "image: given; pixel: calibration"}, "g")
+    since = before | {"calibration": before["calibration"] | {"pixel_baseline": {}}}
+    check_calibrated_with(since, config, {"source": "image: calibration; pixel: calibration"}, "g")

@@ -155,3 +155,41 @@ def test_fit_calibrates_and_score_lowers_the_maps_near_the_edges_by_the_normal_e
     del without["position_baseline"]
     with pytest.raises(MissingCalibration, match="map_edge_band: 0"):
         score_batch(features, gallery, config, exclude_rows=rows, normals=without)
+
+
+def test_with_a_local_search_calibration_reads_the_terms_on_the_bank_maps_and_corrects_the_score_maps_by_their_own(
+        tmp_path):
+    """``approximate_local_radius``: fit records the score maps' own baseline (``pixel_baseline``) beside the terms'
+    (``position_baseline``, the bank's maps); a run's edge correction is measured on the former, its image terms on
+    maps the same as a run without the local search; the pixel threshold is measured on the score maps."""
+    from tests.conftest import BEAM_ARGS, TINY, plumbing_config
+    from pipelines.fit import run_fit
+    from spade.index.gallery import Gallery
+    from spade.io.samples import SampleSpec, write_sample_dataset
+    from spade.scoring.batch import score_batch
+    from spade.scoring.calibration import _gallery_features, leave_one_out_scores
+
+    data = write_sample_dataset(str(tmp_path / "data"), SampleSpec(size=64, train=6, test_good=1, test_per_defect=1))
+    config = plumbing_config(**TINY, map_edge_band=40, approximate_layers=("layer1",), approximate_local_radius=1,
+                             coreset_ratio=0.2)
+    run_fit(config, f"{data}/train/good", str(tmp_path / "gallery"), BEAM_ARGS)
+    gallery = Gallery.open(str(tmp_path / "gallery"))
+    calibration = gallery.manifest["calibration"]
+    assert gallery.manifest["approximate_local_radius"] == 1
+    normal = leave_one_out_scores(gallery, config, config.calibration_images)
+    assert normal.pixel_maps is not None and np.all(normal.pixel_maps <= normal.maps + 1e-6)
+    assert calibration["pixel_baseline"] == position_baseline(normal.pixel_maps)
+    assert calibration["position_baseline"] == position_baseline(normal.maps) != calibration["pixel_baseline"]
+    framing = framing_for(config)
+    interior = framing.interior_distance()
+    excess = edge_excess(baseline_map(calibration["pixel_baseline"], framing.size), interior, 40)
+    rows = np.array([0, 1])
+    features = _gallery_features(gallery, rows, config)
+    alone = score_batch(features, gallery, config.replace(map_edge_band=0, approximate_local_radius=0), exclude_rows=rows)
+    local = score_batch(features, gallery, config, exclude_rows=rows)
+    method = score_batch(features, gallery, config.replace(map_edge_band=0), exclude_rows=rows)
+    for a, b, m in zip(alone, local, method):
+        assert (b.image_score, b.map_max, b.knn_score) == (a.image_score, a.map_max, a.knn_score)
+        assert np.allclose(b.score_map, m.score_map - excess, atol=1e-6)
+    expected = np.quantile(leave_one_out_edge_corrected(normal.pixel_maps, interior, 40), 1.0 - config.calibration_fpr)
+    assert gallery.manifest["thresholds"]["pixel"] == pytest.approx(float(expected), rel=1e-6)

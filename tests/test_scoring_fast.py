@@ -294,7 +294,7 @@ def _gallery(tmp_path, n=8, positions=(16, 4), channels=(8, 12), dim=6):
 def test_score_batch_exact_matches_cdist_reference(tmp_path):
     gallery, features, config = _gallery(tmp_path)
     results = score_batch(features, gallery, config)
-    maps = layer_distance_maps(features.pyramid, gallery, np.stack([r.neighbours for r in results]), config)
+    maps = layer_distance_maps(features.pyramid, gallery, np.stack([r.neighbours for r in results]), config).pixel
     for i, result in enumerate(results):
         for layer in config.layers:
             b_map = maps[layer][i]
@@ -322,12 +322,12 @@ def test_approximate_layers_take_the_bank_for_those_layers_and_the_exact_search_
     gallery.manifest["gallery_hash"] = "approximate-layers"  # its own bank cache entry
     config = config.replace(coreset_ratio=1.0)
     neighbours = np.stack([r.neighbours for r in score_batch(features, gallery, config)])
-    exact = layer_distance_maps(features.pyramid, gallery, neighbours, config, mode="exact")
-    approx = layer_distance_maps(features.pyramid, gallery, neighbours, config, mode="approximate")
+    exact = layer_distance_maps(features.pyramid, gallery, neighbours, config, mode="exact").pixel
+    approx = layer_distance_maps(features.pyramid, gallery, neighbours, config, mode="approximate").pixel
     hybrid = config.replace(approximate_layers=["layer1"])
     assert hybrid.coreset_layers == ("layer1",) and config.coreset_layers == ()
     assert config.replace(scoring_mode="approximate").coreset_layers == config.layers
-    mixed = layer_distance_maps(features.pyramid, gallery, neighbours, hybrid)
+    mixed = layer_distance_maps(features.pyramid, gallery, neighbours, hybrid).pixel
     np.testing.assert_array_equal(mixed["layer1"], approx["layer1"])
     np.testing.assert_array_equal(mixed["layer2"], exact["layer2"])
     assert not np.allclose(mixed["layer1"], exact["layer1"], atol=1e-4)  # the bank holds every image's positions
@@ -384,7 +384,7 @@ def test_leave_one_out_scoring_in_approximate_mode_skips_the_image_own_patches(t
                for layer in config.layers}
     features = Features(gallery.index.reconstruct_batch(np.array([row])), pyramid)
     maps = layer_distance_maps(pyramid, gallery, np.array([[0]]), config, mode="approximate", coreset_ratio=1.0,
-                               exclude_rows=np.array([row]))
+                               exclude_rows=np.array([row])).pixel
     for layer in config.layers:
         data = np.asarray(gallery.pyramid[layer], dtype=np.float32)
         others = data[np.arange(len(data)) != row].reshape(-1, data.shape[2])

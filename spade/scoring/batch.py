@@ -18,6 +18,12 @@ The mode and coreset ratio come from the config (``scoring_mode``,
 
 Every result carries both image-level terms, the kNN score and the maximum of the smoothed
 score map; the image score is the one ``image_score`` asks for (`spade.scoring.image_score`).
+
+With ``approximate_local_radius`` a bank-searched layer's pixel distance is the smaller of the bank's and a local
+window's among the K nearest frames (`spade.scoring.local_search`): sharper maps. The image terms read the map made
+with the bank's distance alone: the local window finds a gallery image's near-identical captures among its nearest
+frames, so the leave-one-out maps calibration measures would read lower than a new capture's (5 of 25 good tires
+flagged against 2; README "Accuracy").
 """
 from __future__ import annotations
 
@@ -39,7 +45,7 @@ from spade.index.pyramid import TileRows
 from spade.index.knn import image_scores, nearest_images
 from spade.index.patch_bank import bank_maxima, patch_bank_for
 from spade.scoring.image_score import MODE_TERMS, image_score, map_top, require_normals
-from spade.scoring.position_baseline import baseline_map, gallery_edge_excess, map_residual
+from spade.scoring.position_baseline import RESIDUAL_FRACTION, baseline_map, gallery_edge_excess
 from spade.scoring.region_excess import gallery_region, region_excess
 from spade.scoring.scoremap import combine_layer_maps, smooth
 
@@ -62,6 +68,7 @@ class ImageScore:
     bank_max: float = float("nan")
     map_residual: float = float("nan")
     region_excess: float = float("nan")
+    term_map: np.ndarray | None = None  # the (H, W) map the map terms read (`LayerMaps.terms`); calibration's baseline
 
 
 def scoring_mode(config: SpadeConfig, mode: str | None = None) -> str:
@@ -130,18 +137,33 @@ def _local_distances(maps: np.ndarray, layer_rows, neighbours: np.ndarray, confi
     return np.stack([row for rows in parts for row in rows])
 
 
+@dataclass
+class LayerMaps:
+    """A batch's {layer: (B, T*h, w)} distance maps: ``pixel``, what its score maps are made of, and ``terms``, what
+    the image terms read: the same arrays but for the layers a local window searched beside the coreset bank, whose
+    term maps hold the bank's distances alone (module docstring)."""
+
+    pixel: dict[str, np.ndarray]
+    terms: dict[str, np.ndarray]
+
+    @property
+    def split(self) -> bool:
+        """Whether the term maps differ from the pixel maps (a local search ran)."""
+        return any(self.terms[layer] is not maps for layer, maps in self.pixel.items())
+
+
 def layer_distance_maps(pyramid: dict[str, np.ndarray], gallery: Gallery, neighbours: np.ndarray, config: SpadeConfig,
                         mode: str | None = None, coreset_ratio: float | None = None,
-                        exclude_rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """{layer: (B, T*h, w) distance maps} of a batch's pyramid {layer: (B, C, T*h, w)} (T tiles stacked, see
-    `spade.features.framing`); ``neighbours`` (B, K) gallery rows.
+                        exclude_rows: np.ndarray | None = None) -> LayerMaps:
+    """The pixel and term `LayerMaps` {layer: (B, T*h, w)} of a batch's pyramid {layer: (B, C, T*h, w)} (T tiles
+    stacked, see `spade.features.framing`); ``neighbours`` (B, K) gallery rows.
 
     ``exclude_rows[i]``: a gallery row whose patches image i may not match (leave-one-out). Exact mode
     never sees it (it is not among the neighbours); the global memory bank skips its vectors.
     """
     mode = scoring_mode(config, mode)
     tiles = len(framing_for(with_gallery_frame(config, gallery.manifest)).tiles)
-    out = {}
+    out, terms = {}, {}
     for layer in config.layers:
         maps = pyramid[layer]
         b, _, h, w = maps.shape
@@ -155,9 +177,11 @@ def layer_distance_maps(pyramid: dict[str, np.ndarray], gallery: Gallery, neighb
             own = None if exclude_rows is None else np.repeat(np.asarray(exclude_rows, dtype=np.int64), h * w)
             dist = bank.distances(queries.reshape(b * h * w, -1), config.kappa, exclude_row=own).reshape(b, h * w)
             if config.approximate_local_radius:
+                terms[layer] = dist.reshape(b, h, w)
                 dist = np.minimum(dist, _local_distances(maps, gallery.pyramid[layer], neighbours, config))
         out[layer] = dist.reshape(b, h, w)
-    return out
+        terms.setdefault(layer, out[layer])
+    return LayerMaps(out, terms)
 
 
 def finish_map(layer_maps: list[np.ndarray], config: SpadeConfig, framing: Framing | None = None) -> np.ndarray:
@@ -202,17 +226,19 @@ def score_batch(features: Features, gallery: Gallery, config: SpadeConfig, exclu
         require_normals(config.image_score, stats, gallery.url)
         baseline = baseline_map(stats["position_baseline"], framing.size)
 
-    excess = gallery_edge_excess(stats, framing, config.map_edge_band, gallery.url, baseline)
+    excess = gallery_edge_excess(stats, framing, config.map_edge_band, gallery.url)
 
     def finish(i: int) -> ImageScore:
-        method_map = finish_map([maps[layer][i] for layer in config.layers], config, framing)
-        peak, top = float(method_map.max()), map_top(method_map)
-        residual = float("nan") if baseline is None else map_residual(method_map, baseline)
-        extent = float("nan") if region is None else region_excess(method_map - baseline, region["level"],
-                                                                   region["border"])
+        method_map = finish_map([maps.pixel[layer][i] for layer in config.layers], config, framing)
+        term_map = finish_map([maps.terms[layer][i] for layer in config.layers], config, framing) if maps.split \
+            else method_map
+        peak, top = float(term_map.max()), map_top(term_map)
+        above = None if baseline is None else term_map - baseline
+        residual = float("nan") if above is None else map_top(above, RESIDUAL_FRACTION)
+        extent = float("nan") if region is None else region_excess(above, region["level"], region["border"])
         terms = {"map_top": top, "bank_max": float(banks[i]), "map_residual": residual, "region_excess": extent}
         return ImageScore(image_score(config.image_score, float(knn[i]), peak, stats, gallery.url, **terms),
                           rows[i], method_map if excess is None else method_map - excess, knn_score=float(knn[i]),
-                          map_max=peak, **terms)
+                          map_max=peak, term_map=term_map, **terms)
 
     return each_in_lanes(finish, range(len(rows)), config.num_threads)

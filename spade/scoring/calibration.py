@@ -36,7 +36,9 @@ from spade.scoring.term_selection import SyntheticScores, select_terms
 
 @dataclass
 class NormalScores:
-    """Leave-one-out results of m gallery images: their rows, both image terms, their frames' (H, W) maps."""
+    """Leave-one-out results of m gallery images: their rows, both image terms, their frames' (H, W) maps the image
+    terms read, and (``pixel_maps``) the score maps where those differ (a local search beside the layer-1 bank,
+    `spade.scoring.batch`; None: the same maps)."""
 
     rows: np.ndarray
     knn: np.ndarray
@@ -44,6 +46,12 @@ class NormalScores:
     maps: np.ndarray
     map_top: np.ndarray | None = None
     bank_max: np.ndarray | None = None
+    pixel_maps: np.ndarray | None = None
+
+    @property
+    def score_maps(self) -> np.ndarray:
+        """The normal frames' score maps: what the pixel threshold and the tile-edge correction are measured on."""
+        return self.maps if self.pixel_maps is None else self.pixel_maps
 
 
 def _gallery_features(gallery: Gallery, rows: np.ndarray, config: SpadeConfig) -> Features:
@@ -79,7 +87,7 @@ def leave_one_out_scores(gallery: Gallery, config: SpadeConfig, count: int,
     def leave_out(batch: np.ndarray):
         return score_batch(_gallery_features(gallery, batch, config), gallery, single, exclude_rows=batch)
 
-    knn, peaks, tops, banks, maps = [], [], [], [], []
+    knn, peaks, tops, banks, maps, pixel_maps = [], [], [], [], [], []
     for start in range(0, len(batches), lanes):  # a batch per lane at a time: progress as they finish
         for results in in_lanes(leave_out, batches[start:start + lanes], config.num_threads):
             for result in results:
@@ -87,10 +95,12 @@ def leave_one_out_scores(gallery: Gallery, config: SpadeConfig, count: int,
                 peaks.append(result.map_max)
                 tops.append(result.map_top)
                 banks.append(result.bank_max)
-                maps.append(result.score_map)
+                maps.append(result.term_map)
+                if result.term_map is not result.score_map:
+                    pixel_maps.append(result.score_map)
         progress(f"calibration: {len(knn)}/{len(rows)} normal images scored leave-one-out")
     return NormalScores(rows, np.asarray(knn), np.asarray(peaks), np.stack(maps), np.asarray(tops),
-                        np.asarray(banks) if with_bank else None)
+                        np.asarray(banks) if with_bank else None, np.stack(pixel_maps) if pixel_maps else None)
 
 
 def image_threshold(scores: np.ndarray, target_fpr: float, margin: float) -> float:
@@ -119,6 +129,8 @@ def calibrate(normal: NormalScores, config: SpadeConfig,
     if not stats:
         return {}, {}
     stats["position_baseline"] = position_baseline(normal.maps)
+    if config.local_radius:  # the score maps' own baseline (the tile-edge correction); its presence
+        stats["pixel_baseline"] = position_baseline(normal.score_maps)  # says the terms read the bank's maps
     stats["region_level"] = region
     if synthetic is not None and normal.bank_max is not None:
         stats["selected_terms"] = select_terms({"knn": normal.knn, "bank_max": normal.bank_max, "map_residual": residuals},
@@ -134,7 +146,7 @@ def calibrate(normal: NormalScores, config: SpadeConfig,
         "image": by_mode[config.image_score],
         "image_score": config.image_score,
         "image_by_mode": by_mode,
-        "pixel": float(np.quantile(_pixel_maps(normal.maps, config), 1.0 - config.calibration_fpr)),
+        "pixel": float(np.quantile(_pixel_maps(normal.score_maps, config), 1.0 - config.calibration_fpr)),
         "source": "calibration",
         "calibration_images": int(len(normal.rows)),
         "calibration_fpr": float(config.calibration_fpr),
@@ -170,8 +182,17 @@ def check_calibrated_with(manifest: dict[str, Any], config: SpadeConfig, used: d
     if len(MODE_TERMS.get(config.image_score, ())) > 1 and manifest.get("calibration"):
         calibrated.append("normal statistics")
     recorded = {key: manifest.get(key, UNRECORDED.get(key)) for key in MAP_SETTINGS}
-    diffs = [(key, had, getattr(config, key)) for key, had in recorded.items()
-             if had is not None and had != getattr(config, key)]
+    diffs = [(key, had, _map_setting(config, key)) for key, had in recorded.items()
+             if had is not None and had != _map_setting(config, key)]
+    if config.local_radius and manifest.get("approximate_local_radius") and \
+            "pixel_baseline" not in (manifest.get("calibration") or {}) and \
+            any(kind in calibrated for kind in ("image threshold", "normal statistics")):
+        raise CalibrationMismatch(
+            f"gallery {url} was calibrated with approximate_local_radius: {manifest['approximate_local_radius']} when "
+            "the image terms read the maps of the local search; they now read the coreset bank's maps alone (README "
+            "'A local search beside the layer-1 bank'), so its calibrated image threshold and normal statistics would "
+            "not mean their target rates. Re-run `spade fit` with this config, or give an image threshold from `spade "
+            "evaluate` with --thresholds and a single-term image_score.")
     if calibrated and diffs:
         settings = "; ".join(f"{key}: gallery calibrated with {had!r}, config has {has!r}" for key, had, has in diffs)
         theirs = ", ".join(f"`{key}: {had}`" for key, had, _ in diffs)
@@ -181,6 +202,11 @@ def check_calibrated_with(manifest: dict[str, Any], config: SpadeConfig, used: d
             "--config (the gallery's settings), re-run `spade fit` with this config to calibrate anew, or give "
             "thresholds from `spade evaluate` with --thresholds and a single-term image_score (knn, map_max, map_top, "
             "bank_max).")
+
+
+def _map_setting(config: SpadeConfig, key: str) -> Any:
+    """A `MAP_SETTINGS` value as the maps are made (the local radius is 0 where no layer is searched in a bank)."""
+    return config.local_radius if key == "approximate_local_radius" else getattr(config, key)
 
 
 REFERENCE_QUANTILES = 21  # 0, 5, ..., 100 %

@@ -88,7 +88,7 @@ def synthetic_scores(gallery: Gallery, config: SpadeConfig, normal_maps: np.ndar
             rows.append(row)
             found["knn"].append(result.knn_score)
             found["bank_max"].append(result.bank_max)
-            found["map_residual"].append(map_residual(result.score_map, baseline))
+            found["map_residual"].append(map_residual(result.term_map, baseline))
         progress(f"synthetic defects: {len(rows)}/{len(sources)} gallery images with a drawn defect scored")
     return SyntheticScores(np.asarray(rows, dtype=np.int64), {term: np.asarray(v, np.float64) for term, v in found.items()})
 
