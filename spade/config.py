@@ -114,9 +114,9 @@ class SpadeConfig:
     open_galleries_mb: int = 2048  # ... and the most their in-memory parts (index, image table, banks) may add up to
     scoring_mode: str = "exact"
     approximate_layers: tuple[str, ...] = ("layer1",)  # of layers, those whose pixel scores come from the coreset bank in exact mode too
-    approximate_local_radius: int = 1  # bank-searched layers' pixel maps also search the K nearest frames near each place (spade.scoring.local_search)
+    approximate_local_radius: int = 0  # bank-searched layers' pixel maps also search the K nearest frames near each place (spade.scoring.local_search)
     refine_distances: bool = True
-    coreset_ratio: float = 0.04
+    coreset_ratio: float = 0.01
     coreset_projection: int = 128
     coreset_max_candidates: int = 200_000
     coreset_max_vectors: int | None = 8192  # caps each coreset bank (its search then costs the same on any gallery)
