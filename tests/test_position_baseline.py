@@ -171,7 +171,7 @@ def test_with_a_local_search_calibration_reads_the_terms_on_the_bank_maps_and_co
 
     data = write_sample_dataset(str(tmp_path / "data"), SampleSpec(size=64, train=6, test_good=1, test_per_defect=1))
     config = plumbing_config(**TINY, map_edge_band=40, approximate_layers=("layer1",), approximate_local_radius=1,
-                             coreset_ratio=0.2)
+                             coreset_ratio=0.2, image_score="combined_residual")  # reads the terms' baseline too
     run_fit(config, f"{data}/train/good", str(tmp_path / "gallery"), BEAM_ARGS)
     gallery = Gallery.open(str(tmp_path / "gallery"))
     calibration = gallery.manifest["calibration"]

@@ -226,7 +226,7 @@ def score_batch(features: Features, gallery: Gallery, config: SpadeConfig, exclu
         require_normals(config.image_score, stats, gallery.url)
         baseline = baseline_map(stats["position_baseline"], framing.size)
 
-    excess = gallery_edge_excess(stats, framing, config.map_edge_band, gallery.url)
+    excess = gallery_edge_excess(stats, framing, config.map_edge_band, gallery.url, baseline)
 
     def finish(i: int) -> ImageScore:
         method_map = finish_map([maps.pixel[layer][i] for layer in config.layers], config, framing)

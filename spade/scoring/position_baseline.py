@@ -83,20 +83,24 @@ def edge_excess(baseline: np.ndarray, interior: np.ndarray, band: int) -> np.nda
     return np.where(near, np.maximum(baseline - np.median(inside), 0.0), 0.0).astype(np.float32)
 
 
-def gallery_edge_excess(normals: dict[str, Any] | None, framing: Framing, band: int,
-                        gallery: str = "the gallery") -> np.ndarray | None:
+def gallery_edge_excess(normals: dict[str, Any] | None, framing: Framing, band: int, gallery: str = "the gallery",
+                        baseline: np.ndarray | None = None) -> np.ndarray | None:
     """The (H, W) `edge_excess` a gallery's score maps are corrected by, measured on the normal frames' pixel maps
     (``pixel_baseline`` where they differ from the maps the image terms read, else ``position_baseline``): None when
     ``band`` is 0 or the gallery has no normal maps to measure it on (fewer than 2 calibration images: the method's
-    distances as they are); `MissingCalibration` when it was calibrated before the position baseline was recorded."""
+    distances as they are); `MissingCalibration` when it was calibrated before the position baseline was recorded.
+    ``baseline``: the `baseline_map` of ``position_baseline`` for ``framing`` where the caller has it already."""
     if band <= 0 or not normals:
         return None
     if "position_baseline" not in normals:
         raise MissingCalibration(f"map_edge_band: {band} needs the normal images' mean map that `spade fit` records; "
                                  f"{gallery} was calibrated before it existed. Re-run `spade fit`, or score with "
                                  "map_edge_band: 0 (the maps it was calibrated on).")
-    record = normals.get("pixel_baseline") or normals["position_baseline"]
-    return edge_excess(baseline_map(record, framing.size), framing.interior_distance(), band)
+    if "pixel_baseline" in normals:
+        baseline = baseline_map(normals["pixel_baseline"], framing.size)
+    elif baseline is None:
+        baseline = baseline_map(normals["position_baseline"], framing.size)
+    return edge_excess(baseline, framing.interior_distance(), band)
 
 
 def leave_one_out_edge_corrected(maps: np.ndarray, interior: np.ndarray, band: int,
