@@ -25,7 +25,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from spade.config import load_config  # noqa: E402
+from spade.config import IMAGE_SCORES, load_config  # noqa: E402
 from spade.features.backbone import FeatureExtractor  # noqa: E402
 from spade.features.framing import frame_size_for, framing_for  # noqa: E402
 from spade.index.coreset import coreset_settings, memory_bank_for  # noqa: E402
@@ -84,9 +84,13 @@ def run(data: Path, spec: str, gallery_images: int, images: int) -> dict:
         patch_bank_for(gallery, config, framing)  # built at fit, stored in the gallery: not a scoring cost
     for layer in config.coreset_layers:  # the same for the coreset banks
         memory_bank_for(gallery, layer, **coreset_settings(config))
-    # timing only: unit statistics for every term, and a flat position baseline for combined_residual's residual term
-    normals = {term: {"mean": 0.0, "std": 1.0} for term in ("knn", "map_max", "map_top", "bank_max", "map_residual")}
+    # timing only: unit statistics for every term and mode, a flat position baseline for the residual term, and a
+    # region level of 0 (every pixel above it: the region term labels the whole frame, its dearest case)
+    normals = {term: {"mean": 0.0, "std": 1.0} for term in ("knn", "map_max", "map_top", "bank_max", "map_residual",
+                                                             "region_excess")}
     normals["position_baseline"] = position_baseline(np.zeros((1, *framing.size), dtype=np.float32))
+    normals["region_level"] = {"level": 0.0, "quantile": 0.995, "border": 16}
+    normals["scores"] = {mode: {"mean": 0.0, "std": 1.0} for mode in IMAGE_SCORES}
     cpu, wall = time.process_time(), time.perf_counter()
     for start in range(0, len(test), config.batch_size):
         rgbs, batch = tensors(test[start:start + config.batch_size])

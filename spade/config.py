@@ -20,8 +20,9 @@ DEVICES = ("auto", "cpu", "cuda")
 # ledgers.
 SPEED_ONLY = ("num_threads", "shards", "rows_per_shard", "batch_size", "feature_runtime", "device")
 IMAGE_SCORES = ("knn", "map_max", "map_top", "combined", "combined_top", "bank_max", "combined_bank", "combined_residual",
-                "combined_selected", "region_excess", "combined_region")
-BANK_SCORES = ("bank_max", "combined_bank", "combined_residual", "combined_selected", "combined_region")  # the image scores that need a gallery's patch bank
+                "combined_selected", "region_excess", "combined_region", "residual_or_region")
+BANK_SCORES = ("bank_max", "combined_bank", "combined_residual", "combined_selected", "combined_region",
+               "residual_or_region")  # the image scores that need a gallery's patch bank
 # Feature settings a signature lists only where they differ from these values, so that galleries fitted before them
 # keep their hash; a manifest without one was built with this value.
 FEATURES_LISTED_IF_SET = {"feature_precision": "f32"}
@@ -68,7 +69,9 @@ class SpadeConfig:
     terms that best separate ``synthetic_defects`` gallery images with a defect drawn on them from the normal
     calibration images, measured at `fit`; `spade.scoring.term_selection`), ``region_excess`` (how much of the frame
     rises above the level normal frames' residuals reach, over its largest connected region: a crack's extent;
-    `spade.scoring.region_excess`), ``combined_region`` (``combined_residual``'s terms and ``region_excess``).
+    `spade.scoring.region_excess`), ``combined_region`` (``combined_residual``'s terms and ``region_excess``),
+    ``residual_or_region`` (the larger of ``combined_residual`` and ``region_excess``, each
+    standardised by its scores on the normal calibration images).
     Calibration at `fit`: ``calibration_images`` gallery images (evenly spaced; all when the gallery
     is smaller) are scored leave-one-out; the image threshold is their mean plus (z + ``calibration_margin``)
     standard deviations, z the standard normal quantile of 1 - ``calibration_image_fpr`` (0: their highest

@@ -1,5 +1,5 @@
 """A frame's largest region above what normal frames reach (`spade.scoring.region_excess`) and
-``image_score: region_excess`` / ``combined_region``."""
+``image_score: region_excess`` / ``combined_region`` / ``residual_or_region``."""
 from __future__ import annotations
 
 import numpy as np
@@ -95,6 +95,13 @@ def test_combined_region_is_fitted_calibrated_and_scored(tmp_path):
         assert np.isfinite(result.image_score)
     alone = score_batch(features, gallery, config.replace(image_score="region_excess"), exclude_rows=rows)
     assert [r.image_score for r in alone] == [r.region_excess for r in results]
+    either = score_batch(features, gallery, config.replace(image_score="residual_or_region"), exclude_rows=rows)
+    summed = score_batch(features, gallery, config.replace(image_score="combined_residual"), exclude_rows=rows)
+    scores = calibration["scores"]
+    z = lambda value, mode: (value - scores[mode]["mean"]) / scores[mode]["std"]  # noqa: E731
+    for e, s, r in zip(either, summed, alone):
+        assert e.image_score == pytest.approx(max(z(s.image_score, "combined_residual"), z(r.image_score, "region_excess")))
+    assert np.isfinite(by_mode["residual_or_region"])
     without = dict(calibration)
     del without["region_level"]
     for mode in ("combined_region", "region_excess"):   # a gallery fitted before the term: refused at launch
@@ -103,3 +110,57 @@ def test_combined_region_is_fitted_calibrated_and_scored(tmp_path):
     for mode in ("combined_region", "region_excess"):
         with pytest.raises(MissingCalibration, match="Re-run `spade fit`, or use image_score: combined_residual"):
             score_batch(features, gallery, config.replace(image_score=mode), exclude_rows=rows, normals=without)
+
+
+def test_residual_or_region_takes_the_stronger_evidence_and_is_calibrated_on_it():
+    """``residual_or_region``: the larger of ``combined_residual`` and ``region_excess``, each standardised by its own
+    leave-one-out scores on the normal images; its threshold is the documented rule on the normals' larger of the two.
+    A crack that only the region term sees passes its threshold and not ``combined_residual``'s; a gallery calibrated
+    before the modes' score record names the fix."""
+    from spade.config import SpadeConfig
+    from spade.scoring.calibration import NormalScores, calibrate, image_threshold
+    from spade.scoring.image_score import MissingCalibration, image_score, require_normals
+    from spade.scoring.position_baseline import leave_one_out_residuals
+
+    rng = np.random.default_rng(3)
+    maps = _normal_maps(rng, count=30)
+    knn, bank = rng.normal(5.0, 1.0, 30), rng.normal(2.0, 0.3, 30)
+    normal = NormalScores(np.arange(30), knn, maps.max(axis=(1, 2)), maps, map_top=maps.max(axis=(1, 2)), bank_max=bank)
+    stats, thresholds = calibrate(normal, SpadeConfig(image_score="residual_or_region", map_edge_band=0))
+    assert {"combined_residual", "region_excess", "residual_or_region"} <= set(stats["scores"])
+    z = lambda v, s: (np.asarray(v) - s["mean"]) / s["std"]  # noqa: E731
+    residuals, (_, regions) = leave_one_out_residuals(maps), region_record(maps)
+    summed = z(residuals, stats["map_residual"]) + z(bank, stats["bank_max"]) + z(knn, stats["knn"])
+    either = np.maximum(z(summed, stats["scores"]["combined_residual"]), z(regions, stats["scores"]["region_excess"]))
+    assert thresholds["image"] == thresholds["image_by_mode"]["residual_or_region"] == pytest.approx(
+        image_threshold(either, 0.05, 0.0))
+    assert stats["scores"]["residual_or_region"]["mean"] == pytest.approx(either.mean())
+
+    def scores(region: float) -> dict[str, float]:   # every other term at its normal mean
+        terms = {name: stats[name]["mean"] for name in ("map_residual", "bank_max")}
+        return {mode: image_score(mode, stats["knn"]["mean"], 0.0, stats, region_excess=region, map_top=0.0, **terms)
+                for mode in ("combined_residual", "residual_or_region")}
+
+    crack = stats["region_excess"]["mean"] + 5.0 * stats["region_excess"]["std"]
+    flagged = scores(crack)
+    assert flagged["residual_or_region"] == pytest.approx(float(z(crack, stats["scores"]["region_excess"])))
+    assert flagged["residual_or_region"] > thresholds["image_by_mode"]["residual_or_region"]
+    assert flagged["combined_residual"] < thresholds["image_by_mode"]["combined_residual"]
+    quiet = scores(stats["region_excess"]["mean"])   # no region: the combined score decides, standardised again
+    assert quiet["residual_or_region"] == pytest.approx(max(
+        float(z(quiet["combined_residual"], stats["scores"]["combined_residual"])), 0.0), abs=1e-9)
+    older = {k: v for k, v in stats.items() if k != "scores"}
+    require_normals("combined_residual", older, "g")
+    with pytest.raises(MissingCalibration, match="combined_residual scores.*Re-run `spade fit`"):
+        require_normals("residual_or_region", older, "g")
+    from spade.scoring.calibration import CalibrationMismatch, check_calibrated_with
+    from transforms.score import resolve_thresholds
+
+    config = SpadeConfig(image_score="residual_or_region", map_edge_band=0)
+    before = {"calibration": stats, "thresholds": thresholds | {"image_by_mode": {
+        mode: value for mode, value in thresholds["image_by_mode"].items() if mode != "residual_or_region"}}}
+    with pytest.raises(CalibrationMismatch, match="calibrated before image_score residual_or_region.*Re-run `spade fit`"):
+        check_calibrated_with(before, config, resolve_thresholds(config, before), "g")
+    check_calibrated_with(before, config, resolve_thresholds(config, before, {"image": 1.0, "pixel": 1.0}), "g")
+    fitted = {"calibration": stats, "thresholds": thresholds}
+    check_calibrated_with(fitted, config, resolve_thresholds(config, fitted), "g")

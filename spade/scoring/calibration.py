@@ -27,7 +27,7 @@ from spade.features.backbone import Features
 from spade.features.framing import framing_for
 from spade.index.gallery import Gallery, with_gallery_frame
 from spade.scoring.batch import score_batch
-from spade.scoring.image_score import MODE_TERMS, image_scores, mode_terms, normal_statistics
+from spade.scoring.image_score import EITHER_MODES, MODE_TERMS, image_scores, mode_terms, normal_statistics
 from spade.scoring.lanes import in_lanes, lanes_for
 from spade.scoring.position_baseline import leave_one_out_edge_corrected, leave_one_out_residuals, position_baseline
 from spade.scoring.region_excess import region_record
@@ -136,12 +136,12 @@ def calibrate(normal: NormalScores, config: SpadeConfig,
         stats["selected_terms"] = select_terms({"knn": normal.knn, "bank_max": normal.bank_max, "map_residual": residuals},
                                                synthetic)
     modes = [mode for mode in IMAGE_SCORES if all(term in stats for term in MODE_TERMS[mode] + mode_terms(mode, stats))]
-    scores = {mode: image_scores(mode, normal.knn, normal.map_max, stats, map_top=normal.map_top,
-                                 bank_max=normal.bank_max, map_residual=residuals, region_excess=regions)
-              for mode in modes}
-    by_mode = {mode: image_threshold(scores[mode], config.calibration_image_fpr, config.calibration_margin)
-               for mode in modes}
-    stats["scores"] = {mode: _distribution(scores[mode]) for mode in modes}
+    stats["scores"], by_mode = {}, {}
+    for mode in sorted(modes, key=lambda mode: mode in EITHER_MODES):  # an either-mode standardises by its parts' scores
+        scores = image_scores(mode, normal.knn, normal.map_max, stats, map_top=normal.map_top, bank_max=normal.bank_max,
+                              map_residual=residuals, region_excess=regions)
+        stats["scores"][mode] = _distribution(scores)
+        by_mode[mode] = image_threshold(scores, config.calibration_image_fpr, config.calibration_margin)
     thresholds = {
         "image": by_mode[config.image_score],
         "image_score": config.image_score,
@@ -177,7 +177,15 @@ def check_calibrated_with(manifest: dict[str, Any], config: SpadeConfig, used: d
     """Raise `CalibrationMismatch` when this run uses what the gallery's calibration measured (a calibrated threshold
     in ``used``, `resolve_thresholds`' result, or the normal statistics a combined image score standardises by) and
     ``config`` makes its maps with other `MAP_SETTINGS` than `fit` calibrated with: those thresholds would flag other
-    images and pixels than their target rates say, and nothing else would show it."""
+    images and pixels than their target rates say, and nothing else would show it; or when the gallery calibrated
+    image thresholds for other modes only and nothing else gives this mode's (a gallery fitted before the mode)."""
+    by_mode = (manifest.get("thresholds") or {}).get("image_by_mode") or {}
+    if used.get("image") is None and by_mode and config.image_score not in by_mode:
+        raise CalibrationMismatch(
+            f"gallery {url} was calibrated before image_score {config.image_score} existed: its thresholds cover "
+            f"{', '.join(sorted(by_mode))}, so this run would decide nothing (is_anomalous empty). Re-run `spade fit` "
+            f"with this config, score with one of those image_score modes, or give an image threshold from `spade "
+            "evaluate` with --thresholds.")
     calibrated = [f"{kind} threshold" for kind in ("image", "pixel") if f"{kind}: calibration" in used.get("source", "")]
     if len(MODE_TERMS.get(config.image_score, ())) > 1 and manifest.get("calibration"):
         calibrated.append("normal statistics")

@@ -24,6 +24,10 @@
   residual above a level normal frames' residuals reach at 1 pixel in 200, summed over its largest region,
   `spade.scoring.region_excess`): a crack's extent where its peak is no higher than normal peaks.
 * ``combined_region``: ``combined_residual``'s three terms and ``region_excess``, standardised and summed.
+* ``residual_or_region``: the larger of ``combined_residual`` and ``region_excess``, each standardised by its own
+  scores on the normal calibration images: an image is as anomalous as its stronger evidence, a peak above normal
+  (tire) or a crack's extent (commutators). Summed instead, each dilutes the other where it does not separate a
+  product's defects; its threshold is measured on the normal images' larger of the two, like any mode's.
 * ``combined_selected``: the same three candidates as ``combined_residual``, of which only those `fit` selected
   (``selected_terms`` in the normal statistics: the ones that best separate synthetic defects from normal images on
   this gallery's product, `spade.scoring.term_selection`) are standardised and summed: a term that does not separate
@@ -42,7 +46,10 @@ MODE_TERMS = {"knn": ("knn",), "map_max": ("map_max",), "map_top": ("map_top",),
               "combined_top": ("knn", "map_top"), "bank_max": ("bank_max",), "combined_bank": ("map_top", "bank_max"),
               "combined_residual": ("map_residual", "bank_max", "knn"), "region_excess": ("region_excess",),
               "combined_region": ("map_residual", "region_excess", "bank_max", "knn"),
-              "combined_selected": ("map_residual", "bank_max", "knn")}  # candidates: fit selects among them
+              "combined_selected": ("map_residual", "bank_max", "knn"),  # candidates: fit selects among them
+              "residual_or_region": ("map_residual", "bank_max", "knn", "region_excess")}
+EITHER_MODES = {"residual_or_region": ("combined_residual", "region_excess")}  # the larger of these modes' scores,
+# each standardised by the normal images' scores in it (the calibration's "scores" record)
 SELECTED_MODES = ("combined_selected",)  # modes whose terms are the normal statistics' "selected_terms"
 MAP_TERMS = ("map_top", "bank_max", "map_residual", "region_excess")  # an image's terms besides knn and map_max
 CALIBRATED_TERMS = ("region_excess",)  # single terms measured against a level that fit records
@@ -96,6 +103,8 @@ def require_normals(mode: str, normals: dict[str, Any] | None, gallery: str = "t
     if len(MODE_TERMS.get(mode, ())) <= 1 and mode not in CALIBRATED_TERMS:
         return
     missing = [term for term in mode_terms(mode, normals) if term not in (normals or {})]
+    recorded = (normals or {}).get("scores") or {}
+    missing += [f"the normal images' {part} scores" for part in EITHER_MODES.get(mode, ()) if part not in recorded]
     if missing:
         raise MissingCalibration(f"image_score: {mode} needs the normal-image statistics that `spade fit` records; "
                                  f"{gallery} has none of {', '.join(missing)} (fitted before they existed, or with fewer "
@@ -120,6 +129,9 @@ def image_score(mode: str, knn: float, map_max: float, normals: dict[str, Any] |
     if len(MODE_TERMS[mode]) == 1:
         return float(terms[mode])
     require_normals(mode, normals, gallery)
+    if mode in EITHER_MODES:
+        return max(_standardised(image_score(part, knn, map_max, normals, gallery, **more), normals["scores"][part])
+                   for part in EITHER_MODES[mode])
     return float(sum(_standardised(terms[name], normals[name]) for name in mode_terms(mode, normals)))
 
 
