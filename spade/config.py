@@ -70,7 +70,7 @@ class SpadeConfig:
     calibration images, measured at `fit`; `spade.scoring.term_selection`), ``region_excess`` (how much of the frame
     rises above the level normal frames' residuals reach, over its largest connected region: a crack's extent;
     `spade.scoring.region_excess`), ``combined_region`` (``combined_residual``'s terms and ``region_excess``),
-    ``residual_or_region`` (the larger of ``combined_residual`` and ``region_excess``, each
+    ``residual_or_region`` (the default: the larger of ``combined_residual`` and ``region_excess``, each
     standardised by its scores on the normal calibration images).
     Calibration at `fit`: ``calibration_images`` gallery images (evenly spaced; all when the gallery
     is smaller) are scored leave-one-out; the image threshold is their mean plus (z + ``calibration_margin``)
@@ -93,7 +93,7 @@ class SpadeConfig:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     k: int = 10
-    image_score: str = "combined_residual"
+    image_score: str = "residual_or_region"
     kappa: int = 1
     sigma: float = 2.0  # Gaussian smoothing of the score map, in frame pixels (the paper: 4, unaggregated features)
     map_edge_band: int = 48  # frame pixels near a tile's edge where the normal maps' excess is removed (0: none)
