@@ -118,9 +118,11 @@ def test_residual_or_region_takes_the_stronger_evidence_and_is_calibrated_on_it(
     A crack that only the region term sees passes its threshold and not ``combined_residual``'s; a gallery calibrated
     before the modes' score record names the fix."""
     from spade.config import SpadeConfig
-    from spade.scoring.calibration import NormalScores, calibrate, image_threshold
+    from spade.scoring.calibration import (CalibrationMismatch, NormalScores, calibrate, check_calibrated_with,
+                                           image_threshold)
     from spade.scoring.image_score import MissingCalibration, image_score, require_normals
     from spade.scoring.position_baseline import leave_one_out_residuals
+    from transforms.score import resolve_thresholds
 
     rng = np.random.default_rng(3)
     maps = _normal_maps(rng, count=30)
@@ -153,9 +155,6 @@ def test_residual_or_region_takes_the_stronger_evidence_and_is_calibrated_on_it(
     require_normals("combined_residual", older, "g")
     with pytest.raises(MissingCalibration, match="combined_residual scores.*Re-run `spade fit`"):
         require_normals("residual_or_region", older, "g")
-    from spade.scoring.calibration import CalibrationMismatch, check_calibrated_with
-    from transforms.score import resolve_thresholds
-
     config = SpadeConfig(image_score="residual_or_region", map_edge_band=0)
     before = {"calibration": stats, "thresholds": thresholds | {"image_by_mode": {
         mode: value for mode, value in thresholds["image_by_mode"].items() if mode != "residual_or_region"}}}
