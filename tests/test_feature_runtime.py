@@ -99,10 +99,11 @@ def relative_difference(a, b) -> float:
 
 
 @pytest.mark.parametrize("runtime_name", ["openvino", "channels_last"])
-def test_bf16_features_are_close_to_f32_and_come_from_bf16_arithmetic(runtime_name, tmp_path, monkeypatch):
+def test_bf16_features_are_close_to_f32_and_come_from_bf16_arithmetic(runtime_name, tmp_path, monkeypatch, caplog):
     """feature_precision: bf16 runs the backbone in bfloat16 (OpenVINO's precision hint, torch's autocast): features
     within a few percent of their largest value of float32's, and not float32's (the setting takes effect). Hardware
-    without bf16 arithmetic runs float32: then only the closeness can be asserted."""
+    without bf16 arithmetic runs float32: then the closeness is asserted, and OpenVINO's log names the precision it
+    runs in (f32, not the type's repr)."""
     if runtime_name == "openvino":
         pytest.importorskip("openvino", reason="feature_runtime: openvino needs the openvino package ([test] installs it)")
     monkeypatch.setattr(runtime, "BACKBONE_CACHE", str(tmp_path))
@@ -110,7 +111,8 @@ def test_bf16_features_are_close_to_f32_and_come_from_bf16_arithmetic(runtime_na
     batch = frames(config, count=2)
     reference = FeatureExtractor(config)(batch)
     extractor = FeatureExtractor(config.replace(feature_precision="bf16"))
-    bf16 = extractor(batch)
+    with caplog.at_level("INFO", logger=runtime.__name__):
+        bf16 = extractor(batch)
     differences = [relative_difference(bf16.embedding, reference.embedding)]
     differences += [relative_difference(bf16.pyramid[layer], reference.pyramid[layer]) for layer in config.layers]
     assert max(differences) < 0.1, differences
@@ -120,6 +122,8 @@ def test_bf16_features_are_close_to_f32_and_come_from_bf16_arithmetic(runtime_na
                 if runtime_name == "openvino" else "bf16" if extractor.runtime.bf16 else "f32")
     if "bf16" in executed or "bfloat16" in executed:
         assert min(differences) > 1e-4, differences
+    elif runtime_name == "openvino":
+        assert "no bfloat16 arithmetic, so OpenVINO runs the backbone in f32 (" in caplog.text, caplog.text
 
 
 def test_feature_precision_is_a_feature_setting_that_old_galleries_need_not_list():

@@ -181,7 +181,8 @@ class OpenVinoRuntime:
                     "INFERENCE_NUM_THREADS": self.threads,
                     "PERFORMANCE_HINT": "LATENCY",
                 })
-                executed = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+                hint = compiled.get_property("INFERENCE_PRECISION_HINT")
+                executed = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)  # f32, not <Type: ...>
                 if self.precision == "bf16" and "bf16" not in executed and "bfloat16" not in executed:
                     LOG.info("feature_precision bf16: this CPU has no bfloat16 arithmetic, so OpenVINO runs the "
                              "backbone in %s (as fast as feature_precision: f32; the accuracy of bf16 galleries "
