@@ -361,10 +361,9 @@ def _spade_stages(config, gallery_url: str, paths: list[str]) -> dict:
     extractor = FeatureExtractor(config)
     # one untimed pass first: the extractor compiles its runtime for the frame size on its first call, and
     # anomalib's per-stage loop runs a model its scoring rounds have already warmed
-    warm = paths[:config.batch_size]
-    batch_module.score_batch(extractor(torch.stack([preprocess(decode_rgb(Path(p).read_bytes()), config.resize, config.crop,
-                                                               config.mean, config.std, **framing(config))
-                                                    for p in warm])), gallery, config)
+    warm = torch.stack([preprocess(decode_rgb(Path(p).read_bytes()), config.resize, config.crop, config.mean, config.std,
+                                   **framing(config)) for p in paths[:config.batch_size]])
+    batch_module.score_batch(extractor(warm), gallery, config)
     totals: dict[str, float] = {}
     for name, label in (("nearest_images", "image kNN"), ("layer_distance_maps", "pixel correspondence"),
                         ("finish_map", "upsample + smooth")):
