@@ -205,10 +205,20 @@ def terms(data: dict, config, prefix: str) -> tuple[dict[str, np.ndarray], list[
     return out, maps
 
 
+def standardised(test: np.ndarray, normal: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(test, normal) scores less the normal scores' mean, over their standard deviation."""
+    mean, std = normal.mean(), normal.std(ddof=1)
+    return (test - mean) / std, (normal - mean) / std
+
+
+def larger(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The elementwise larger of two rules' (test, normal) scores."""
+    return np.maximum(a[0], b[0]), np.maximum(a[1], b[1])
+
+
 def rules(test: dict, normal: dict, layers) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{rule: (test scores, normal scores)}."""
-    z = {k: ((test[k] - normal[k].mean()) / normal[k].std(ddof=1), (normal[k] - normal[k].mean()) / normal[k].std(ddof=1))
-         for k in test}
+    z = {k: standardised(test[k], normal[k]) for k in test}
     add = lambda *names: (sum(z[n][0] for n in names), sum(z[n][1] for n in names))  # noqa: E731
     out = {"knn": (test["knn"], normal["knn"]), "map_max": (test["map_max"], normal["map_max"]),
            "topk_mean": (test["topk_mean"], normal["topk_mean"]), "combined": add("knn", "map_max"),
@@ -227,12 +237,10 @@ def rules(test: dict, normal: dict, layers) -> dict[str, tuple[np.ndarray, np.nd
     if "region_excess" in test:  # the residual's largest region above normal (spade.scoring.region_excess)
         out |= {"region_excess": (test["region_excess"], normal["region_excess"]),
                 "combined_region": add("map_residual", "region_excess", "bank_max", "knn"),
-                "max(residual,region)+bank+knn": (np.maximum(z["map_residual"][0], z["region_excess"][0]) + add("bank_max", "knn")[0],
-                                                  np.maximum(z["map_residual"][1], z["region_excess"][1]) + add("bank_max", "knn")[1])}
-        summed, normals = add("map_residual", "bank_max", "knn")  # combined_residual, standardised again on the normals
-        spread = lambda v: (v - normals.mean()) / normals.std(ddof=1)  # noqa: E731
-        out["residual_or_region"] = (np.maximum(spread(summed), z["region_excess"][0]),
-                                     np.maximum(spread(normals), z["region_excess"][1]))
+                "max(residual,region)+bank+knn": tuple(m + b for m, b in zip(larger(z["map_residual"], z["region_excess"]),
+                                                                             add("bank_max", "knn")))}
+        # combined_residual standardised again on the normals, against region_excess's standardised term
+        out["residual_or_region"] = larger(standardised(*add("map_residual", "bank_max", "knn")), z["region_excess"])
     if "selected_terms" in normal:
         out["combined_selected"] = add(*normal["selected_terms"])
     return out
