@@ -324,15 +324,23 @@ def _search64(q: torch.Tensor, centre: torch.Tensor, kappa: int, chunks) -> _Run
     q64 = q.double() - centre
     best = _RunningMin(q.shape[0], kappa, gap=True, dtype=torch.float64)
     query_block = QUERY_BLOCK // 2  # float64 output blocks of the float32 search's size
-    buf = torch.empty(min(q.shape[0], query_block) * COLUMN_BLOCK, dtype=torch.float64)
+    budget = min(q.shape[0], query_block) * COLUMN_BLOCK
+    buf = torch.empty(budget, dtype=torch.float64)
     for g, slots, first_id in chunks:
+        # few queries (the flagged are a fraction of a percent) take a whole chunk in one block: one GEMM and one
+        # running-minimum update per gallery row instead of one per COLUMN_BLOCK columns
+        rows = q.shape[0] if slots is None else len(slots)
+        if not rows:
+            continue
+        columns = max(COLUMN_BLOCK, budget // min(rows, query_block))
         gc = g.double() - centre
         g_sq = (gc * gc).sum(1)
         if slots is None:
-            _search_block(q64, gc, g_sq, best, 0, first_id, buf, query_block=query_block)
-        elif len(slots):
+            _search_block(q64, gc, g_sq, best, 0, first_id, buf, query_block=query_block, column_block=columns)
+        else:
             part = best.take(slots)
-            _search_block(q64.index_select(0, slots), gc, g_sq, part, 0, first_id, buf, query_block=query_block)
+            _search_block(q64.index_select(0, slots), gc, g_sq, part, 0, first_id, buf, query_block=query_block,
+                          column_block=columns)
             best.put(slots, part)
     return best
 
