@@ -168,15 +168,30 @@ class ScoreJob:
         return storage.join(self.staging, SUMMARY)
 
 
-def plan_job(config: SpadeConfig, route: Route, out_url: str, day: str | None, since: str | None, rescore_all: bool,
-             explicit: dict | None, beam_args: list[str] | None, say: Callable[[str], None], scored_at: datetime,
-             run_id: str) -> ScoreJob:
+@dataclass(frozen=True)
+class ScoreRequest:
+    """What one `spade score` run asks of every gallery it scores (`plan_job`): the config as given, the Beam
+    arguments, the nightly partition (``day``, ``since``, ``rescore_all``), the thresholds of a --thresholds file
+    (``explicit``), and the run's time and id, shared by all its rows."""
+
+    config: SpadeConfig
+    beam_args: list[str] | None
+    day: str | None
+    since: str | None
+    rescore_all: bool
+    explicit: dict | None
+    scored_at: datetime
+    run_id: str
+
+
+def plan_job(request: ScoreRequest, route: Route, out_url: str) -> ScoreJob:
     """The launcher's checks of one gallery (manifest, files, weights, calibration, thresholds) and where its rows
     go; reads the manifest and one size per file, never the archive."""
+    config, explicit, day, rescore_all = request.config, request.explicit, request.day, request.rescore_all
     gallery_url = route.gallery
     manifest = read_manifest(gallery_url)  # the launcher reads the manifest only; workers open the gallery
     config = with_gallery_frame(config, manifest)  # aspect/tiles: every image is framed into the gallery's frame size
-    run_config = with_worker_threads(config, beam_args)  # run.json keeps the config as given
+    run_config = with_worker_threads(config, request.beam_args)  # run.json keeps the config as given
     check_compatible(manifest, gallery_url, config)
     check_files(gallery_url, manifest)  # one size query per file: a damaged gallery stops here, named
     weights = resolve_weights(config.backbone, config.weights)
@@ -196,7 +211,7 @@ def plan_job(config: SpadeConfig, route: Route, out_url: str, day: str | None, s
         done_root = None if rescore_all else storage.join(out_url, f"gallery={gallery_hash}")
         lease_folder = storage.join(out_url, f"gallery={gallery_hash}")
     return ScoreJob(route.name, route.images, gallery_url, config, run_config, manifest, used_thresholds, explicit,
-                    out_url, run_out, lease_folder, done_root, day, since, scored_at, run_id)
+                    out_url, run_out, lease_folder, done_root, day, request.since, request.scored_at, request.run_id)
 
 
 def begin_job(job: ScoreJob, lease: RunLease, say: Callable[[str], None]) -> None:
@@ -409,10 +424,11 @@ def run_score(config: SpadeConfig, gallery_url: str, images: str, out_url: str, 
         plan = RoutePlan([Route("", images, gallery_url)])
     jobs, unrouted = [], [(spec, f"no routing rule of {gallery_url} matches its folder; add a rule for it or move "
                                  "it below a routed folder") for spec in plan.unrouted]
+    request = ScoreRequest(config, beam_args, day, since, rescore_all, explicit, scored_at, run_id)
     for route in plan.routes:
         out = storage.join(out_url, route.name) if route.name else out_url
         try:
-            jobs.append(plan_job(config, route, out, day, since, rescore_all, explicit, beam_args, say, scored_at, run_id))
+            jobs.append(plan_job(request, route, out))
         except (GalleryMissing, GalleryDamaged, ValueError) as exc:
             if not routed:
                 raise
