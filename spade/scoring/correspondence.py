@@ -324,8 +324,8 @@ def _search64(q: torch.Tensor, centre: torch.Tensor, kappa: int, chunks) -> _Run
     q64 = q.double() - centre
     best = _RunningMin(q.shape[0], kappa, gap=True, dtype=torch.float64)
     query_block = QUERY_BLOCK // 2  # float64 output blocks of the float32 search's size
-    budget = min(q.shape[0], query_block) * COLUMN_BLOCK
-    buf = torch.empty(budget, dtype=torch.float64)
+    budget = query_block * COLUMN_BLOCK  # output elements of a block, however few the queries
+    buf = torch.empty(budget, dtype=torch.float64)  # pages are touched only as far as a block reaches
     for g, slots, first_id in chunks:
         # few queries (the flagged are a fraction of a percent) take a whole chunk in one block: one GEMM and one
         # running-minimum update per gallery row instead of one per COLUMN_BLOCK columns
