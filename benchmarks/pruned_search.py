@@ -233,7 +233,7 @@ def dense_search(q: torch.Tensor, data: np.ndarray, kappa: int, buf: torch.Tenso
     channels = q.shape[1]
     g = torch.from_numpy(data.reshape(-1, channels))
     best = _RunningMin(q.shape[0], kappa, gap=True)
-    _search_block(q, g, (g * g).sum(1), best, 0, 0, buf)
+    _search_block(q, g, (g * g).sum(1), best, 0, buf)
     values, ids, _ = best.winners()
     return values, ids.numpy()
 

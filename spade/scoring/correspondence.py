@@ -147,10 +147,10 @@ class _RunningMin:
         return values[:, :self.kappa], ids[:, :self.kappa].contiguous(), values[:, self.kappa]
 
 
-def _search_block(q: torch.Tensor, g: torch.Tensor, g_sq: torch.Tensor, best: _RunningMin, row0: int, first_id: int,
+def _search_block(q: torch.Tensor, g: torch.Tensor, g_sq: torch.Tensor, best: _RunningMin, first_id: int,
                   buf: torch.Tensor, query_block: int = QUERY_BLOCK, column_block: int = COLUMN_BLOCK) -> None:
-    """Fold gallery vectors ``g`` (N, C) with ids first_id.. into the running minimum of queries ``q`` (M, C)
-    (rows row0.. of ``best``)."""
+    """Fold gallery vectors ``g`` (N, C) with ids first_id.. into the running minimum ``best`` of queries ``q``
+    (M, C), row for row."""
     n_blocks = -(-g.shape[0] // column_block)
     column_block = -(-g.shape[0] // n_blocks)  # even blocks: no thin remainder GEMM
     for c0 in range(0, g.shape[0], column_block):
@@ -162,7 +162,7 @@ def _search_block(q: torch.Tensor, g: torch.Tensor, g_sq: torch.Tensor, best: _R
             qb = q[r0:r0 + query_block]
             out = buf[:qb.shape[0] * nb].view(qb.shape[0], nb)
             torch.addmm(bias, qb, gt, beta=1.0, alpha=-2.0, out=out)
-            best.update(slice(row0 + r0, row0 + r0 + qb.shape[0]), out, first_id + c0)
+            best.update(slice(r0, r0 + qb.shape[0]), out, first_id + c0)
 
 
 def _winner_distances(q: torch.Tensor, winners: torch.Tensor, rows: int = 4096) -> torch.Tensor:
@@ -336,10 +336,10 @@ def _search64(q: torch.Tensor, centre: torch.Tensor, kappa: int, chunks) -> _Run
         gc = g.double() - centre
         g_sq = (gc * gc).sum(1)
         if slots is None:
-            _search_block(q64, gc, g_sq, best, 0, first_id, buf, query_block=query_block, column_block=columns)
+            _search_block(q64, gc, g_sq, best, first_id, buf, query_block=query_block, column_block=columns)
         else:
             part = best.take(slots)
-            _search_block(q64.index_select(0, slots), gc, g_sq, part, 0, first_id, buf, query_block=query_block,
+            _search_block(q64.index_select(0, slots), gc, g_sq, part, first_id, buf, query_block=query_block,
                           column_block=columns)
             best.put(slots, part)
     return best
@@ -414,7 +414,7 @@ def nearest_feature_distances(queries: np.ndarray | torch.Tensor, gallery: np.nd
         best = _RunningMin(q.shape[0], kappa, gap=exact)
         buf = torch.empty(min(q.shape[0], QUERY_BLOCK) * min(g.shape[0], column_block))
         g_sq = (gc * gc).sum(1)
-        _search_block(qc, gc, g_sq, best, 0, 0, buf, column_block=column_block)
+        _search_block(qc, gc, g_sq, best, 0, buf, column_block=column_block)
         values, ids, next_value = best.winners()
         if exact:
             each = _winner_distances(q, g[ids])
@@ -561,7 +561,7 @@ def batch_layer_distances(queries: np.ndarray | torch.Tensor, pyramid: np.ndarra
                 # ids: gallery row * per_row + position, valid within a run of consecutive rows
                 for start, stop in _runs(chunk_rows):
                     sl = slice(start * per_row, stop * per_row)
-                    _search_block(q, g[sl], g_sq[sl], local, 0, int(chunk_rows[start]) * per_row, gemm_buf)
+                    _search_block(q, g[sl], g_sq[sl], local, int(chunk_rows[start]) * per_row, gemm_buf)
                 if on_chunk is not None:
                     on_chunk(len(chunk_rows))
             if local is not best:
