@@ -359,10 +359,14 @@ def _spade_stages(config, gallery_url: str, paths: list[str]) -> dict:
     configure_threads(config.num_threads)
     gallery = Gallery.open(gallery_url)
     extractor = FeatureExtractor(config)
+
+    def frames(rgbs) -> torch.Tensor:
+        return torch.stack([preprocess(rgb, config.resize, config.crop, config.mean, config.std, **framing(config))
+                            for rgb in rgbs])
+
     # one untimed pass first: the extractor compiles its runtime for the frame size on its first call, and
     # anomalib's per-stage loop runs a model its scoring rounds have already warmed
-    warm = torch.stack([preprocess(decode_rgb(Path(p).read_bytes()), config.resize, config.crop, config.mean, config.std,
-                                   **framing(config)) for p in paths[:config.batch_size]])
+    warm = frames([decode_rgb(Path(p).read_bytes()) for p in paths[:config.batch_size]])
     batch_module.score_batch(extractor(warm), gallery, config)
     totals: dict[str, float] = {}
     for name, label in (("nearest_images", "image kNN"), ("layer_distance_maps", "pixel correspondence"),
@@ -378,8 +382,7 @@ def _spade_stages(config, gallery_url: str, paths: list[str]) -> dict:
 
     for chunk in _batches(paths, config.batch_size):
         rgbs = timed("read + decode + preprocess", lambda: [decode_rgb(Path(p).read_bytes()) for p in chunk])
-        x = timed("read + decode + preprocess", lambda: torch.stack(
-            [preprocess(rgb, config.resize, config.crop, config.mean, config.std, **framing(config)) for rgb in rgbs]))
+        x = timed("read + decode + preprocess", lambda: frames(rgbs))
         features = timed("features", lambda: extractor(x))
         results = timed("score_batch (all its steps)", lambda: batch_module.score_batch(features, gallery, config))
         for rgb, result in zip(rgbs, results):
