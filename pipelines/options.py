@@ -62,6 +62,7 @@ def load_runner_profile(path: str) -> list[str]:
     return args
 
 
+SCORING_WORKERS = 2  # worker threads of a scoring run on spade's default local runner (`scoring_args`)
 LOCAL_RUNNERS = ("FnApiRunner", "DirectRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner")
 _LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]", "0.0.0.0")
 
@@ -132,6 +133,24 @@ def local_workers(beam_args: list[str] | None) -> int:
         return 1
     workers = options.view_as(DirectOptions).direct_num_workers
     return max(1, workers if workers else (os.cpu_count() or 1))
+
+
+def scoring_args(beam_args: list[str] | None, one_image: bool = False) -> list[str]:
+    """A scoring run's Beam arguments: without ``--runner`` (spade's local FnApiRunner) and without a worker setting,
+    `SCORING_WORKERS` worker threads on a machine of two or more cores, each with cores / workers threads
+    (`with_worker_threads`), unless the run scores ``one_image``; any runner or worker argument given is kept.
+
+    Why: one worker with every core's threads leaves cores idle in each batch's single-threaded steps (decoding,
+    the running minimum's numpy work, PNG encoding); a second worker runs its GEMMs beside them. Measured on 2 cores
+    (`benchmarks/run_settings.py`, 2026-12-06): the default config 1.15x (metal_plate) and 1.16x (bottle), the exact
+    config 1.07x and 1.26x, the approximate config 0.98x and 0.97x (within the VM's noise). The second worker costs a
+    run ~0.5 s to start (a one-image run 0.86 -> 1.45 s), so one image (a line scoring each frame as it comes) keeps
+    one worker. Fit keeps one worker: its calibration runs in the launcher with the run's threads."""
+    args = list(beam_args or [])
+    given = any(_arg_value(args, name) is not None for name in ("runner", "direct_num_workers", "direct_running_mode"))
+    if given or one_image or (os.cpu_count() or 1) < 2:
+        return args
+    return args + [f"--direct_num_workers={SCORING_WORKERS}", "--direct_running_mode=multi_threading"]
 
 
 def with_worker_threads(config: SpadeConfig, beam_args: list[str] | None) -> SpadeConfig:

@@ -28,7 +28,7 @@ from spade.index.gallery import (GalleryDamaged, GalleryMissing, check_compatibl
                                  with_gallery_frame)
 from spade.io.lease import RunLease, staging_is_live
 from spade.io.ledger import discard_others, done_kind, done_uris, earlier_parts, ledger_url
-from spade.io.listing import check_spec
+from spade.io.listing import check_spec, names_one_image
 from spade.io.results import RUN_INFO, read_score_table, scored_tables
 from spade.io.routing import Route, RoutePlan, is_routing, plan_routes
 from spade.index.knn import k_warning
@@ -46,7 +46,7 @@ from transforms.records import new_run_id, route_of, utc_now
 from transforms.score import ScoreImages, ScoreTarget, resolve_thresholds
 from transforms.summary import SUMMARY, WriteSummary, read_summary
 from transforms.unrouted import ListUnrouted
-from pipelines.options import refuse_local_paths, with_worker_threads
+from pipelines.options import local_workers, refuse_local_paths, scoring_args, with_worker_threads
 from pipelines.progress import ProgressReporter
 from pipelines.runner import metrics_line, run_pipeline
 
@@ -411,6 +411,7 @@ def run_score(config: SpadeConfig, gallery_url: str, images: str, out_url: str, 
     route alone with that ``--out`` would, and the inputs no route takes to ``out_url``/unrouted as error rows.
     """
     routed = is_routing(gallery_url)
+    beam_args = scoring_args(beam_args, one_image=not routed and names_one_image(images))
     refuse_local_paths(beam_args, gallery=gallery_url, images=images, out=out_url)
     explicit = validate_thresholds(storage.read_json(thresholds_url), thresholds_url) if thresholds_url else None
     scored_at = utc_now()
@@ -437,7 +438,9 @@ def run_score(config: SpadeConfig, gallery_url: str, images: str, out_url: str, 
     if not jobs and not unrouted:
         raise FileNotFoundError(f"--images {images!r}: no folder matches the routing rule(s) of {gallery_url}")
     if jobs and jobs[0].run_config.num_threads:
-        say(f"score: {jobs[0].run_config.num_threads} torch/faiss thread(s) per worker")
+        workers = local_workers(beam_args)
+        say(f"score: {jobs[0].run_config.num_threads} torch/faiss thread(s) per worker"
+            + (f", {workers} local workers" if workers > 1 else ""))
     errors = UnroutedJob(storage.join(out_url, UNROUTED), unrouted, day, scored_at, run_id) if unrouted else None
     with contextlib.ExitStack() as leases:
         for job in jobs:

@@ -1,6 +1,7 @@
 """Fit, score and evaluate as Beam pipelines (FnApiRunner), on the embedded synthetic sample."""
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from spade.scoring.calibration import CalibrationMismatch
 from spade.io.tables import SCORES_SCHEMA
 from pipelines.evaluate import run_evaluate
 from pipelines.fit import run_fit
-from pipelines.options import load_runner_profile, local_workers
+from pipelines.options import load_runner_profile, local_workers, scoring_args
 from pipelines.score import run_score
 from tests.conftest import BEAM_ARGS, plumbing_config
 
@@ -93,18 +94,24 @@ def test_rerun_gives_identical_outputs(fitted, sample_root, tmp_path):
     assert not list(Path(second).rglob(".tmp-*"))
 
 
-def test_two_thread_workers_give_the_same_table(fitted, sample_root, tmp_path):
-    """configs/runners/threads.yaml (two local worker threads): every input scored once, bad ones as error rows,
-    the same scores and maps as one worker."""
+@pytest.mark.parametrize("runner", ["threads.yaml", "default"])
+def test_two_thread_workers_give_the_same_table(fitted, sample_root, tmp_path, runner, monkeypatch):
+    """configs/runners/threads.yaml, and the default runner of `spade score` without --runner (two local worker
+    threads on 2 cores): every input scored once, bad ones as error rows, the same scores and maps as one worker."""
     config, gallery, _ = fitted
     images = tmp_path / "images"
     shutil.copytree(sample_root + "/test", images)
     (images / "spot" / "truncated.png").write_bytes((images / "spot" / "000.png").read_bytes()[:200])
-    profile = load_runner_profile(str(Path(__file__).resolve().parents[1] / "configs" / "runners" / "threads.yaml"))
-    assert local_workers(profile) == 2
+    if runner == "default":
+        monkeypatch.setattr(os, "cpu_count", lambda: 2)
+        args = None
+        assert local_workers(scoring_args(args)) == 2
+    else:
+        args = load_runner_profile(str(Path(__file__).resolve().parents[1] / "configs" / "runners" / runner))
+        assert local_workers(args) == 2
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     run_score(config, gallery, str(images), one, BEAM_ARGS)
-    summary = run_score(config, gallery, str(images), two, profile)
+    summary = run_score(config, gallery, str(images), two, args)
     assert summary == {**summary, "rows": 10, "ok": 9, "errors": 1}
     tables = [read_score_table(out).drop(["scored_at"]).sort_by("uri") for out in (one, two)]
     assert tables[0].num_rows == 10 and len(set(tables[1].column("uri").to_pylist())) == 10

@@ -16,7 +16,7 @@ from typing import Iterator
 import fsspec
 
 from spade.io.images import header_size
-from spade.io.sources import _GLOB_CHARS, _protocol_prefix, _with_protocol, read_inputs
+from spade.io.sources import _GLOB_CHARS, _protocol_prefix, _with_protocol, is_tar, read_inputs
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,12 @@ def check_spec(spec: str) -> None:
             raise _nothing(spec)
     elif not fs.exists(path):
         raise _nothing(spec)
+
+
+def names_one_image(spec: str) -> bool:
+    """Whether ``spec`` names one image file (no wildcard, not a folder, not a tar shard): one metadata call."""
+    fs, path = fsspec.core.url_to_fs(spec)
+    return not _GLOB_CHARS.search(path) and not is_tar(path) and fs.isfile(path)
 
 
 def _literal_prefix(path: str) -> tuple[str, list[str]]:
