@@ -142,8 +142,9 @@ def scoring_args(beam_args: list[str] | None, one_image: bool = False) -> list[s
 
     Why: one worker with every core's threads leaves cores idle in each batch's single-threaded steps (decoding,
     the running minimum's numpy work, PNG encoding); a second worker runs its GEMMs beside them. Measured on 2 cores
-    (`benchmarks/run_settings.py`, 2026-12-06): the default config 1.15x (metal_plate) and 1.16x (bottle), the exact
-    config 1.07x and 1.26x, the approximate config 0.98x and 0.97x (within the VM's noise). The second worker costs a
+    (`benchmarks/run_settings.py`, 2026-12-06): the default config 1.15x (metal_plate), 1.16x (bottle), 1.06x (tire)
+    and 0.93-0.96x (commutators, whose three tiles a frame already keep both cores busy), the exact config 1.07x and
+    1.26x, the approximate config 0.98x and 0.97x (within the VM's noise). The second worker costs a
     run ~0.5 s to start (a one-image run 0.86 -> 1.45 s), so one image (a line scoring each frame as it comes) keeps
     one worker. Fit keeps one worker: its calibration runs in the launcher with the run's threads."""
     args = list(beam_args or [])
