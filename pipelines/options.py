@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import fsspec
 import yaml
@@ -135,10 +136,11 @@ def local_workers(beam_args: list[str] | None) -> int:
     return max(1, workers if workers else (os.cpu_count() or 1))
 
 
-def scoring_args(beam_args: list[str] | None, one_image: bool = False) -> list[str]:
+def scoring_args(beam_args: list[str] | None, one_image: Callable[[], bool] = lambda: False) -> list[str]:
     """A scoring run's Beam arguments: without ``--runner`` (spade's local FnApiRunner) and without a worker setting,
     `SCORING_WORKERS` worker threads on a machine of two or more cores, each with cores / workers threads
-    (`with_worker_threads`), unless the run scores ``one_image``; any runner or worker argument given is kept.
+    (`with_worker_threads`), unless ``one_image()`` says the run scores one image (asked only where it decides: on
+    object storage it is a request); any runner or worker argument given is kept.
 
     Why: one worker with every core's threads leaves cores idle in each batch's single-threaded steps (decoding,
     the running minimum's numpy work, PNG encoding); a second worker runs its GEMMs beside them. Measured on 2 cores
@@ -149,7 +151,7 @@ def scoring_args(beam_args: list[str] | None, one_image: bool = False) -> list[s
     one worker. Fit keeps one worker: its calibration runs in the launcher with the run's threads."""
     args = list(beam_args or [])
     given = any(_arg_value(args, name) is not None for name in ("runner", "direct_num_workers", "direct_running_mode"))
-    if given or one_image or (os.cpu_count() or 1) < 2:
+    if given or (os.cpu_count() or 1) < 2 or one_image():
         return args
     return args + [f"--direct_num_workers={SCORING_WORKERS}", "--direct_running_mode=multi_threading"]
 

@@ -411,7 +411,7 @@ def run_score(config: SpadeConfig, gallery_url: str, images: str, out_url: str, 
     route alone with that ``--out`` would, and the inputs no route takes to ``out_url``/unrouted as error rows.
     """
     routed = is_routing(gallery_url)
-    beam_args = scoring_args(beam_args, one_image=not routed and names_one_image(images))
+    beam_args = scoring_args(beam_args, one_image=lambda: not routed and names_one_image(images))
     refuse_local_paths(beam_args, gallery=gallery_url, images=images, out=out_url)
     explicit = validate_thresholds(storage.read_json(thresholds_url), thresholds_url) if thresholds_url else None
     scored_at = utc_now()

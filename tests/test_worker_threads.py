@@ -34,10 +34,12 @@ def test_scoring_on_the_default_runner_takes_two_worker_threads(monkeypatch, tmp
     assert local_workers(default) == SCORING_WORKERS == 2
     assert with_worker_threads(SpadeConfig(num_threads=0), default).num_threads == 1
     assert "--direct_running_mode=multi_threading" in default
-    assert scoring_args(None, one_image=True) == []
+    assert scoring_args(None, one_image=lambda: True) == []
+    asked = []
     for given in (["--runner=FnApiRunner"], ["--direct_num_workers", "1"], ["--direct_running_mode=multi_processing"],
                   ["--runner", "DaskRunner"]):
-        assert scoring_args(given) == given
+        assert scoring_args(given, one_image=lambda: asked.append(1) or True) == given
+    assert not asked  # the one-image check (a request on object storage) is not made where a runner is given
     monkeypatch.setattr(os, "cpu_count", lambda: 1)
     assert scoring_args(None) == []
 
