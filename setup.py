@@ -1,4 +1,11 @@
-from setuptools import find_packages, setup
+import sys
+
+from setuptools import Extension, find_packages, setup
+
+# The exact correspondence's fused inner loop (spade/scoring/nearest_kernel.c, called through ctypes by
+# spade.scoring.fused_nearest): optional, so an install without a C compiler still works and searches with torch's GEMM.
+NEAREST_KERNEL = Extension("spade.scoring._nearest", ["spade/scoring/nearest_kernel.c"], optional=True,
+                           extra_compile_args=[] if sys.platform == "win32" else ["-O3"])
 
 setup(
     name="spade-beam",
@@ -50,5 +57,6 @@ setup(
         # the package, its tests or CI. Best installed in a venv of its own (it pulls Lightning and more).
         "peers": ["anomalib==2.7.*"],
     },
+    ext_modules=[NEAREST_KERNEL],
     entry_points={"console_scripts": ["spade=pipelines.cli:main"]},
 )

@@ -16,9 +16,10 @@ TILE_NEIGHBOURS = ("same", "all")
 FEATURE_RUNTIMES = ("channels_last", "eager", "openvino")
 FEATURE_PRECISIONS = ("f32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
+SEARCH_KERNELS = ("auto", "gemm")  # spade.scoring.fused_nearest
 # Settings that change only speed or file layout, never a row: runs that differ only in them may resume each other's
 # ledgers.
-SPEED_ONLY = ("num_threads", "shards", "rows_per_shard", "batch_size", "feature_runtime", "device")
+SPEED_ONLY = ("num_threads", "shards", "rows_per_shard", "batch_size", "feature_runtime", "device", "search_kernel")
 IMAGE_SCORES = ("knn", "map_max", "map_top", "combined", "combined_top", "bank_max", "combined_bank", "combined_residual",
                 "combined_selected", "region_excess", "combined_region", "residual_or_region")
 BANK_SCORES = ("bank_max", "combined_bank", "combined_residual", "combined_selected", "combined_region",
@@ -119,6 +120,7 @@ class SpadeConfig:
     approximate_layers: tuple[str, ...] = ("layer1",)  # of layers, those whose pixel scores come from the coreset bank in exact mode too
     approximate_local_radius: int = 0  # bank-searched layers' pixel maps also search the K nearest frames near each place (spade.scoring.local_search)
     refine_distances: bool = True
+    search_kernel: str = "auto"  # the exact search's inner loop on CPU: auto (the fused kernel where built, AVX2+FMA), gemm
     coreset_ratio: float = 0.01
     coreset_projection: int = 128
     coreset_max_candidates: int = 200_000
@@ -175,6 +177,9 @@ class SpadeConfig:
             problems.append(f"feature_precision must be one of {', '.join(FEATURE_PRECISIONS)}")
         if self.device not in DEVICES:
             problems.append(f"device must be one of {', '.join(DEVICES)}")
+        if self.search_kernel not in SEARCH_KERNELS:
+            problems.append(f"search_kernel must be one of {', '.join(SEARCH_KERNELS)} (auto: the fused kernel where "
+                            "it was built and the CPU has AVX2 and FMA; gemm: torch's GEMM and row minima)")
         if self.feature_dtype not in ("float16", "float32"):
             problems.append("feature_dtype must be float16 or float32")
         if self.eval_region not in ("crop", "full"):

@@ -86,24 +86,27 @@ def float32_expansion_only(queries, gallery, kappa):
     return torch.linalg.vector_norm(g[ids] - q[:, None], dim=2).mean(1).numpy()
 
 
+@pytest.mark.parametrize("kernel", ["auto", "gemm"])  # auto: the fused kernel where it was built (test_fused_nearest.py)
 @pytest.mark.parametrize("kappa", [1, 3])
-def test_near_duplicates_are_refined_to_float64_accuracy(kappa):
+def test_near_duplicates_are_refined_to_float64_accuracy(kappa, kernel):
     queries, gallery = near_duplicates(5, 600, 200)
     reference = brute(queries, gallery, kappa)
     assert np.abs(float32_expansion_only(queries, gallery, kappa) - reference).max() > 1e-4  # the case is hard
-    got = nearest_feature_distances(queries, gallery, kappa=kappa, block=128)
+    got = nearest_feature_distances(queries, gallery, kappa=kappa, block=128, kernel=kernel)
     assert np.abs(got - reference).max() <= 1e-5
 
 
+@pytest.mark.parametrize("kernel", ["auto", "gemm"])
 @pytest.mark.parametrize("kappa", [1, 3])
-def test_batched_near_duplicates_are_refined_to_float64_accuracy(tmp_path, kappa):
+def test_batched_near_duplicates_are_refined_to_float64_accuracy(tmp_path, kappa, kernel):
     n, positions, channels, batch = 8, 60, 64, 3
     queries, gallery = near_duplicates(6, n * positions, batch * positions, channels)
     pyramid = npy_pyramid(tmp_path, gallery.reshape(n, positions, channels))
     queries = queries.reshape(batch, positions, channels)
     neighbours = np.array([[0, 1, 2], [2, 1, 0], [5, 6, 7]])  # shared and disjoint neighbour sets
-    got = batch_layer_distances(queries, pyramid, neighbours, kappa, read_positions=100)
-    unrefined = batch_layer_distances(queries, pyramid, neighbours, kappa, read_positions=100, refine=False)
+    got = batch_layer_distances(queries, pyramid, neighbours, kappa, read_positions=100, kernel=kernel)
+    unrefined = batch_layer_distances(queries, pyramid, neighbours, kappa, read_positions=100, refine=False,
+                                      kernel=kernel)
     worst, worst_unrefined = 0.0, 0.0
     for i in range(batch):
         flat = gallery.reshape(n, positions, channels)[np.sort(neighbours[i])].reshape(-1, channels)

@@ -106,7 +106,7 @@ def _exact_search(config: SpadeConfig) -> Callable[[np.ndarray, object, np.ndarr
         # the batch's images in two lanes (`spade.scoring.lanes`): each image against its own neighbours, as in one
         def part(images: slice) -> np.ndarray:
             return batch_layer_distances(queries[images], rows, neighbours[images], config.kappa,
-                                         refine=config.refine_distances)
+                                         refine=config.refine_distances, kernel=config.search_kernel)
 
         return np.concatenate(in_lanes(part, halves(len(queries), config.num_threads), config.num_threads))
 

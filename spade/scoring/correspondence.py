@@ -5,7 +5,10 @@ The exact kernel is a blocked GEMM with the expansion |q - g|^2 = |q|^2 - 2 q.g 
 * ``-2 q.g^T + |g|^2`` is one ``addmm`` into a preallocated, cache-sized output
   block, followed by a running row minimum (``torch.amin`` over the block; the
   winner's index only for rows the block improves); |q|^2 is constant per row and
-  never enters the search;
+  never enters the search. Where the compiled kernel runs (`spade.scoring.fused_nearest`, the config's
+  ``search_kernel: auto``; kappa 1) the same values are folded into the running minimum and runner-up tile by
+  tile in registers instead, never written out: the GEMM's output, not its arithmetic, bounds this search at the
+  pyramid's few channels;
 * the winners' distances are then recomputed directly as |q - g*| (O(Q x C)),
   so float32 cancellation in the expansion cannot leak into the scores;
 * queries and gallery are centred on a point amid the features (a fixed gallery row's
@@ -32,6 +35,7 @@ import numpy as np
 import torch
 
 from spade.index.pyramid import pread_exactly
+from spade.scoring import fused_nearest
 
 GALLERY_BLOCK = 4096
 COLUMN_BLOCK = 1024      # gallery vectors per GEMM block
@@ -148,9 +152,14 @@ class _RunningMin:
 
 
 def _search_block(q: torch.Tensor, g: torch.Tensor, g_sq: torch.Tensor, best: _RunningMin, first_id: int,
-                  buf: torch.Tensor, query_block: int = QUERY_BLOCK, column_block: int = COLUMN_BLOCK) -> None:
+                  buf: torch.Tensor, query_block: int = QUERY_BLOCK, column_block: int = COLUMN_BLOCK,
+                  fused: bool = False) -> None:
     """Fold gallery vectors ``g`` (N, C) with ids first_id.. into the running minimum ``best`` of queries ``q``
-    (M, C), row for row."""
+    (M, C), row for row: with ``fused`` (kappa 1 with its runner-up, float32) in one pass of the compiled kernel
+    (`spade.scoring.fused_nearest`), else by blocks of GEMM output and their row minima."""
+    if fused and best.kappa == 1 and best.gap and q.dtype == torch.float32 and len(q):
+        fused_nearest.fold(q, g, g_sq, best.values, best.ids, first_id, threads=torch.get_num_threads())
+        return
     n_blocks = -(-g.shape[0] // column_block)
     column_block = -(-g.shape[0] // n_blocks)  # even blocks: no thin remainder GEMM
     for c0 in range(0, g.shape[0], column_block):
@@ -394,12 +403,13 @@ def centre_of(rows: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 def nearest_feature_distances(queries: np.ndarray | torch.Tensor, gallery: np.ndarray | torch.Tensor, kappa: int = 1,
-                              block: int = GALLERY_BLOCK, exact: bool = True) -> np.ndarray:
+                              block: int = GALLERY_BLOCK, exact: bool = True, kernel: str = "auto") -> np.ndarray:
     """Mean Euclidean distance from each query row (Q, C) to its ``kappa`` nearest gallery rows (G, C).
 
     Blocked ``addmm`` search (memory O(query block x column block)); with ``exact``
     the winners' distances are recomputed as |q - g| instead of taken from the
-    expansion. ``block`` bounds the gallery rows per GEMM column block.
+    expansion. ``block`` bounds the gallery rows per GEMM column block. ``kernel``: the search's inner loop
+    (`spade.scoring.fused_nearest.use_fused`: auto, the fused kernel where it runs; gemm).
     """
     q = _float_tensor(queries)
     g = _float_tensor(gallery)
@@ -414,7 +424,7 @@ def nearest_feature_distances(queries: np.ndarray | torch.Tensor, gallery: np.nd
         best = _RunningMin(q.shape[0], kappa, gap=exact)
         buf = torch.empty(min(q.shape[0], QUERY_BLOCK) * min(g.shape[0], column_block))
         g_sq = (gc * gc).sum(1)
-        _search_block(qc, gc, g_sq, best, 0, buf, column_block=column_block)
+        _search_block(qc, gc, g_sq, best, 0, buf, column_block=column_block, fused=fused_nearest.use_fused(kernel))
         values, ids, next_value = best.winners()
         if exact:
             each = _winner_distances(q, g[ids])
@@ -511,12 +521,14 @@ class PyramidReader:
 
 def batch_layer_distances(queries: np.ndarray | torch.Tensor, pyramid: np.ndarray, neighbours: np.ndarray, kappa: int = 1,
                           exact: bool = True, read_positions: int = READ_POSITIONS,
-                          on_chunk: Callable[[int], None] | None = None, refine: bool = True) -> np.ndarray:
+                          on_chunk: Callable[[int], None] | None = None, refine: bool = True,
+                          kernel: str = "auto") -> np.ndarray:
     """Distances (B, P) of B test images' positions (B, P, C) to the kappa nearest features among ALL positions of
     each image's own neighbour rows ``neighbours[i]`` of ``pyramid`` (N, Pg, C).
 
     Gallery rows are grouped by the set of test images that use them; each group's
-    rows are read once and searched with the concatenated queries of those images.
+    rows are read once and searched with the concatenated queries of those images. ``kernel``: the search's inner
+    loop (`spade.scoring.fused_nearest.use_fused`).
     """
     q_all = _float_tensor(queries)
     if q_all.ndim != 3:
@@ -537,6 +549,7 @@ def batch_layer_distances(queries: np.ndarray | torch.Tensor, pyramid: np.ndarra
     buffer = np.empty((min(rows_per_read, len(rows)), per_row, channels), dtype=np.float32)
     flat = q_all.reshape(batch * positions, channels)
     best = _RunningMin(batch * positions, kappa, gap=exact and refine)
+    fused = fused_nearest.use_fused(kernel)
     with torch.inference_mode(), PyramidReader(pyramid) as reader:
         # centre on a fixed gallery row's mean: the same for every batch, so results do not depend on batching
         centre = centre_of(reader.read(np.zeros(1, dtype=np.int64), buffer))
@@ -561,7 +574,7 @@ def batch_layer_distances(queries: np.ndarray | torch.Tensor, pyramid: np.ndarra
                 # ids: gallery row * per_row + position, valid within a run of consecutive rows
                 for start, stop in _runs(chunk_rows):
                     sl = slice(start * per_row, stop * per_row)
-                    _search_block(q, g[sl], g_sq[sl], local, int(chunk_rows[start]) * per_row, gemm_buf)
+                    _search_block(q, g[sl], g_sq[sl], local, int(chunk_rows[start]) * per_row, gemm_buf, fused=fused)
                 if on_chunk is not None:
                     on_chunk(len(chunk_rows))
             if local is not best:

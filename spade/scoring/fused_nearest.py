@@ -1,0 +1,103 @@
+"""The fused nearest-feature fold: the exact correspondence's distance, minimum and runner-up in one compiled pass.
+
+The GEMM search (`spade.scoring.correspondence`) writes every query's value s(g) = |g|^2 - 2 q.g for a block of
+gallery vectors and then reduces it; with the pyramid's few channels that matrix's traffic, not the arithmetic,
+bounds it. The kernel (nearest_kernel.c, built by setup.py as the optional extension ``spade.scoring._nearest``)
+keeps each tile of values in registers and folds it into the running minimum, its id and the runner-up directly,
+in the same float32 arithmetic (dot products of length C in some order), so the winners, the runner-up bound and
+the refinement that follows are those of the GEMM search up to rounding, which the refinement already bounds.
+
+It runs where the extension was built and the CPU has AVX2 and FMA (`available`); the config's ``search_kernel:
+gemm`` keeps the GEMM everywhere. Measured: benchmarks/README.md, "The fused nearest-feature kernel".
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.util
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from spade.config import SEARCH_KERNELS
+
+LANES = 16           # gallery columns a kernel tile (the panel width)
+COLUMN_BLOCK = 1024  # gallery columns per pass over the queries: 1024 x C floats stay in L2
+
+
+@functools.lru_cache(maxsize=1)
+def _library() -> ctypes.CDLL | None:
+    """The built kernel, or None (not built here, or the CPU lacks AVX2/FMA)."""
+    spec = importlib.util.find_spec("spade.scoring._nearest")
+    if spec is None or not spec.origin:
+        return None
+    try:
+        lib = ctypes.CDLL(spec.origin)
+    except OSError:
+        return None
+    pointer = ctypes.c_void_p
+    lib.spade_nearest_supported.restype = ctypes.c_int
+    lib.spade_nearest_fold.restype = ctypes.c_int
+    lib.spade_nearest_fold.argtypes = [pointer, ctypes.c_int64, ctypes.c_int, pointer, pointer, ctypes.c_int64,
+                                       ctypes.c_int64, pointer, pointer, ctypes.c_int64]
+    return lib if lib.spade_nearest_supported() else None
+
+
+def available() -> bool:
+    """Whether the fused kernel can run here (built, and the CPU has AVX2 and FMA)."""
+    return _library() is not None
+
+
+def use_fused(kernel: str) -> bool:
+    """Whether a search with ``search_kernel`` = ``kernel`` folds with the fused kernel (auto: where `available`)."""
+    if kernel not in SEARCH_KERNELS:
+        raise ValueError(f"search_kernel must be one of {', '.join(SEARCH_KERNELS)}, got {kernel!r}")
+    return kernel == "auto" and available()
+
+
+def panels(g: torch.Tensor, g_sq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gallery vectors (N, C) float32 as the kernel reads them: (ceil(N / 16), C, 16) panels of 16 columns, and |g|^2
+    (N,) padded with +inf to the panels' width (padding columns never win)."""
+    n, channels = g.shape
+    width = -(-n // LANES) * LANES
+    padded = torch.zeros((width, channels), dtype=torch.float32)
+    padded[:n] = g
+    sq = torch.full((width,), float("inf"), dtype=torch.float32)
+    sq[:n] = g_sq
+    return padded.view(width // LANES, LANES, channels).transpose(1, 2).contiguous(), sq
+
+
+def fold(q: torch.Tensor, g: torch.Tensor, g_sq: torch.Tensor, values: torch.Tensor, ids: torch.Tensor,
+         first_id: int, threads: int = 1) -> None:
+    """Fold gallery vectors ``g`` (N, C) with ids first_id.. into the running minimum of queries ``q`` (M, C), all
+    float32: ``values`` (M, 2) each query's smallest s(g) = |g|^2 - 2 q.g and the runner-up, ``ids`` (M, 2) int64
+    the smallest's id in column 0, updated in place (first column wins ties, as a row minimum does). ``threads``
+    > 1 splits the queries among that many threads (the kernel releases the GIL)."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the fused nearest-feature kernel is not available here (spade.scoring._nearest not built, "
+                           "or the CPU lacks AVX2/FMA); use search_kernel: gemm")
+    for name, tensor in (("values", values), ("ids", ids)):
+        if tensor.ndim != 2 or tensor.shape[1] != 2 or not tensor.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous (M, 2) tensor, got {tuple(tensor.shape)}")
+    rows, channels = q.shape
+    if not rows or not len(g):
+        return
+    qm2 = (q * -2.0).contiguous()
+    packed, sq = panels(g, g_sq)
+
+    def part(start: int, stop: int) -> int:
+        return lib.spade_nearest_fold(qm2[start].data_ptr(), stop - start, channels, packed.data_ptr(), sq.data_ptr(),
+                                      sq.shape[0], first_id, values[start].data_ptr(), ids[start].data_ptr(),
+                                      COLUMN_BLOCK)
+
+    bounds = np.linspace(0, rows, max(1, min(threads, rows)) + 1).astype(int)
+    spans = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    if len(spans) == 1:
+        codes = [part(*spans[0])]
+    else:
+        with ThreadPoolExecutor(len(spans), thread_name_prefix="nearest") as pool:
+            codes = list(pool.map(lambda span: part(*span), spans))
+    if any(codes):
+        raise RuntimeError("the fused nearest-feature kernel refused this CPU (no AVX2/FMA)")

@@ -1,0 +1,141 @@
+/* The exact correspondence's inner loop in one pass: for each query q, s(g) = |g|^2 - 2 q.g over a block of gallery
+ * vectors, folded into the query's running minimum, its gallery id and the runner-up (kappa 1), without writing the
+ * (queries x gallery) matrix that a GEMM followed by a row minimum writes and reads back.
+ *
+ * Why: with the pyramid's few channels (24 at layer 1) the GEMM-then-reduce search is bound by that matrix's traffic,
+ * not by its multiply-adds (benchmarks/README, "pruned_search.py"); here each 6 x 16 tile of s(g) stays in registers
+ * and most tiles cost one comparison with the rows' runner-up.
+ *
+ * Built as the optional extension spade.scoring._nearest (setup.py) and called through ctypes
+ * (spade/scoring/fused_nearest.py), which uses it only where the CPU has AVX2 and FMA; elsewhere, or where no
+ * compiler built it, the search stays torch's GEMM. Same arithmetic contract as the GEMM: float32 dot products of
+ * length C in any order, so the refinement's rounding bound (correspondence.py, _noise) covers both.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+
+#define ROWS 6   /* queries a tile: 6 x 2 accumulators + 2 gallery vectors + 1 broadcast = 15 of 16 ymm registers */
+#define LANES 16 /* gallery columns a tile (two 8-float vectors) */
+
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+#include <immintrin.h>
+#define HAVE_KERNEL 1
+
+/* A tile some of whose values beat a row's runner-up: fold them in column order (first column wins ties). */
+static void fold_tile(const float tile[ROWS][LANES], int rows, int64_t first_col, float *state, int64_t *ids)
+{
+    for (int r = 0; r < rows; r++) {
+        const float *v = tile[r];
+        float best = state[2 * r], second = state[2 * r + 1];
+        int64_t id = ids[2 * r];
+        for (int l = 0; l < LANES; l++) {
+            float x = v[l];
+            if (x < second) {
+                if (x < best) {
+                    second = best;
+                    best = x;
+                    id = first_col + l;
+                } else {
+                    second = x;
+                }
+            }
+        }
+        state[2 * r] = best;
+        state[2 * r + 1] = second;
+        ids[2 * r] = id;
+    }
+}
+
+__attribute__((target("avx2,fma")))
+static void fold_rows(const float *qm2, int rows, int channels, const float *panels, const float *g_sq,
+                      int64_t columns, int64_t first_id, float *state, int64_t *ids)
+{
+    const float *q[ROWS];
+    float limit[ROWS];
+    for (int r = 0; r < ROWS; r++) {
+        q[r] = qm2 + (int64_t)(r < rows ? r : rows - 1) * channels;
+        limit[r] = r < rows ? state[2 * r + 1] : -INFINITY;
+    }
+    const float *g = panels;
+    for (int64_t j = 0; j < columns; j += LANES) {
+        __m256 acc[ROWS][2];
+        __m256 b0 = _mm256_loadu_ps(g_sq + j), b1 = _mm256_loadu_ps(g_sq + j + 8);
+        for (int r = 0; r < ROWS; r++) {
+            acc[r][0] = b0;
+            acc[r][1] = b1;
+        }
+        for (int c = 0; c < channels; c++, g += LANES) {
+            __m256 g0 = _mm256_loadu_ps(g), g1 = _mm256_loadu_ps(g + 8);
+            for (int r = 0; r < ROWS; r++) {
+                __m256 qv = _mm256_broadcast_ss(q[r] + c);
+                acc[r][0] = _mm256_fmadd_ps(qv, g0, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(qv, g1, acc[r][1]);
+            }
+        }
+        __m256 hit = _mm256_setzero_ps();
+        for (int r = 0; r < ROWS; r++) {
+            __m256 t = _mm256_broadcast_ss(limit + r);
+            hit = _mm256_or_ps(hit, _mm256_cmp_ps(acc[r][0], t, _CMP_LT_OQ));
+            hit = _mm256_or_ps(hit, _mm256_cmp_ps(acc[r][1], t, _CMP_LT_OQ));
+        }
+        if (_mm256_movemask_ps(hit)) {
+            float tile[ROWS][LANES];
+            for (int r = 0; r < ROWS; r++) {
+                _mm256_storeu_ps(tile[r], acc[r][0]);
+                _mm256_storeu_ps(tile[r] + 8, acc[r][1]);
+            }
+            fold_tile(tile, rows, first_id + j, state, ids);
+            for (int r = 0; r < rows; r++)
+                limit[r] = state[2 * r + 1];
+        }
+    }
+}
+#endif
+
+/* 1 where spade_nearest_fold can run on this CPU (AVX2 and FMA), else 0. */
+int spade_nearest_supported(void)
+{
+#ifdef HAVE_KERNEL
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    return 0;
+#endif
+}
+
+/* Fold gallery columns into the running minimum of M queries.
+ * qm2 (M, C): the queries times -2. panels (columns / 16, C, 16): the gallery vectors, 16 columns a panel, channel
+ * by channel; columns a multiple of 16, padding columns with g_sq = +inf. g_sq (columns,): |g|^2. Column j has id
+ * first_id + j. state (M, 2): each query's smallest s(g) and runner-up, ids (M, 2): the smallest's id in [., 0];
+ * both read and updated in place. block: columns per pass over the queries (kept in L2). Returns 0, or -1 where the
+ * CPU lacks AVX2/FMA (nothing done). */
+int spade_nearest_fold(const float *qm2, int64_t M, int channels, const float *panels, const float *g_sq,
+                       int64_t columns, int64_t first_id, float *state, int64_t *ids, int64_t block)
+{
+#ifdef HAVE_KERNEL
+    if (!spade_nearest_supported())
+        return -1;
+    block = block < LANES ? LANES : block - block % LANES;
+    for (int64_t c0 = 0; c0 < columns; c0 += block) {
+        int64_t width = columns - c0 < block ? columns - c0 : block;
+        for (int64_t r0 = 0; r0 < M; r0 += ROWS) {
+            int rows = M - r0 < ROWS ? (int)(M - r0) : ROWS;
+            fold_rows(qm2 + r0 * channels, rows, channels, panels + c0 * channels, g_sq + c0, width, first_id + c0,
+                      state + 2 * r0, ids + 2 * r0);
+        }
+    }
+    return 0;
+#else
+    (void)qm2; (void)M; (void)channels; (void)panels; (void)g_sq; (void)columns; (void)first_id; (void)state;
+    (void)ids; (void)block;
+    return -1;
+#endif
+}
+
+/* An importable module, so that Python finds the library's file; the functions are called through ctypes. */
+static struct PyModuleDef nearest_module = {PyModuleDef_HEAD_INIT, "_nearest",
+                                            "spade_nearest_fold: see spade/scoring/fused_nearest.py", -1, NULL};
+
+PyMODINIT_FUNC PyInit__nearest(void) { return PyModule_Create(&nearest_module); }

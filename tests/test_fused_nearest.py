@@ -1,0 +1,125 @@
+"""The fused nearest-feature kernel: the same winners, ids and runner-up as a full comparison, and the GEMM search's
+results wherever the config picks either."""
+import platform
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from spade.config import SpadeConfig
+from spade.scoring import fused_nearest
+from spade.scoring.correspondence import _RunningMin, batch_layer_distances, nearest_feature_distances
+
+needs_kernel = pytest.mark.skipif(not fused_nearest.available(),
+                                  reason="the fused kernel is not built here (no C compiler at install, or no AVX2/FMA)")
+
+
+def cpu_has_avx2_fma() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx2" in flags and " fma" in flags
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or not cpu_has_avx2_fma()
+                    or not (shutil.which("cc") or shutil.which("gcc")),
+                    reason="the kernel is built only with a C compiler, and runs only on x86-64 with AVX2 and FMA")
+def test_the_install_built_the_kernel_where_it_can_run():
+    """`pip install -e .` compiles it (setup.py's optional extension); without it every search would quietly take
+    the slower GEMM path."""
+    assert fused_nearest.available()
+
+
+def integer_case(seed: int, rows: int, columns: int, channels: int):
+    """Small integer features: every s(g) = |g|^2 - 2 q.g is an exact float32 integer, so ties are common and exact."""
+    rng = np.random.default_rng(seed)
+    q = rng.integers(-2, 3, size=(rows, channels)).astype(np.float32)
+    g = rng.integers(-2, 3, size=(columns, channels)).astype(np.float32)
+    s = (g.astype(np.int64) ** 2).sum(1)[None, :] - 2 * q.astype(np.int64) @ g.astype(np.int64).T
+    return q, g, s
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fold_equals_a_full_comparison_with_exact_ties(threads):
+    """Winner, its id (the first column of a tie, as a row minimum gives) and the runner-up, over calls of ragged
+    widths (not multiples of the 16-column panels) and a row count not a multiple of the kernel's tile."""
+    rows, widths, channels = 37, (130, 64, 1, 200, 77, 1100), 24
+    q, g, s = integer_case(3, rows, sum(widths), channels)
+    values = torch.full((rows, 2), float("inf"))
+    ids = torch.full((rows, 2), -1, dtype=torch.int64)
+    first = 0
+    for width in widths:
+        part = torch.from_numpy(g[first:first + width])
+        fused_nearest.fold(torch.from_numpy(q), part, (part * part).sum(1), values, ids, 1000 + first, threads=threads)
+        first += width
+    winner = s.argmin(axis=1)
+    assert (np.sort(s, axis=1)[:, 0] == np.sort(s, axis=1)[:, 1]).any()  # ties occur
+    np.testing.assert_array_equal(values[:, 0].numpy(), s.min(axis=1))
+    np.testing.assert_array_equal(ids[:, 0].numpy(), winner + 1000)
+    others = s.astype(np.float64)
+    others[np.arange(rows), winner] = np.inf
+    np.testing.assert_array_equal(values[:, 1].numpy(), others.min(axis=1))
+
+
+@needs_kernel
+def test_fold_equals_the_gemm_running_minimum():
+    """On real-valued features: the same winners as the GEMM search, values within float32 rounding."""
+    rng = np.random.default_rng(4)
+    q = torch.from_numpy(rng.normal(size=(500, 48)).astype(np.float32))
+    g = torch.from_numpy(rng.normal(size=(3000, 48)).astype(np.float32))
+    g_sq = (g * g).sum(1)
+    gemm = _RunningMin(len(q), 1, gap=True)
+    gemm.update(slice(0, len(q)), torch.addmm(g_sq, q, g.T, alpha=-2.0), 0)
+    fused = _RunningMin(len(q), 1, gap=True)
+    fused_nearest.fold(q, g, g_sq, fused.values, fused.ids, 0)
+    np.testing.assert_array_equal(fused.ids[:, 0].numpy(), gemm.ids[:, 0].numpy())
+    np.testing.assert_allclose(fused.values.numpy(), gemm.values.numpy(), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel", ["auto", "gemm"])
+def test_searches_with_either_kernel_equal_float64(kernel):
+    """The exact search's distances within 1e-5 of float64 whichever inner loop the config picks, near-ties
+    included (the refinement settles them)."""
+    rng = np.random.default_rng(5)
+    queries = (rng.normal(size=(300, 24)) + 5).astype(np.float32)
+    gallery = np.concatenate([(rng.normal(size=(1500, 24)) + 5), queries[:50] + 1e-4]).astype(np.float32)
+    reference = np.sqrt(((queries[:, None, :].astype(np.float64) - gallery[None].astype(np.float64)) ** 2).sum(-1))
+    got = nearest_feature_distances(queries, gallery, kernel=kernel)
+    assert np.abs(got - reference.min(axis=1)).max() <= 1e-5
+    pyramid = gallery[:1500].reshape(10, 150, 24)
+    batch = queries[:300].reshape(2, 150, 24)
+    neighbours = np.array([[0, 3, 5], [5, 7, 9]])
+    got = batch_layer_distances(batch, pyramid, neighbours, 1, kernel=kernel)
+    for i in range(2):
+        flat = pyramid[np.sort(neighbours[i])].reshape(-1, 24).astype(np.float64)
+        want = np.sqrt(((batch[i][:, None, :] - flat[None]) ** 2).sum(-1)).min(axis=1)
+        assert np.abs(got[i] - want).max() <= 1e-5
+
+
+def test_the_gemm_path_needs_no_kernel(monkeypatch):
+    """Where the kernel is missing (no compiler at install), auto searches with the GEMM, and calling the kernel
+    directly says why it cannot and what to set."""
+    monkeypatch.setattr(fused_nearest, "_library", lambda: None)
+    assert not fused_nearest.use_fused("auto") and not fused_nearest.use_fused("gemm")
+    rng = np.random.default_rng(6)
+    queries, gallery = rng.normal(size=(40, 8)).astype(np.float32), rng.normal(size=(90, 8)).astype(np.float32)
+    want = np.sqrt(((queries[:, None].astype(np.float64) - gallery[None]) ** 2).sum(-1)).min(axis=1)
+    assert np.abs(nearest_feature_distances(queries, gallery) - want).max() <= 1e-5
+    with pytest.raises(RuntimeError, match="search_kernel: gemm"):
+        fused_nearest.fold(torch.from_numpy(queries), torch.from_numpy(gallery), torch.zeros(90),
+                           torch.zeros((40, 2)), torch.zeros((40, 2), dtype=torch.int64), 0)
+
+
+def test_search_kernel_is_a_checked_speed_only_setting():
+    from spade.config import SPEED_ONLY
+
+    assert "search_kernel" in SPEED_ONLY
+    assert SpadeConfig(search_kernel="gemm").search_kernel == "gemm"
+    with pytest.raises(ValueError, match="search_kernel must be one of auto, gemm"):
+        SpadeConfig(search_kernel="fast")
+    with pytest.raises(ValueError, match="search_kernel must be one of"):
+        fused_nearest.use_fused("fast")
