@@ -2,9 +2,9 @@ import sys
 
 from setuptools import Extension, find_packages, setup
 
-# The exact correspondence's fused inner loop (spade/scoring/nearest_kernel.c, called through ctypes by
-# spade.scoring.fused_nearest): optional, so an install without a C compiler still works and searches with torch's GEMM.
-NEAREST_KERNEL = Extension("spade.scoring._nearest", ["spade/scoring/nearest_kernel.c"], optional=True,
+# The exact correspondence's fused inner loop (spade/index/nearest_kernel.c, called through ctypes by
+# spade.index.fused_nearest): optional, so an install without a C compiler still works and searches with torch's GEMM.
+NEAREST_KERNEL = Extension("spade.index._nearest", ["spade/index/nearest_kernel.c"], optional=True,
                            extra_compile_args=[] if sys.platform == "win32" else ["-O3"])
 
 setup(

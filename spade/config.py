@@ -16,7 +16,7 @@ TILE_NEIGHBOURS = ("same", "all")
 FEATURE_RUNTIMES = ("channels_last", "eager", "openvino")
 FEATURE_PRECISIONS = ("f32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
-SEARCH_KERNELS = ("auto", "gemm")  # spade.scoring.fused_nearest
+SEARCH_KERNELS = ("auto", "gemm")  # spade.index.fused_nearest
 # Settings that change only speed or file layout, never a row: runs that differ only in them may resume each other's
 # ledgers.
 SPEED_ONLY = ("num_threads", "shards", "rows_per_shard", "batch_size", "feature_runtime", "device", "search_kernel")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from spade.config import SpadeConfig
-from spade.scoring import fused_nearest
+from spade.index import fused_nearest
 from spade.scoring.correspondence import _RunningMin, batch_layer_distances, nearest_feature_distances
 
 needs_kernel = pytest.mark.skipif(not fused_nearest.available(),
@@ -123,3 +123,27 @@ def test_search_kernel_is_a_checked_speed_only_setting():
         SpadeConfig(search_kernel="fast")
     with pytest.raises(ValueError, match="search_kernel must be one of"):
         fused_nearest.use_fused("fast")
+
+
+@pytest.mark.parametrize("exclude", [False, True])
+def test_memory_bank_searches_with_either_kernel_alike(exclude):
+    """A coreset bank's nearest distances (and leave-one-out's, which searches again without the query's own row)
+    the same with the fused kernel as with faiss's flat search, and those of a full comparison."""
+    from spade.index.coreset import MemoryBank
+
+    rng = np.random.default_rng(8)
+    vectors = rng.normal(size=(700, 24)).astype(np.float32)
+    rows = np.repeat(np.arange(7), 100)
+    bank = MemoryBank.from_vectors(vectors, rows)
+    queries = np.concatenate([vectors[::5] + 1e-3, rng.normal(size=(200, 24))]).astype(np.float32)
+    own = rows[::5].tolist() + [0] * 200
+    own = np.asarray(own) if exclude else None
+    fused = bank.distances(queries, 1, own, kernel="auto")
+    gemm = bank.distances(queries, 1, own, kernel="gemm")
+    full = np.sqrt(((queries[:, None].astype(np.float64) - vectors[None]) ** 2).sum(-1))
+    if exclude:
+        full[rows[None, :] == own[:, None]] = np.inf
+    np.testing.assert_allclose(fused, full.min(axis=1), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(gemm, full.min(axis=1), rtol=0, atol=1e-5)
+    groups = bank.largest_distances(queries, 4, own, kernel="auto")
+    np.testing.assert_allclose(groups, full.min(axis=1).reshape(4, -1).max(axis=1), rtol=0, atol=1e-5)

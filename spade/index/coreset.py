@@ -25,6 +25,8 @@ import faiss
 import numpy as np
 import torch
 
+from spade.index import fused_nearest
+
 LOG = logging.getLogger(__name__)
 DEFAULT_PROJECTION = 128
 DEFAULT_MAX_CANDIDATES = 200_000   # positions drawn at random before the greedy pass (bounds build time and memory)
@@ -103,6 +105,7 @@ class MemoryBank:
     index: faiss.Index
     rows: np.ndarray | None = None
     _screen: "MemoryBank | None" = field(default=None, repr=False, compare=False)
+    _panels: "fused_nearest.Panels | None" = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_vectors(cls, vectors: np.ndarray, rows: np.ndarray | None = None) -> "MemoryBank":
@@ -130,14 +133,37 @@ class MemoryBank:
             rows = None if rows is None else np.asarray(rows)[chosen]
         return cls.from_vectors(data, rows)
 
-    def distances(self, queries: np.ndarray, kappa: int = 1, exclude_row: int | np.ndarray | None = None) -> np.ndarray:
+    def _nearest(self, q: np.ndarray, kappa: int, kernel: str, others: np.ndarray | None = None) -> np.ndarray:
+        """(Q, kappa) ids of each query's nearest bank vectors (among rows ``others`` of the bank where given): with
+        kappa 1 and the fused kernel (`spade.index.fused_nearest`, ``kernel`` auto) in one compiled pass over the
+        bank's packed vectors, else by faiss's flat search (a GEMM and its row minima)."""
+        if kappa == 1 and fused_nearest.use_fused(kernel):
+            if others is None:
+                with _SCREEN_LOCK:
+                    if self._panels is None:
+                        self._panels = fused_nearest.Panels.of(self.vectors)
+                panels = self._panels
+            else:
+                panels = fused_nearest.Panels.of(self.vectors[others])
+            ids = fused_nearest.nearest_ids(q, panels, threads=torch.get_num_threads())[:, None]
+        elif others is None:
+            ids = self.index.search(q, kappa)[1]
+        else:
+            bank = faiss.IndexFlatL2(self.vectors.shape[1])
+            bank.add(self.vectors[others])
+            ids = bank.search(q, kappa)[1]
+        return ids if others is None else others[ids]
+
+    def distances(self, queries: np.ndarray, kappa: int = 1, exclude_row: int | np.ndarray | None = None,
+                  kernel: str = "auto") -> np.ndarray:
         """Mean Euclidean distance of each query (Q, C) to its ``kappa`` nearest bank vectors (exactly recomputed).
 
         ``exclude_row``: vectors from that gallery row are skipped (leave-one-out scoring of a gallery image);
         an array (Q,) names each query's own row, so a batch of images is searched in one call. All queries are
         searched for ``kappa`` neighbours at once (faiss is several times faster per query on a large batch than
         on one image's, and than with the extra neighbours a filter would need); only queries whose winners
-        include an excluded vector are searched again, in a bank without their row.
+        include an excluded vector are searched again, in a bank without their row. ``kernel``: the config's
+        ``search_kernel`` (`_nearest`).
         """
         q = np.ascontiguousarray(queries, dtype=np.float32)
         if exclude_row is not None and self.rows is None:
@@ -150,20 +176,17 @@ class MemoryBank:
                 if available < 1:
                     raise ValueError(f"the memory bank has no vectors outside gallery row {row}")
         kappa = min(kappa, available)  # a bank smaller than kappa: all its (other) vectors
-        _, ids = self.index.search(q, kappa)
+        ids = self._nearest(q, kappa, kernel)
         if excluded is not None:
             hit = (self.rows[ids] == excluded[:, None]).any(axis=1)
             for row in np.unique(excluded[hit]):
                 redo = np.flatnonzero(hit & (excluded == row))
-                others = np.flatnonzero(self.rows != row)
-                bank = faiss.IndexFlatL2(self.vectors.shape[1])
-                bank.add(self.vectors[others])
-                ids[redo] = others[bank.search(q[redo], kappa)[1]]
+                ids[redo] = self._nearest(q[redo], kappa, kernel, others=np.flatnonzero(self.rows != row))
         winners = self.vectors[ids]
         return np.linalg.norm(winners - q[:, None, :], axis=2).mean(axis=1).astype(np.float32)
 
     def largest_distances(self, queries: np.ndarray, groups: int,
-                          exclude_row: int | np.ndarray | None = None) -> np.ndarray:
+                          exclude_row: int | np.ndarray | None = None, kernel: str = "auto") -> np.ndarray:
         """(groups,) each group's largest distance from a query to its nearest bank vector: the same numbers as
         ``distances(queries, 1, exclude_row).reshape(groups, -1).max(axis=1)``, with most queries never searched
         in the whole bank.
@@ -174,27 +197,29 @@ class MemoryBank:
         distance to the whole bank from above; each group's ``SCREEN_FIRST`` queries of largest bound are searched
         in the whole bank, and the largest of their distances bounds the group's answer from below; only queries
         whose bound exceeds that are searched in the whole bank too (well under 1 % on the shared sets' frames).
-        Exact: a query left out has a distance no larger than one already found.
+        Exact: a query left out has a distance no larger than one already found. ``kernel``: as `distances`'.
         """
         q = np.ascontiguousarray(queries, dtype=np.float32)
         per_group = len(q) // groups
         screen = self._screen_bank()
         if screen is None or per_group <= SCREEN_FIRST:
-            return self.distances(q, 1, exclude_row).reshape(groups, per_group).max(axis=1)
+            return self.distances(q, 1, exclude_row, kernel).reshape(groups, per_group).max(axis=1)
         own = None if exclude_row is None else np.broadcast_to(np.asarray(exclude_row, dtype=np.int64), (len(q),))
         try:
-            bounds = screen.distances(q, 1, own).reshape(groups, per_group)
+            bounds = screen.distances(q, 1, own, kernel).reshape(groups, per_group)
         except ValueError:  # the screen holds no vector outside some excluded row: search everything
-            return self.distances(q, 1, exclude_row).reshape(groups, per_group).max(axis=1)
+            return self.distances(q, 1, exclude_row, kernel).reshape(groups, per_group).max(axis=1)
         first = np.argpartition(-bounds, SCREEN_FIRST - 1, axis=1)[:, :SCREEN_FIRST]
         first = (first + np.arange(groups)[:, None] * per_group).ravel()
-        found = self.distances(q[first], 1, None if own is None else own[first]).reshape(groups, SCREEN_FIRST).max(axis=1)
+        found = self.distances(q[first], 1, None if own is None else own[first], kernel)
+        found = found.reshape(groups, SCREEN_FIRST).max(axis=1)
         rest = np.ones(len(q), dtype=bool)
         rest[first] = False
         rest &= (bounds > (found * (1.0 - SCREEN_MARGIN))[:, None]).ravel()
         left = np.flatnonzero(rest)
         if len(left):
-            np.maximum.at(found, left // per_group, self.distances(q[left], 1, None if own is None else own[left]))
+            np.maximum.at(found, left // per_group,
+                          self.distances(q[left], 1, None if own is None else own[left], kernel))
         return found
 
     def _screen_bank(self) -> "MemoryBank | None":

@@ -133,10 +133,10 @@ def patch_bank_for(gallery, config, framing) -> MemoryBank:
 
 
 def bank_maxima(pyramid: dict[str, np.ndarray], bank: MemoryBank, layers: Sequence[str], tiles: int,
-                exclude_rows: np.ndarray | None = None) -> np.ndarray:
+                exclude_rows: np.ndarray | None = None, kernel: str = "auto") -> np.ndarray:
     """(B,) each frame's largest distance from a patch feature to its nearest bank vector; ``exclude_rows[i]``:
-    the gallery row frame i may not match (leave-one-out)."""
+    the gallery row frame i may not match (leave-one-out); ``kernel``: the config's ``search_kernel``."""
     features = patch_features(pyramid, layers, tiles)
     b, p, c = features.shape
     own = None if exclude_rows is None else np.repeat(np.asarray(exclude_rows, dtype=np.int64), p)
-    return bank.largest_distances(features.reshape(b * p, c), b, exclude_row=own).astype(np.float64)
+    return bank.largest_distances(features.reshape(b * p, c), b, exclude_row=own, kernel=kernel).astype(np.float64)

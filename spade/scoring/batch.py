@@ -175,7 +175,8 @@ def layer_distance_maps(pyramid: dict[str, np.ndarray], gallery: Gallery, neighb
 
             bank = memory_bank_for(gallery, layer, **coreset_settings(config, coreset_ratio))
             own = None if exclude_rows is None else np.repeat(np.asarray(exclude_rows, dtype=np.int64), h * w)
-            dist = bank.distances(queries.reshape(b * h * w, -1), config.kappa, exclude_row=own).reshape(b, h * w)
+            dist = bank.distances(queries.reshape(b * h * w, -1), config.kappa, exclude_row=own,
+                                  kernel=config.search_kernel).reshape(b, h * w)
             if config.approximate_local_radius:
                 terms[layer] = dist.reshape(b, h, w)
                 dist = np.minimum(dist, _local_distances(maps, gallery.pyramid[layer], neighbours, config))
@@ -216,7 +217,8 @@ def score_batch(features: Features, gallery: Gallery, config: SpadeConfig, exclu
     banks = np.full(len(rows), np.nan)
     if "bank_max" in MODE_TERMS[config.image_score]:
         banks = bank_maxima({layer: features.pyramid[layer] for layer in config.bank_layers},
-                            patch_bank_for(gallery, config, framing), config.bank_layers, len(framing.tiles), exclude_rows)
+                            patch_bank_for(gallery, config, framing), config.bank_layers, len(framing.tiles), exclude_rows,
+                            kernel=config.search_kernel)
     stats = gallery.manifest.get("calibration") if normals is None else normals
     baseline = region = None
     uses = MODE_TERMS[config.image_score]

@@ -5,7 +5,7 @@ The exact kernel is a blocked GEMM with the expansion |q - g|^2 = |q|^2 - 2 q.g 
 * ``-2 q.g^T + |g|^2`` is one ``addmm`` into a preallocated, cache-sized output
   block, followed by a running row minimum (``torch.amin`` over the block; the
   winner's index only for rows the block improves); |q|^2 is constant per row and
-  never enters the search. Where the compiled kernel runs (`spade.scoring.fused_nearest`, the config's
+  never enters the search. Where the compiled kernel runs (`spade.index.fused_nearest`, the config's
   ``search_kernel: auto``; kappa 1) the same values are folded into the running minimum and runner-up tile by
   tile in registers instead, never written out: the GEMM's output, not its arithmetic, bounds this search at the
   pyramid's few channels;
@@ -34,8 +34,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from spade.index import fused_nearest
 from spade.index.pyramid import pread_exactly
-from spade.scoring import fused_nearest
 
 GALLERY_BLOCK = 4096
 COLUMN_BLOCK = 1024      # gallery vectors per GEMM block
@@ -156,7 +156,7 @@ def _search_block(q: torch.Tensor, g: torch.Tensor, g_sq: torch.Tensor, best: _R
                   fused: bool = False) -> None:
     """Fold gallery vectors ``g`` (N, C) with ids first_id.. into the running minimum ``best`` of queries ``q``
     (M, C), row for row: with ``fused`` (kappa 1 with its runner-up, float32) in one pass of the compiled kernel
-    (`spade.scoring.fused_nearest`), else by blocks of GEMM output and their row minima."""
+    (`spade.index.fused_nearest`), else by blocks of GEMM output and their row minima."""
     if fused and best.kappa == 1 and best.gap and q.dtype == torch.float32 and len(q):
         fused_nearest.fold(q, g, g_sq, best.values, best.ids, first_id, threads=torch.get_num_threads())
         return
@@ -409,7 +409,7 @@ def nearest_feature_distances(queries: np.ndarray | torch.Tensor, gallery: np.nd
     Blocked ``addmm`` search (memory O(query block x column block)); with ``exact``
     the winners' distances are recomputed as |q - g| instead of taken from the
     expansion. ``block`` bounds the gallery rows per GEMM column block. ``kernel``: the search's inner loop
-    (`spade.scoring.fused_nearest.use_fused`: auto, the fused kernel where it runs; gemm).
+    (`spade.index.fused_nearest.use_fused`: auto, the fused kernel where it runs; gemm).
     """
     q = _float_tensor(queries)
     g = _float_tensor(gallery)
@@ -528,7 +528,7 @@ def batch_layer_distances(queries: np.ndarray | torch.Tensor, pyramid: np.ndarra
 
     Gallery rows are grouped by the set of test images that use them; each group's
     rows are read once and searched with the concatenated queries of those images. ``kernel``: the search's inner
-    loop (`spade.scoring.fused_nearest.use_fused`).
+    loop (`spade.index.fused_nearest.use_fused`).
     """
     q_all = _float_tensor(queries)
     if q_all.ndim != 3:

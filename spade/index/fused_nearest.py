@@ -2,7 +2,7 @@
 
 The GEMM search (`spade.scoring.correspondence`) writes every query's value s(g) = |g|^2 - 2 q.g for a block of
 gallery vectors and then reduces it; with the pyramid's few channels that matrix's traffic, not the arithmetic,
-bounds it. The kernel (nearest_kernel.c, built by setup.py as the optional extension ``spade.scoring._nearest``)
+bounds it. The kernel (nearest_kernel.c, built by setup.py as the optional extension ``spade.index._nearest``)
 keeps each tile of values in registers and folds it into the running minimum, its id and the runner-up directly,
 in the same float32 arithmetic (dot products of length C in some order), so the winners, the runner-up bound and
 the refinement that follows are those of the GEMM search up to rounding, which the refinement already bounds.
@@ -16,6 +16,7 @@ import ctypes
 import functools
 import importlib.util
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ COLUMN_BLOCK = 1024  # gallery columns per pass over the queries: 1024 x C float
 @functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
     """The built kernel, or None (not built here, or the CPU lacks AVX2/FMA)."""
-    spec = importlib.util.find_spec("spade.scoring._nearest")
+    spec = importlib.util.find_spec("spade.index._nearest")
     if spec is None or not spec.origin:
         return None
     try:
@@ -56,16 +57,28 @@ def use_fused(kernel: str) -> bool:
     return kernel == "auto" and available()
 
 
-def panels(g: torch.Tensor, g_sq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gallery vectors (N, C) float32 as the kernel reads them: (ceil(N / 16), C, 16) panels of 16 columns, and |g|^2
-    (N,) padded with +inf to the panels' width (padding columns never win)."""
-    n, channels = g.shape
-    width = -(-n // LANES) * LANES
-    padded = torch.zeros((width, channels), dtype=torch.float32)
-    padded[:n] = g
-    sq = torch.full((width,), float("inf"), dtype=torch.float32)
-    sq[:n] = g_sq
-    return padded.view(width // LANES, LANES, channels).transpose(1, 2).contiguous(), sq
+@dataclass(frozen=True)
+class Panels:
+    """Gallery vectors as the kernel reads them: ``packed`` (ceil(N / 16), C, 16), 16 columns a panel, channel by
+    channel, and ``sq`` |g|^2 (N,) padded with +inf to the panels' width (padding columns never win)."""
+
+    packed: torch.Tensor
+    sq: torch.Tensor
+
+    @classmethod
+    def of(cls, g: torch.Tensor | np.ndarray, g_sq: torch.Tensor | None = None) -> "Panels":
+        """Pack gallery vectors ``g`` (N, C) (|g|^2 computed where ``g_sq`` is not given; a read-only array, e.g. a
+        memory-mapped bank, is only read)."""
+        n, channels = g.shape
+        width = -(-n // LANES) * LANES
+        padded = torch.zeros((width, channels), dtype=torch.float32)
+        if isinstance(g, np.ndarray):
+            padded.numpy()[:n] = g
+        else:
+            padded[:n] = g
+        sq = torch.full((width,), float("inf"), dtype=torch.float32)
+        sq[:n] = (padded[:n] * padded[:n]).sum(1) if g_sq is None else g_sq
+        return cls(padded.view(width // LANES, LANES, channels).transpose(1, 2).contiguous(), sq)
 
 
 def fold(q: torch.Tensor, g: torch.Tensor, g_sq: torch.Tensor, values: torch.Tensor, ids: torch.Tensor,
@@ -74,18 +87,28 @@ def fold(q: torch.Tensor, g: torch.Tensor, g_sq: torch.Tensor, values: torch.Ten
     float32: ``values`` (M, 2) each query's smallest s(g) = |g|^2 - 2 q.g and the runner-up, ``ids`` (M, 2) int64
     the smallest's id in column 0, updated in place (first column wins ties, as a row minimum does). ``threads``
     > 1 splits the queries among that many threads (the kernel releases the GIL)."""
+    if len(q) and len(g):
+        fold_panels(q, Panels.of(g, g_sq), values, ids, first_id, threads)
+
+
+def fold_panels(q: torch.Tensor | np.ndarray, panels: Panels, values: torch.Tensor, ids: torch.Tensor, first_id: int,
+                threads: int = 1) -> None:
+    """`fold` with the gallery already packed (`Panels.of`), for a gallery searched many times."""
     lib = _library()
     if lib is None:
-        raise RuntimeError("the fused nearest-feature kernel is not available here (spade.scoring._nearest not built, "
+        raise RuntimeError("the fused nearest-feature kernel is not available here (spade.index._nearest not built, "
                            "or the CPU lacks AVX2/FMA); use search_kernel: gemm")
     for name, tensor in (("values", values), ("ids", ids)):
-        if tensor.ndim != 2 or tensor.shape[1] != 2 or not tensor.is_contiguous():
-            raise ValueError(f"{name} must be a contiguous (M, 2) tensor, got {tuple(tensor.shape)}")
+        if tensor.ndim != 2 or tensor.shape[1] != 2 or not tensor.is_contiguous() or len(tensor) != len(q):
+            raise ValueError(f"{name} must be a contiguous ({len(q)}, 2) tensor, got {tuple(tensor.shape)}")
     rows, channels = q.shape
-    if not rows or not len(g):
+    if channels != panels.packed.shape[1]:
+        raise ValueError(f"queries have {channels} channels, the gallery {panels.packed.shape[1]}")
+    if not rows or not len(panels.sq):
         return
-    qm2 = (q * -2.0).contiguous()
-    packed, sq = panels(g, g_sq)
+    qm2 = torch.from_numpy(np.asarray(q, dtype=np.float32) * np.float32(-2.0)) if isinstance(q, np.ndarray) \
+        else (q.to(torch.float32) * -2.0).contiguous()
+    packed, sq = panels.packed, panels.sq
 
     def part(start: int, stop: int) -> int:
         return lib.spade_nearest_fold(qm2[start].data_ptr(), stop - start, channels, packed.data_ptr(), sq.data_ptr(),
@@ -101,3 +124,11 @@ def fold(q: torch.Tensor, g: torch.Tensor, g_sq: torch.Tensor, values: torch.Ten
             codes = list(pool.map(lambda span: part(*span), spans))
     if any(codes):
         raise RuntimeError("the fused nearest-feature kernel refused this CPU (no AVX2/FMA)")
+
+
+def nearest_ids(q: torch.Tensor | np.ndarray, panels: Panels, threads: int = 1) -> np.ndarray:
+    """(M,) each query's nearest gallery column (by the float32 expansion, first column on ties)."""
+    values = torch.full((len(q), 2), float("inf"))
+    ids = torch.full((len(q), 2), -1, dtype=torch.int64)
+    fold_panels(q, panels, values, ids, 0, threads)
+    return ids[:, 0].numpy()

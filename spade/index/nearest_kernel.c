@@ -6,8 +6,8 @@
  * not by its multiply-adds (benchmarks/README, "pruned_search.py"); here each 6 x 16 tile of s(g) stays in registers
  * and most tiles cost one comparison with the rows' runner-up.
  *
- * Built as the optional extension spade.scoring._nearest (setup.py) and called through ctypes
- * (spade/scoring/fused_nearest.py), which uses it only where the CPU has AVX2 and FMA; elsewhere, or where no
+ * Built as the optional extension spade.index._nearest (setup.py) and called through ctypes
+ * (spade/index/fused_nearest.py), which uses it only where the CPU has AVX2 and FMA; elsewhere, or where no
  * compiler built it, the search stays torch's GEMM. Same arithmetic contract as the GEMM: float32 dot products of
  * length C in any order, so the refinement's rounding bound (correspondence.py, _noise) covers both.
  */
@@ -136,6 +136,6 @@ int spade_nearest_fold(const float *qm2, int64_t M, int channels, const float *p
 
 /* An importable module, so that Python finds the library's file; the functions are called through ctypes. */
 static struct PyModuleDef nearest_module = {PyModuleDef_HEAD_INIT, "_nearest",
-                                            "spade_nearest_fold: see spade/scoring/fused_nearest.py", -1, NULL};
+                                            "spade_nearest_fold: see spade/index/fused_nearest.py", -1, NULL};
 
 PyMODINIT_FUNC PyInit__nearest(void) { return PyModule_Create(&nearest_module); }
