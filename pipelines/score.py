@@ -31,6 +31,7 @@ from spade.io.ledger import discard_others, done_kind, done_uris, earlier_parts,
 from spade.io.listing import check_spec, names_one_image
 from spade.io.results import RUN_INFO, read_score_table, scored_tables
 from spade.io.routing import Route, RoutePlan, is_routing, plan_routes
+from spade.index import fused_nearest
 from spade.index.knn import k_warning
 from spade.scoring.calibration import check_calibrated_with, normal_reference
 from spade.scoring.image_score import require_normals
@@ -440,7 +441,8 @@ def run_score(config: SpadeConfig, gallery_url: str, images: str, out_url: str, 
     if jobs and jobs[0].run_config.num_threads:
         workers = local_workers(beam_args)
         say(f"score: {jobs[0].run_config.num_threads} torch/faiss thread(s) per worker"
-            + (f", {workers} local workers" if workers > 1 else ""))
+            + (f", {workers} local workers" if workers > 1 else "")
+            + f"; {fused_nearest.describe(jobs[0].run_config.search_kernel)}")
     errors = UnroutedJob(storage.join(out_url, UNROUTED), unrouted, day, scored_at, run_id) if unrouted else None
     with contextlib.ExitStack() as leases:
         for job in jobs:

@@ -147,3 +147,18 @@ def test_memory_bank_searches_with_either_kernel_alike(exclude):
     np.testing.assert_allclose(gemm, full.min(axis=1), rtol=0, atol=1e-5)
     groups = bank.largest_distances(queries, 4, own, kernel="auto")
     np.testing.assert_allclose(groups, full.min(axis=1).reshape(4, -1).max(axis=1), rtol=0, atol=1e-5)
+
+
+def test_the_run_log_says_which_search_runs_and_how_to_get_the_kernel(monkeypatch):
+    """`spade score` logs it: a missing kernel names the cause and the fix, not a silent slow path."""
+    import importlib.util
+
+    assert "gemm" in fused_nearest.describe("gemm")
+    if fused_nearest.available():
+        assert fused_nearest.describe("auto").startswith("fused nearest-feature kernel")
+    monkeypatch.setattr(fused_nearest, "_library", lambda: None)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "spade.index._nearest" else real_find_spec(name, *a))
+    note = fused_nearest.describe("auto")
+    assert "not built" in note and "C compiler" in note and "pip install -e ." in note

@@ -50,6 +50,19 @@ def available() -> bool:
     return _library() is not None
 
 
+def describe(kernel: str) -> str:
+    """What the searches of a run with ``search_kernel`` = ``kernel`` use on this machine, and where the kernel is
+    missing, why and what to do (for the run log)."""
+    if use_fused(kernel):
+        return "fused nearest-feature kernel (AVX2+FMA)"
+    if kernel == "gemm":
+        return "GEMM searches (search_kernel: gemm)"
+    if importlib.util.find_spec("spade.index._nearest") is None:
+        return ("GEMM searches: the fused kernel was not built (no C compiler at install); install one (e.g. gcc) and "
+                "run `pip install -e .` again for ~1.5x faster exact scoring")
+    return "GEMM searches: this CPU lacks AVX2/FMA for the fused kernel"
+
+
 def use_fused(kernel: str) -> bool:
     """Whether a search with ``search_kernel`` = ``kernel`` folds with the fused kernel (auto: where `available`)."""
     if kernel not in SEARCH_KERNELS:
