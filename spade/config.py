@@ -120,7 +120,7 @@ class SpadeConfig:
     approximate_layers: tuple[str, ...] = ("layer1",)  # of layers, those whose pixel scores come from the coreset bank in exact mode too
     approximate_local_radius: int = 0  # bank-searched layers' pixel maps also search the K nearest frames near each place (spade.scoring.local_search)
     refine_distances: bool = True
-    search_kernel: str = "auto"  # the exact search's inner loop on CPU: auto (the fused kernel where built, AVX2+FMA), gemm
+    search_kernel: str = "auto"  # CPU nearest-vector searches: auto (the fused kernel where built, AVX2+FMA), gemm
     coreset_ratio: float = 0.01
     coreset_projection: int = 128
     coreset_max_candidates: int = 200_000
