@@ -33,6 +33,11 @@ def test_the_install_built_the_kernel_where_it_can_run():
     assert fused_nearest.available()
 
 
+def full_distances(queries: np.ndarray, gallery: np.ndarray) -> np.ndarray:
+    """(Q, G) every query's distance to every gallery vector, in float64: the reference each search must meet."""
+    return np.sqrt(((queries[:, None, :].astype(np.float64) - gallery[None].astype(np.float64)) ** 2).sum(-1))
+
+
 def integer_case(seed: int, rows: int, columns: int, channels: int):
     """Small integer features: every s(g) = |g|^2 - 2 q.g is an exact float32 integer, so ties are common and exact."""
     rng = np.random.default_rng(seed)
@@ -87,7 +92,7 @@ def test_searches_with_either_kernel_equal_float64(kernel):
     rng = np.random.default_rng(5)
     queries = (rng.normal(size=(300, 24)) + 5).astype(np.float32)
     gallery = np.concatenate([(rng.normal(size=(1500, 24)) + 5), queries[:50] + 1e-4]).astype(np.float32)
-    reference = np.sqrt(((queries[:, None, :].astype(np.float64) - gallery[None].astype(np.float64)) ** 2).sum(-1))
+    reference = full_distances(queries, gallery)
     got = nearest_feature_distances(queries, gallery, kernel=kernel)
     assert np.abs(got - reference.min(axis=1)).max() <= 1e-5
     pyramid = gallery[:1500].reshape(10, 150, 24)
@@ -95,8 +100,8 @@ def test_searches_with_either_kernel_equal_float64(kernel):
     neighbours = np.array([[0, 3, 5], [5, 7, 9]])
     got = batch_layer_distances(batch, pyramid, neighbours, 1, kernel=kernel)
     for i in range(2):
-        flat = pyramid[np.sort(neighbours[i])].reshape(-1, 24).astype(np.float64)
-        want = np.sqrt(((batch[i][:, None, :] - flat[None]) ** 2).sum(-1)).min(axis=1)
+        flat = pyramid[np.sort(neighbours[i])].reshape(-1, 24)
+        want = full_distances(batch[i], flat).min(axis=1)
         assert np.abs(got[i] - want).max() <= 1e-5
 
 
@@ -107,7 +112,7 @@ def test_the_gemm_path_needs_no_kernel(monkeypatch):
     assert not fused_nearest.use_fused("auto") and not fused_nearest.use_fused("gemm")
     rng = np.random.default_rng(6)
     queries, gallery = rng.normal(size=(40, 8)).astype(np.float32), rng.normal(size=(90, 8)).astype(np.float32)
-    want = np.sqrt(((queries[:, None].astype(np.float64) - gallery[None]) ** 2).sum(-1)).min(axis=1)
+    want = full_distances(queries, gallery).min(axis=1)
     assert np.abs(nearest_feature_distances(queries, gallery) - want).max() <= 1e-5
     with pytest.raises(RuntimeError, match="search_kernel: gemm"):
         fused_nearest.fold(torch.from_numpy(queries), torch.from_numpy(gallery), torch.zeros(90),
@@ -140,7 +145,7 @@ def test_memory_bank_searches_with_either_kernel_alike(exclude):
     own = np.asarray(own) if exclude else None
     fused = bank.distances(queries, 1, own, kernel="auto")
     gemm = bank.distances(queries, 1, own, kernel="gemm")
-    full = np.sqrt(((queries[:, None].astype(np.float64) - vectors[None]) ** 2).sum(-1))
+    full = full_distances(queries, vectors)
     if exclude:
         full[rows[None, :] == own[:, None]] = np.inf
     np.testing.assert_allclose(fused, full.min(axis=1), rtol=0, atol=1e-5)
@@ -159,6 +164,6 @@ def test_the_run_log_says_which_search_runs_and_how_to_get_the_kernel(monkeypatc
     monkeypatch.setattr(fused_nearest, "_library", lambda: None)
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "spade.index._nearest" else real_find_spec(name, *a))
+                        lambda name, *a: None if name == fused_nearest.EXTENSION else real_find_spec(name, *a))
     note = fused_nearest.describe("auto")
     assert "not built" in note and "C compiler" in note and "pip install -e ." in note

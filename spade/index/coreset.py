@@ -139,7 +139,7 @@ class MemoryBank:
         bank's packed vectors, else by faiss's flat search (a GEMM and its row minima)."""
         if kappa == 1 and fused_nearest.use_fused(kernel):
             if others is None:
-                with _SCREEN_LOCK:
+                with _DERIVED_LOCK:
                     if self._panels is None:
                         self._panels = fused_nearest.Panels.of(self.vectors)
                 panels = self._panels
@@ -226,14 +226,14 @@ class MemoryBank:
         """The bank's screen (built once, seeded), or None for a bank too small to need one."""
         if len(self.vectors) < SCREEN_MIN:
             return None
-        with _SCREEN_LOCK:
+        with _DERIVED_LOCK:
             if self._screen is None:
                 pick = np.sort(np.random.default_rng(SEED).permutation(len(self.vectors))[:len(self.vectors) // SCREEN_SHARE])
                 self._screen = MemoryBank.from_vectors(self.vectors[pick], None if self.rows is None else self.rows[pick])
         return self._screen
 
 
-_SCREEN_LOCK = threading.Lock()
+_DERIVED_LOCK = threading.Lock()  # a bank's parts made on first use: its screen, its kernel panels
 
 
 _BANKS: dict[tuple, MemoryBank] = {}

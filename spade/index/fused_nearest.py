@@ -23,6 +23,7 @@ import torch
 
 from spade.config import SEARCH_KERNELS
 
+EXTENSION = "spade.index._nearest"  # the built kernel (setup.py's optional extension)
 LANES = 16           # gallery columns a kernel tile (the panel width)
 COLUMN_BLOCK = 1024  # gallery columns per pass over the queries: 1024 x C floats stay in L2
 
@@ -30,7 +31,7 @@ COLUMN_BLOCK = 1024  # gallery columns per pass over the queries: 1024 x C float
 @functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
     """The built kernel, or None (not built here, or the CPU lacks AVX2/FMA)."""
-    spec = importlib.util.find_spec("spade.index._nearest")
+    spec = importlib.util.find_spec(EXTENSION)
     if spec is None or not spec.origin:
         return None
     try:
@@ -57,7 +58,7 @@ def describe(kernel: str) -> str:
         return "fused nearest-feature kernel (AVX2+FMA)"
     if kernel == "gemm":
         return "GEMM searches (search_kernel: gemm)"
-    if importlib.util.find_spec("spade.index._nearest") is None:
+    if importlib.util.find_spec(EXTENSION) is None:
         return ("GEMM searches: the fused kernel was not built (no C compiler at install); install one (e.g. gcc) and "
                 "run `pip install -e .` again for ~1.5x faster exact scoring")
     return "GEMM searches: this CPU lacks AVX2/FMA for the fused kernel"
@@ -109,7 +110,7 @@ def fold_panels(q: torch.Tensor | np.ndarray, panels: Panels, values: torch.Tens
     """`fold` with the gallery already packed (`Panels.of`), for a gallery searched many times."""
     lib = _library()
     if lib is None:
-        raise RuntimeError("the fused nearest-feature kernel is not available here (spade.index._nearest not built, "
+        raise RuntimeError(f"the fused nearest-feature kernel is not available here ({EXTENSION} not built, "
                            "or the CPU lacks AVX2/FMA); use search_kernel: gemm")
     for name, tensor in (("values", values), ("ids", ids)):
         if tensor.ndim != 2 or tensor.shape[1] != 2 or not tensor.is_contiguous() or len(tensor) != len(q):
