@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +54,39 @@ def _paths(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".bmp"))
 
 
-def run(data: Path, spec: str, gallery_images: int, images: int) -> dict:
+@dataclass
+class Scorer:
+    """A config's scoring path over an in-memory gallery, as a worker runs it (`prepare`)."""
+
+    config: object
+    framing: object
+    extractor: FeatureExtractor
+    gallery: Gallery
+    normals: dict
+    test: list[Path]
+
+    def tensors(self, paths: list[Path]):
+        config = self.config
+        rgbs = [decode_rgb(p.read_bytes()) for p in paths]
+        return rgbs, torch.stack([preprocess(rgb, config.resize, config.crop, config.mean, config.std, self.framing)
+                                  for rgb in rgbs])
+
+    def score(self) -> list:
+        """Score the test images as a worker does: preprocess, features, kNN, correspondence, map, back to the
+        original geometry, the image score's terms; returns (map in the original geometry, image score) a test image."""
+        out = []
+        for start in range(0, len(self.test), self.config.batch_size):
+            rgbs, batch = self.tensors(self.test[start:start + self.config.batch_size])
+            for result, rgb in zip(score_batch(self.extractor(batch), self.gallery, self.config, normals=self.normals),
+                                   rgbs):
+                out.append((self.framing.to_original(result.score_map, (rgb.shape[1], rgb.shape[0])),
+                            result.image_score))
+        return out
+
+
+def prepare(data: Path, spec: str, gallery_images: int, images: int) -> Scorer:
+    """Fit a gallery in memory from the first ``gallery_images`` train images of ``data`` with the config ``spec``
+    (``path[:key=value,...]``), its patch and coreset banks built (fit stores them: not a scoring cost)."""
     path, _, overrides = spec.partition(":")
     import yaml
     values = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in filter(None, overrides.split(",")))}
@@ -63,27 +96,22 @@ def run(data: Path, spec: str, gallery_images: int, images: int) -> dict:
         config = config.replace(frame_size=frame_size_for([Image.open(p).size for p in train], config.resize))
     framing = framing_for(config)
     extractor = FeatureExtractor(config)
-
-    def tensors(paths):
-        rgbs = [decode_rgb(p.read_bytes()) for p in paths]
-        return rgbs, torch.stack([preprocess(rgb, config.resize, config.crop, config.mean, config.std, framing)
-                                  for rgb in rgbs])
-
+    scorer = Scorer(config, framing, extractor, None, {}, test)
     embeddings, rows = [], {layer: [] for layer in config.layers}
     for start in range(0, len(train), config.batch_size):
-        features = extractor(tensors(train[start:start + config.batch_size])[1])
+        features = extractor(scorer.tensors(train[start:start + config.batch_size])[1])
         embeddings.append(features.embedding)
         for layer in config.layers:
             rows[layer].append(layer_queries(features.pyramid[layer]))
     # a hash of its own per row: banks are kept per process by gallery hash, and one shared by every row gave each set
     # the first row's patch bank (the commutators were timed against bottle's 2,140 vectors instead of their 7,649)
     identity = f"framing-cost {data} {spec} {gallery_images}"
-    gallery = Gallery(str(data), {"feature_signature": config.feature_signature(), "gallery_hash": identity}, None,
-                      build_index(np.concatenate(embeddings)), {k: np.concatenate(v) for k, v in rows.items()})
+    scorer.gallery = Gallery(str(data), {"feature_signature": config.feature_signature(), "gallery_hash": identity},
+                             None, build_index(np.concatenate(embeddings)), {k: np.concatenate(v) for k, v in rows.items()})
     if config.uses_patch_bank:
-        patch_bank_for(gallery, config, framing)  # built at fit, stored in the gallery: not a scoring cost
-    for layer in config.coreset_layers:  # the same for the coreset banks
-        memory_bank_for(gallery, layer, **coreset_settings(config))
+        patch_bank_for(scorer.gallery, config, framing)
+    for layer in config.coreset_layers:
+        memory_bank_for(scorer.gallery, layer, **coreset_settings(config))
     # timing only: unit statistics for every term and mode, a flat position baseline for the residual term, and a
     # region level of 0 (every pixel above it: the region term labels the whole frame, its dearest case)
     normals = {term: {"mean": 0.0, "std": 1.0} for term in ("knn", "map_max", "map_top", "bank_max", "map_residual",
@@ -91,13 +119,17 @@ def run(data: Path, spec: str, gallery_images: int, images: int) -> dict:
     normals["position_baseline"] = position_baseline(np.zeros((1, *framing.size), dtype=np.float32))
     normals["region_level"] = {"level": 0.0, "quantile": 0.995, "border": 16}
     normals["scores"] = {mode: {"mean": 0.0, "std": 1.0} for mode in IMAGE_SCORES}
+    scorer.normals = normals
+    return scorer
+
+
+def run(data: Path, spec: str, gallery_images: int, images: int) -> dict:
+    scorer = prepare(data, spec, gallery_images, images)
     cpu, wall = time.process_time(), time.perf_counter()
-    for start in range(0, len(test), config.batch_size):
-        rgbs, batch = tensors(test[start:start + config.batch_size])
-        for result, rgb in zip(score_batch(extractor(batch), gallery, config, normals=normals), rgbs):
-            framing.to_original(result.score_map, (rgb.shape[1], rgb.shape[0]))
+    scorer.score()
+    test = scorer.test
     return {"cpu": (time.process_time() - cpu) / len(test), "wall": (time.perf_counter() - wall) / len(test),
-            "frame": "x".join(map(str, framing.size)), "tiles": len(framing.tiles)}
+            "frame": "x".join(map(str, scorer.framing.size)), "tiles": len(scorer.framing.tiles)}
 
 
 def main(argv: list[str] | None = None) -> int:

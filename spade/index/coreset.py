@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from spade.index import fused_nearest
+from spade.index.bank_clusters import MIN_VECTORS as CLUSTERED_MIN, ClusteredBank
 
 LOG = logging.getLogger(__name__)
 DEFAULT_PROJECTION = 128
@@ -106,6 +107,7 @@ class MemoryBank:
     rows: np.ndarray | None = None
     _screen: "MemoryBank | None" = field(default=None, repr=False, compare=False)
     _panels: "fused_nearest.Panels | None" = field(default=None, repr=False, compare=False)
+    _clusters: "ClusteredBank | None" = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_vectors(cls, vectors: np.ndarray, rows: np.ndarray | None = None) -> "MemoryBank":
@@ -136,8 +138,14 @@ class MemoryBank:
     def _nearest(self, q: np.ndarray, kappa: int, kernel: str, others: np.ndarray | None = None) -> np.ndarray:
         """(Q, kappa) ids of each query's nearest bank vectors (among rows ``others`` of the bank where given): with
         kappa 1 and the fused kernel (`spade.index.fused_nearest`, ``kernel`` auto) in one compiled pass over the
-        bank's packed vectors, else by faiss's flat search (a GEMM and its row minima)."""
+        bank's packed vectors (a bank of `CLUSTERED_MIN` vectors or more packed in clusters, most of which each query
+        skips: `spade.index.bank_clusters`), else by faiss's flat search (a GEMM and its row minima)."""
         if kappa == 1 and fused_nearest.use_fused(kernel):
+            if others is None and len(self.vectors) >= CLUSTERED_MIN:
+                with _DERIVED_LOCK:
+                    if self._clusters is None:
+                        self._clusters = ClusteredBank.of(self.vectors)
+                return self._clusters.nearest_ids(q, threads=torch.get_num_threads())[:, None]
             if others is None:
                 with _DERIVED_LOCK:
                     if self._panels is None:
@@ -233,7 +241,7 @@ class MemoryBank:
         return self._screen
 
 
-_DERIVED_LOCK = threading.Lock()  # a bank's parts made on first use: its screen, its kernel panels
+_DERIVED_LOCK = threading.Lock()  # a bank's parts made on first use: its screen, its kernel panels, its clusters
 
 
 _BANKS: dict[tuple, MemoryBank] = {}

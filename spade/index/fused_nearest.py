@@ -43,6 +43,9 @@ def _library() -> ctypes.CDLL | None:
     lib.spade_nearest_fold.restype = ctypes.c_int
     lib.spade_nearest_fold.argtypes = [pointer, ctypes.c_int64, ctypes.c_int, pointer, pointer, ctypes.c_int64,
                                        ctypes.c_int64, pointer, pointer, ctypes.c_int64]
+    lib.spade_nearest_pruned.restype = ctypes.c_int
+    lib.spade_nearest_pruned.argtypes = [pointer, ctypes.c_int64, ctypes.c_int, pointer, pointer, ctypes.c_int,
+                                         pointer, pointer, pointer, pointer, pointer]
     return lib if lib.spade_nearest_supported() else None
 
 
@@ -105,13 +108,39 @@ def fold(q: torch.Tensor, g: torch.Tensor, g_sq: torch.Tensor, values: torch.Ten
         fold_panels(q, Panels.of(g, g_sq), values, ids, first_id, threads)
 
 
-def fold_panels(q: torch.Tensor | np.ndarray, panels: Panels, values: torch.Tensor, ids: torch.Tensor, first_id: int,
-                threads: int = 1) -> None:
-    """`fold` with the gallery already packed (`Panels.of`), for a gallery searched many times."""
+def _required() -> ctypes.CDLL:
     lib = _library()
     if lib is None:
         raise RuntimeError(f"the fused nearest-feature kernel is not available here ({EXTENSION} not built, "
                            "or the CPU lacks AVX2/FMA); use search_kernel: gemm")
+    return lib
+
+
+def _in_threads(rows: int, threads: int, part) -> None:
+    """``part(start, stop)`` over ``threads`` spans of ``rows`` queries side by side (the kernel releases the GIL);
+    raises where a span's call returned non-zero."""
+    bounds = np.linspace(0, rows, max(1, min(threads, rows)) + 1).astype(int)
+    spans = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    if len(spans) == 1:
+        codes = [part(*spans[0])]
+    else:
+        with ThreadPoolExecutor(len(spans), thread_name_prefix="nearest") as pool:
+            codes = list(pool.map(lambda span: part(*span), spans))
+    if any(code == -2 for code in codes):
+        raise MemoryError("the fused nearest-feature kernel could not allocate its scratch")
+    if any(codes):
+        raise RuntimeError("the fused nearest-feature kernel refused this CPU (no AVX2/FMA)")
+
+
+def _times_minus_two(q: torch.Tensor | np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(q, dtype=np.float32) * np.float32(-2.0)) if isinstance(q, np.ndarray) \
+        else (q.to(torch.float32) * -2.0).contiguous()
+
+
+def fold_panels(q: torch.Tensor | np.ndarray, panels: Panels, values: torch.Tensor, ids: torch.Tensor, first_id: int,
+                threads: int = 1) -> None:
+    """`fold` with the gallery already packed (`Panels.of`), for a gallery searched many times."""
+    lib = _required()
     for name, tensor in (("values", values), ("ids", ids)):
         if tensor.ndim != 2 or tensor.shape[1] != 2 or not tensor.is_contiguous() or len(tensor) != len(q):
             raise ValueError(f"{name} must be a contiguous ({len(q)}, 2) tensor, got {tuple(tensor.shape)}")
@@ -120,8 +149,7 @@ def fold_panels(q: torch.Tensor | np.ndarray, panels: Panels, values: torch.Tens
         raise ValueError(f"queries have {channels} channels, the gallery {panels.packed.shape[1]}")
     if not rows or not len(panels.sq):
         return
-    qm2 = torch.from_numpy(np.asarray(q, dtype=np.float32) * np.float32(-2.0)) if isinstance(q, np.ndarray) \
-        else (q.to(torch.float32) * -2.0).contiguous()
+    qm2 = _times_minus_two(q)
     packed, sq = panels.packed, panels.sq
 
     def part(start: int, stop: int) -> int:
@@ -129,15 +157,7 @@ def fold_panels(q: torch.Tensor | np.ndarray, panels: Panels, values: torch.Tens
                                       sq.shape[0], first_id, values[start].data_ptr(), ids[start].data_ptr(),
                                       COLUMN_BLOCK)
 
-    bounds = np.linspace(0, rows, max(1, min(threads, rows)) + 1).astype(int)
-    spans = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-    if len(spans) == 1:
-        codes = [part(*spans[0])]
-    else:
-        with ThreadPoolExecutor(len(spans), thread_name_prefix="nearest") as pool:
-            codes = list(pool.map(lambda span: part(*span), spans))
-    if any(codes):
-        raise RuntimeError("the fused nearest-feature kernel refused this CPU (no AVX2/FMA)")
+    _in_threads(rows, threads, part)
 
 
 def nearest_ids(q: torch.Tensor | np.ndarray, panels: Panels, threads: int = 1) -> np.ndarray:
@@ -145,4 +165,38 @@ def nearest_ids(q: torch.Tensor | np.ndarray, panels: Panels, threads: int = 1) 
     values = torch.full((len(q), 2), float("inf"))
     ids = torch.full((len(q), 2), -1, dtype=torch.int64)
     fold_panels(q, panels, values, ids, 0, threads)
+    return ids[:, 0].numpy()
+
+
+def nearest_columns_pruned(q: np.ndarray, panels: Panels, starts: np.ndarray, first: np.ndarray, bounds: np.ndarray,
+                           threads: int = 1) -> np.ndarray:
+    """(M,) each query's nearest packed column, as `nearest_ids` over all of ``panels`` would find it, in a gallery
+    packed cluster by cluster: cluster k is columns ``starts[k]`` .. ``starts[k + 1]`` (multiples of 16), ``first``
+    (M,) the cluster each query searches first, ``bounds`` (M, clusters) float32 lower bounds on s(g) = |g|^2 - 2 q.g
+    over each cluster less s's rounding, so that a tile of queries skips every cluster that cannot hold a row's
+    winner (`spade.index.bank_clusters` makes all three)."""
+    lib = _required()
+    rows, channels = q.shape
+    clusters = len(starts) - 1
+    if channels != panels.packed.shape[1]:
+        raise ValueError(f"queries have {channels} channels, the gallery {panels.packed.shape[1]}")
+    if bounds.shape != (rows, clusters) or bounds.dtype != np.float32 or not bounds.flags.c_contiguous:
+        raise ValueError(f"bounds must be a contiguous float32 ({rows}, {clusters}) array, got {bounds.shape} {bounds.dtype}")
+    if starts[-1] != len(panels.sq) or np.any(np.asarray(starts) % LANES):
+        raise ValueError("cluster starts must be multiples of 16 ending at the panels' width")
+    values = torch.full((rows, 2), float("inf"))
+    ids = torch.full((rows, 2), -1, dtype=torch.int64)
+    if not rows:
+        return ids[:, 0].numpy()
+    qm2 = _times_minus_two(q)
+    starts = np.ascontiguousarray(starts, dtype=np.int64)
+    first = np.ascontiguousarray(first, dtype=np.int64)
+    packed, sq = panels.packed, panels.sq
+
+    def part(start: int, stop: int) -> int:
+        return lib.spade_nearest_pruned(qm2[start].data_ptr(), stop - start, channels, packed.data_ptr(), sq.data_ptr(),
+                                        clusters, starts.ctypes.data, first[start:].ctypes.data,
+                                        bounds[start:].ctypes.data, values[start].data_ptr(), ids[start].data_ptr())
+
+    _in_threads(rows, threads, part)
     return ids[:, 0].numpy()

@@ -15,6 +15,8 @@
 #include <Python.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
 #define ROWS 6   /* queries a tile: 6 x 2 accumulators + 2 gallery vectors + 1 broadcast = 15 of 16 ymm registers */
 #define LANES 16 /* gallery columns a tile (two 8-float vectors) */
@@ -134,8 +136,62 @@ int spade_nearest_fold(const float *qm2, int64_t M, int channels, const float *p
 #endif
 }
 
+/* The nearest columns of M queries in a bank packed cluster by cluster (spade/index/bank_clusters.py), comparing each
+ * tile of ROWS queries only with the clusters that may hold a row's nearest column.
+ * Cluster k holds columns starts[k] .. starts[k + 1] (multiples of 16; padding columns have g_sq = +inf). first (M,):
+ * each query's cluster searched first (the one of smallest bound). bounds (M, clusters): for each query and cluster, a
+ * lower bound on s(g) = |g|^2 - 2 q.g over the cluster's columns, less the float32 rounding of s: a tile skips a
+ * cluster whose bound exceeds every row's smallest s found so far, so the winners are those of
+ * spade_nearest_fold over all columns (ids are packed columns); the runner-ups are not (skipped clusters never
+ * fold). state and ids as spade_nearest_fold's, initialised by the caller. Returns 0, -1 where the CPU lacks
+ * AVX2/FMA, -2 where memory ran out (nothing done). */
+int spade_nearest_pruned(const float *qm2, int64_t M, int channels, const float *panels, const float *g_sq,
+                         int clusters, const int64_t *starts, const int64_t *first, const float *bounds, float *state,
+                         int64_t *ids)
+{
+#ifdef HAVE_KERNEL
+    if (!spade_nearest_supported())
+        return -1;
+    unsigned char *visited = malloc(clusters > 0 ? (size_t)clusters : 1);
+    if (visited == NULL)
+        return -2;
+    for (int64_t r0 = 0; r0 < M; r0 += ROWS) {
+        int rows = M - r0 < ROWS ? (int)(M - r0) : ROWS;
+        const float *q = qm2 + r0 * channels;
+        float *tile_state = state + 2 * r0;
+        int64_t *tile_ids = ids + 2 * r0;
+        memset(visited, 0, (size_t)clusters);
+        for (int r = 0; r < rows; r++) {
+            int64_t k = first[r0 + r];
+            if (visited[k])
+                continue;
+            visited[k] = 1;
+            fold_rows(q, rows, channels, panels + starts[k] * channels, g_sq + starts[k], starts[k + 1] - starts[k],
+                      starts[k], tile_state, tile_ids);
+        }
+        for (int k = 0; k < clusters; k++) {
+            if (visited[k])
+                continue;
+            const float *b = bounds + r0 * clusters + k;
+            int needed = 0;
+            for (int r = 0; r < rows && !needed; r++)
+                needed = b[(int64_t)r * clusters] <= tile_state[2 * r];
+            if (needed)
+                fold_rows(q, rows, channels, panels + starts[k] * channels, g_sq + starts[k],
+                          starts[k + 1] - starts[k], starts[k], tile_state, tile_ids);
+        }
+    }
+    free(visited);
+    return 0;
+#else
+    (void)qm2; (void)M; (void)channels; (void)panels; (void)g_sq; (void)clusters; (void)starts; (void)first;
+    (void)bounds; (void)state; (void)ids;
+    return -1;
+#endif
+}
+
 /* An importable module, so that Python finds the library's file; the functions are called through ctypes. */
 static struct PyModuleDef nearest_module = {PyModuleDef_HEAD_INIT, "_nearest",
-                                            "spade_nearest_fold: see spade/index/fused_nearest.py", -1, NULL};
+                                            "spade_nearest_fold, spade_nearest_pruned: see spade/index/fused_nearest.py", -1, NULL};
 
 PyMODINIT_FUNC PyInit__nearest(void) { return PyModule_Create(&nearest_module); }

@@ -1,0 +1,94 @@
+"""Memory banks searched in clusters (`spade.index.bank_clusters`) against searched whole, on the shared sets.
+
+    python benchmarks/bank_clusters.py [--rounds 3] [--images 32] [--run label=set:config[:key=value,...] ...]
+
+Each row fits a gallery in memory (framing_cost.py's `prepare`: the set's train images, banks built as fit builds them),
+then scores ``--images`` test images as a worker does (preprocess, features, kNN, correspondence, maps, image score),
+with banks of `MIN_VECTORS` or more searched whole and in clusters, alternately for ``--rounds`` rounds after a
+warm-up, in one process. Prints scoring CPU seconds per image (process time, all threads; median of rounds), the
+ratio whole / clustered, and the largest difference between the two searches' score maps and image scores (the search
+is exact: 0 unless two bank vectors tie in float32). The last line is machine-readable:
+
+    RESULT <label>:<set>=<CPU ratio> ... max_map_diff=<largest over rows>
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from framing_cost import SHARED, prepare  # noqa: E402
+from spade.index import coreset, patch_bank  # noqa: E402
+from spade.index.bank_clusters import MIN_VECTORS  # noqa: E402
+from spade.scoring.correspondence import configure_threads  # noqa: E402
+
+DEFAULT_RUNS = tuple(f"{label}={name}:configs/{label}.yaml" for label in ("approximate", "default")
+                     for name in ("mvtec_ad_bottle", "mpdd_metal_plate", "mvtec3d_tire", "kolektorsdd_commutator"))
+WHOLE = 1 << 62  # a bank-size threshold no bank reaches: every bank searched whole
+
+
+def bank_sizes() -> str:
+    """The coreset and patch banks this process holds (cleared before each row)."""
+    banks = [*coreset._BANKS.values(), *patch_bank._BANKS.values()]
+    return ", ".join(f"{len(b.vectors)}x{b.vectors.shape[1]}" for b in sorted(banks, key=lambda b: -len(b.vectors)))
+
+
+def compare(scorer, rounds: int) -> dict:
+    """Alternate whole and clustered searches of the same scorer: CPU s per image (medians) and the results' gap."""
+    cpu = {"whole": [], "clusters": []}
+    results = {}
+    for round_no in range(rounds + 1):
+        for mode, threshold in (("whole", WHOLE), ("clusters", MIN_VECTORS)):
+            coreset.CLUSTERED_MIN = threshold
+            start = time.process_time()
+            results[mode] = scorer.score()
+            if round_no:  # the first round warms caches and builds the clusters
+                cpu[mode].append((time.process_time() - start) / len(scorer.test))
+    coreset.CLUSTERED_MIN = MIN_VECTORS
+    map_diff = max(float(np.max(np.abs(a[0] - b[0]))) for a, b in zip(results["whole"], results["clusters"]))
+    score_diff = max(abs(a[1] - b[1]) for a, b in zip(results["whole"], results["clusters"]))
+    return {mode: statistics.median(values) for mode, values in cpu.items()} | {"map_diff": map_diff,
+                                                                                "score_diff": score_diff}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", action="append", help="label=set:config[:key=value,...] (repeatable)")
+    parser.add_argument("--gallery", type=int, default=250, help="train images in the gallery (default 250: all)")
+    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    configure_threads(args.threads)
+    print(f"load average {os.getloadavg()[0]:.2f}; banks of {MIN_VECTORS}+ vectors in clusters")
+    print("| run | set | banks (vectors x channels) | CPU s / image, whole | in clusters | ratio | max map / score diff |")
+    print("|---|---|---|---|---|---|---|")
+    ratios, worst = [], 0.0
+    for item in args.run or DEFAULT_RUNS:
+        label, _, rest = item.partition("=")
+        name, _, spec = rest.partition(":")
+        coreset._BANKS.clear()
+        patch_bank._BANKS.clear()
+        scorer = prepare(SHARED / name if not Path(name).is_dir() else Path(name), spec, args.gallery, args.images)
+        found = compare(scorer, args.rounds)
+        ratio = found["whole"] / found["clusters"]
+        ratios.append(f"{label}:{name}={ratio:.2f}")
+        worst = max(worst, found["map_diff"])
+        print(f"| {label} | {name} | {bank_sizes()} | {found['whole']:.3f} | {found['clusters']:.3f} | "
+              f"{ratio:.2f} | {found['map_diff']:.2g} / {found['score_diff']:.2g} |", flush=True)
+    print(f"load average {os.getloadavg()[0]:.2f}")
+    print("RESULT " + " ".join(ratios) + f" max_map_diff={worst:.2g}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""A memory bank searched cluster by cluster: the winners of a search of every vector, with most clusters skipped."""
+import numpy as np
+import pytest
+import torch
+
+from spade.index import bank_clusters, fused_nearest
+from spade.index.bank_clusters import ClusteredBank
+from spade.index.coreset import MemoryBank
+
+needs_kernel = pytest.mark.skipif(not fused_nearest.available(),
+                                  reason="the fused kernel is not built here (no C compiler at install, or no AVX2/FMA)")
+
+
+def clustered_features(seed: int, n: int, channels: int, centres: int = 40, spread: float = 0.6, offset: float = 0.0):
+    """Features that, like a layer's patches, gather around a few modes (a common large offset stresses rounding)."""
+    rng = np.random.default_rng(seed)
+    modes = rng.normal(size=(centres, channels)) * 4.0
+    return (modes[rng.integers(centres, size=n)] + rng.normal(size=(n, channels)) * spread + offset).astype(np.float32)
+
+
+def true_nearest(queries: np.ndarray, bank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's smallest float64 distance to the bank, and the float64 distances to every vector."""
+    full = np.sqrt(((queries[:, None, :].astype(np.float64) - bank[None].astype(np.float64)) ** 2).sum(-1))
+    return full.min(axis=1), full
+
+
+@needs_kernel
+@pytest.mark.parametrize("channels, n, threads, offset", [(24, 2500, 1, 0.0), (24, 1337, 2, 30.0), (168, 1100, 2, 0.0)])
+def test_pruned_search_finds_the_full_searchs_winners(channels, n, threads, offset):
+    """Same ids as the kernel's search of every vector, for a bank size not a multiple of the 16-column panels,
+    a query count not a multiple of the kernel's six-row tile, queries near bank vectors, far from all of them and in
+    between, and features far from the origin (large |q|^2 against small distances)."""
+    bank = clustered_features(1, n, channels, offset=offset)
+    rng = np.random.default_rng(2)
+    queries = np.concatenate([bank[rng.integers(n, size=301)] + rng.normal(size=(301, channels)).astype(np.float32) * 0.05,
+                              clustered_features(3, 400, channels, spread=1.5, offset=offset),
+                              rng.normal(size=(23, channels)).astype(np.float32) * 20 + offset]).astype(np.float32)
+    clustered = ClusteredBank.of(bank)
+    assert len(clustered.starts) - 1 > 16  # really clustered
+    pruned = clustered.nearest_ids(queries, threads=threads)
+    whole = fused_nearest.nearest_ids(queries, fused_nearest.Panels.of(bank), threads=threads)
+    np.testing.assert_array_equal(pruned, whole)
+    best, full = true_nearest(queries, bank)
+    np.testing.assert_allclose(full[np.arange(len(queries)), pruned], best, rtol=0, atol=1e-4)
+
+
+@needs_kernel
+def test_a_query_on_a_bank_vector_finds_it_and_duplicates_keep_one_of_them():
+    """Distance 0 (a query equal to a bank vector) and vectors stored twice: the winner is at distance 0."""
+    bank = clustered_features(4, 1500, 24)
+    bank[700:710] = bank[100:110]
+    queries = np.ascontiguousarray(bank[95:115])
+    ids = ClusteredBank.of(bank).nearest_ids(queries)
+    np.testing.assert_array_equal(bank[ids], queries)
+
+
+def test_bounds_never_exceed_a_clusters_smallest_value():
+    """The bound of every (query, cluster) is at most the smallest s(g) = |g|^2 - 2 q.g over the cluster's vectors,
+    computed in float64: what makes skipping a cluster safe."""
+    bank = clustered_features(5, 3000, 24, offset=10.0)
+    queries = np.concatenate([bank[::17] + 1e-3, clustered_features(6, 200, 24, spread=2.0, offset=10.0)])
+    clustered = ClusteredBank.of(bank)
+    first, bounds = clustered.bounds(np.ascontiguousarray(queries, dtype=np.float32))
+    q64, g64 = queries.astype(np.float64), bank.astype(np.float64)
+    s = (g64 ** 2).sum(1)[None] - 2 * q64 @ g64.T
+    for k in range(len(clustered.starts) - 1):
+        members = clustered.column_ids[clustered.starts[k]:clustered.starts[k + 1]]
+        members = members[members >= 0]
+        assert (bounds[:, k] <= s[:, members].min(axis=1)).all()
+    distances = np.sqrt(((q64[:, None] - clustered.centroids[None]) ** 2).sum(-1))
+    np.testing.assert_array_equal(first, distances.argmin(axis=1))
+    skipped = bounds > s.min(axis=1)[:, None]
+    assert skipped.mean() > 0.5  # the bounds do prune on clustered data
+
+
+def test_packing_keeps_every_vector_once_in_its_cluster():
+    bank = clustered_features(7, 2049, 24)
+    clustered = ClusteredBank.of(bank)
+    real = clustered.column_ids[clustered.column_ids >= 0]
+    np.testing.assert_array_equal(np.sort(real), np.arange(len(bank)))
+    assert (np.diff(clustered.starts) % fused_nearest.LANES == 0).all()
+    assert np.isinf(clustered.panels.sq.numpy()[clustered.column_ids < 0]).all()
+    for k in range(len(clustered.starts) - 1):
+        members = clustered.column_ids[clustered.starts[k]:clustered.starts[k + 1]]
+        members = members[members >= 0]
+        spread = np.sqrt(((bank[members].astype(np.float64) - clustered.centroids[k]) ** 2).sum(1))
+        assert spread.max() <= clustered.radii[k]
+    assert len(ClusteredBank.of(bank[:40]).starts) == 2  # fewer than two clusters' worth: one cluster
+
+
+@needs_kernel
+@pytest.mark.parametrize("exclude", [False, True])
+def test_a_large_memory_bank_searches_in_clusters_with_the_same_distances(exclude):
+    """A bank of `MIN_VECTORS` or more takes the clustered search (built once); its nearest distances, leave-one-out
+    ones and largest-per-group distances equal those of a full comparison, and faiss's flat search's."""
+    vectors = clustered_features(8, bank_clusters.MIN_VECTORS + 100, 24)
+    rows = np.repeat(np.arange(11), -(-len(vectors) // 11))[:len(vectors)]
+    bank = MemoryBank.from_vectors(vectors, rows)
+    rng = np.random.default_rng(9)
+    queries = np.concatenate([vectors[::7] + 1e-3, clustered_features(10, 240, 24, spread=1.0)]).astype(np.float32)
+    own = np.concatenate([rows[::7], rng.integers(11, size=240)]) if exclude else None
+    fused = bank.distances(queries, 1, own, kernel="auto")
+    assert bank._clusters is not None
+    gemm = bank.distances(queries, 1, own, kernel="gemm")
+    best, full = true_nearest(queries, vectors)
+    if exclude:
+        full[rows[None, :] == own[:, None]] = np.inf
+        best = full.min(axis=1)
+    np.testing.assert_allclose(fused, best, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(fused, gemm)
+    groups = bank.largest_distances(queries[:len(queries) // 4 * 4], 4, None if own is None else own[:len(queries) // 4 * 4])
+    np.testing.assert_allclose(groups, best[:len(queries) // 4 * 4].reshape(4, -1).max(axis=1), rtol=0, atol=1e-5)
+
+
+@needs_kernel
+def test_a_small_bank_is_searched_whole():
+    bank = MemoryBank.from_vectors(clustered_features(11, bank_clusters.MIN_VECTORS - 1, 24))
+    bank.distances(clustered_features(12, 50, 24))
+    assert bank._clusters is None
+
+
+@needs_kernel
+def test_the_pruned_call_checks_its_arguments():
+    bank = clustered_features(13, 1200, 24)
+    clustered = ClusteredBank.of(bank)
+    q = np.ascontiguousarray(bank[:10])
+    first, bounds = clustered.bounds(q)
+    with pytest.raises(ValueError, match="bounds must be"):
+        fused_nearest.nearest_columns_pruned(q, clustered.panels, clustered.starts, first, bounds[:, :-1])
+    with pytest.raises(ValueError, match="channels"):
+        fused_nearest.nearest_columns_pruned(np.ascontiguousarray(q[:, :20]), clustered.panels, clustered.starts, first,
+                                             bounds)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        fused_nearest.nearest_columns_pruned(q, clustered.panels, clustered.starts + 1, first, bounds)
+    assert torch.equal(torch.from_numpy(clustered.nearest_ids(q)), torch.arange(10))
