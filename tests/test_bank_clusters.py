@@ -1,7 +1,6 @@
 """A memory bank searched cluster by cluster: the winners of a search of every vector, with most clusters skipped."""
 import numpy as np
 import pytest
-import torch
 
 from spade.index import bank_clusters, fused_nearest
 from spade.index.bank_clusters import ClusteredBank
@@ -54,23 +53,56 @@ def test_a_query_on_a_bank_vector_finds_it_and_duplicates_keep_one_of_them():
     np.testing.assert_array_equal(bank[ids], queries)
 
 
-def test_bounds_never_exceed_a_clusters_smallest_value():
-    """The bound of every (query, cluster) is at most the smallest s(g) = |g|^2 - 2 q.g over the cluster's vectors,
-    computed in float64: what makes skipping a cluster safe."""
-    bank = clustered_features(5, 3000, 24, offset=10.0)
-    queries = np.concatenate([bank[::17] + 1e-3, clustered_features(6, 200, 24, spread=2.0, offset=10.0)])
+def tight_queries(bank: np.ndarray, clustered: ClusteredBank) -> np.ndarray:
+    """Queries where a cluster's bound is tight: just outside its radius, on the line from its centroid through its
+    farthest member (a bound too high by a rounding step would skip the cluster that holds the winner)."""
+    queries = []
+    for k in range(len(clustered.starts) - 1):
+        members = clustered.column_ids[clustered.starts[k]:clustered.starts[k + 1]]
+        members = members[members >= 0]
+        centre = clustered.centroids[k]
+        far = bank[members[np.argmax(((bank[members] - centre) ** 2).sum(1))]].astype(np.float64)
+        if not np.linalg.norm(far - centre):
+            continue  # a cluster of one vector
+        for step in (1e-6, 1e-3, 0.05, 0.5):
+            queries.append(far + (far - centre) / np.linalg.norm(far - centre) * step)
+    return np.asarray(queries, dtype=np.float32)
+
+
+@needs_kernel
+@pytest.mark.parametrize("channels", [24, 168])
+def test_bounds_never_exceed_a_clusters_smallest_value(channels):
+    """The kernel's bound of every (query, cluster) is at most the smallest s(g) = |g|^2 - 2 q.g over the cluster's
+    members in float64 (what makes skipping it safe), at tight places and far from the origin; each query's first
+    cluster is that of its nearest centroid; on clustered data most (query, cluster) pairs are ruled out."""
+    bank = clustered_features(5, 3000, channels, offset=25.0)
     clustered = ClusteredBank.of(bank)
-    first, bounds = clustered.bounds(np.ascontiguousarray(queries, dtype=np.float32))
+    queries = np.concatenate([tight_queries(bank, clustered), bank[::17] + 1e-3,
+                              clustered_features(6, 200, channels, spread=2.0, offset=25.0)])
+    bounds, first = clustered.bounds(queries)
     q64, g64 = queries.astype(np.float64), bank.astype(np.float64)
     s = (g64 ** 2).sum(1)[None] - 2 * q64 @ g64.T
     for k in range(len(clustered.starts) - 1):
         members = clustered.column_ids[clustered.starts[k]:clustered.starts[k + 1]]
         members = members[members >= 0]
-        assert (bounds[:, k] <= s[:, members].min(axis=1)).all()
-    distances = np.sqrt(((q64[:, None] - clustered.centroids[None]) ** 2).sum(-1))
-    np.testing.assert_array_equal(first, distances.argmin(axis=1))
-    skipped = bounds > s.min(axis=1)[:, None]
-    assert skipped.mean() > 0.5  # the bounds do prune on clustered data
+        assert (bounds[:, k] <= s[:, members].min(axis=1)).all(), k
+    centre_distance = ((q64[:, None] - clustered.centroids[None]) ** 2).sum(-1)
+    chosen = centre_distance[np.arange(len(queries)), first]
+    lowered_by = 2 * bank_clusters.slack_for(channels) * ((q64 ** 2).sum(1) + (clustered.centroids ** 2).sum(1).max())
+    assert (chosen <= centre_distance.min(axis=1) + lowered_by).all()  # nearest, up to the distances' allowance
+    assert (bounds > s.min(axis=1)[:, None]).mean() > 0.5
+
+
+@needs_kernel
+@pytest.mark.parametrize("channels", [24, 168])
+def test_queries_just_past_a_clusters_reach_still_find_their_winner(channels):
+    bank = clustered_features(5, 3000, channels, offset=25.0)
+    clustered = ClusteredBank.of(bank)
+    queries = tight_queries(bank, clustered)
+    pruned = clustered.nearest_ids(queries)
+    np.testing.assert_array_equal(pruned, fused_nearest.nearest_ids(queries, fused_nearest.Panels.of(bank)))
+    best, full = true_nearest(queries, bank)
+    np.testing.assert_allclose(full[np.arange(len(queries)), pruned], best, rtol=0, atol=1e-4)
 
 
 def test_packing_keeps_every_vector_once_in_its_cluster():
@@ -80,6 +112,10 @@ def test_packing_keeps_every_vector_once_in_its_cluster():
     np.testing.assert_array_equal(np.sort(real), np.arange(len(bank)))
     assert (np.diff(clustered.starts) % fused_nearest.LANES == 0).all()
     assert np.isinf(clustered.panels.sq.numpy()[clustered.column_ids < 0]).all()
+    whole = fused_nearest.Panels.of(bank)
+    np.testing.assert_array_equal(clustered.panels.sq.numpy()[clustered.column_ids >= 0],
+                                  whole.sq.numpy()[real])  # the same float32 |g|^2: the same values, the same winners
+    np.testing.assert_array_equal(clustered.centroids, clustered.centroids.astype(np.float32))
     for k in range(len(clustered.starts) - 1):
         members = clustered.column_ids[clustered.starts[k]:clustered.starts[k + 1]]
         members = members[members >= 0]
@@ -124,12 +160,15 @@ def test_the_pruned_call_checks_its_arguments():
     bank = clustered_features(13, 1200, 24)
     clustered = ClusteredBank.of(bank)
     q = np.ascontiguousarray(bank[:10])
-    first, bounds = clustered.bounds(q)
-    with pytest.raises(ValueError, match="bounds must be"):
-        fused_nearest.nearest_columns_pruned(q, clustered.panels, clustered.starts, first, bounds[:, :-1])
+
+    def call(q=q, starts=clustered.starts, radii=clustered.radii):
+        return fused_nearest.nearest_columns_pruned(q, clustered.panels, starts, clustered.centroid_panels, radii,
+                                                    1e-5, 1e-4, clustered.largest_sq)
+
+    with pytest.raises(ValueError, match="radii must be"):
+        call(radii=clustered.radii[:-1])
     with pytest.raises(ValueError, match="channels"):
-        fused_nearest.nearest_columns_pruned(np.ascontiguousarray(q[:, :20]), clustered.panels, clustered.starts, first,
-                                             bounds)
+        call(q=np.ascontiguousarray(q[:, :20]))
     with pytest.raises(ValueError, match="multiples of 16"):
-        fused_nearest.nearest_columns_pruned(q, clustered.panels, clustered.starts + 1, first, bounds)
-    assert torch.equal(torch.from_numpy(clustered.nearest_ids(q)), torch.arange(10))
+        call(starts=clustered.starts + 1)
+    np.testing.assert_array_equal(clustered.column_ids[call()], np.arange(10))

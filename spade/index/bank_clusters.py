@@ -7,10 +7,11 @@ vector lies in a few of the bank's clusters: by the triangle inequality no vecto
 bound exceeds d is skipped. The compiled kernel (`spade.index.fused_nearest.nearest_columns_pruned`) folds a tile of
 six queries' nearest-centroid clusters first and then only the clusters some row of the tile still needs.
 
-Exact: bounds are computed in float64 and lowered by an allowance for the float32 rounding of the kernel's values,
-so a skipped cluster never holds a vector that the full search would have chosen; the winners are those of the
-unpruned kernel (on an exact float32 tie between two vectors the one visited first wins, as before, and visits
-follow the clusters). Measured: benchmarks/bank_search.py.
+Exact: the kernel computes each tile's centroid distances and bounds in float32, lowered by allowances above the
+float32 rounding of the centroid distances (`slack_for`) and of its own values (`rounding_for`), so a skipped cluster
+never holds a vector that the whole-bank search would have chosen, and the packed |g|^2 are the whole-bank search's
+own float32 values: the winners are that search's (on an exact float32 tie between two vectors the one visited first
+wins, as before; visits follow the clusters). Measured: benchmarks/bank_clusters.py.
 """
 from __future__ import annotations
 
@@ -20,15 +21,13 @@ import faiss
 import numpy as np
 import torch
 
-from spade.index.fused_nearest import LANES, Panels, nearest_columns_pruned
+from spade.index.fused_nearest import LANES, Panels, cluster_bounds, nearest_columns_pruned
 
 CLUSTERS = 64              # clusters a bank (fewer for small banks: at least MIN_PER_CLUSTER vectors each)
 MIN_PER_CLUSTER = 32
 MIN_VECTORS = 1024         # smaller banks are searched whole (skipping saves less than the bounds cost)
 KMEANS_ITERATIONS = 20
-ROUNDING = 1e-4            # allowance for s(g)'s float32 rounding, relative to |q|^2 + max |g|^2 (~20x the worst case)
-CENTROID_ROUNDING = 1e-5   # allowance for a squared centroid distance's float32 rounding, relative to |q|^2 + |c|^2
-QUERY_CHUNK = 8192         # queries whose bounds are held at once ((chunk, clusters) float64)
+UNIT = 2.0 ** -24          # float32's unit roundoff
 SEED = 0
 
 
@@ -36,7 +35,8 @@ SEED = 0
 class ClusteredBank:
     """Bank vectors packed for the kernel cluster by cluster: cluster k is packed columns ``starts[k]`` ..
     ``starts[k + 1]`` (each padded to 16 columns), ``column_ids`` the bank row of each column (-1: padding);
-    ``centroids`` (K, C) and ``radii`` (K,) in float64; ``largest_sq`` the largest |g|^2."""
+    ``centroids`` (K, C) float32 values (in float64), ``radii`` (K,) float32 rounded up: no member is farther from
+    its centroid; ``largest_sq`` the largest |g|^2."""
 
     panels: Panels
     starts: np.ndarray
@@ -44,18 +44,7 @@ class ClusteredBank:
     centroids: np.ndarray
     radii: np.ndarray
     largest_sq: float
-    _centroids_t: torch.Tensor = field(init=False, repr=False, compare=False)
-    _centroid_sq: torch.Tensor = field(init=False, repr=False, compare=False)
-    _radii: torch.Tensor = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        """The float32 forms `bounds` computes with: centroids (C, K), (1 - `CENTROID_ROUNDING`) |c|^2 (1, K), and
-        the radii (1, K) rounded up."""
-        centroids = torch.from_numpy(self.centroids)
-        object.__setattr__(self, "_centroids_t", centroids.T.to(torch.float32).contiguous())
-        object.__setattr__(self, "_centroid_sq", ((centroids * centroids).sum(1) * (1.0 - CENTROID_ROUNDING))
-                           .to(torch.float32)[None].contiguous())
-        object.__setattr__(self, "_radii", torch.from_numpy(np.nextafter(self.radii.astype(np.float32), np.inf))[None])
+    centroid_panels: Panels = field(repr=False)  # float32 centroids packed as the bank, with |c|^2 (1 - slack)
 
     @classmethod
     def of(cls, vectors: np.ndarray, clusters: int = CLUSTERS, seed: int = SEED) -> "ClusteredBank":
@@ -85,38 +74,41 @@ class ClusteredBank:
             points = data[members].astype(np.float64)
             centroids[i] = points.mean(axis=0).astype(np.float32)  # the float32 centroid that `bounds` uses
             radii[i] = np.sqrt(((points - centroids[i]) ** 2).sum(axis=1).max())
-        columns = np.zeros((len(column_ids), channels), dtype=np.float32)
+        columns = torch.zeros((len(column_ids), channels), dtype=torch.float32)
         real = column_ids >= 0
-        columns[real] = data[column_ids[real]]
-        sq = np.full(len(column_ids), np.inf, dtype=np.float32)
-        sq[real] = (columns[real] * columns[real]).sum(axis=1)
-        panels = Panels.of(columns, torch.from_numpy(sq))
+        columns.numpy()[real] = data[column_ids[real]]
+        sq = (columns * columns).sum(1)  # as `Panels.of` sums |g|^2: the same float32 values as a whole-bank search
+        sq[torch.from_numpy(~real)] = float("inf")
+        panels = Panels.of(columns, sq)
         largest = float((data.astype(np.float64) ** 2).sum(axis=1).max()) if n else 0.0
-        return cls(panels, starts, column_ids, centroids, radii, largest)
-
-    def bounds(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """For queries ``q`` (M, C) float32: each one's nearest cluster (M,) and, for every cluster, a lower bound on
-        s(g) = |g|^2 - 2 q.g over its vectors less the rounding allowance, (M, K) float32.
-
-        In float32 (a float64 pass cost as much as the search it prunes): the squared centroid distance is lowered by
-        `CENTROID_ROUNDING` of |q|^2 + |c|^2 before its root, and the bound by `ROUNDING` of |q|^2 + max |g|^2, both
-        well above float32's error on these sums of 24-168 products."""
-        queries = torch.from_numpy(q)
-        q_sq = (queries * queries).sum(1, keepdim=True)
-        distance = torch.addmm(self._centroid_sq, queries, self._centroids_t, alpha=-2.0)
-        distance.add_(q_sq, alpha=1.0 - CENTROID_ROUNDING)
-        first = distance.argmin(1)
-        bound = distance.clamp_min_(0.0).sqrt_().sub_(self._radii).clamp_min_(0.0).square_()
-        bound.sub_(q_sq.mul_(1.0 + ROUNDING).add_(ROUNDING * self.largest_sq))
-        return first.numpy(), bound.numpy()
+        lowered = torch.from_numpy((centroids ** 2).sum(axis=1) * (1.0 - slack_for(channels)))
+        return cls(panels, starts, column_ids, centroids, np.nextafter(radii.astype(np.float32), np.float32(np.inf)),
+                   largest, Panels.of(torch.from_numpy(centroids.astype(np.float32)), lowered.to(torch.float32)))
 
     def nearest_ids(self, q: np.ndarray, threads: int = 1) -> np.ndarray:
         """(M,) each query's nearest bank row, as the kernel's search of the whole bank finds it."""
         q = np.ascontiguousarray(q, dtype=np.float32)
-        ids = np.empty(len(q), dtype=np.int64)
-        for start in range(0, len(q), QUERY_CHUNK):
-            chunk = q[start:start + QUERY_CHUNK]
-            first, bound = self.bounds(chunk)
-            columns = nearest_columns_pruned(chunk, self.panels, self.starts, first, bound, threads)
-            ids[start:start + len(chunk)] = self.column_ids[columns]
-        return ids
+        channels = q.shape[1]
+        columns = nearest_columns_pruned(q, self.panels, self.starts, self.centroid_panels, self.radii,
+                                         slack_for(channels), rounding_for(channels), self.largest_sq, threads)
+        return self.column_ids[columns]
+
+    def bounds(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The kernel's bounds for queries ``q`` (M, C): (M, K) lower bounds on s(g) = |g|^2 - 2 q.g over each
+        cluster's members, and (M,) each query's nearest-centroid cluster (`fused_nearest.cluster_bounds`)."""
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        channels = q.shape[1]
+        return cluster_bounds(q, self.centroid_panels, self.radii, slack_for(channels), rounding_for(channels),
+                              self.largest_sq)
+
+
+def slack_for(channels: int) -> float:
+    """How much a squared centroid distance computed in float32 is lowered, relative to |q|^2 + |c|^2: its dot
+    product of ``channels`` terms errs by at most channels x float32's unit roundoff of that (twice that here)."""
+    return max(1e-5, 2.0 * (channels + 4) * UNIT)
+
+
+def rounding_for(channels: int) -> float:
+    """The allowance for the kernel's own s(g) = |g|^2 - 2 q.g, relative to |q|^2 + max |g|^2 (its error is at most
+    ~2 x channels x the unit roundoff of that; the bound's square root and squares add a few units)."""
+    return max(1e-4, 8.0 * (channels + 4) * UNIT)

@@ -45,7 +45,12 @@ def _library() -> ctypes.CDLL | None:
                                        ctypes.c_int64, pointer, pointer, ctypes.c_int64]
     lib.spade_nearest_pruned.restype = ctypes.c_int
     lib.spade_nearest_pruned.argtypes = [pointer, ctypes.c_int64, ctypes.c_int, pointer, pointer, ctypes.c_int,
-                                         pointer, pointer, pointer, pointer, pointer]
+                                         pointer, pointer, pointer, ctypes.c_int64, pointer, ctypes.c_float,
+                                         ctypes.c_float, ctypes.c_float, pointer, pointer]
+    lib.spade_cluster_bounds.restype = ctypes.c_int
+    lib.spade_cluster_bounds.argtypes = [pointer, ctypes.c_int64, ctypes.c_int, ctypes.c_int, pointer, pointer,
+                                         ctypes.c_int64, pointer, ctypes.c_float, ctypes.c_float, ctypes.c_float,
+                                         pointer, pointer]
     return lib if lib.spade_nearest_supported() else None
 
 
@@ -168,35 +173,65 @@ def nearest_ids(q: torch.Tensor | np.ndarray, panels: Panels, threads: int = 1) 
     return ids[:, 0].numpy()
 
 
-def nearest_columns_pruned(q: np.ndarray, panels: Panels, starts: np.ndarray, first: np.ndarray, bounds: np.ndarray,
-                           threads: int = 1) -> np.ndarray:
+def _padded(radii: np.ndarray, width: int) -> np.ndarray:
+    """Cluster radii as float32, padded with 0 to the centroid panels' width (the kernel reads them 8 at a time)."""
+    padded = np.zeros(width, dtype=np.float32)
+    padded[:len(radii)] = radii
+    return padded
+
+
+def nearest_columns_pruned(q: np.ndarray, panels: Panels, starts: np.ndarray, centroids: Panels, radii: np.ndarray,
+                           slack: float, rounding: float, largest_sq: float, threads: int = 1) -> np.ndarray:
     """(M,) each query's nearest packed column, as `nearest_ids` over all of ``panels`` would find it, in a gallery
-    packed cluster by cluster: cluster k is columns ``starts[k]`` .. ``starts[k + 1]`` (multiples of 16), ``first``
-    (M,) the cluster each query searches first, ``bounds`` (M, clusters) float32 lower bounds on s(g) = |g|^2 - 2 q.g
-    over each cluster less s's rounding, so that a tile of queries skips every cluster that cannot hold a row's
-    winner (`spade.index.bank_clusters` makes all three)."""
+    packed cluster by cluster: cluster k is columns ``starts[k]`` .. ``starts[k + 1]`` (multiples of 16), its centroid
+    column k of ``centroids`` (packed with |c|^2 (1 - ``slack``)), ``radii`` (K,) float32 no member farther from it.
+    The kernel bounds each cluster's values from below by the triangle inequality (``slack``: the centroid distances'
+    float32 rounding, ``rounding``: s(g)'s, relative to |q|^2 + ``largest_sq``) and skips, for a tile of six queries,
+    every cluster that cannot hold a row's winner (`spade.index.bank_clusters` makes the arguments)."""
     lib = _required()
     rows, channels = q.shape
     clusters = len(starts) - 1
-    if channels != panels.packed.shape[1]:
-        raise ValueError(f"queries have {channels} channels, the gallery {panels.packed.shape[1]}")
-    if bounds.shape != (rows, clusters) or bounds.dtype != np.float32 or not bounds.flags.c_contiguous:
-        raise ValueError(f"bounds must be a contiguous float32 ({rows}, {clusters}) array, got {bounds.shape} {bounds.dtype}")
-    if starts[-1] != len(panels.sq) or np.any(np.asarray(starts) % LANES):
-        raise ValueError("cluster starts must be multiples of 16 ending at the panels' width")
+    for name, packed in (("gallery", panels), ("centroids", centroids)):
+        if channels != packed.packed.shape[1]:
+            raise ValueError(f"queries have {channels} channels, the {name} {packed.packed.shape[1]}")
+    if starts[-1] != len(panels.sq) or np.any(np.asarray(starts) % LANES) or len(centroids.sq) < clusters:
+        raise ValueError("cluster starts must be multiples of 16 ending at the panels' width, one centroid a cluster")
+    if np.shape(radii) != (clusters,):
+        raise ValueError(f"radii must be ({clusters},), got {np.shape(radii)}")
+    radii = _padded(radii, len(centroids.sq))
     values = torch.full((rows, 2), float("inf"))
     ids = torch.full((rows, 2), -1, dtype=torch.int64)
     if not rows:
         return ids[:, 0].numpy()
     qm2 = _times_minus_two(q)
     starts = np.ascontiguousarray(starts, dtype=np.int64)
-    first = np.ascontiguousarray(first, dtype=np.int64)
     packed, sq = panels.packed, panels.sq
 
     def part(start: int, stop: int) -> int:
         return lib.spade_nearest_pruned(qm2[start].data_ptr(), stop - start, channels, packed.data_ptr(), sq.data_ptr(),
-                                        clusters, starts.ctypes.data, first[start:].ctypes.data,
-                                        bounds[start:].ctypes.data, values[start].data_ptr(), ids[start].data_ptr())
+                                        clusters, starts.ctypes.data, centroids.packed.data_ptr(),
+                                        centroids.sq.data_ptr(), len(centroids.sq), radii.ctypes.data, slack, rounding,
+                                        largest_sq, values[start].data_ptr(), ids[start].data_ptr())
 
     _in_threads(rows, threads, part)
     return ids[:, 0].numpy()
+
+
+def cluster_bounds(q: np.ndarray, centroids: Panels, radii: np.ndarray, slack: float, rounding: float,
+                   largest_sq: float) -> tuple[np.ndarray, np.ndarray]:
+    """The bounds `nearest_columns_pruned` skips clusters by, written out: (M, K) lower bounds on s(g) over each
+    cluster's members and (M,) each query's nearest-centroid cluster (for tests and measurements)."""
+    lib = _required()
+    clusters = len(radii)
+    radii = _padded(radii, len(centroids.sq))
+    rows, channels = q.shape
+    out = np.empty((rows, clusters), dtype=np.float32)
+    first = np.empty(rows, dtype=np.int64)
+    if rows:
+        qm2 = _times_minus_two(q)
+        code = lib.spade_cluster_bounds(qm2.data_ptr(), rows, channels, clusters, centroids.packed.data_ptr(),
+                                        centroids.sq.data_ptr(), len(centroids.sq), radii.ctypes.data, slack, rounding,
+                                        largest_sq, out.ctypes.data, first.ctypes.data)
+        if code:
+            raise RuntimeError("the fused nearest-feature kernel refused this CPU (no AVX2/FMA) or ran out of memory")
+    return out, first

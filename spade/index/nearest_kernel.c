@@ -136,33 +136,110 @@ int spade_nearest_fold(const float *qm2, int64_t M, int channels, const float *p
 #endif
 }
 
+#ifdef HAVE_KERNEL
+/* s(g) = g_sq - 2 q.g of up to ROWS queries against `columns` packed columns (a multiple of 16), stored in
+ * out[r * stride + j]: the values fold_rows compares, written out for a few columns (a bank's centroids). */
+__attribute__((target("avx2,fma")))
+static void tile_values(const float *qm2, int rows, int channels, const float *panels, const float *g_sq,
+                        int64_t columns, float *out, int64_t stride)
+{
+    const float *q[ROWS];
+    for (int r = 0; r < ROWS; r++)
+        q[r] = qm2 + (int64_t)(r < rows ? r : rows - 1) * channels;
+    const float *g = panels;
+    for (int64_t j = 0; j < columns; j += LANES) {
+        __m256 acc[ROWS][2];
+        __m256 b0 = _mm256_loadu_ps(g_sq + j), b1 = _mm256_loadu_ps(g_sq + j + 8);
+        for (int r = 0; r < ROWS; r++) {
+            acc[r][0] = b0;
+            acc[r][1] = b1;
+        }
+        for (int c = 0; c < channels; c++, g += LANES) {
+            __m256 g0 = _mm256_loadu_ps(g), g1 = _mm256_loadu_ps(g + 8);
+            for (int r = 0; r < ROWS; r++) {
+                __m256 qv = _mm256_broadcast_ss(q[r] + c);
+                acc[r][0] = _mm256_fmadd_ps(qv, g0, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(qv, g1, acc[r][1]);
+            }
+        }
+        for (int r = 0; r < rows; r++) {
+            _mm256_storeu_ps(out + r * stride + j, acc[r][0]);
+            _mm256_storeu_ps(out + r * stride + j + 8, acc[r][1]);
+        }
+    }
+}
+
+/* For a tile of up to ROWS queries: bound[r * c_columns + k] a lower bound on s(g) over cluster k's members, and
+ * first[r] the cluster of the nearest centroid (see spade_nearest_pruned). radius has c_columns entries. */
+__attribute__((target("avx2,fma")))
+static void tile_bounds(const float *qm2, int rows, int channels, int clusters, const float *c_panels,
+                        const float *c_sq, int64_t c_columns, const float *radius, float slack, float rounding,
+                        float largest_sq, float *bound, int64_t *first)
+{
+    tile_values(qm2, rows, channels, c_panels, c_sq, c_columns, bound, c_columns);
+    for (int r = 0; r < rows; r++) {
+        double q_sq = 0.0;
+        for (int c = 0; c < channels; c++)
+            q_sq += 0.25 * (double)qm2[r * channels + c] * (double)qm2[r * channels + c];
+        float lowered = (float)(q_sq * (1.0 - (double)slack)), exact = (float)q_sq;
+        float allowance = (float)((double)rounding * (q_sq + (double)largest_sq));
+        float *b = bound + r * c_columns, nearest = INFINITY;
+        first[r] = 0;
+        for (int k = 0; k < clusters; k++) {
+            float d2 = b[k] + lowered;
+            if (d2 < nearest) {
+                nearest = d2;
+                first[r] = k;
+            }
+        }
+        __m256 low = _mm256_set1_ps(lowered), zero = _mm256_setzero_ps(), less = _mm256_set1_ps(exact + allowance);
+        for (int64_t k = 0; k < c_columns; k += 8) {  /* padding columns: +inf centroid values, radius 0 */
+            __m256 d2 = _mm256_max_ps(_mm256_add_ps(_mm256_loadu_ps(b + k), low), zero);
+            __m256 reach = _mm256_max_ps(_mm256_sub_ps(_mm256_sqrt_ps(d2), _mm256_loadu_ps(radius + k)), zero);
+            _mm256_storeu_ps(b + k, _mm256_sub_ps(_mm256_mul_ps(reach, reach), less));
+        }
+    }
+}
+#endif
+
 /* The nearest columns of M queries in a bank packed cluster by cluster (spade/index/bank_clusters.py), comparing each
  * tile of ROWS queries only with the clusters that may hold a row's nearest column.
- * Cluster k holds columns starts[k] .. starts[k + 1] (multiples of 16; padding columns have g_sq = +inf). first (M,):
- * each query's cluster searched first (the one of smallest bound). bounds (M, clusters): for each query and cluster, a
- * lower bound on s(g) = |g|^2 - 2 q.g over the cluster's columns, less the float32 rounding of s: a tile skips a
- * cluster whose bound exceeds every row's smallest s found so far, so the winners are those of
- * spade_nearest_fold over all columns (ids are packed columns); the runner-ups are not (skipped clusters never
- * fold). state and ids as spade_nearest_fold's, initialised by the caller. Returns 0, -1 where the CPU lacks
- * AVX2/FMA, -2 where memory ran out (nothing done). */
+ * Cluster k holds columns starts[k] .. starts[k + 1] (multiples of 16; padding columns have g_sq = +inf); its
+ * centroid is column k of c_panels (packed as the bank, c_columns a multiple of 16) with c_sq[k] = |c_k|^2 (1 - slack)
+ * (padding: +inf), its radius radius[k] (no member farther from the float32 centroid; c_columns entries, padding 0). For each tile, the squared
+ * centroid distances |q|^2 (1 - slack) + c_sq - 2 q.c, lowered by `slack` for their float32 rounding, give each row's
+ * nearest cluster (searched first) and, by the triangle inequality, a lower bound on every cluster's s(g):
+ * max(|q - c| - r, 0)^2 - |q|^2, less `rounding` (|q|^2 + largest_sq) for s's own rounding. A tile skips a cluster
+ * whose bound exceeds every row's smallest s found so far, so the winners are those of spade_nearest_fold over all
+ * columns (ids are packed columns); the runner-ups are not (skipped clusters never fold). state and ids as
+ * spade_nearest_fold's, initialised by the caller. Returns 0, -1 where the CPU lacks AVX2/FMA, -2 where memory ran
+ * out (nothing done). */
 int spade_nearest_pruned(const float *qm2, int64_t M, int channels, const float *panels, const float *g_sq,
-                         int clusters, const int64_t *starts, const int64_t *first, const float *bounds, float *state,
-                         int64_t *ids)
+                         int clusters, const int64_t *starts, const float *c_panels, const float *c_sq,
+                         int64_t c_columns, const float *radius, float slack, float rounding, float largest_sq,
+                         float *state, int64_t *ids)
 {
 #ifdef HAVE_KERNEL
     if (!spade_nearest_supported())
         return -1;
     unsigned char *visited = malloc(clusters > 0 ? (size_t)clusters : 1);
-    if (visited == NULL)
+    float *bound = malloc(sizeof(float) * (size_t)(ROWS * (c_columns > 0 ? c_columns : 1)));
+    if (visited == NULL || bound == NULL) {
+        free(visited);
+        free(bound);
         return -2;
+    }
     for (int64_t r0 = 0; r0 < M; r0 += ROWS) {
         int rows = M - r0 < ROWS ? (int)(M - r0) : ROWS;
         const float *q = qm2 + r0 * channels;
         float *tile_state = state + 2 * r0;
         int64_t *tile_ids = ids + 2 * r0;
+        int64_t first[ROWS];
+        tile_bounds(q, rows, channels, clusters, c_panels, c_sq, c_columns, radius, slack, rounding, largest_sq, bound,
+                    first);
         memset(visited, 0, (size_t)clusters);
         for (int r = 0; r < rows; r++) {
-            int64_t k = first[r0 + r];
+            int64_t k = first[r];
             if (visited[k])
                 continue;
             visited[k] = 1;
@@ -172,26 +249,55 @@ int spade_nearest_pruned(const float *qm2, int64_t M, int channels, const float 
         for (int k = 0; k < clusters; k++) {
             if (visited[k])
                 continue;
-            const float *b = bounds + r0 * clusters + k;
             int needed = 0;
             for (int r = 0; r < rows && !needed; r++)
-                needed = b[(int64_t)r * clusters] <= tile_state[2 * r];
+                needed = bound[r * c_columns + k] <= tile_state[2 * r];
             if (needed)
                 fold_rows(q, rows, channels, panels + starts[k] * channels, g_sq + starts[k],
                           starts[k + 1] - starts[k], starts[k], tile_state, tile_ids);
         }
     }
     free(visited);
+    free(bound);
     return 0;
 #else
-    (void)qm2; (void)M; (void)channels; (void)panels; (void)g_sq; (void)clusters; (void)starts; (void)first;
-    (void)bounds; (void)state; (void)ids;
+    (void)qm2; (void)M; (void)channels; (void)panels; (void)g_sq; (void)clusters; (void)starts; (void)c_panels;
+    (void)c_sq; (void)c_columns; (void)radius; (void)slack; (void)rounding; (void)largest_sq; (void)state; (void)ids;
+    return -1;
+#endif
+}
+
+
+/* spade_nearest_pruned's bounds for M queries, written out: out (M, clusters) and first (M,), for tests and
+ * measurements of how much a bank's clusters skip. Returns 0, -1 (no AVX2/FMA), -2 (no memory). */
+int spade_cluster_bounds(const float *qm2, int64_t M, int channels, int clusters, const float *c_panels,
+                         const float *c_sq, int64_t c_columns, const float *radius, float slack, float rounding,
+                         float largest_sq, float *out, int64_t *first)
+{
+#ifdef HAVE_KERNEL
+    if (!spade_nearest_supported())
+        return -1;
+    float *bound = malloc(sizeof(float) * (size_t)(ROWS * (c_columns > 0 ? c_columns : 1)));
+    if (bound == NULL)
+        return -2;
+    for (int64_t r0 = 0; r0 < M; r0 += ROWS) {
+        int rows = M - r0 < ROWS ? (int)(M - r0) : ROWS;
+        tile_bounds(qm2 + r0 * channels, rows, channels, clusters, c_panels, c_sq, c_columns, radius, slack, rounding,
+                    largest_sq, bound, first + r0);
+        for (int r = 0; r < rows; r++)
+            memcpy(out + (r0 + r) * clusters, bound + r * c_columns, sizeof(float) * (size_t)clusters);
+    }
+    free(bound);
+    return 0;
+#else
+    (void)qm2; (void)M; (void)channels; (void)clusters; (void)c_panels; (void)c_sq; (void)c_columns; (void)radius;
+    (void)slack; (void)rounding; (void)largest_sq; (void)out; (void)first;
     return -1;
 #endif
 }
 
 /* An importable module, so that Python finds the library's file; the functions are called through ctypes. */
 static struct PyModuleDef nearest_module = {PyModuleDef_HEAD_INIT, "_nearest",
-                                            "spade_nearest_fold, spade_nearest_pruned: see spade/index/fused_nearest.py", -1, NULL};
+                                            "spade_nearest_fold, spade_nearest_pruned, spade_cluster_bounds: see spade/index/fused_nearest.py", -1, NULL};
 
 PyMODINIT_FUNC PyInit__nearest(void) { return PyModule_Create(&nearest_module); }
