@@ -36,7 +36,8 @@ def test_pruned_search_finds_the_full_searchs_winners(channels, n, threads, offs
                               rng.normal(size=(23, channels)).astype(np.float32) * 20 + offset]).astype(np.float32)
     clustered = ClusteredBank.of(bank)
     assert len(clustered.starts) - 1 > 16  # really clustered
-    pruned = clustered.nearest_ids(queries, threads=threads)
+    pruned, share = clustered.nearest_ids(queries, threads=threads)
+    assert 0 < share < (0.7 if channels == 24 else 1.0)  # clustered 24-channel features: most of the bank skipped
     whole = fused_nearest.nearest_ids(queries, fused_nearest.Panels.of(bank), threads=threads)
     np.testing.assert_array_equal(pruned, whole)
     best, full = true_nearest(queries, bank)
@@ -49,7 +50,7 @@ def test_a_query_on_a_bank_vector_finds_it_and_duplicates_keep_one_of_them():
     bank = clustered_features(4, 1500, 24)
     bank[700:710] = bank[100:110]
     queries = np.ascontiguousarray(bank[95:115])
-    ids = ClusteredBank.of(bank).nearest_ids(queries)
+    ids, _ = ClusteredBank.of(bank).nearest_ids(queries)
     np.testing.assert_array_equal(bank[ids], queries)
 
 
@@ -99,7 +100,7 @@ def test_queries_just_past_a_clusters_reach_still_find_their_winner(channels):
     bank = clustered_features(5, 3000, channels, offset=25.0)
     clustered = ClusteredBank.of(bank)
     queries = tight_queries(bank, clustered)
-    pruned = clustered.nearest_ids(queries)
+    pruned, _ = clustered.nearest_ids(queries)
     np.testing.assert_array_equal(pruned, fused_nearest.nearest_ids(queries, fused_nearest.Panels.of(bank)))
     best, full = true_nearest(queries, bank)
     np.testing.assert_allclose(full[np.arange(len(queries)), pruned], best, rtol=0, atol=1e-4)
@@ -171,4 +172,30 @@ def test_the_pruned_call_checks_its_arguments():
         call(q=np.ascontiguousarray(q[:, :20]))
     with pytest.raises(ValueError, match="multiples of 16"):
         call(starts=clustered.starts + 1)
-    np.testing.assert_array_equal(clustered.column_ids[call()], np.arange(10))
+    np.testing.assert_array_equal(clustered.column_ids[call()[0]], np.arange(10))
+
+
+@needs_kernel
+def test_a_bank_whose_clusters_skip_little_is_searched_whole_after_its_first_large_search():
+    """Features without clusters (wide noise, as the commutators' grey layer 1 nearly is): the first search of
+    `DECIDING_QUERIES` or more compares most of the bank, so later searches take the whole bank; results equal."""
+    rng = np.random.default_rng(14)
+    vectors = rng.normal(size=(bank_clusters.MIN_VECTORS * 2, 24)).astype(np.float32)
+    bank = MemoryBank.from_vectors(vectors)
+    queries = rng.normal(size=(bank_clusters.DECIDING_QUERIES, 24)).astype(np.float32)
+    small = bank.distances(queries[:100])
+    assert bank._clusters is not None and not bank._whole  # too few queries to decide
+    first = bank.distances(queries)
+    assert bank._whole
+    _, share = bank._clusters.nearest_ids(queries)
+    assert share > bank_clusters.WORTH
+    again = bank.distances(queries)
+    best, _ = true_nearest(queries, vectors)
+    np.testing.assert_allclose(first, best, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(again, first)
+    np.testing.assert_array_equal(small, first[:100])
+    features = clustered_features(15, bank_clusters.MIN_VECTORS * 2, 24)
+    clustered = MemoryBank.from_vectors(features)
+    near = features[rng.integers(len(features), size=bank_clusters.DECIDING_QUERIES)]
+    clustered.distances(near + rng.normal(size=near.shape).astype(np.float32) * 0.3)
+    assert not clustered._whole

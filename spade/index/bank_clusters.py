@@ -23,9 +23,11 @@ import torch
 
 from spade.index.fused_nearest import LANES, Panels, cluster_bounds, nearest_columns_pruned
 
-CLUSTERS = 64              # clusters a bank (fewer for small banks: at least MIN_PER_CLUSTER vectors each)
-MIN_PER_CLUSTER = 32
+PER_CLUSTER = 64           # bank vectors a cluster on average ...
+MAX_CLUSTERS = 256         # ... with at most this many clusters (the bounds cost grows with them)
 MIN_VECTORS = 1024         # smaller banks are searched whole (skipping saves less than the bounds cost)
+WORTH = 0.6                # a bank whose first large search compares more than this share is searched whole after
+DECIDING_QUERIES = 1024    # the search that decides has at least this many queries
 KMEANS_ITERATIONS = 20
 UNIT = 2.0 ** -24          # float32's unit roundoff
 SEED = 0
@@ -47,12 +49,12 @@ class ClusteredBank:
     centroid_panels: Panels = field(repr=False)  # float32 centroids packed as the bank, with |c|^2 (1 - slack)
 
     @classmethod
-    def of(cls, vectors: np.ndarray, clusters: int = CLUSTERS, seed: int = SEED) -> "ClusteredBank":
-        """Cluster ``vectors`` (N, C) (seeded k-means into ``clusters``, at most one per `MIN_PER_CLUSTER` vectors)
-        and pack them."""
+    def of(cls, vectors: np.ndarray, clusters: int | None = None, seed: int = SEED) -> "ClusteredBank":
+        """Cluster ``vectors`` (N, C) (seeded k-means into ``clusters``; default one per `PER_CLUSTER` vectors, at
+        most `MAX_CLUSTERS`) and pack them."""
         data = np.ascontiguousarray(vectors, dtype=np.float32)
         n, channels = data.shape
-        k = max(1, min(clusters, n // MIN_PER_CLUSTER))
+        k = max(1, min(n, clusters or min(MAX_CLUSTERS, round(n / PER_CLUSTER))))
         if k > 1:
             kmeans = faiss.Kmeans(channels, k, niter=KMEANS_ITERATIONS, seed=seed, verbose=False,
                                   min_points_per_centroid=1, max_points_per_centroid=max(256, -(-n // k)))
@@ -85,13 +87,14 @@ class ClusteredBank:
         return cls(panels, starts, column_ids, centroids, np.nextafter(radii.astype(np.float32), np.float32(np.inf)),
                    largest, Panels.of(torch.from_numpy(centroids.astype(np.float32)), lowered.to(torch.float32)))
 
-    def nearest_ids(self, q: np.ndarray, threads: int = 1) -> np.ndarray:
-        """(M,) each query's nearest bank row, as the kernel's search of the whole bank finds it."""
+    def nearest_ids(self, q: np.ndarray, threads: int = 1) -> tuple[np.ndarray, float]:
+        """(M,) each query's nearest bank row, as the kernel's search of the whole bank finds it, and the share of
+        the bank a tile of queries was compared with (`nearest_columns_pruned`)."""
         q = np.ascontiguousarray(q, dtype=np.float32)
         channels = q.shape[1]
-        columns = nearest_columns_pruned(q, self.panels, self.starts, self.centroid_panels, self.radii,
-                                         slack_for(channels), rounding_for(channels), self.largest_sq, threads)
-        return self.column_ids[columns]
+        columns, share = nearest_columns_pruned(q, self.panels, self.starts, self.centroid_panels, self.radii,
+                                                slack_for(channels), rounding_for(channels), self.largest_sq, threads)
+        return self.column_ids[columns], share
 
     def bounds(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The kernel's bounds for queries ``q`` (M, C): (M, K) lower bounds on s(g) = |g|^2 - 2 q.g over each

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from spade.index import fused_nearest
+from spade.index import bank_clusters
 from spade.index.bank_clusters import MIN_VECTORS as CLUSTERED_MIN, ClusteredBank
 
 LOG = logging.getLogger(__name__)
@@ -108,6 +109,7 @@ class MemoryBank:
     _screen: "MemoryBank | None" = field(default=None, repr=False, compare=False)
     _panels: "fused_nearest.Panels | None" = field(default=None, repr=False, compare=False)
     _clusters: "ClusteredBank | None" = field(default=None, repr=False, compare=False)
+    _whole: bool = field(default=False, repr=False, compare=False)  # its clusters skipped too little: search it whole
 
     @classmethod
     def from_vectors(cls, vectors: np.ndarray, rows: np.ndarray | None = None) -> "MemoryBank":
@@ -139,13 +141,17 @@ class MemoryBank:
         """(Q, kappa) ids of each query's nearest bank vectors (among rows ``others`` of the bank where given): with
         kappa 1 and the fused kernel (`spade.index.fused_nearest`, ``kernel`` auto) in one compiled pass over the
         bank's packed vectors (a bank of `CLUSTERED_MIN` vectors or more packed in clusters, most of which each query
-        skips: `spade.index.bank_clusters`), else by faiss's flat search (a GEMM and its row minima)."""
+        skips: `spade.index.bank_clusters`; searched whole from the first large search on where its clusters skipped
+        less than `bank_clusters.WORTH` of it), else by faiss's flat search (a GEMM and its row minima)."""
         if kappa == 1 and fused_nearest.use_fused(kernel):
-            if others is None and len(self.vectors) >= CLUSTERED_MIN:
+            if others is None and len(self.vectors) >= CLUSTERED_MIN and not self._whole:
                 with _DERIVED_LOCK:
                     if self._clusters is None:
                         self._clusters = ClusteredBank.of(self.vectors)
-                return self._clusters.nearest_ids(q, threads=torch.get_num_threads())[:, None]
+                ids, share = self._clusters.nearest_ids(q, threads=torch.get_num_threads())
+                if len(q) >= bank_clusters.DECIDING_QUERIES and share > bank_clusters.WORTH:
+                    self._whole = True  # the same winners either way; whole is faster where clusters skip little
+                return ids[:, None]
             if others is None:
                 with _DERIVED_LOCK:
                     if self._panels is None:

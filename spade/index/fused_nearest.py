@@ -46,7 +46,7 @@ def _library() -> ctypes.CDLL | None:
     lib.spade_nearest_pruned.restype = ctypes.c_int
     lib.spade_nearest_pruned.argtypes = [pointer, ctypes.c_int64, ctypes.c_int, pointer, pointer, ctypes.c_int,
                                          pointer, pointer, pointer, ctypes.c_int64, pointer, ctypes.c_float,
-                                         ctypes.c_float, ctypes.c_float, pointer, pointer]
+                                         ctypes.c_float, ctypes.c_float, pointer, pointer, pointer]
     lib.spade_cluster_bounds.restype = ctypes.c_int
     lib.spade_cluster_bounds.argtypes = [pointer, ctypes.c_int64, ctypes.c_int, ctypes.c_int, pointer, pointer,
                                          ctypes.c_int64, pointer, ctypes.c_float, ctypes.c_float, ctypes.c_float,
@@ -181,8 +181,10 @@ def _padded(radii: np.ndarray, width: int) -> np.ndarray:
 
 
 def nearest_columns_pruned(q: np.ndarray, panels: Panels, starts: np.ndarray, centroids: Panels, radii: np.ndarray,
-                           slack: float, rounding: float, largest_sq: float, threads: int = 1) -> np.ndarray:
-    """(M,) each query's nearest packed column, as `nearest_ids` over all of ``panels`` would find it, in a gallery
+                           slack: float, rounding: float, largest_sq: float,
+                           threads: int = 1) -> tuple[np.ndarray, float]:
+    """(M,) each query's nearest packed column, as `nearest_ids` over all of ``panels`` would find it, and the share of
+    the gallery's columns a tile of six queries compared on average (1.0: nothing skipped), in a gallery
     packed cluster by cluster: cluster k is columns ``starts[k]`` .. ``starts[k + 1]`` (multiples of 16), its centroid
     column k of ``centroids`` (packed with |c|^2 (1 - ``slack``)), ``radii`` (K,) float32 no member farther from it.
     The kernel bounds each cluster's values from below by the triangle inequality (``slack``: the centroid distances'
@@ -202,19 +204,21 @@ def nearest_columns_pruned(q: np.ndarray, panels: Panels, starts: np.ndarray, ce
     values = torch.full((rows, 2), float("inf"))
     ids = torch.full((rows, 2), -1, dtype=torch.int64)
     if not rows:
-        return ids[:, 0].numpy()
+        return ids[:, 0].numpy(), 0.0
     qm2 = _times_minus_two(q)
     starts = np.ascontiguousarray(starts, dtype=np.int64)
     packed, sq = panels.packed, panels.sq
+    folded = np.zeros(rows, dtype=np.int64)  # a counter per span (indexed by its first row)
 
     def part(start: int, stop: int) -> int:
         return lib.spade_nearest_pruned(qm2[start].data_ptr(), stop - start, channels, packed.data_ptr(), sq.data_ptr(),
                                         clusters, starts.ctypes.data, centroids.packed.data_ptr(),
                                         centroids.sq.data_ptr(), len(centroids.sq), radii.ctypes.data, slack, rounding,
-                                        largest_sq, values[start].data_ptr(), ids[start].data_ptr())
+                                        largest_sq, values[start].data_ptr(), ids[start].data_ptr(),
+                                        folded[start:].ctypes.data)
 
     _in_threads(rows, threads, part)
-    return ids[:, 0].numpy()
+    return ids[:, 0].numpy(), float(folded.sum()) / (-(-rows // 6) * max(1, int(starts[-1])))
 
 
 def cluster_bounds(q: np.ndarray, centroids: Panels, radii: np.ndarray, slack: float, rounding: float,

@@ -212,12 +212,13 @@ static void tile_bounds(const float *qm2, int rows, int channels, int clusters, 
  * max(|q - c| - r, 0)^2 - |q|^2, less `rounding` (|q|^2 + largest_sq) for s's own rounding. A tile skips a cluster
  * whose bound exceeds every row's smallest s found so far, so the winners are those of spade_nearest_fold over all
  * columns (ids are packed columns); the runner-ups are not (skipped clusters never fold). state and ids as
- * spade_nearest_fold's, initialised by the caller. Returns 0, -1 where the CPU lacks AVX2/FMA, -2 where memory ran
+ * spade_nearest_fold's, initialised by the caller; *folded grows by the columns each tile folded (how much pruning
+ * saves on this data). Returns 0, -1 where the CPU lacks AVX2/FMA, -2 where memory ran
  * out (nothing done). */
 int spade_nearest_pruned(const float *qm2, int64_t M, int channels, const float *panels, const float *g_sq,
                          int clusters, const int64_t *starts, const float *c_panels, const float *c_sq,
                          int64_t c_columns, const float *radius, float slack, float rounding, float largest_sq,
-                         float *state, int64_t *ids)
+                         float *state, int64_t *ids, int64_t *folded)
 {
 #ifdef HAVE_KERNEL
     if (!spade_nearest_supported())
@@ -245,6 +246,7 @@ int spade_nearest_pruned(const float *qm2, int64_t M, int channels, const float 
             visited[k] = 1;
             fold_rows(q, rows, channels, panels + starts[k] * channels, g_sq + starts[k], starts[k + 1] - starts[k],
                       starts[k], tile_state, tile_ids);
+            *folded += starts[k + 1] - starts[k];
         }
         for (int k = 0; k < clusters; k++) {
             if (visited[k])
@@ -252,9 +254,11 @@ int spade_nearest_pruned(const float *qm2, int64_t M, int channels, const float 
             int needed = 0;
             for (int r = 0; r < rows && !needed; r++)
                 needed = bound[r * c_columns + k] <= tile_state[2 * r];
-            if (needed)
+            if (needed) {
                 fold_rows(q, rows, channels, panels + starts[k] * channels, g_sq + starts[k],
                           starts[k + 1] - starts[k], starts[k], tile_state, tile_ids);
+                *folded += starts[k + 1] - starts[k];
+            }
         }
     }
     free(visited);
@@ -263,6 +267,7 @@ int spade_nearest_pruned(const float *qm2, int64_t M, int channels, const float 
 #else
     (void)qm2; (void)M; (void)channels; (void)panels; (void)g_sq; (void)clusters; (void)starts; (void)c_panels;
     (void)c_sq; (void)c_columns; (void)radius; (void)slack; (void)rounding; (void)largest_sq; (void)state; (void)ids;
+    (void)folded;
     return -1;
 #endif
 }
