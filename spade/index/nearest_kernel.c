@@ -50,6 +50,27 @@ static void fold_tile(const float tile[ROWS][LANES], int rows, int64_t first_col
     }
 }
 
+/* One tile of values: acc[r] = g_sq - 2 q_r.g for ROWS queries (qm2 rows q[r]) and the panel of 16 columns at g
+ * (channel by channel), in registers (always inlined into its two callers). */
+__attribute__((target("avx2,fma"), always_inline))
+static inline void tile_of(const float *const q[ROWS], int channels, const float *g, const float *g_sq,
+                           __m256 acc[ROWS][2])
+{
+    __m256 b0 = _mm256_loadu_ps(g_sq), b1 = _mm256_loadu_ps(g_sq + 8);
+    for (int r = 0; r < ROWS; r++) {
+        acc[r][0] = b0;
+        acc[r][1] = b1;
+    }
+    for (int c = 0; c < channels; c++, g += LANES) {
+        __m256 g0 = _mm256_loadu_ps(g), g1 = _mm256_loadu_ps(g + 8);
+        for (int r = 0; r < ROWS; r++) {
+            __m256 qv = _mm256_broadcast_ss(q[r] + c);
+            acc[r][0] = _mm256_fmadd_ps(qv, g0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(qv, g1, acc[r][1]);
+        }
+    }
+}
+
 __attribute__((target("avx2,fma")))
 static void fold_rows(const float *qm2, int rows, int channels, const float *panels, const float *g_sq,
                       int64_t columns, int64_t first_id, float *state, int64_t *ids)
@@ -63,19 +84,8 @@ static void fold_rows(const float *qm2, int rows, int channels, const float *pan
     const float *g = panels;
     for (int64_t j = 0; j < columns; j += LANES) {
         __m256 acc[ROWS][2];
-        __m256 b0 = _mm256_loadu_ps(g_sq + j), b1 = _mm256_loadu_ps(g_sq + j + 8);
-        for (int r = 0; r < ROWS; r++) {
-            acc[r][0] = b0;
-            acc[r][1] = b1;
-        }
-        for (int c = 0; c < channels; c++, g += LANES) {
-            __m256 g0 = _mm256_loadu_ps(g), g1 = _mm256_loadu_ps(g + 8);
-            for (int r = 0; r < ROWS; r++) {
-                __m256 qv = _mm256_broadcast_ss(q[r] + c);
-                acc[r][0] = _mm256_fmadd_ps(qv, g0, acc[r][0]);
-                acc[r][1] = _mm256_fmadd_ps(qv, g1, acc[r][1]);
-            }
-        }
+        tile_of(q, channels, g, g_sq + j, acc);
+        g += (int64_t)LANES * channels;
         __m256 hit = _mm256_setzero_ps();
         for (int r = 0; r < ROWS; r++) {
             __m256 t = _mm256_broadcast_ss(limit + r);
@@ -149,19 +159,8 @@ static void tile_values(const float *qm2, int rows, int channels, const float *p
     const float *g = panels;
     for (int64_t j = 0; j < columns; j += LANES) {
         __m256 acc[ROWS][2];
-        __m256 b0 = _mm256_loadu_ps(g_sq + j), b1 = _mm256_loadu_ps(g_sq + j + 8);
-        for (int r = 0; r < ROWS; r++) {
-            acc[r][0] = b0;
-            acc[r][1] = b1;
-        }
-        for (int c = 0; c < channels; c++, g += LANES) {
-            __m256 g0 = _mm256_loadu_ps(g), g1 = _mm256_loadu_ps(g + 8);
-            for (int r = 0; r < ROWS; r++) {
-                __m256 qv = _mm256_broadcast_ss(q[r] + c);
-                acc[r][0] = _mm256_fmadd_ps(qv, g0, acc[r][0]);
-                acc[r][1] = _mm256_fmadd_ps(qv, g1, acc[r][1]);
-            }
-        }
+        tile_of(q, channels, g, g_sq + j, acc);
+        g += (int64_t)LANES * channels;
         for (int r = 0; r < rows; r++) {
             _mm256_storeu_ps(out + r * stride + j, acc[r][0]);
             _mm256_storeu_ps(out + r * stride + j + 8, acc[r][1]);
