@@ -25,8 +25,7 @@ import faiss
 import numpy as np
 import torch
 
-from spade.index import fused_nearest
-from spade.index import bank_clusters
+from spade.index import bank_clusters, fused_nearest
 from spade.index.bank_clusters import MIN_VECTORS as CLUSTERED_MIN, ClusteredBank
 
 LOG = logging.getLogger(__name__)

@@ -7,6 +7,9 @@ keeps each tile of values in registers and folds it into the running minimum, it
 in the same float32 arithmetic (dot products of length C in some order), so the winners, the runner-up bound and
 the refinement that follows are those of the GEMM search up to rounding, which the refinement already bounds.
 
+`nearest_columns_pruned` runs the same fold over a memory bank packed cluster by cluster, skipping the clusters a
+tile of queries cannot win in (`spade.index.bank_clusters`); `cluster_bounds` writes its bounds out for tests.
+
 It runs where the extension was built and the CPU has AVX2 and FMA (`available`); the config's ``search_kernel:
 gemm`` keeps the GEMM everywhere. Measured: benchmarks/README.md, "The fused nearest-feature kernel".
 """

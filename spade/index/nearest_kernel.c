@@ -6,6 +6,10 @@
  * not by its multiply-adds (benchmarks/README, "pruned_search.py"); here each 6 x 16 tile of s(g) stays in registers
  * and most tiles cost one comparison with the rows' runner-up.
  *
+ * spade_nearest_pruned runs the same fold over a memory bank packed cluster by cluster (spade/index/bank_clusters.py):
+ * each tile of queries computes its centroid values with the same register tile, bounds every cluster from below by
+ * the triangle inequality and folds only the clusters a row may still need (the same winners as the whole bank).
+ *
  * Built as the optional extension spade.index._nearest (setup.py) and called through ctypes
  * (spade/index/fused_nearest.py), which uses it only where the CPU has AVX2 and FMA; elsewhere, or where no
  * compiler built it, the search stays torch's GEMM. Same arithmetic contract as the GEMM: float32 dot products of
