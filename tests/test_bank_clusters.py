@@ -5,9 +5,7 @@ import pytest
 from spade.index import bank_clusters, fused_nearest
 from spade.index.bank_clusters import ClusteredBank
 from spade.index.coreset import MemoryBank
-
-needs_kernel = pytest.mark.skipif(not fused_nearest.available(),
-                                  reason="the fused kernel is not built here (no C compiler at install, or no AVX2/FMA)")
+from tests.test_fused_nearest import full_distances, needs_kernel
 
 
 def clustered_features(seed: int, n: int, channels: int, centres: int = 40, spread: float = 0.6, offset: float = 0.0):
@@ -19,7 +17,7 @@ def clustered_features(seed: int, n: int, channels: int, centres: int = 40, spre
 
 def true_nearest(queries: np.ndarray, bank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Each query's smallest float64 distance to the bank, and the float64 distances to every vector."""
-    full = np.sqrt(((queries[:, None, :].astype(np.float64) - bank[None].astype(np.float64)) ** 2).sum(-1))
+    full = full_distances(queries, bank)
     return full.min(axis=1), full
 
 

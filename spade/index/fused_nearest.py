@@ -28,6 +28,7 @@ from spade.config import SEARCH_KERNELS
 
 EXTENSION = "spade.index._nearest"  # the built kernel (setup.py's optional extension)
 LANES = 16           # gallery columns a kernel tile (the panel width)
+ROWS = 6             # queries a kernel tile (nearest_kernel.c's ROWS)
 COLUMN_BLOCK = 1024  # gallery columns per pass over the queries: 1024 x C floats stay in L2
 
 
@@ -221,7 +222,7 @@ def nearest_columns_pruned(q: np.ndarray, panels: Panels, starts: np.ndarray, ce
                                         folded[start:].ctypes.data)
 
     _in_threads(rows, threads, part)
-    return ids[:, 0].numpy(), float(folded.sum()) / (-(-rows // 6) * max(1, int(starts[-1])))
+    return ids[:, 0].numpy(), float(folded.sum()) / (-(-rows // ROWS) * max(1, int(starts[-1])))
 
 
 def cluster_bounds(q: np.ndarray, centroids: Panels, radii: np.ndarray, slack: float, rounding: float,
