@@ -156,3 +156,38 @@ def test_bf16_on_hardware_without_it_runs_float32(monkeypatch, caplog):
     np.testing.assert_array_equal(fallback.embedding, reference.embedding)
     for layer in config.layers:
         np.testing.assert_array_equal(fallback.pyramid[layer], reference.pyramid[layer])
+
+
+def test_openvino_streams_fit_the_cores_with_each_callers_threads():
+    assert runtime.streams_for(1, cores=2) == 2  # spade score's two workers on two cores, one thread each
+    assert runtime.streams_for(2, cores=2) == 1
+    assert runtime.streams_for(3, cores=2) == 1  # more threads than cores: still one stream
+    assert runtime.streams_for(4, cores=16) == 4
+    assert runtime.streams_for(0, cores=2) == 2
+
+
+def test_openvino_streams_run_callers_side_by_side_with_the_same_features(tmp_path, monkeypatch):
+    """Workers of one process share its runtime (`spade score`'s two on two cores, a thread each). OpenVINO runs one
+    request at a time per stream, so the compiled model has a stream per caller the cores hold, each with the
+    caller's threads; the features are those of one stream, bit for bit."""
+    pytest.importorskip("openvino", reason="feature_runtime: openvino needs the openvino package ([test] installs it)")
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setattr(runtime, "BACKBONE_CACHE", str(tmp_path))
+    config = CONFIGS[1].replace(feature_runtime="openvino")
+    shared = FeatureExtractor(config).runtime
+    net, key = shared.net, shared.key
+    one = runtime.OpenVinoRuntime(net, key, threads=1, precision="f32", streams=1)
+    two = runtime.OpenVinoRuntime(net, key, threads=1, precision="f32", streams=2)
+    batches = [frames(config, count=2) * (1.0 + 0.1 * i) for i in range(6)]
+    alone = [one(batch) for batch in batches]
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(two, batches))
+    for (embedding, maps), (same_embedding, same_maps) in zip(alone, together):
+        np.testing.assert_array_equal(embedding.numpy(), same_embedding.numpy())
+        for layer in config.layers:
+            np.testing.assert_array_equal(maps[layer].numpy(), same_maps[layer].numpy())
+    compiled = two._compiled_for(config.crop, config.crop)
+    assert int(compiled.get_property("NUM_STREAMS")) == 2
+    assert int(compiled.get_property("INFERENCE_NUM_THREADS")) == 2
+    assert int(one._compiled_for(config.crop, config.crop).get_property("NUM_STREAMS")) == 1

@@ -134,6 +134,12 @@ def import_openvino():
     return openvino
 
 
+def streams_for(threads: int, cores: int | None = None) -> int:
+    """How many OpenVINO streams of ``threads`` threads fit on ``cores`` (default: this machine's): the callers
+    that can run the backbone side by side without oversubscribing it (at least one)."""
+    return max(1, (cores or os.cpu_count() or 1) // max(1, threads))
+
+
 class OpenVinoRuntime:
     """`PyramidNet` compiled by OpenVINO for the CPU in ``precision`` (f32 or bf16), one compiled model per frame
     height and width (any batch size).
@@ -142,15 +148,23 @@ class OpenVinoRuntime:
     (``cache_dir``, keyed by the network's identity ``key``, the frame size and the OpenVINO version) and later
     workers only compile it (~0.1 s). Each calling thread gets its own inference request: a worker that runs
     bundles in several threads shares one runtime (one request serves one call at a time).
+
+    ``streams`` (default `streams_for`: as many as the machine's cores hold ``threads`` each) is how many of those
+    requests run side by side. OpenVINO runs one at a time per stream, so with one stream (its latency hint's, the
+    setting until 2026-12-06) the workers of one process that share this runtime (`spade score`'s two on two cores,
+    a thread each) took turns at the backbone: two callers, 26.3 ms an image on bottle's frames against 14.2 with a
+    stream each, 1.6-2.0x on the four shared sets, the same features bit for bit (benchmarks/openvino_streams.py).
+    Each stream has ``threads`` threads.
     """
 
     def __init__(self, net: PyramidNet, key: str, threads: int | None = None, cache_dir: str | None = None,
-                 precision: str = "f32"):
+                 precision: str = "f32", streams: int | None = None):
         self.ov = import_openvino()
         self.net = net
         self.key = key
         self.precision = precision
         self.threads = threads or torch.get_num_threads()
+        self.streams = streams or streams_for(self.threads)
         self.cache_dir = cache_dir or BACKBONE_CACHE
         self.core = self.ov.Core()
         self._compiled: dict[tuple[int, int], object] = {}
@@ -178,8 +192,8 @@ class OpenVinoRuntime:
                 model = self.core.read_model(self._model_file(height, width))
                 compiled = self.core.compile_model(model, "CPU", {
                     "INFERENCE_PRECISION_HINT": self.precision,
-                    "INFERENCE_NUM_THREADS": self.threads,
-                    "PERFORMANCE_HINT": "LATENCY",
+                    "INFERENCE_NUM_THREADS": self.threads * self.streams,
+                    "NUM_STREAMS": self.streams,
                 })
                 hint = compiled.get_property("INFERENCE_PRECISION_HINT")
                 executed = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)  # f32, not <Type: ...>
