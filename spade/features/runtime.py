@@ -154,7 +154,8 @@ class OpenVinoRuntime:
     setting until 2026-12-06) the workers of one process that share this runtime (`spade score`'s two on two cores,
     a thread each) took turns at the backbone: two callers, 26.3 ms an image on bottle's frames against 14.2 with a
     stream each, 1.6-2.0x on the four shared sets, the same features bit for bit (benchmarks/openvino_streams.py).
-    Each stream has ``threads`` threads.
+    Each stream has ``threads`` threads; its buffers are allocated at its first request, so streams no caller uses
+    cost nothing (a process with one caller: +149 MB after a batch of 8 at 256x256 with 8 streams as with 1).
     """
 
     def __init__(self, net: PyramidNet, key: str, threads: int | None = None, cache_dir: str | None = None,
