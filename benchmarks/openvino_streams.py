@@ -27,6 +27,13 @@ from feature_pass import ROOT, alternate, options, result_line, shared_sets  # n
 sys.path.insert(0, str(ROOT))
 
 
+def largest_difference(first: list, second: list) -> float:
+    """The largest difference of any embedding or map value between two runtimes' outputs of the same batches."""
+    return max(max(float(np.abs(a.numpy() - b.numpy()).max()) for a, b in [(one[0], two[0])] +
+                   [(one[1][layer], two[1][layer]) for layer in one[1]])
+               for one, two in zip(first, second))
+
+
 def main() -> None:
     parser = options(__doc__, repeats=3)
     parser.add_argument("--callers", type=int, default=2, help="threads extracting at once through one runtime")
@@ -54,9 +61,7 @@ def main() -> None:
             together(extract, label)  # warm-up: compiles the model (the conversion is cached per machine)
         wall, _ = alternate({label: (lambda e=extract, l=label: together(e, l)) for label, extract in ways.items()},
                             args.repeats, batch.shape[0])
-        diff = max(float(np.abs(a[0].numpy() - b[0].numpy()).max()) for a, b in zip(*outputs.values()))
-        diff = max(diff, max(float(np.abs(a[1][layer].numpy() - b[1][layer].numpy()).max())
-                             for a, b in zip(*outputs.values()) for layer in config.layers))
+        diff = largest_difference(*outputs.values())
         worst = max(worst, diff)
         ratio = wall["one stream"] / wall["streams_for"]
         results.append((f"streams_{name}", ratio))
