@@ -66,7 +66,7 @@ def main() -> None:
         ratio = wall["one stream"] / wall["streams_for"]
         results.append((f"streams_{name}", ratio))
         print(f"{name}: frame {config.frame_size[0]}x{config.frame_size[1]}, {args.callers} callers x {threads} thread(s): "
-              f"one stream {wall['one stream']:.1f} ms/image, {runtime.streams_for(threads)} streams "
+              f"one stream {wall['one stream']:.1f} ms/image, {ways['streams_for'].streams} streams "
               f"{wall['streams_for']:.1f} ({ratio:.2f}x), max |diff| {diff:.1e}", flush=True)
     result_line(results, worst)
 
