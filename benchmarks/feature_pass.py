@@ -84,7 +84,8 @@ def frames(folder: Path, count: int, config):
     images = [decode_rgb(p.read_bytes()) for p in paths]
     config = config.replace(frame_size=frame_size_for([(im.shape[1], im.shape[0]) for im in images], config.resize))
     framing = framing_for(config)
-    batch = torch.stack([preprocess(im, config.resize, config.crop, config.mean, config.std, framing) for im in images])
+    batch = torch.stack([preprocess(im, config.resize, config.crop, config.mean, config.std, framing, config.brightness)
+                         for im in images])
     return config, batch
 
 

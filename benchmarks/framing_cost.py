@@ -68,7 +68,8 @@ class Scorer:
     def tensors(self, paths: list[Path]):
         config = self.config
         rgbs = [decode_rgb(p.read_bytes()) for p in paths]
-        return rgbs, torch.stack([preprocess(rgb, config.resize, config.crop, config.mean, config.std, self.framing)
+        return rgbs, torch.stack([preprocess(rgb, config.resize, config.crop, config.mean, config.std, self.framing,
+                                                      config.brightness)
                                   for rgb in rgbs])
 
     def score(self) -> list:

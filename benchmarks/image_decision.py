@@ -92,7 +92,8 @@ def _extract(paths: list[Path], extractor: FeatureExtractor, framing, config) ->
     for start in range(0, len(paths), config.batch_size):
         rgbs = [decode_rgb(p.read_bytes()) for p in paths[start:start + config.batch_size]]
         sizes += [(rgb.shape[1], rgb.shape[0]) for rgb in rgbs]
-        batch = torch.stack([preprocess(rgb, config.resize, config.crop, config.mean, config.std, framing) for rgb in rgbs])
+        batch = torch.stack([preprocess(rgb, config.resize, config.crop, config.mean, config.std, framing, config.brightness)
+                             for rgb in rgbs])
         features = extractor(batch)
         embeddings.append(features.embedding)
         for layer in config.layers:

@@ -251,7 +251,8 @@ def features(folder: Path, gallery: int, test: int):
 
     def extract(paths):
         batches = [extractor(torch.stack([preprocess(decode_rgb(p.read_bytes()), config.resize, config.crop,
-                                                     config.mean, config.std, "full") for p in paths[i:i + 8]]))
+                                                     config.mean, config.std, "full", config.brightness)
+                                                     for p in paths[i:i + 8]]))
                    for i in range(0, len(paths), 8)]
         embedding = np.concatenate([b.embedding for b in batches])
         layers = {name: np.concatenate([b.pyramid[name] for b in batches]) for name in config.layers}

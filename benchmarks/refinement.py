@@ -70,7 +70,8 @@ def main() -> None:
     for start in range(0, len(files), config.batch_size):
         batch = torch.stack([preprocess(np.asarray(Image.open(f).convert("RGB")), config.resize, config.crop,
                                         config.mean, config.std,
-                                        framing_for(config, fallback_size=(config.resize, config.resize)))
+                                        framing_for(config, fallback_size=(config.resize, config.resize)),
+                                        getattr(config, "brightness", "keep"))
                              for f in files[start:start + config.batch_size]])
         features = extractor(batch)
         _, neighbours = nearest_images(gallery.index, features.embedding, config.k)

@@ -15,6 +15,7 @@ FRAMINGS = ("crop", "full", "aspect", "tiles")
 TILE_NEIGHBOURS = ("same", "all")
 FEATURE_RUNTIMES = ("channels_last", "eager", "openvino")
 FEATURE_PRECISIONS = ("f32", "bf16")
+BRIGHTNESS = ("keep", "imagenet_mean")  # spade.io.images.preprocess
 DEVICES = ("auto", "cpu", "cuda")
 SEARCH_KERNELS = ("auto", "gemm")  # spade.index.fused_nearest
 # Settings that change only speed or file layout, never a row: runs that differ only in them may resume each other's
@@ -26,7 +27,7 @@ BANK_SCORES = ("bank_max", "combined_bank", "combined_residual", "combined_selec
                "residual_or_region")  # the image scores that need a gallery's patch bank
 # Feature settings a signature lists only where they differ from these values, so that galleries fitted before them
 # keep their hash; a manifest without one was built with this value.
-FEATURES_LISTED_IF_SET = {"feature_precision": "f32"}
+FEATURES_LISTED_IF_SET = {"feature_precision": "f32", "brightness": "keep"}
 # Feature settings added after galleries were first written: a manifest without one was built with this value.
 FEATURE_DEFAULTS_BEFORE = {"framing": "crop", "feature_aggregation": 1, "frame_size": None} | FEATURES_LISTED_IF_SET
 # Feature settings that only some framings have (`SpadeConfig.feature_signature` lists them only for those).
@@ -39,7 +40,7 @@ class SpadeConfig:
     setting (configs/default.yaml says why); configs/paper.yaml is the paper's.
 
     The fields that change the features (``backbone``, ``weights``, ``layers``,
-    ``resize``, ``crop``, ``framing``, ``feature_aggregation``, ``mean``, ``std``, ``feature_precision``) must
+    ``resize``, ``crop``, ``framing``, ``feature_aggregation``, ``mean``, ``std``, ``feature_precision``, ``brightness``) must
     match between `fit` and `score`; `feature_signature` hashes exactly those.
 
     ``framing``: what the model sees (`spade.features.framing`). ``crop`` (the paper): the short side resized
@@ -52,6 +53,10 @@ class SpadeConfig:
     at every place (``all``), the tile maps blended into one frame map.
     ``feature_aggregation``: side of the local average (stride 1) applied to each pyramid layer's
     map at extraction, PatchCore's neighbourhood aggregation (3); 1 = none (the paper).
+    ``brightness``: ``keep`` (the frame as the camera gave it) or ``imagenet_mean`` (each frame's mean intensity over
+    its channels moved to that of ImageNet's photos, which the weights learnt from, its colour balance and contrast kept;
+    for products far brighter than those: the commutators' PRO 0.764 -> 0.817, but darker frames brightened lose the
+    tire's image decision and darkened ones lose bottle's and metal_plate's pixel scores; README "Accuracy").
     ``map_edge_band``: within this many frame pixels of a tile's edge (the frame's border, the seams between tiles),
     the score map is lowered by how far the calibration images' mean map rises there above its median further inside
     (`spade.scoring.position_baseline.edge_excess`): features near a tile's edge saw the network's zero padding and
@@ -101,6 +106,7 @@ class SpadeConfig:
     feature_dtype: str = "float32"
     feature_runtime: str = "openvino"  # openvino (OpenVINO's CPU runtime) / channels_last / eager (torch NHWC / NCHW)
     feature_precision: str = "bf16"  # the backbone's arithmetic: bf16 where the hardware has it (else f32), or f32
+    brightness: str = "keep"  # keep / imagenet_mean: each frame's mean intensity moved to ImageNet's (README "Accuracy")
     batch_size: int = 8
     device: str = "auto"  # where the backbone and the exact correspondence run: auto (a CUDA device if any), cpu, cuda
     num_threads: int = 0
@@ -175,6 +181,8 @@ class SpadeConfig:
             problems.append(f"feature_runtime must be one of {', '.join(FEATURE_RUNTIMES)}")
         if self.feature_precision not in FEATURE_PRECISIONS:
             problems.append(f"feature_precision must be one of {', '.join(FEATURE_PRECISIONS)}")
+        if self.brightness not in BRIGHTNESS:
+            problems.append(f"brightness must be one of {', '.join(BRIGHTNESS)}")
         if self.device not in DEVICES:
             problems.append(f"device must be one of {', '.join(DEVICES)}")
         if self.search_kernel not in SEARCH_KERNELS:

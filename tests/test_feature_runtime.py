@@ -143,6 +143,23 @@ def test_feature_precision_is_a_feature_setting_that_old_galleries_need_not_list
         SpadeConfig(feature_precision="fp8")
 
 
+def test_brightness_is_a_feature_setting_that_old_galleries_need_not_list():
+    """Galleries fitted before ``brightness`` existed kept the frames as they were: their signature stays as it was,
+    and scoring a gallery with the other setting is refused, whichever side moved the brightness."""
+    from spade.index.gallery import GalleryMismatch, check_compatible
+
+    keep, moved = SpadeConfig(), SpadeConfig(brightness="imagenet_mean")
+    assert "brightness" not in keep.feature_signature()
+    assert moved.feature_signature() == keep.feature_signature() | {"brightness": "imagenet_mean"}
+    for built, asked in ((keep, moved), (moved, keep)):
+        manifest = {"feature_signature": built.feature_signature()}
+        check_compatible(manifest, "gallery", built)
+        with pytest.raises(GalleryMismatch, match="brightness: gallery has '(keep|imagenet_mean)', config has"):
+            check_compatible(manifest, "gallery", asked)
+    with pytest.raises(ValueError, match="brightness must be one of keep, imagenet_mean"):
+        SpadeConfig(brightness="auto")
+
+
 def test_bf16_on_hardware_without_it_runs_float32(monkeypatch, caplog):
     """Where torch has no bfloat16 arithmetic (an older CPU, a GPU before Ampere), feature_precision: bf16 runs the
     backbone in float32 (oneDNN would refuse or emulate it) and says so: features equal to float32's."""

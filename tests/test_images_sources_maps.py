@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from spade.io.images import ImageDecodeError, content_id, decode_rgb, preprocess
+from spade.io.images import IMAGENET_MEAN, ImageDecodeError, content_id, decode_rgb, preprocess
 from spade.io.maps import decode_mask, decode_score_map, encode_mask, encode_score_map
 from spade.scoring.scoremap import combine_layer_maps, crop_box_pixels, smooth, to_original_geometry
 from spade.io.sources import expand_images, label_from_uri, mask_uri, read_inputs
@@ -48,6 +48,54 @@ def test_preprocess_shape_and_normalisation():
     tensor = preprocess(rgb, 256, 224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     assert tuple(tensor.shape) == (3, 224, 224)
     assert float(tensor.min()) == pytest.approx(1.0) and float(tensor.max()) == pytest.approx(1.0)
+
+
+def test_brightness_imagenet_mean_moves_a_frames_mean_and_keeps_its_contrast_and_colours():
+    """``brightness: imagenet_mean``: one offset moves the framed image's mean (over pixels and channels) to ImageNet's,
+    so a frame and the same frame lit brighter give the same tensor; ``keep`` leaves the frame as it is."""
+    rng = np.random.default_rng(0)
+    rgb = (rng.random((120, 160, 3)) * 80 + 20).astype(np.uint8)
+    rgb[..., 2] //= 2  # a colour cast that must survive
+    mean, std = (0.5, 0.4, 0.3), (0.25, 0.2, 0.2)  # the network's normalisation, applied after the move
+    level = sum(IMAGENET_MEAN) / 3  # 0.449, whatever the normalisation
+    m, s = np.array(mean).reshape(3, 1, 1), np.array(std).reshape(3, 1, 1)
+    kept = preprocess(rgb, 128, 128, mean, std, "full").numpy() * s + m
+    moved = preprocess(rgb, 128, 128, mean, std, "full", "imagenet_mean").numpy() * s + m
+    assert abs(float(kept.mean()) - level) > 0.1  # a dark frame: there is something to move
+    assert float(moved.mean()) == pytest.approx(level, abs=1e-5)
+    np.testing.assert_allclose(moved - moved.mean(), kept - kept.mean(), atol=1e-5)  # contrast, colour balance kept
+    brighter = rgb + np.uint8(60)  # no value reaches 255: the same scene, lit brighter
+    np.testing.assert_allclose(preprocess(brighter, 128, 128, mean, std, "full", "imagenet_mean").numpy(),
+                               preprocess(rgb, 128, 128, mean, std, "full", "imagenet_mean").numpy(), atol=1e-5)
+    assert not np.allclose(preprocess(brighter, 128, 128, mean, std, "full").numpy(),
+                           preprocess(rgb, 128, 128, mean, std, "full").numpy(), atol=1e-2)
+    with pytest.raises(ValueError, match="brightness 'auto': use keep or imagenet_mean"):
+        preprocess(rgb, 128, 128, mean, std, "full", "auto")
+
+
+def test_brightness_reaches_the_frames_the_pipeline_reads(tmp_path):
+    """The read step frames each image with its route's ``brightness``: under ``imagenet_mean`` two captures that
+    differ only in exposure give one tensor."""
+    from spade.config import SpadeConfig
+    from transforms.read import DecodeImages
+
+    rng = np.random.default_rng(1)
+    rgb = (rng.random((96, 128, 3)) * 90 + 30).astype(np.uint8)
+    uris = []
+    for name, image in (("dim.png", rgb), ("bright.png", rgb + np.uint8(70))):
+        (tmp_path / name).write_bytes(png_bytes(image))
+        uris.append(str(tmp_path / name))
+
+    def tensors(brightness):
+        step = DecodeImages({"": SpadeConfig(backbone="resnet18", weights="random", framing="full", resize=64,
+                                             crop=64, brightness=brightness)})
+        step.setup()
+        (route, batch), = list(step.process(("", uris)))
+        return {image.uri.rsplit("/", 1)[-1]: image.tensor for image in batch}
+
+    moved, kept = tensors("imagenet_mean"), tensors("keep")
+    np.testing.assert_allclose(moved["dim.png"], moved["bright.png"], atol=1e-5)
+    assert np.abs(kept["dim.png"] - kept["bright.png"]).mean() > 0.5
 
 
 def test_content_id_is_stable():

@@ -90,7 +90,7 @@ class DecodeImages(beam.DoFn):
         image_id = content_id(data)
         try:
             rgb = decode_rgb(data, decode_limits(cfg))
-            tensor = preprocess(rgb, cfg.resize, cfg.crop, cfg.mean, cfg.std, framing).numpy()
+            tensor = preprocess(rgb, cfg.resize, cfg.crop, cfg.mean, cfg.std, framing, cfg.brightness).numpy()
             height, width = rgb.shape[:2]
             reframed = framing.reframed((width, height))
             del rgb, data  # not held while the batch is extracted and scored downstream

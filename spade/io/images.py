@@ -12,6 +12,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the mean RGB intensity of ImageNet's photos, in [0, 1]
 
 
 class ImageDecodeError(ValueError):
@@ -160,15 +161,28 @@ def frame(img: Image.Image, resize: int, crop: int, framing: str = "crop") -> Im
 
 
 def preprocess(rgb: np.ndarray, resize: int, crop: int, mean: tuple[float, ...], std: tuple[float, ...],
-               framing="crop") -> torch.Tensor:
+               framing="crop", brightness: str = "keep") -> torch.Tensor:
     """Frame the image, normalise: a ``(3, height, width)`` tensor. ``framing``: ``crop`` or ``full`` (`frame`,
-    ``(3, crop, crop)``) or a `spade.features.framing.Framing` (its ``frame``: every framing, its frame size)."""
+    ``(3, crop, crop)``) or a `spade.features.framing.Framing` (its ``frame``: every framing, its frame size).
+    ``brightness`` (config ``brightness``): ``keep``, or ``imagenet_mean``, the framed image's mean over its pixels
+    and channels moved to that of ImageNet's photos by one offset (`match_brightness`), before ``mean``/``std``."""
     pil = Image.fromarray(rgb)
     img = frame(pil, resize, crop, framing) if isinstance(framing, str) else framing.frame(pil)
     tensor = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    if brightness == "imagenet_mean":
+        tensor = match_brightness(tensor, sum(IMAGENET_MEAN) / len(IMAGENET_MEAN))
+    elif brightness != "keep":
+        raise ValueError(f"brightness {brightness!r}: use keep or imagenet_mean")
     mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     return (tensor - mean_t) / std_t
+
+
+def match_brightness(tensor: torch.Tensor, level: float) -> torch.Tensor:
+    """``tensor`` (channels, height, width; intensities in [0, 1]) shifted by one offset so its mean over every pixel
+    and channel is ``level``: the frame's brightness as the network's training photos had it, its colour balance and
+    contrast kept (values may leave [0, 1]; nothing is clipped)."""
+    return tensor + (level - tensor.mean())
 
 
 def crop_origin(size: tuple[int, int], crop: int) -> tuple[int, int]:

@@ -79,7 +79,8 @@ def synthetic_scores(gallery: Gallery, config: SpadeConfig, normal_maps: np.ndar
             if rgb is None or donor is None:
                 continue
             defective, _ = synthetic_defect(rgb, donor, kind, rng)
-            tensors.append(preprocess(defective, config.resize, config.crop, config.mean, config.std, framing))
+            tensors.append(preprocess(defective, config.resize, config.crop, config.mean, config.std, framing,
+                                      config.brightness))
             batch.append(int(row))
         if not batch:
             continue
