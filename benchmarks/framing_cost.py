@@ -69,7 +69,7 @@ class Scorer:
         config = self.config
         rgbs = [decode_rgb(p.read_bytes()) for p in paths]
         return rgbs, torch.stack([preprocess(rgb, config.resize, config.crop, config.mean, config.std, self.framing,
-                                                      config.brightness)
+                                             config.brightness)
                                   for rgb in rgbs])
 
     def score(self) -> list:

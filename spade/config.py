@@ -39,9 +39,9 @@ class SpadeConfig:
     """Everything that decides what a gallery is and how images are scored. The defaults are the recommended
     setting (configs/default.yaml says why); configs/paper.yaml is the paper's.
 
-    The fields that change the features (``backbone``, ``weights``, ``layers``,
-    ``resize``, ``crop``, ``framing``, ``feature_aggregation``, ``mean``, ``std``, ``feature_precision``, ``brightness``) must
-    match between `fit` and `score`; `feature_signature` hashes exactly those.
+    The fields that change the features (``backbone``, ``weights``, ``layers``, ``resize``, ``crop``, ``framing``,
+    ``feature_aggregation``, ``mean``, ``std``, ``feature_precision``, ``brightness``) must match between `fit` and
+    `score`; `feature_signature` hashes exactly those.
 
     ``framing``: what the model sees (`spade.features.framing`). ``crop`` (the paper): the short side resized
     to ``resize``, then the centre ``crop``² (the borders of the frame are never inspected); ``full``: the whole
@@ -54,9 +54,9 @@ class SpadeConfig:
     ``feature_aggregation``: side of the local average (stride 1) applied to each pyramid layer's
     map at extraction, PatchCore's neighbourhood aggregation (3); 1 = none (the paper).
     ``brightness``: ``keep`` (the frame as the camera gave it) or ``imagenet_mean`` (each frame's mean intensity over
-    its channels moved to that of ImageNet's photos, which the weights learnt from, its colour balance and contrast kept;
-    for products far brighter than those: the commutators' PRO 0.764 -> 0.817, but darker frames brightened lose the
-    tire's image decision and darkened ones lose bottle's and metal_plate's pixel scores; README "Accuracy").
+    its channels moved to that of ImageNet's photos, which the weights learnt from, its colour balance and contrast
+    kept; for products far brighter than those: the commutators' PRO 0.764 -> 0.817, but darker frames brightened
+    lose the tire's image decision and darkened ones lose bottle's and metal_plate's pixel scores; README "Accuracy").
     ``map_edge_band``: within this many frame pixels of a tile's edge (the frame's border, the seams between tiles),
     the score map is lowered by how far the calibration images' mean map rises there above its median further inside
     (`spade.scoring.position_baseline.edge_excess`): features near a tile's edge saw the network's zero padding and
@@ -106,7 +106,7 @@ class SpadeConfig:
     feature_dtype: str = "float32"
     feature_runtime: str = "openvino"  # openvino (OpenVINO's CPU runtime) / channels_last / eager (torch NHWC / NCHW)
     feature_precision: str = "bf16"  # the backbone's arithmetic: bf16 where the hardware has it (else f32), or f32
-    brightness: str = "keep"  # keep / imagenet_mean: each frame's mean intensity moved to ImageNet's (README "Accuracy")
+    brightness: str = "keep"  # keep / imagenet_mean: each frame's mean intensity moved to ImageNet's (README)
     batch_size: int = 8
     device: str = "auto"  # where the backbone and the exact correspondence run: auto (a CUDA device if any), cpu, cuda
     num_threads: int = 0

@@ -126,38 +126,26 @@ def test_bf16_features_are_close_to_f32_and_come_from_bf16_arithmetic(runtime_na
         assert "no bfloat16 arithmetic, so OpenVINO runs the backbone in f32 (" in caplog.text, caplog.text
 
 
-def test_feature_precision_is_a_feature_setting_that_old_galleries_need_not_list():
-    """Galleries fitted before feature_precision existed were float32: their signature (and hash) stays as it was,
-    and scoring a gallery with the other precision is refused, whichever side has bf16."""
+@pytest.mark.parametrize("key, before, other, unknown, allowed", [
+    ("feature_precision", "f32", "bf16", "fp8", "f32, bf16"),  # galleries before it were float32
+    ("brightness", "keep", "imagenet_mean", "auto", "keep, imagenet_mean"),  # galleries before it kept the frames
+])
+def test_feature_settings_that_old_galleries_need_not_list(key, before, other, unknown, allowed):
+    """A feature setting added after galleries were first written: at its earlier value the signature (and hash)
+    stays as it was, and scoring a gallery with the other value is refused, whichever side has which."""
     from spade.index.gallery import GalleryMismatch, check_compatible
 
-    f32, bf16 = SpadeConfig(feature_precision="f32"), SpadeConfig(feature_precision="bf16")
-    assert "feature_precision" not in f32.feature_signature()
-    assert bf16.feature_signature() == f32.feature_signature() | {"feature_precision": "bf16"}
-    for built, asked in ((f32, bf16), (bf16, f32)):
+    old, new = SpadeConfig(**{key: before}), SpadeConfig(**{key: other})
+    assert key not in old.feature_signature()
+    assert new.feature_signature() == old.feature_signature() | {key: other}
+    for built, asked in ((old, new), (new, old)):
         manifest = {"feature_signature": built.feature_signature()}
         check_compatible(manifest, "gallery", built)
-        with pytest.raises(GalleryMismatch, match="feature_precision: gallery has '(f32|bf16)', config has '(bf16|f32)'"):
+        with pytest.raises(GalleryMismatch, match=f"{key}: gallery has '{built.to_dict()[key]}', config has "
+                                                  f"'{asked.to_dict()[key]}'"):
             check_compatible(manifest, "gallery", asked)
-    with pytest.raises(ValueError, match="feature_precision must be one of f32, bf16"):
-        SpadeConfig(feature_precision="fp8")
-
-
-def test_brightness_is_a_feature_setting_that_old_galleries_need_not_list():
-    """Galleries fitted before ``brightness`` existed kept the frames as they were: their signature stays as it was,
-    and scoring a gallery with the other setting is refused, whichever side moved the brightness."""
-    from spade.index.gallery import GalleryMismatch, check_compatible
-
-    keep, moved = SpadeConfig(), SpadeConfig(brightness="imagenet_mean")
-    assert "brightness" not in keep.feature_signature()
-    assert moved.feature_signature() == keep.feature_signature() | {"brightness": "imagenet_mean"}
-    for built, asked in ((keep, moved), (moved, keep)):
-        manifest = {"feature_signature": built.feature_signature()}
-        check_compatible(manifest, "gallery", built)
-        with pytest.raises(GalleryMismatch, match="brightness: gallery has '(keep|imagenet_mean)', config has"):
-            check_compatible(manifest, "gallery", asked)
-    with pytest.raises(ValueError, match="brightness must be one of keep, imagenet_mean"):
-        SpadeConfig(brightness="auto")
+    with pytest.raises(ValueError, match=f"{key} must be one of {allowed}"):
+        SpadeConfig(**{key: unknown})
 
 
 def test_bf16_on_hardware_without_it_runs_float32(monkeypatch, caplog):
