@@ -369,7 +369,7 @@ def _spade_stages(config, gallery_url: str, paths: list[str]) -> dict:
 
     def frames(rgbs) -> torch.Tensor:
         return torch.stack([preprocess(rgb, config.resize, config.crop, config.mean, config.std, **framing(config),
-                                       brightness=getattr(config, "brightness", "keep"))
+                                       brightness=config.brightness)
                             for rgb in rgbs])
 
     # one untimed pass first: the extractor compiles its runtime for the frame size on its first call, and

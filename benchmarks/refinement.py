@@ -71,7 +71,7 @@ def main() -> None:
         batch = torch.stack([preprocess(np.asarray(Image.open(f).convert("RGB")), config.resize, config.crop,
                                         config.mean, config.std,
                                         framing_for(config, fallback_size=(config.resize, config.resize)),
-                                        getattr(config, "brightness", "keep"))
+                                        config.brightness)
                              for f in files[start:start + config.batch_size]])
         features = extractor(batch)
         _, neighbours = nearest_images(gallery.index, features.embedding, config.k)

@@ -79,7 +79,7 @@ def _timed(fn) -> float:
 def load_images(paths: list[str], config: SpadeConfig) -> torch.Tensor:
     return torch.stack([preprocess(decode_rgb(Path(p).read_bytes()), config.resize, config.crop, config.mean, config.std,
                                    framing_for(config, fallback_size=(config.resize, config.resize)),
-                                   getattr(config, "brightness", "keep"))
+                                   config.brightness)
                         for p in paths])
 
 

@@ -16,6 +16,7 @@ TILE_NEIGHBOURS = ("same", "all")
 FEATURE_RUNTIMES = ("channels_last", "eager", "openvino")
 FEATURE_PRECISIONS = ("f32", "bf16")
 BRIGHTNESS = ("keep", "imagenet_mean")  # spade.io.images.preprocess
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the mean RGB intensity of ImageNet's photos, in [0, 1]
 DEVICES = ("auto", "cpu", "cuda")
 SEARCH_KERNELS = ("auto", "gemm")  # spade.index.fused_nearest
 # Settings that change only speed or file layout, never a row: runs that differ only in them may resume each other's
@@ -96,7 +97,7 @@ class SpadeConfig:
     tile_overlap: int = 64
     tile_neighbours: str = "same"
     feature_aggregation: int = 3
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     k: int = 10
     image_score: str = "residual_or_region"

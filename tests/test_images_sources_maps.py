@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from spade.io.images import IMAGENET_MEAN, ImageDecodeError, content_id, decode_rgb, preprocess
+from spade.config import IMAGENET_MEAN
+from spade.io.images import ImageDecodeError, content_id, decode_rgb, preprocess
 from spade.io.maps import decode_mask, decode_score_map, encode_mask, encode_score_map
 from spade.scoring.scoremap import combine_layer_maps, crop_box_pixels, smooth, to_original_geometry
 from spade.io.sources import expand_images, label_from_uri, mask_uri, read_inputs

@@ -11,8 +11,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from spade.config import BRIGHTNESS, IMAGENET_MEAN
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the mean RGB intensity of ImageNet's photos, in [0, 1]
 
 
 class ImageDecodeError(ValueError):
@@ -172,7 +173,7 @@ def preprocess(rgb: np.ndarray, resize: int, crop: int, mean: tuple[float, ...],
     if brightness == "imagenet_mean":
         tensor = match_brightness(tensor, sum(IMAGENET_MEAN) / len(IMAGENET_MEAN))
     elif brightness != "keep":
-        raise ValueError(f"brightness {brightness!r}: use keep or imagenet_mean")
+        raise ValueError(f"brightness {brightness!r}: use {' or '.join(BRIGHTNESS)}")
     mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     return (tensor - mean_t) / std_t
