@@ -37,7 +37,8 @@ class BeamOptions(PipelineOptions):
 
 
 def beam_options(beam_args: list[str] | None) -> PipelineOptions:
-    """Beam options from pass-through arguments; without --runner, the local FnApiRunner.
+    """Beam options from pass-through arguments; without --runner, the local FnApiRunner; for runners behind a job
+    server, SDK workers kept between stages (`ENVIRONMENT_CACHE_MS`) unless the arguments say otherwise.
 
     (Beam's DirectRunner first tries to download a Prism binary, which fails
     offline; FnApiRunner is the same local engine without that step.)
@@ -50,6 +51,9 @@ def beam_options(beam_args: list[str] | None) -> PipelineOptions:
             args[i] = "--runner=" + RUNNER_ALIASES[arg.split("=", 1)[1]]
         elif arg == "--runner" and i + 1 < len(args) and args[i + 1] in RUNNER_ALIASES:
             args[i + 1] = RUNNER_ALIASES[args[i + 1]]
+    runner = (_arg_value(args, "runner") or "").rsplit(".", 1)[-1]
+    if runner in JOB_SERVER_RUNNERS and _arg_value(args, "environment_cache_millis") is None:
+        args.append(f"--environment_cache_millis={ENVIRONMENT_CACHE_MS}")
     return BeamOptions(args)
 
 
@@ -64,6 +68,13 @@ def load_runner_profile(path: str) -> list[str]:
 
 
 SCORING_WORKERS = 2  # worker threads of a scoring run on spade's default local runner (`scoring_args`)
+# Runners whose Java job server hands stages to SDK workers (Flink, Spark, a job service). With Beam's default
+# (environment_cache_millis 0) Spark's starts a new SDK worker for each stage it runs and shuts it after, so each stage
+# re-imports torch and loads the backbone and the gallery again: 46 SDK workers for one small fit and score on the
+# Spark standalone cluster of tests/test_clusters.py (152 s), 4 with the workers kept 10 minutes between stages (77 s,
+# the same rows). Flink's keeps its workers either way (5 a pool). A user's own --environment_cache_millis is kept.
+JOB_SERVER_RUNNERS = ("PortableRunner", "FlinkRunner", "SparkRunner")
+ENVIRONMENT_CACHE_MS = 600_000
 LOCAL_RUNNERS = ("FnApiRunner", "DirectRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner")
 _LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]", "0.0.0.0")
 

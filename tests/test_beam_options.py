@@ -4,7 +4,9 @@ import pickle
 from apache_beam.options.pipeline_options import (GoogleCloudOptions, PipelineOptions, SetupOptions, StandardOptions,
                                                   TypeOptions)
 
-from pipelines.options import BeamOptions, beam_options
+import pytest
+
+from pipelines.options import ENVIRONMENT_CACHE_MS, BeamOptions, beam_options
 
 
 def test_a_view_is_made_once_and_shares_the_options_values():
@@ -19,6 +21,20 @@ def test_a_view_is_made_once_and_shares_the_options_values():
     fresh = PipelineOptions(["--runner=FnApiRunner", "--no_pipeline_type_check"])
     assert {k: v for k, v in fresh.get_all_options().items() if k != "save_main_session"} == \
         {k: v for k, v in options.get_all_options().items() if k != "save_main_session"}
+
+
+@pytest.mark.parametrize("args, kept_ms", [
+    (["--runner=PortableRunner", "--job_endpoint=localhost:8099"], ENVIRONMENT_CACHE_MS),
+    (["--runner", "FlinkRunner", "--flink_master=[local]"], ENVIRONMENT_CACHE_MS),
+    (["--runner=apache_beam.runners.portability.spark_runner.SparkRunner"], ENVIRONMENT_CACHE_MS),
+    (["--runner=SparkRunner", "--environment_cache_millis=5000"], 5000),  # the user's own value is kept
+    (["--runner=FnApiRunner"], 0),  # in-process workers: nothing to keep
+    ([], 0),
+])
+def test_job_server_runners_keep_their_sdk_workers_between_stages(args, kept_ms):
+    """Without it Flink's and Spark's job servers start an SDK worker per stage, which loads the backbone and the
+    gallery again each time (tests/test_clusters.py asserts the started workers stay few on a real cluster)."""
+    assert int(beam_options(args).get_all_options()["environment_cache_millis"]) == kept_ms
 
 
 def test_pickled_options_carry_no_views_and_still_hide_impersonation():
