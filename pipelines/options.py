@@ -114,7 +114,7 @@ def runner_is_remote(beam_args: list[str] | None) -> bool:
         return False
     if runner == "DaskRunner":
         return not _on_this_machine(opts.get("dask_client_address"))
-    if runner in ("PortableRunner", "FlinkRunner", "SparkRunner", "PrismRunner"):
+    if runner in JOB_SERVER_RUNNERS + ("PrismRunner",):
         environment = str(opts.get("environment_type") or "DOCKER").upper()
         engine_local = all(_on_this_machine(opts.get(name)) for name in ("job_endpoint", "flink_master", "spark_master_url"))
         if environment == "LOOPBACK":
