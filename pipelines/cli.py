@@ -228,9 +228,11 @@ def _run(args: argparse.Namespace, beam_args: list[str], say) -> int:
             return 0
         if args.command == "trend":
             from pipelines.trend import run_trend
+            from spade.evaluation.trend import DriftRule
 
-            verdict = run_trend(args.scores, args.out, say, window=args.window, alpha=args.alpha,
-                                flagged_alert=args.flagged_alert, min_images=args.min_images, baseline=args.baseline)
+            rule = DriftRule(window=args.window, alpha=args.alpha, flagged_alert=args.flagged_alert,
+                             min_images=args.min_images, baseline=args.baseline)
+            verdict = run_trend(args.scores, args.out, say, rule)
             return EXIT_ALERT if verdict["status"] == "alert" else 0
         if args.command == "report":
             from pipelines.report import run_report
@@ -249,10 +251,10 @@ def _run(args: argparse.Namespace, beam_args: list[str], say) -> int:
 
             run_fit(load_config(args.config, overrides), args.images, args.gallery, beam_args, say, append=args.append)
         elif args.command == "score":
-            from pipelines.score import run_score
+            from pipelines.score import Nightly, run_score
 
             run_score(load_config(args.config, overrides), args.gallery, args.images, args.out, beam_args, say,
-                      day=args.day, since=args.since, rescore_all=args.rescore_all, thresholds_url=args.thresholds)
+                      Nightly(day=args.day, since=args.since, rescore_all=args.rescore_all), args.thresholds)
     except LeaseHeld as exc:
         print(f"spade {args.command}: busy: {exc}", file=sys.stderr)
         return EXIT_BUSY

@@ -170,16 +170,25 @@ class ScoreJob:
 
 
 @dataclass(frozen=True)
+class Nightly:
+    """Nightly mode (`spade score --date/--since/--rescore-all`): ``day``, the partition a run writes to (only inputs
+    not yet scored with its gallery are scored); ``since``, only inputs dated that day or later; ``rescore_all``, every
+    input scored again (after a gallery changed). The default is a plain run: every input, one output folder."""
+
+    day: str | None = None
+    since: str | None = None
+    rescore_all: bool = False
+
+
+@dataclass(frozen=True)
 class ScoreRequest:
     """What one `spade score` run asks of every gallery it scores (`plan_job`): the config as given, the Beam
-    arguments, the nightly partition (``day``, ``since``, ``rescore_all``), the thresholds of a --thresholds file
-    (``explicit``), and the run's time and id, shared by all its rows."""
+    arguments, the nightly partition, the thresholds of a --thresholds file (``explicit``), and the run's time and
+    id, shared by all its rows."""
 
     config: SpadeConfig
     beam_args: list[str] | None
-    day: str | None
-    since: str | None
-    rescore_all: bool
+    nightly: Nightly
     explicit: dict | None
     scored_at: datetime
     run_id: str
@@ -188,7 +197,9 @@ class ScoreRequest:
 def plan_job(request: ScoreRequest, route: Route, out_url: str) -> ScoreJob:
     """The launcher's checks of one gallery (manifest, files, weights, calibration, thresholds) and where its rows
     go; reads the manifest and one size per file, never the archive."""
-    config, explicit, day, rescore_all = request.config, request.explicit, request.day, request.rescore_all
+    config, explicit = request.config, request.explicit
+    nightly = request.nightly
+    day, rescore_all = nightly.day, nightly.rescore_all
     gallery_url = route.gallery
     manifest = read_manifest(gallery_url)  # the launcher reads the manifest only; workers open the gallery
     config = with_gallery_frame(config, manifest)  # aspect/tiles: every image is framed into the gallery's frame size
@@ -212,7 +223,7 @@ def plan_job(request: ScoreRequest, route: Route, out_url: str) -> ScoreJob:
         done_root = None if rescore_all else storage.join(out_url, f"gallery={gallery_hash}")
         lease_folder = storage.join(out_url, f"gallery={gallery_hash}")
     return ScoreJob(route.name, route.images, gallery_url, config, run_config, manifest, used_thresholds, explicit,
-                    out_url, run_out, lease_folder, done_root, day, request.since, request.scored_at, request.run_id)
+                    out_url, run_out, lease_folder, done_root, day, nightly.since, request.scored_at, request.run_id)
 
 
 def begin_job(job: ScoreJob, lease: RunLease, say: Callable[[str], None]) -> None:
@@ -400,8 +411,8 @@ class UnroutedRows(beam.PTransform):
 
 
 def run_score(config: SpadeConfig, gallery_url: str, images: str, out_url: str, beam_args: list[str] | None = None,
-              say: Callable[[str], None] = LOG.info, day: str | None = None, since: str | None = None,
-              rescore_all: bool = False, thresholds_url: str | None = None) -> dict:
+              say: Callable[[str], None] = LOG.info, nightly: Nightly = Nightly(),
+              thresholds_url: str | None = None) -> dict:
     """Score images against a gallery, or an archive routed to many (``gallery_url`` a template with ``{fields}`` or
     a routes table, `spade.io.routing`); returns a summary (counts and output locations; routed: per gallery under
     ``"galleries"``, plus the totals).
@@ -426,7 +437,7 @@ def run_score(config: SpadeConfig, gallery_url: str, images: str, out_url: str, 
         plan = RoutePlan([Route("", images, gallery_url)])
     jobs, unrouted = [], [(spec, f"no routing rule of {gallery_url} matches its folder; add a rule for it or move "
                                  "it below a routed folder") for spec in plan.unrouted]
-    request = ScoreRequest(config, beam_args, day, since, rescore_all, explicit, scored_at, run_id)
+    request = ScoreRequest(config, beam_args, nightly, explicit, scored_at, run_id)
     for route in plan.routes:
         out = storage.join(out_url, route.name) if route.name else out_url
         try:
@@ -443,7 +454,8 @@ def run_score(config: SpadeConfig, gallery_url: str, images: str, out_url: str, 
         say(f"score: {jobs[0].run_config.num_threads} torch/faiss thread(s) per worker"
             + (f", {workers} local workers" if workers > 1 else "")
             + f"; {fused_nearest.describe(jobs[0].run_config.search_kernel)}")
-    errors = UnroutedJob(storage.join(out_url, UNROUTED), unrouted, day, scored_at, run_id) if unrouted else None
+    errors = (UnroutedJob(storage.join(out_url, UNROUTED), unrouted, nightly.day, scored_at, run_id) if unrouted
+              else None)
     with contextlib.ExitStack() as leases:
         for job in jobs:
             begin_job(job, leases.enter_context(RunLease(job.lease_folder, run_id, "spade score")), say)

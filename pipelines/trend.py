@@ -12,6 +12,7 @@ import os
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from datetime import datetime, timezone
 from typing import Any, Callable
 
@@ -19,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from spade.evaluation.trend import ALPHA, BASELINE, FLAGGED_ALERT, MIN_EFFECT, MIN_IMAGES, QUANTILES, WINDOW, Night, Reference, assess
+from spade.evaluation.trend import QUANTILES, DriftRule, Night, Reference, assess
 from spade.evaluation.trend_page import Series, render
 from spade.io import storage
 from spade.io.results import RUN_INFO, NightPartition, night_partitions, read_night_table
@@ -145,14 +146,12 @@ def _placeholder(partition: NightPartition) -> Night:
     return Night(partition.day, partition.gallery_hash, np.zeros(0), None, 0)
 
 
-def run_trend(scores_root: str, out_url: str, say: Callable[[str], None] = LOG.info, window: int = WINDOW,
-              alpha: float = ALPHA, flagged_alert: float = FLAGGED_ALERT, min_images: int = MIN_IMAGES,
-              min_effect: float = MIN_EFFECT, baseline: int = BASELINE) -> dict[str, Any]:
+def run_trend(scores_root: str, out_url: str, say: Callable[[str], None] = LOG.info,
+              rule: DriftRule = DriftRule()) -> dict[str, Any]:
     """Write ``out_url``/trend.parquet (one row per route and night), trend.json (the verdict: ``status`` "alert"
     when any route's last night warns, with those warnings) and index.html; returns the verdict."""
     started = time.monotonic()
-    settings = {"window": window, "alpha": alpha, "flagged_alert": flagged_alert, "min_images": min_images,
-                "min_effect": min_effect, "baseline": baseline}
+    settings = asdict(rule)
     storage.makedirs(out_url)
     series_all: list[Series] = []
     verdict: dict[str, Any] = {"root": scores_root, "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -172,9 +171,9 @@ def run_trend(scores_root: str, out_url: str, say: Callable[[str], None] = LOG.i
                         notes.append(note)
                 ordered = sorted(partitions, key=lambda p: p.day)
                 cached = previous.rows(route)
-                recompute, needed = nights_to_read(ordered, cached, window, baseline)
+                recompute, needed = nights_to_read(ordered, cached, rule.window, rule.baseline)
                 computed = assess(pool.map(lambda p: _night(p) if p in needed else _placeholder(p), ordered), references,
-                                  window, alpha, flagged_alert, min_images, min_effect, baseline)
+                                  rule)
                 rows = [fresh if p in recompute else cached[(p.gallery_hash, p.day)] for p, fresh in zip(ordered, computed)]
                 nights_read += len(needed)
                 nights_total += len(rows)

@@ -17,7 +17,7 @@ from pipelines.fit import run_fit
 from pipelines.options import refuse_local_paths, runner_is_remote
 from pipelines.progress import ProgressReporter, counter_value
 from pipelines.runner import JobSubmitted
-from pipelines.score import run_score
+from pipelines.score import Nightly, run_score
 from tests.conftest import BEAM_ARGS, plumbing_config
 from transforms.inputs import SPLIT_LEVELS, ListInputs
 
@@ -309,7 +309,8 @@ def test_a_first_run_leaves_the_earlier_runs_branches_out_of_its_graph(sample_ro
     os.makedirs(jobs[-1].ledger)  # what an interrupted run leaves: its ledger
     interrupted = launch()
     assert jobs[-1].earlier and interrupted > 1.1 * first, (first, interrupted)
-    nightly = _graph_bytes(lambda: run_score(config, gallery, images, str(tmp_path / "n"), GRAPH_ONLY, day="2026-11-28"))
+    nightly = _graph_bytes(lambda: run_score(config, gallery, images, str(tmp_path / "n"), GRAPH_ONLY,
+                                             nightly=Nightly(day="2026-11-28")))
     assert jobs[-1].earlier and nightly > 1.1 * first
 
 

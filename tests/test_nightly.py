@@ -7,7 +7,7 @@ import pytest
 from spade.io.results import read_score_table
 from spade.io.sources import image_date, modified_since
 from pipelines.fit import run_fit
-from pipelines.score import run_score
+from pipelines.score import Nightly, run_score
 from tests.conftest import BEAM_ARGS, plumbing_config
 
 
@@ -35,15 +35,16 @@ def test_nightly_scores_only_new_images(nightly_setup, tmp_path):
     archive = tmp_path / "archive"
     shutil.copytree(shared_archive, archive)
     out = tmp_path / "nightly"
-    night1 = run_score(config, gallery, str(archive), str(out), BEAM_ARGS, day="2026-11-27", since="2026-11-27")
+    night1 = run_score(config, gallery, str(archive), str(out), BEAM_ARGS,
+                       nightly=Nightly(day="2026-11-27", since="2026-11-27"))
     assert night1["ok"] == 7 and night1["skipped"] == 0
     # night 2: three new images arrive
     for src in sorted(archive.glob("2026-11-27/*.png"))[:3]:
         (archive / "2026-11-29").mkdir(exist_ok=True)
         shutil.copy(src, archive / "2026-11-29" / f"new_{src.name}")
-    night2 = run_score(config, gallery, str(archive), str(out), BEAM_ARGS, day="2026-11-29")
+    night2 = run_score(config, gallery, str(archive), str(out), BEAM_ARGS, nightly=Nightly(day="2026-11-29"))
     assert (night2["new"], night2["ok"], night2["skipped"]) == (3, 3, 7)
-    again = run_score(config, gallery, str(archive), str(out), BEAM_ARGS, day="2026-11-29")
+    again = run_score(config, gallery, str(archive), str(out), BEAM_ARGS, nightly=Nightly(day="2026-11-29"))
     assert (again["new"], again["ok"], again["skipped"]) == (0, 0, 10)
     all_uris = uris(out)
     assert len(all_uris) == len(set(all_uris)) == 10
@@ -71,11 +72,11 @@ def test_killed_run_leaves_no_partial_rows(nightly_setup, tmp_path, monkeypatch)
 
     monkeypatch.setattr(sink._WriteShard, "process", crash)
     with pytest.raises(Exception, match="simulated worker crash"):
-        run_score(config, gallery, str(archive), str(out), BEAM_ARGS, day="2026-11-28")
+        run_score(config, gallery, str(archive), str(out), BEAM_ARGS, nightly=Nightly(day="2026-11-28"))
     with pytest.raises(FileNotFoundError):
         read_score_table(str(out))
     monkeypatch.setattr(sink._WriteShard, "process", original)
-    done = run_score(config, gallery, str(archive), str(out), BEAM_ARGS, day="2026-11-28")
+    done = run_score(config, gallery, str(archive), str(out), BEAM_ARGS, nightly=Nightly(day="2026-11-28"))
     assert done["ok"] == 7
     assert len(uris(out)) == len(set(uris(out))) == 7
     assert not list(out.rglob("_staging-*"))
@@ -84,12 +85,13 @@ def test_killed_run_leaves_no_partial_rows(nightly_setup, tmp_path, monkeypatch)
 def test_new_gallery_needs_rescore_all(nightly_setup, sample_root, tmp_path):
     config, gallery, archive = nightly_setup
     out = tmp_path / "nightly"
-    run_score(config, gallery, str(archive / "2026-11-28"), str(out), BEAM_ARGS, day="2026-11-28")
+    run_score(config, gallery, str(archive / "2026-11-28"), str(out), BEAM_ARGS, nightly=Nightly(day="2026-11-28"))
     other = str(tmp_path / "other-gallery")
     run_fit(config, f"{sample_root}/train/good/00[0-4].png", other, BEAM_ARGS)
     with pytest.raises(ValueError, match="--rescore-all"):
-        run_score(config, other, str(archive), str(out), BEAM_ARGS, day="2026-11-29")
-    redone = run_score(config, other, str(archive), str(out), BEAM_ARGS, day="2026-11-29", rescore_all=True)
+        run_score(config, other, str(archive), str(out), BEAM_ARGS, nightly=Nightly(day="2026-11-29"))
+    redone = run_score(config, other, str(archive), str(out), BEAM_ARGS,
+                       nightly=Nightly(day="2026-11-29", rescore_all=True))
     assert redone["ok"] == 7
     assert len(list(out.glob("gallery=*"))) == 2
 

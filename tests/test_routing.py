@@ -11,7 +11,7 @@ from spade.io.results import read_score_table
 from spade.io.routing import RoutingError, is_routing, plan_routes
 from spade.io.samples import PlantSpec, write_plant_archive
 from pipelines.fit import run_fit
-from pipelines.score import run_score
+from pipelines.score import Nightly, run_score
 from tests.conftest import BEAM_ARGS, TINY, plumbing_config, spade_process
 
 DAY = "2026-12-01"
@@ -96,13 +96,15 @@ def test_one_routed_run_equals_a_run_per_gallery(plant, tmp_path):
     assert len({m["gallery_hash"] for m in plant["manifests"].values()}) == 3, "each line its own gallery"
 
     out = tmp_path / "routed"
-    summary = run_score(config, str(galleries / "{line}-{camera}"), archive, str(out), BEAM_ARGS, day=DAY)
+    summary = run_score(config, str(galleries / "{line}-{camera}"), archive, str(out), BEAM_ARGS,
+                        nightly=Nightly(day=DAY))
     assert sorted(summary["galleries"]) == sorted(plant["manifests"])
     assert summary["ok"] == 18 and summary["unrouted"] == 2 and summary["rows"] == 20
     for line in ("L1", "L2", "L3"):
         route = f"line={line}/camera=top"
         single = tmp_path / f"single-{line}"
-        run_score(config, str(galleries / f"{line}-top"), f"{archive}/{route}", str(single), BEAM_ARGS, day=DAY)
+        run_score(config, str(galleries / f"{line}-top"), f"{archive}/{route}", str(single), BEAM_ARGS,
+                  nightly=Nightly(day=DAY))
         routed, separate = rows_by_uri(out / route), rows_by_uri(single)
         assert sorted(routed) == sorted(separate) and len(routed) == 6
         for uri, row in separate.items():
@@ -114,7 +116,8 @@ def test_one_routed_run_equals_a_run_per_gallery(plant, tmp_path):
     reasons = {Path(r["uri"]).name: r["error"] for r in unrouted}
     assert "route line=L9/camera=top" in reasons["new_line.png"] and "L9-top" in reasons["new_line.png"]
     assert "no routing rule" in reasons["stray.png"]
-    again = run_score(config, str(galleries / "{line}-{camera}"), archive, str(out), BEAM_ARGS, day=DAY)
+    again = run_score(config, str(galleries / "{line}-{camera}"), archive, str(out), BEAM_ARGS,
+                      nightly=Nightly(day=DAY))
     assert (again["new"], again["skipped"], again["unrouted"]) == (0, 18, 2), "a re-run of the night is a no-op"
     assert len(pq.ParquetDataset(str(out / "unrouted")).files) == 1, "unrouted rows replaced, not doubled"
 
@@ -140,7 +143,7 @@ def test_kill_and_rerun_resumes_each_gallery(plant, tmp_path):
     first.wait()
     committed = {part.parents[3].relative_to(out).as_posix() for part in ledger_parts(out)}
     summary = run_score(plant["config"], str(plant["galleries"] / "{line}-{camera}"), plant["archive"], str(out),
-                        BEAM_ARGS, day=DAY)
+                        BEAM_ARGS, nightly=Nightly(day=DAY))
     resumed = {route for route, s in summary["galleries"].items() if s["resumed"]}
     assert resumed == committed, "each gallery resumes what its own ledger committed"
     assert summary["ok"] == 18 and summary["new"] + summary["resumed"] == 18

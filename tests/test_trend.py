@@ -9,11 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from spade.evaluation.trend import Night, Reference, assess
+from spade.evaluation.trend import DriftRule, Night, Reference, assess
 from spade.io.samples import PlantSpec, write_plant_archive
 from pipelines.cli import EXIT_ALERT, main
 from pipelines.fit import run_fit
-from pipelines.score import run_score
+from pipelines.score import Nightly, run_score
 from pipelines.trend import run_trend
 from tests.conftest import BEAM_ARGS, TINY, plumbing_config
 
@@ -49,7 +49,7 @@ def test_a_new_gallery_starts_a_new_history_and_flagged_share_alerts():
     rows = list(assess(old + new, {}))
     assert not any(row["warnings"] for row in rows), "a refit's other score scale is no drift"
     flagged = Night("2026-02-01", "g", np.zeros(10), np.arange(10) < 3, 2)
-    row = next(assess([flagged], {}, flagged_alert=0.2))
+    row = next(assess([flagged], {}, DriftRule(flagged_alert=0.2)))
     assert (row["flagged_share"], row["images"], row["errors"]) == (0.3, 12, 2)
     assert row["warnings"] == ["flagged share 30% above 20%"]
 
@@ -69,13 +69,13 @@ def plant_nights(tmp_path_factory):
     for day in NIGHTS:  # each night's images arrive before its run
         for folder in Path(archive).glob(f"line=*/camera=*/date={day}"):
             shutil.copytree(folder, live / folder.relative_to(archive))
-        run_score(config, galleries, str(live), str(root / "nightly"), BEAM_ARGS, day=day, since=day)
+        run_score(config, galleries, str(live), str(root / "nightly"), BEAM_ARGS, nightly=Nightly(day=day, since=day))
     return root
 
 
 def test_the_trend_warns_of_the_drift_before_the_flagged_share_moves(plant_nights, tmp_path):
     out = tmp_path / "trend"
-    verdict = run_trend(str(plant_nights / "nightly"), str(out), flagged_alert=FLAGGED_ALERT)
+    verdict = run_trend(str(plant_nights / "nightly"), str(out), rule=DriftRule(flagged_alert=FLAGGED_ALERT))
     table = pq.read_table(out / "trend.parquet").to_pylist()
     assert len(table) == 30 and {row["route"] for row in table} == {f"line=L{i}/camera=top" for i in (1, 2, 3)}
     drifting = [row for row in table if row["route"] == "line=L2/camera=top"]
@@ -104,7 +104,7 @@ def test_trend_page_renders_in_headless_chromium(plant_nights, tmp_path):
     if not shutil.which("chromium") and not shutil.which("chromium-browser"):
         pytest.skip("Chromium is not installed (apt-get install -y chromium; .ci/run installs it)")
     out = tmp_path / "trend"
-    run_trend(str(plant_nights / "nightly"), str(out), flagged_alert=FLAGGED_ALERT)
+    run_trend(str(plant_nights / "nightly"), str(out), rule=DriftRule(flagged_alert=FLAGGED_ALERT))
     shot = tmp_path / "trend.png"
     subprocess.run([str(ROOT / "scripts" / "render_report.sh"), str(out), str(shot), "1000x1400"], check=True, timeout=120)
     with Image.open(shot) as img:
@@ -141,7 +141,7 @@ def test_years_of_nights_read_route_by_route(tmp_path):
     incremental = pq.read_table(tmp_path / "trend" / "trend.parquet").to_pylist()
     assert incremental == pq.read_table(tmp_path / "fresh" / "trend.parquet").to_pylist()
     assert again["routes"] == fresh["routes"] and again["alerts"] == fresh["alerts"]
-    changed = run_trend(str(root), str(tmp_path / "trend"), window=5)  # other settings: nothing reused
+    changed = run_trend(str(root), str(tmp_path / "trend"), rule=DriftRule(window=5))  # other settings: nothing reused
     assert changed["nights_read"] == 488
 
 

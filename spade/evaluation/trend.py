@@ -116,11 +116,25 @@ def summarise(night: Night, reference: Reference | None, ordered: np.ndarray | N
     return row
 
 
-def assess(nights: Iterable[Night], references: dict[str, Reference | None], window: int = WINDOW,
-           alpha: float = ALPHA, flagged_alert: float = FLAGGED_ALERT, min_images: int = MIN_IMAGES,
-           min_effect: float = MIN_EFFECT, baseline: int = BASELINE) -> Iterator[dict[str, Any]]:
+@dataclass(frozen=True)
+class DriftRule:
+    """When a night warns (the module's docstring: the two KS tests, their effect floor, the flagged share) and how
+    much history each test pools; `spade trend`'s options, recorded in its verdict as ``settings``."""
+
+    window: int = WINDOW
+    alpha: float = ALPHA
+    flagged_alert: float = FLAGGED_ALERT
+    min_images: int = MIN_IMAGES
+    min_effect: float = MIN_EFFECT
+    baseline: int = BASELINE
+
+
+def assess(nights: Iterable[Night], references: dict[str, Reference | None],
+           rule: DriftRule = DriftRule()) -> Iterator[dict[str, Any]]:
     """One row per night, in the order given (a gallery's nights by day), with the drift tests and the warnings
     (``warnings``: a list of short reasons; empty when the night is clear). ``references``: by gallery hash."""
+    window, alpha, flagged_alert = rule.window, rule.alpha, rule.flagged_alert
+    min_images, min_effect, baseline = rule.min_images, rule.min_effect, rule.baseline
     history: list[np.ndarray] = []  # sorted scores of the gallery's first `baseline` nights and its last `window`
     first: np.ndarray | None = None
     current = None
