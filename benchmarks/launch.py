@@ -50,7 +50,7 @@ def one_launch(what: str, count: int, gallery: str, workdir: str) -> dict:
 
     from pipelines.fit import run_fit
     from pipelines.runner import JobSubmitted
-    from pipelines.score import run_score
+    from pipelines.score import Nightly, run_score
 
     fs = fsspec.filesystem("memory")
     for i in range(count):
@@ -65,7 +65,7 @@ def one_launch(what: str, count: int, gallery: str, workdir: str) -> dict:
                 run_fit(config, images, os.path.join(workdir, "fit-gallery"), args, quiet)
             else:
                 run_score(config, gallery, images, os.path.join(workdir, "nightly"), args, quiet,
-                          day="2026-11-28", since="2026-11-01")
+                          Nightly(day="2026-11-28", since="2026-11-01"))
         except JobSubmitted as submitted:
             return submitted.graph_bytes
         raise RuntimeError("GraphOnlyRunner did not stop the launch")

@@ -41,7 +41,7 @@ def one_score(routes: int, train: int, work: str) -> dict:
     whose SDK worker is a child; peak RSS of both."""
     from spade.index.gallery import Gallery
     from spade.io.samples import PlantSpec, write_plant_archive
-    from pipelines.score import run_score
+    from pipelines.score import Nightly, run_score
 
     root = os.path.join(work, f"plant-{routes}")
     shutil.rmtree(root, ignore_errors=True)
@@ -55,7 +55,7 @@ def one_score(routes: int, train: int, work: str) -> dict:
     resident = max(Gallery.open(os.path.join(root, "galleries", f"{line}-top")).resident_bytes() for line in lines)
     started = time.perf_counter()
     summary = run_score(config(), galleries, archive, os.path.join(root, "scores"), BEAM, lambda m: None,
-                        day="2026-12-01")
+                        Nightly(day="2026-12-01"))
     return {"routes": routes, "rows": summary["rows"], "seconds": time.perf_counter() - started,
             "gallery_resident_mb": resident / 2**20,
             "launcher_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -133,7 +133,7 @@ def test_job_graph_does_not_grow_with_the_inputs(sample_root, tmp_path):
         sizes["fit", count] = _graph_bytes(lambda: run_fit(config, images, str(tmp_path / "g2"), GRAPH_ONLY))
         sizes["score", count] = _graph_bytes(lambda: run_score(config, gallery, images, str(tmp_path / "o"), GRAPH_ONLY))
         sizes["nightly", count] = _graph_bytes(lambda: run_score(config, gallery, images, str(tmp_path / "n"), GRAPH_ONLY,
-                                                                 day="2026-11-28", since="2026-11-01"))
+                                                                 nightly=Nightly(day="2026-11-28", since="2026-11-01")))
     for what in ("fit", "score", "nightly"):
         small, large = sizes[what, 10], sizes[what, 10_000]
         assert abs(large - small) / small < 0.10, (what, small, large)
