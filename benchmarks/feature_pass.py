@@ -79,7 +79,9 @@ def result_line(results: list[tuple[str, float]], worst: float) -> None:
 def frames(folder: Path, count: int, config):
     from spade.features.framing import frame_size_for, framing_for
     from spade.io.images import decode_rgb, preprocess
+    from spade.io.listing import fix_brightness
 
+    config = fix_brightness(config, str(folder))[0]
     paths = sorted(p for p in (folder / "train" / "good").iterdir() if not p.name.startswith("."))[:count]
     images = [decode_rgb(p.read_bytes()) for p in paths]
     config = config.replace(frame_size=frame_size_for([(im.shape[1], im.shape[0]) for im in images], config.resize))

@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from spade.config import IMAGE_SCORES, load_config  # noqa: E402
+from spade.io.listing import fix_brightness  # noqa: E402
 from spade.features.backbone import FeatureExtractor  # noqa: E402
 from spade.features.framing import frame_size_for, framing_for  # noqa: E402
 from spade.index.coreset import coreset_settings, memory_bank_for  # noqa: E402
@@ -91,7 +92,7 @@ def prepare(data: Path, spec: str, gallery_images: int, images: int) -> Scorer:
     path, _, overrides = spec.partition(":")
     import yaml
     values = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in filter(None, overrides.split(",")))}
-    config = load_config(str(ROOT / path), values)
+    config = fix_brightness(load_config(str(ROOT / path), values), str(data))[0]
     train, test = _paths(data / "train" / "good")[:gallery_images], _paths(data / "test")[:images]
     if config.frame_from_gallery:
         config = config.replace(frame_size=frame_size_for([Image.open(p).size for p in train], config.resize))

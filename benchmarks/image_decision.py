@@ -54,6 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from spade.config import load_config, stable_hash  # noqa: E402
+from spade.io.listing import fix_brightness  # noqa: E402
 from spade.evaluation.metrics import auroc, pro_auc  # noqa: E402
 from spade.features.backbone import FeatureExtractor  # noqa: E402
 from spade.features.framing import frame_size_for, framing_for  # noqa: E402
@@ -127,7 +128,7 @@ def run_set(root: Path, spec: str, calibration: int, cache: Path, synthetic: int
     path, _, overrides = spec.partition(":")
     values = dict(item.split("=", 1) for item in filter(None, overrides.split(",")))
     import yaml
-    config = load_config(path, {k: yaml.safe_load(v) for k, v in values.items()})
+    config = fix_brightness(load_config(path, {k: yaml.safe_load(v) for k, v in values.items()}), str(root))[0]
     name = f"{root.name}-{Path(path).stem}-{stable_hash(config.to_dict())[:12]}"  # a cache per config's values
     if config.approximate_local_radius:
         name += "-bankterms"  # the image terms on the bank's maps (spade.scoring.batch); earlier caches held one kind

@@ -357,7 +357,7 @@ def _spade_stages(config, gallery_url: str, paths: list[str]) -> dict:
 
     import spade.scoring.batch as batch_module
     from spade.features.backbone import FeatureExtractor
-    from spade.index.gallery import Gallery
+    from spade.index.gallery import Gallery, with_gallery_settings
     from spade.io.images import decode_rgb, preprocess
     from spade.io.maps import encode_score_map
     from spade.scoring.correspondence import configure_threads
@@ -365,6 +365,7 @@ def _spade_stages(config, gallery_url: str, paths: list[str]) -> dict:
 
     configure_threads(config.num_threads)
     gallery = Gallery.open(gallery_url)
+    config = with_gallery_settings(config, gallery.manifest)
     extractor = FeatureExtractor(config)
 
     def frames(rgbs) -> torch.Tensor:

@@ -243,7 +243,9 @@ def features(folder: Path, gallery: int, test: int):
     from spade.features.backbone import FeatureExtractor
     from spade.io.images import decode_rgb, preprocess
 
-    config = SpadeConfig(framing="full")  # the default's features; these sets are square (one tile)
+    from spade.io.listing import fix_brightness
+
+    config = fix_brightness(SpadeConfig(framing="full"), str(folder))[0]  # the default's features; square sets: one tile
     extractor = FeatureExtractor(config)
     train = sorted(p for p in (folder / "train" / "good").iterdir() if not p.name.startswith("."))[:gallery]
     tests = sorted(p for p in (folder / "test").glob("*/*.png"))

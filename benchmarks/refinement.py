@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from spade.config import load_config  # noqa: E402
 from spade.features.backbone import FeatureExtractor  # noqa: E402
-from spade.index.gallery import Gallery  # noqa: E402
+from spade.index.gallery import Gallery, with_gallery_settings  # noqa: E402
 from spade.index.knn import nearest_images  # noqa: E402
 from spade.io.images import preprocess  # noqa: E402
 from spade.features.framing import framing_for  # noqa: E402
@@ -62,6 +62,7 @@ def main() -> None:
     config = load_config(args.config, {"num_threads": args.threads})
     baseline = module_at(args.against)
     gallery = Gallery.open(args.gallery)
+    config = with_gallery_settings(config, gallery.manifest)
     files = sorted(glob.glob(f"{args.data}/test/*/*.*"))
     files = [files[i] for i in np.unique(np.linspace(0, len(files) - 1, args.images).round().astype(int))]
     extractor = FeatureExtractor(config)

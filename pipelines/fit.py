@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -20,9 +21,10 @@ from spade.scoring.image_score import SELECTED_MODES
 from spade.scoring.term_selection import synthetic_scores
 from spade.config import SPEED_ONLY, SpadeConfig, stable_hash
 from spade.index.gallery import (MANIFEST, Gallery, GalleryMissing, build_gallery, check_compatible, read_manifest,
-                                 remove_unlisted_pyramid_shards, with_gallery_frame, write_manifest)
+                                 remove_unlisted_pyramid_shards, with_gallery_settings, write_manifest)
 from spade.features.framing import frame_size_for, framing_for
-from spade.io.listing import check_spec, sample_image_sizes
+from spade.io.images import BRIGHT_GALLERY
+from spade.io.listing import check_spec, fix_brightness, sample_image_sizes
 from spade.io.routing import Route, RoutePlan, is_routing, plan_routes
 from spade.io.ledger import discard_others, done_kind, done_uris, earlier_parts, ledger_url
 from spade.io.lease import RunLease, staging_is_live
@@ -84,9 +86,9 @@ class FitJob:
 
 def plan_fit_job(config: SpadeConfig, route: Route, append: bool, beam_args: list[str] | None,
                  say: Callable[[str], None], run_id: str) -> FitJob:
-    """The launcher's checks of one gallery's fit: the frame size (a bounded header sample), the weights and their
-    preprocessing, the images spec, and for ``--append`` the gallery it adds to. Nothing grows with the inputs."""
-    config = fit_frame(config, route.images, route.gallery, append, say)
+    """The launcher's checks of one gallery's fit: the frame size and brightness (bounded samples), the weights and
+    their preprocessing, the images spec, and for ``--append`` the gallery it adds to. Nothing grows with the inputs."""
+    config = fit_settings(config, route.images, route.gallery, append, say)
     weights = resolve_weights(config.backbone, config.weights)
     check_preprocessing(weights, config.mean, config.std)
     check_spec(route.images)
@@ -278,15 +280,32 @@ def run_fit(config: SpadeConfig, images: str, gallery_url: str, beam_args: list[
     return manifests if routed else manifests[""]
 
 
-def fit_frame(config: SpadeConfig, images: str, gallery_url: str, append: bool,
-              say: Callable[[str], None] = LOG.info) -> SpadeConfig:
-    """``config`` with its frame size fixed: an ``aspect`` or ``tiles`` framing without ``frame_size`` gets the one
-    of the gallery it appends to, or one from the median aspect of up to 64 of the images' headers (a bounded
-    sample, whatever the archive's size); other framings are returned unchanged."""
+def fit_settings(config: SpadeConfig, images: str, gallery_url: str, append: bool,
+                 say: Callable[[str], None] = LOG.info) -> SpadeConfig:
+    """``config`` with what it leaves to the gallery fixed (`with_gallery_settings`): the gallery's own for
+    ``--append``, else from a bounded sample of the images, whatever the archive's size (`fit_frame`,
+    `fit_brightness`)."""
+    if append:
+        exists = storage.exists(storage.join(gallery_url, MANIFEST))  # none: `plan_fit_job` says so
+        return with_gallery_settings(config, read_manifest(gallery_url)) if exists else config
+    return fit_brightness(fit_frame(config, images, say), images, say)
+
+
+def fit_brightness(config: SpadeConfig, images: str, say: Callable[[str], None] = LOG.info) -> SpadeConfig:
+    """``brightness: auto`` fixed from up to 16 of the images (`spade.io.images.brightness_for`); a set value is
+    kept."""
+    fixed, levels = fix_brightness(config, images)
+    if levels:
+        say(f"fit: brightness {fixed.brightness} (frames' median intensity {statistics.median(levels):.2f} of "
+            f"{len(levels)} images; above {BRIGHT_GALLERY} each frame is moved to ImageNet's mean)")
+    return fixed
+
+
+def fit_frame(config: SpadeConfig, images: str, say: Callable[[str], None] = LOG.info) -> SpadeConfig:
+    """``config`` with its frame size fixed: an ``aspect`` or ``tiles`` framing without ``frame_size`` gets one from
+    the median aspect of up to 64 of the images' headers; other framings are returned unchanged."""
     if not config.frame_from_gallery or config.frame_size is not None:
         return config
-    if append:
-        return with_gallery_frame(config, read_manifest(gallery_url))
     sizes = sample_image_sizes(images, "train")
     if not sizes:
         raise FileNotFoundError(f"--images {images!r}: no readable image to fix the frame size from")

@@ -25,7 +25,7 @@ import apache_beam as beam
 from spade.io import publication, storage
 from spade.config import SPEED_ONLY, SpadeConfig, stable_hash
 from spade.index.gallery import (GalleryDamaged, GalleryMissing, check_compatible, check_files, read_manifest,
-                                 with_gallery_frame)
+                                 with_gallery_settings)
 from spade.io.lease import RunLease, staging_is_live
 from spade.io.ledger import discard_others, done_kind, done_uris, earlier_parts, ledger_url
 from spade.io.listing import check_spec, names_one_image
@@ -202,7 +202,7 @@ def plan_job(request: ScoreRequest, route: Route, out_url: str) -> ScoreJob:
     day, rescore_all = nightly.day, nightly.rescore_all
     gallery_url = route.gallery
     manifest = read_manifest(gallery_url)  # the launcher reads the manifest only; workers open the gallery
-    config = with_gallery_frame(config, manifest)  # aspect/tiles: every image is framed into the gallery's frame size
+    config = with_gallery_settings(config, manifest)  # every image framed into the gallery's frame size, its brightness
     run_config = with_worker_threads(config, request.beam_args)  # run.json keeps the config as given
     check_compatible(manifest, gallery_url, config)
     check_files(gallery_url, manifest)  # one size query per file: a damaged gallery stops here, named

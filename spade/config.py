@@ -16,6 +16,7 @@ TILE_NEIGHBOURS = ("same", "all")
 FEATURE_RUNTIMES = ("channels_last", "eager", "openvino")
 FEATURE_PRECISIONS = ("f32", "bf16")
 BRIGHTNESS = ("keep", "imagenet_mean")  # spade.io.images.preprocess
+BRIGHTNESS_SETTINGS = ("auto",) + BRIGHTNESS  # auto: one of those, fixed at fit from the gallery's frames
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the mean RGB intensity of ImageNet's photos, in [0, 1]
 DEVICES = ("auto", "cpu", "cuda")
 SEARCH_KERNELS = ("auto", "gemm")  # spade.index.fused_nearest
@@ -57,7 +58,9 @@ class SpadeConfig:
     ``brightness``: ``keep`` (the frame as the camera gave it) or ``imagenet_mean`` (each frame's mean intensity over
     its channels moved to that of ImageNet's photos, which the weights learnt from, its colour balance and contrast
     kept; for products far brighter than those: the commutators' PRO 0.764 -> 0.817, but darker frames brightened
-    lose the tire's image decision and darkened ones lose bottle's and metal_plate's pixel scores; README "Accuracy").
+    lose the tire's image decision and darkened ones lose bottle's and metal_plate's pixel scores; README "Accuracy");
+    ``auto`` (default): ``imagenet_mean`` for a gallery whose frames are far brighter than photos (median above
+    `spade.io.images.BRIGHT_GALLERY`), else ``keep``, fixed at fit from a sample of its images and recorded.
     ``map_edge_band``: within this many frame pixels of a tile's edge (the frame's border, the seams between tiles),
     the score map is lowered by how far the calibration images' mean map rises there above its median further inside
     (`spade.scoring.position_baseline.edge_excess`): features near a tile's edge saw the network's zero padding and
@@ -107,7 +110,7 @@ class SpadeConfig:
     feature_dtype: str = "float32"
     feature_runtime: str = "openvino"  # openvino (OpenVINO's CPU runtime) / channels_last / eager (torch NHWC / NCHW)
     feature_precision: str = "bf16"  # the backbone's arithmetic: bf16 where the hardware has it (else f32), or f32
-    brightness: str = "keep"  # keep / imagenet_mean: each frame's mean intensity moved to ImageNet's (README)
+    brightness: str = "auto"  # auto / keep / imagenet_mean: frames moved to ImageNet's mean intensity (README)
     batch_size: int = 8
     device: str = "auto"  # where the backbone and the exact correspondence run: auto (a CUDA device if any), cpu, cuda
     num_threads: int = 0
@@ -182,8 +185,8 @@ class SpadeConfig:
             problems.append(f"feature_runtime must be one of {', '.join(FEATURE_RUNTIMES)}")
         if self.feature_precision not in FEATURE_PRECISIONS:
             problems.append(f"feature_precision must be one of {', '.join(FEATURE_PRECISIONS)}")
-        if self.brightness not in BRIGHTNESS:
-            problems.append(f"brightness must be one of {', '.join(BRIGHTNESS)}")
+        if self.brightness not in BRIGHTNESS_SETTINGS:
+            problems.append(f"brightness must be one of {', '.join(BRIGHTNESS_SETTINGS)}")
         if self.device not in DEVICES:
             problems.append(f"device must be one of {', '.join(DEVICES)}")
         if self.search_kernel not in SEARCH_KERNELS:

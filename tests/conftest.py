@@ -15,10 +15,11 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 def plumbing_config(**changes) -> SpadeConfig:
     """resnet18 with random weights: fast, for tests of plumbing (not of accuracy); the paper's framing, image
-    score and correspondence (centre crop, kNN, highest calibration score as the threshold, every layer exact)."""
+    score, correspondence and frames (centre crop, kNN, highest calibration score as the threshold, every layer exact,
+    brightness kept)."""
     base = dict(backbone="resnet18", weights="random", k=3, batch_size=4, calibration_images=4, num_threads=2,
                 resize=256, crop=224, framing="crop", feature_aggregation=1, image_score="knn",
-                calibration_image_fpr=0.0, eval_region="crop", approximate_layers=())
+                calibration_image_fpr=0.0, eval_region="crop", approximate_layers=(), brightness="keep")
     base.update(changes)
     return SpadeConfig(**base)
 

@@ -128,7 +128,7 @@ def test_bf16_features_are_close_to_f32_and_come_from_bf16_arithmetic(runtime_na
 
 @pytest.mark.parametrize("key, before, other, unknown, allowed", [
     ("feature_precision", "f32", "bf16", "fp8", "f32, bf16"),  # galleries before it were float32
-    ("brightness", "keep", "imagenet_mean", "auto", "keep, imagenet_mean"),  # galleries before it kept the frames
+    ("brightness", "keep", "imagenet_mean", "bright", "auto, keep, imagenet_mean"),  # galleries before it kept the frames
 ])
 def test_feature_settings_that_old_galleries_need_not_list(key, before, other, unknown, allowed):
     """A feature setting added after galleries were first written: at its earlier value the signature (and hash)

@@ -114,7 +114,7 @@ def test_fit_stores_the_bank_and_calibrates_its_modes(tmp_path, monkeypatch):
     from pipelines.fit import run_fit
     from spade.features.framing import framing_for
     from spade.index import patch_bank
-    from spade.index.gallery import Gallery, with_gallery_frame
+    from spade.index.gallery import Gallery, with_gallery_settings
     from spade.io.samples import SampleSpec, write_sample_dataset
 
     data = write_sample_dataset(str(tmp_path / "data"), SampleSpec(size=64, train=6, test_good=1, test_per_defect=1))
@@ -128,7 +128,7 @@ def test_fit_stores_the_bank_and_calibrates_its_modes(tmp_path, monkeypatch):
     monkeypatch.setattr(patch_bank, "_BANKS", {})  # not the bank fit's calibration left in this process
     original = patch_bank.build_patch_bank
     monkeypatch.setattr(patch_bank, "build_patch_bank", lambda *a, **k: calls.append(a) or original(*a, **k))
-    bank = patch_bank.patch_bank_for(gallery, config, framing_for(with_gallery_frame(config, gallery.manifest)))
+    bank = patch_bank.patch_bank_for(gallery, config, framing_for(with_gallery_settings(config, gallery.manifest)))
     assert not calls and np.array_equal(bank.vectors, stored_vectors) and np.array_equal(bank.rows, stored_rows)
     by_mode = gallery.manifest["thresholds"]["image_by_mode"]
     assert {"bank_max", "combined_bank", "combined_top", "knn"} <= set(by_mode)

@@ -70,6 +70,7 @@ def test_commutators_thin_cracks_are_kept_by_tiles_and_lost_by_the_squeezed_fram
         results[framing] = result["overall"]
         if framing == "tiles":
             assert manifest["preprocessing"]["frame"] == {"size": [640, 256], "tiles": 3, "tile_size": [256, 256]}
+        assert manifest["feature_signature"]["brightness"] == "imagenet_mean"  # `brightness: auto` on bright frames
     print("commutators", json.dumps(results))
     assert results["tiles"]["pixel_rocauc"] > results["full"]["pixel_rocauc"] + 0.05
     assert results["tiles"]["pro"] > results["full"]["pro"] + 0.1

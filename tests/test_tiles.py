@@ -9,7 +9,7 @@ import torch
 from spade.config import SpadeConfig, load_config
 from spade.features.backbone import FeatureExtractor
 from spade.features.framing import FrameSizeUnset, TiledFraming, frame_size_for, framing_for, tile_starts
-from spade.index.gallery import Gallery, check_compatible, with_gallery_frame, GalleryMismatch
+from spade.index.gallery import Gallery, check_compatible, with_gallery_settings, GalleryMismatch
 from spade.index.knn import build_index
 from spade.index.pyramid import TileRows
 from spade.io.images import preprocess
@@ -65,7 +65,7 @@ def test_aspect_framing_needs_a_frame_size_and_takes_the_gallery_one():
     with pytest.raises(FrameSizeUnset, match="frame_size"):
         framing_for(config)
     manifest = {"feature_signature": config.replace(frame_size=(256, 640)).feature_signature() | {"weights_sha256": "x"}}
-    assert with_gallery_frame(config, manifest).frame_size == (256, 640)
+    assert with_gallery_settings(config, manifest).frame_size == (256, 640)
     check_compatible(manifest, "g", config)  # no frame size in the config: the gallery's is used
     with pytest.raises(GalleryMismatch, match="frame_size"):
         check_compatible(manifest, "g", config.replace(frame_size=(256, 512)))

@@ -18,7 +18,7 @@ from spade.scoring.correspondence import configure_threads
 from spade.scoring.lanes import each_in_lanes
 from spade.io.maps import encode_mask, encode_score_map
 from spade.features.framing import Framing, framing_for
-from spade.index.gallery import Gallery, with_gallery_frame
+from spade.index.gallery import Gallery, with_gallery_settings
 from spade.scoring.batch import score_batch
 from transforms.cache import LruCache
 from transforms.records import SplitErrors, error_row, image_columns
@@ -44,7 +44,7 @@ class OpenGallery:
         gallery = Gallery.open(url)
         gallery.check_compatible(config)
         used = resolve_thresholds(config, gallery.manifest, thresholds)
-        return cls(gallery, framing_for(with_gallery_frame(config, gallery.manifest)), gallery.image_ids,
+        return cls(gallery, framing_for(with_gallery_settings(config, gallery.manifest)), gallery.image_ids,
                    used["image"], used["pixel"])
 
 

@@ -227,7 +227,7 @@ class TiledFraming(AspectFraming):
 
 def framing_for(config: SpadeConfig, fallback_size: tuple[int, int] | None = None) -> Framing:
     """The `Framing` a config asks for; ``aspect`` and ``tiles`` need ``frame_size`` (fit decides it from the
-    images, scoring takes the gallery's: `spade.index.gallery.with_gallery_frame`), else ``fallback_size``
+    images, scoring takes the gallery's: `spade.index.gallery.with_gallery_settings`), else ``fallback_size``
     (height, width) when given (benchmarks on sets of one known size)."""
     if config.framing == "crop":
         return CropFraming(config.resize, config.crop)

@@ -253,20 +253,25 @@ def read_manifest(url: str) -> dict[str, Any]:
     return manifest
 
 
-def with_gallery_frame(config: SpadeConfig, manifest: dict[str, Any]) -> SpadeConfig:
-    """``config`` with the gallery's frame size when it asks for an ``aspect`` or ``tiles`` framing without one:
-    fit fixes a gallery's frame size from its images, scoring frames every image into it."""
+def with_gallery_settings(config: SpadeConfig, manifest: dict[str, Any]) -> SpadeConfig:
+    """``config`` with what fit fixed from the gallery's images where it leaves them open: the frame size of an
+    ``aspect`` or ``tiles`` framing without one (scoring frames every image into it) and ``brightness: auto``
+    (the gallery's ``keep`` or ``imagenet_mean``: every image is prepared as its frames were)."""
+    signature = manifest.get("feature_signature") or {}
     if config.frame_size is None and config.frame_from_gallery:
-        size = (manifest.get("feature_signature") or {}).get("frame_size")
+        size = signature.get("frame_size")
         if size is not None:
-            return config.replace(frame_size=tuple(size))
+            config = config.replace(frame_size=tuple(size))
+    if config.brightness == "auto":
+        config = config.replace(brightness=signature.get("brightness", FEATURES_LISTED_IF_SET["brightness"]))
     return config
 
 
 def check_compatible(manifest: dict[str, Any], url: str, config: SpadeConfig, weights_sha256: str | None = None) -> None:
     """Raise `GalleryMismatch` naming every feature setting where ``config`` (and the weights
-    actually loaded, when given) and the gallery differ; a config without ``frame_size`` takes the gallery's."""
-    config = with_gallery_frame(config, manifest)
+    actually loaded, when given) and the gallery differ; what a config leaves to the gallery (`with_gallery_settings`)
+    it takes from the gallery."""
+    config = with_gallery_settings(config, manifest)
     built = FEATURE_DEFAULTS_BEFORE | dict(manifest["feature_signature"])
     built_sha = built.pop("weights_sha256", None)
     if weights_sha256 is not None and built_sha != weights_sha256:

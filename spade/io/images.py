@@ -6,6 +6,7 @@ import io
 import warnings
 from dataclasses import dataclass
 from struct import error as struct_error
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -14,6 +15,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from spade.config import BRIGHTNESS, IMAGENET_MEAN
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# `brightness: auto`: a gallery whose frames' median brightness lies above this is moved to ImageNet's mean; between
+# the shared sets' 0.54-0.55 (bottle, metal_plate; their brightest frames 0.58 and 0.61) and 0.73 (the commutators)
+BRIGHT_GALLERY = 0.65
 
 
 class ImageDecodeError(ValueError):
@@ -184,6 +188,25 @@ def match_brightness(tensor: torch.Tensor, level: float) -> torch.Tensor:
     and channel is ``level``: the frame's brightness as the network's training photos had it, its colour balance and
     contrast kept (values may leave [0, 1]; nothing is clipped)."""
     return tensor + (level - tensor.mean())
+
+
+def frame_brightness(rgb: np.ndarray) -> float:
+    """An image's mean intensity over its pixels and channels, in [0, 1]: the level `match_brightness` moves."""
+    return float(rgb.mean(dtype=np.float64) / 255.0)
+
+
+def brightness_for(levels: Sequence[float]) -> str:
+    """``brightness: auto`` fixed for a gallery from its frames' brightness (`frame_brightness`): ``imagenet_mean``
+    where their median lies above `BRIGHT_GALLERY`, else ``keep``.
+
+    Why: frames far brighter than the photos the backbone learnt from (ImageNet's mean 0.45) drive its first
+    activations to their ceiling, and moved to ImageNet's level a bright product's thin defects stand out (the
+    commutators, median 0.73: PRO 0.76 -> 0.81-0.82); frames nearer that level lose by the same move (bottle's and
+    metal_plate's, 0.55: pixel scores and PRO fall; the tire's, 0.08, brightened: its image decision collapses).
+    The median of a gallery, not each frame, decides, so that every frame of a product is prepared alike."""
+    if not levels:
+        return "keep"
+    return "imagenet_mean" if float(np.median(levels)) > BRIGHT_GALLERY else "keep"
 
 
 def crop_origin(size: tuple[int, int], crop: int) -> tuple[int, int]:

@@ -11,11 +11,12 @@ list exactly what `expand_images` lists (same filters: hidden names, MVTec ``gro
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import fsspec
 
-from spade.io.images import header_size
+from spade.config import SpadeConfig
+from spade.io.images import DecodeLimits, ImageDecodeError, brightness_for, decode_rgb, frame_brightness, header_size
 from spade.io.sources import _GLOB_CHARS, _protocol_prefix, _with_protocol, is_tar, read_inputs
 
 
@@ -158,18 +159,53 @@ def _first_uris(part: ListingPart) -> Iterator[str]:
                 yield _with_protocol(prefix, f"{folder.rstrip('/')}/{name}")
 
 
-def sample_image_sizes(spec: str, split: str | None = None, limit: int = 64) -> list[tuple[int, int]]:
-    """(width, height) of up to ``limit`` of the spec's images, upright, from their headers (no pixels decoded),
-    taken part by part in listing order: what `spade fit` fixes an ``aspect`` or ``tiles`` frame size from. Costs
-    ``limit`` header reads whatever the archive's size; unreadable inputs are passed over."""
-    sizes: list[tuple[int, int]] = []
+Measured = TypeVar("Measured")
+
+
+def sample_inputs(spec: str, split: str | None, limit: int,
+                  measure: Callable[[bytes], Measured | None]) -> list[Measured]:
+    """``measure`` of up to ``limit`` of the spec's inputs, taken part by part in listing order: what `spade fit`
+    fixes a gallery's settings from. Costs ``limit`` reads whatever the archive's size; inputs that cannot be read,
+    or that ``measure`` gives None for, are passed over."""
+    found: list[Measured] = []
     for part in plan_listing(spec, split):
         for uri in _first_uris(part):
             for _, data, problem in read_inputs(uri):
                 if problem is None and data:
-                    size = header_size(data)
-                    if size is not None:
-                        sizes.append(size)
-                if len(sizes) >= limit:
-                    return sizes
-    return sizes
+                    value = measure(data)
+                    if value is not None:
+                        found.append(value)
+                if len(found) >= limit:
+                    return found
+    return found
+
+
+def sample_image_sizes(spec: str, split: str | None = None, limit: int = 64) -> list[tuple[int, int]]:
+    """(width, height) of up to ``limit`` of the spec's images, upright, from their headers (no pixels decoded): what
+    `spade fit` fixes an ``aspect`` or ``tiles`` frame size from."""
+    return sample_inputs(spec, split, limit, header_size)
+
+
+def sample_image_brightness(spec: str, split: str | None = None, limit: int = 16,
+                            limits: DecodeLimits | None = None) -> list[float]:
+    """`frame_brightness` of up to ``limit`` of the spec's images, decoded within ``limits``: what `spade fit` fixes
+    ``brightness: auto`` from (`spade.io.images.brightness_for`)."""
+    def brightness(data: bytes) -> float | None:
+        try:
+            return frame_brightness(decode_rgb(data, limits))
+        except ImageDecodeError:
+            return None
+    return sample_inputs(spec, split, limit, brightness)
+
+
+def fix_brightness(config: SpadeConfig, spec: str, split: str | None = "train") -> tuple[SpadeConfig, list[float]]:
+    """``config`` with ``brightness: auto`` fixed from up to 16 of the spec's images (`brightness_for`), and the levels
+    it was fixed from; a config that sets it is returned as it is, with none. Raises `FileNotFoundError` when no
+    image can be read."""
+    if config.brightness != "auto":
+        return config, []
+    limits = DecodeLimits(config.max_source_pixels, config.max_aspect_ratio)
+    levels = sample_image_brightness(spec, split, limits=limits)
+    if not levels:
+        raise FileNotFoundError(f"--images {spec!r}: no readable image to fix the brightness from")
+    return config.replace(brightness=brightness_for(levels)), levels

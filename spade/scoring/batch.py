@@ -40,7 +40,7 @@ from spade.scoring.lanes import each_in_lanes, halves, in_lanes
 from spade.scoring.device_search import device_layer_distances
 from spade.scoring.local_search import local_window_distances
 from spade.features.framing import Framing, framing_for
-from spade.index.gallery import Gallery, with_gallery_frame
+from spade.index.gallery import Gallery, with_gallery_settings
 from spade.index.pyramid import TileRows
 from spade.index.knn import image_scores, nearest_images
 from spade.index.patch_bank import bank_maxima, patch_bank_for
@@ -162,7 +162,7 @@ def layer_distance_maps(pyramid: dict[str, np.ndarray], gallery: Gallery, neighb
     never sees it (it is not among the neighbours); the global memory bank skips its vectors.
     """
     mode = scoring_mode(config, mode)
-    tiles = len(framing_for(with_gallery_frame(config, gallery.manifest)).tiles)
+    tiles = len(framing_for(with_gallery_settings(config, gallery.manifest)).tiles)
     out, terms = {}, {}
     for layer in config.layers:
         maps = pyramid[layer]
@@ -208,7 +208,7 @@ def score_batch(features: Features, gallery: Gallery, config: SpadeConfig, exclu
     ``calibration``) that ``image_score: combined`` standardises by; default: the gallery's.
     """
     configure_threads(config.num_threads)
-    config = with_gallery_frame(config, gallery.manifest)
+    config = with_gallery_settings(config, gallery.manifest)
     framing = framing_for(config)
     distances, rows = nearest_images(gallery.index, features.embedding, config.k, exclude_rows=exclude_rows)
     knn = image_scores(distances)

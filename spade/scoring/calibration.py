@@ -25,7 +25,7 @@ from scipy.stats import norm
 from spade.config import IMAGE_SCORES, SpadeConfig
 from spade.features.backbone import Features
 from spade.features.framing import framing_for
-from spade.index.gallery import Gallery, with_gallery_frame
+from spade.index.gallery import Gallery, with_gallery_settings
 from spade.scoring.batch import score_batch
 from spade.scoring.image_score import EITHER_MODES, MODE_TERMS, image_scores, mode_terms, normal_statistics
 from spade.scoring.lanes import in_lanes, lanes_for
@@ -70,7 +70,7 @@ def leave_one_out_scores(gallery: Gallery, config: SpadeConfig, count: int,
     """Both image terms and the pixel score maps of ``count`` evenly spaced gallery images (all when the
     gallery is smaller), each scored against the gallery without itself, ``config.batch_size`` at a time, two
     batches side by side (`spade.scoring.lanes`); the results do not depend on the lanes."""
-    config = with_gallery_frame(config, gallery.manifest)
+    config = with_gallery_settings(config, gallery.manifest)
     n = gallery.index.ntotal
     if n < 2 or count < 1:
         empty = np.zeros(0)

@@ -20,7 +20,7 @@ import torch
 from spade.config import SpadeConfig
 from spade.evaluation.metrics import auroc
 from spade.features.framing import framing_for
-from spade.index.gallery import Gallery, with_gallery_frame
+from spade.index.gallery import Gallery, with_gallery_settings
 from spade.io.images import decode_rgb, preprocess
 from spade.scoring.batch import score_batch
 from spade.scoring.position_baseline import baseline_map, map_residual, position_baseline
@@ -47,7 +47,7 @@ def synthetic_scores(gallery: Gallery, config: SpadeConfig, normal_maps: np.ndar
     ``normal_maps``: the calibration images' maps, the position baseline of the residual term. An image that can no
     longer be read is left out (named). ``extractor``: the backbone to use, else one built with ``weights`` (the
     caller's `ResolvedWeights`, so a fit does not resolve and hash the weights file again), else the config's."""
-    config = with_gallery_frame(config, gallery.manifest)
+    config = with_gallery_settings(config, gallery.manifest)
     n = gallery.index.ntotal
     if n < 2 or count < 1 or len(normal_maps) < 1:
         return SyntheticScores(np.zeros(0, dtype=np.int64), {term: np.zeros(0) for term in CANDIDATES})
