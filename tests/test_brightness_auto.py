@@ -10,6 +10,7 @@ from spade.config import SpadeConfig
 from spade.index.gallery import GalleryMismatch, check_compatible, read_manifest, with_gallery_settings
 from spade.io.images import BRIGHT_GALLERY, brightness_for, frame_brightness
 from spade.io.listing import sample_image_brightness
+from spade.io.results import read_score_table
 from pipelines.fit import run_fit
 from pipelines.score import run_score
 from tests.conftest import BEAM_ARGS, TINY, plumbing_config, shared_dataset
@@ -34,6 +35,7 @@ def test_the_rule_moves_only_galleries_far_brighter_than_photos():
     assert brightness_for([BRIGHT_GALLERY]) == "keep"
     assert brightness_for([]) == "keep"
     assert frame_brightness(np.full((4, 4, 3), 255, dtype=np.uint8)) == 1.0
+    assert SpadeConfig().brightness == "auto"  # the built-in default, as configs/default.yaml
     with pytest.raises(ValueError, match="brightness must be one of auto, keep, imagenet_mean"):
         SpadeConfig(brightness="bright")
 
@@ -43,7 +45,6 @@ def test_fit_records_the_brightness_it_chose_and_scoring_takes_it(tmp_path):
     _write(bright, 200)
     _write(dim, 110)
     config = plumbing_config(**TINY, k=2, brightness="auto")
-    assert config.brightness == "auto"
     said: list[str] = []
     run_fit(config, str(bright), str(tmp_path / "g-bright"), BEAM_ARGS, said.append)
     run_fit(config, str(dim), str(tmp_path / "g-dim"), BEAM_ARGS, said.append)
@@ -59,9 +60,17 @@ def test_fit_records_the_brightness_it_chose_and_scoring_takes_it(tmp_path):
     check_compatible(moved, "g-bright", config)
     with pytest.raises(GalleryMismatch, match="brightness: gallery has 'imagenet_mean', config has 'keep'"):
         check_compatible(moved, "g-bright", config.replace(brightness="keep"))
+    for path in sorted((bright / "test" / "good").glob("*.png")):  # the same captures, 40 levels darker
+        darker = np.asarray(Image.open(path)).astype(np.int16) - 40
+        assert darker.min() >= 0
+        Image.fromarray(darker.astype(np.uint8)).save(path.with_name(f"dark-{path.name}"))
     summary = run_score(config, str(tmp_path / "g-bright"), str(bright / "test"), str(tmp_path / "scores"), BEAM_ARGS,
                         said.append)
-    assert summary["ok"] == 4 and summary["errors"] == 0
+    assert summary["ok"] == 8 and summary["errors"] == 0
+    rows = read_score_table(str(tmp_path / "scores")).to_pylist()
+    scores = {row["uri"].rsplit("/", 1)[-1]: row["image_score"] for row in rows}
+    for name in ("0.png", "1.png", "2.png", "3.png"):  # scoring moved every frame as fit did: exposure is gone
+        assert scores[f"dark-{name}"] == pytest.approx(scores[name], rel=1e-4, abs=1e-4)
 
 
 def test_append_keeps_the_gallery_brightness(tmp_path):
