@@ -95,3 +95,19 @@ def test_the_shared_sets_get_the_brightness_their_measurements_favour(name, chos
     levels = sample_image_brightness(str(shared_dataset(name)), "train")
     assert len(levels) == 16
     assert brightness_for(levels) == chosen
+
+
+def test_a_routed_fit_fixes_each_gallerys_brightness_from_its_own_frames(tmp_path):
+    """A plant whose lines make products of different brightness: one fit routed to a gallery per line moves the
+    bright line's frames and keeps the dim line's, and the routed score prepares each line's images as its gallery."""
+    archive = tmp_path / "archive"
+    _write(archive / "line=L1", 200)
+    _write(archive / "line=L2", 110)
+    config = plumbing_config(**TINY, k=2, brightness="auto")
+    said: list[str] = []
+    run_fit(config, str(archive), str(tmp_path / "g" / "{line}"), BEAM_ARGS, said.append)
+    assert read_manifest(str(tmp_path / "g" / "L1"))["feature_signature"]["brightness"] == "imagenet_mean"
+    assert "brightness" not in read_manifest(str(tmp_path / "g" / "L2"))["feature_signature"]
+    summary = run_score(config, str(tmp_path / "g" / "{line}"), str(archive), str(tmp_path / "scores"), BEAM_ARGS,
+                        said.append)
+    assert summary["ok"] == 8 and summary["errors"] == 0
