@@ -41,7 +41,9 @@ def _rss_mb() -> float:
 def _config():
     from spade.config import SpadeConfig
 
-    return SpadeConfig(backbone="resnet18", weights="random", k=3, batch_size=8, calibration_images=2, num_threads=1)
+    # the archive's inputs are empty files: nothing to fix a frame size or a brightness from
+    return SpadeConfig(backbone="resnet18", weights="random", k=3, batch_size=8, calibration_images=2, num_threads=1,
+                       framing="crop", brightness="keep")
 
 
 def one_launch(what: str, count: int, gallery: str, workdir: str) -> dict:

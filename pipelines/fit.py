@@ -24,7 +24,7 @@ from spade.index.gallery import (MANIFEST, Gallery, GalleryMissing, build_galler
                                  remove_unlisted_pyramid_shards, with_gallery_settings, write_manifest)
 from spade.features.framing import frame_size_for, framing_for
 from spade.io.images import BRIGHT_GALLERY
-from spade.io.listing import check_spec, fix_brightness, sample_image_sizes
+from spade.io.listing import SAMPLE_READS, SIZE_SAMPLE, check_spec, fix_brightness, sample_image_sizes
 from spade.io.routing import Route, RoutePlan, is_routing, plan_routes
 from spade.io.ledger import discard_others, done_kind, done_uris, earlier_parts, ledger_url
 from spade.io.lease import RunLease, staging_is_live
@@ -308,7 +308,8 @@ def fit_frame(config: SpadeConfig, images: str, say: Callable[[str], None] = LOG
         return config
     sizes = sample_image_sizes(images, "train")
     if not sizes:
-        raise FileNotFoundError(f"--images {images!r}: no readable image to fix the frame size from")
+        raise FileNotFoundError(f"--images {images!r}: no readable image among the first {SAMPLE_READS * SIZE_SAMPLE} "
+                                "inputs to fix the frame size from; remove the unreadable files or set `frame_size`")
     config = config.replace(frame_size=frame_size_for(sizes, config.resize))
     framing = framing_for(config)
     say(f"fit: frame {framing.size[0]}x{framing.size[1]} (height x width; the median aspect of {len(sizes)} images), "

@@ -111,3 +111,22 @@ def test_a_routed_fit_fixes_each_gallerys_brightness_from_its_own_frames(tmp_pat
     summary = run_score(config, str(tmp_path / "g" / "{line}"), str(archive), str(tmp_path / "scores"), BEAM_ARGS,
                         said.append)
     assert summary["ok"] == 8 and summary["errors"] == 0
+
+
+def test_an_archive_of_unreadable_files_costs_the_sample_a_bounded_number_of_reads(tmp_path):
+    """Inputs the sample cannot read are passed over, but only so many: the launcher's cost stays bounded whatever the
+    archive holds, and a fit whose first inputs are all unreadable says which setting avoids the sample."""
+    from spade.io.listing import BRIGHTNESS_SAMPLE, SAMPLE_READS, fix_brightness
+
+    folder = tmp_path / "archive" / "train" / "good"
+    folder.mkdir(parents=True)
+    for i in range(SAMPLE_READS * BRIGHTNESS_SAMPLE):
+        (folder / f"a{i:03d}.png").write_bytes(b"not an image")
+    _write(tmp_path / "later", 200)
+    for path in (tmp_path / "later" / "train" / "good").glob("*.png"):  # readable, but listed after the unreadable
+        path.rename(folder / f"z-{path.name}")
+    assert sample_image_brightness(str(tmp_path / "archive"), "train") == []
+    with pytest.raises(FileNotFoundError, match="no readable image among the first 64 inputs .* set `brightness: keep`"):
+        fix_brightness(plumbing_config(brightness="auto"), str(tmp_path / "archive"))
+    (folder / "a000.png").unlink()  # one unreadable input fewer: the first readable one is now within reach
+    assert len(sample_image_brightness(str(tmp_path / "archive"), "train")) == 1

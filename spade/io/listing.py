@@ -162,31 +162,38 @@ def _first_uris(part: ListingPart) -> Iterator[str]:
 Measured = TypeVar("Measured")
 
 
+SAMPLE_READS = 4  # `sample_inputs` reads at most this many inputs per value it is asked for
+SIZE_SAMPLE, BRIGHTNESS_SAMPLE = 64, 16  # images `spade fit` fixes the frame size and the brightness from
+
+
 def sample_inputs(spec: str, split: str | None, limit: int,
                   measure: Callable[[bytes], Measured | None]) -> list[Measured]:
     """``measure`` of up to ``limit`` of the spec's inputs, taken part by part in listing order: what `spade fit`
-    fixes a gallery's settings from. Costs ``limit`` reads whatever the archive's size; inputs that cannot be read,
-    or that ``measure`` gives None for, are passed over."""
+    fixes a gallery's settings from. Inputs that cannot be read, or that ``measure`` gives None for, are passed over,
+    but at most ``SAMPLE_READS`` x ``limit`` inputs are read: the cost is bounded whatever the archive's size, even
+    one of unreadable files."""
     found: list[Measured] = []
+    reads = 0
     for part in plan_listing(spec, split):
         for uri in _first_uris(part):
             for _, data, problem in read_inputs(uri):
+                reads += 1
                 if problem is None and data:
                     value = measure(data)
                     if value is not None:
                         found.append(value)
-                if len(found) >= limit:
+                if len(found) >= limit or reads >= SAMPLE_READS * limit:
                     return found
     return found
 
 
-def sample_image_sizes(spec: str, split: str | None = None, limit: int = 64) -> list[tuple[int, int]]:
+def sample_image_sizes(spec: str, split: str | None = None, limit: int = SIZE_SAMPLE) -> list[tuple[int, int]]:
     """(width, height) of up to ``limit`` of the spec's images, upright, from their headers (no pixels decoded): what
     `spade fit` fixes an ``aspect`` or ``tiles`` frame size from."""
     return sample_inputs(spec, split, limit, header_size)
 
 
-def sample_image_brightness(spec: str, split: str | None = None, limit: int = 16,
+def sample_image_brightness(spec: str, split: str | None = None, limit: int = BRIGHTNESS_SAMPLE,
                             limits: DecodeLimits | None = None) -> list[float]:
     """`frame_brightness` of up to ``limit`` of the spec's images, decoded within ``limits``: what `spade fit` fixes
     ``brightness: auto`` from (`spade.io.images.brightness_for`)."""
@@ -199,7 +206,7 @@ def sample_image_brightness(spec: str, split: str | None = None, limit: int = 16
 
 
 def fix_brightness(config: SpadeConfig, spec: str, split: str | None = "train") -> tuple[SpadeConfig, list[float]]:
-    """``config`` with ``brightness: auto`` fixed from up to 16 of the spec's images (`brightness_for`), and the levels
+    """``config`` with ``brightness: auto`` fixed from a sample of the spec's images (`brightness_for`), and the levels
     it was fixed from; a config that sets it is returned as it is, with none. Raises `FileNotFoundError` when no
     image can be read."""
     if config.brightness != "auto":
@@ -207,5 +214,7 @@ def fix_brightness(config: SpadeConfig, spec: str, split: str | None = "train") 
     limits = DecodeLimits(config.max_source_pixels, config.max_aspect_ratio)
     levels = sample_image_brightness(spec, split, limits=limits)
     if not levels:
-        raise FileNotFoundError(f"--images {spec!r}: no readable image to fix the brightness from")
+        read = SAMPLE_READS * BRIGHTNESS_SAMPLE
+        raise FileNotFoundError(f"--images {spec!r}: no readable image among the first {read} inputs to fix the "
+                                "brightness from; remove the unreadable files or set `brightness: keep`")
     return config.replace(brightness=brightness_for(levels)), levels
