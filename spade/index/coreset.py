@@ -128,10 +128,12 @@ class MemoryBank:
         data = np.ascontiguousarray(features, dtype=np.float32)
         keep = max(1, int(round(ratio * len(data))))
         if keep < len(data):
-            pick = np.arange(len(data))
             if max_candidates and len(data) > max_candidates and keep < max_candidates:
                 pick = np.sort(np.random.default_rng(seed).choice(len(data), max_candidates, replace=False))
-            chosen = pick[np.sort(greedy_coreset(data[pick], keep, projection=projection, seed=seed, progress=progress))]
+                chosen = pick[np.sort(greedy_coreset(data[pick], keep, projection=projection, seed=seed,
+                                                     progress=progress))]
+            else:  # every row a candidate: no copy of them
+                chosen = np.sort(greedy_coreset(data, keep, projection=projection, seed=seed, progress=progress))
             data = np.ascontiguousarray(data[chosen])
             rows = None if rows is None else np.asarray(rows)[chosen]
         return cls.from_vectors(data, rows)

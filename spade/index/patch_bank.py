@@ -86,6 +86,7 @@ def build_patch_bank(pyramid: dict[str, Any], framing, settings: dict[str, Any],
         chunks.append(np.ascontiguousarray(flat))
         chunk_rows.append(owners)
     candidates, owners = np.concatenate(chunks), np.concatenate(chunk_rows)
+    del chunks, chunk_rows  # the candidates once in memory, not twice, while the coreset is chosen
     wanted = min(max(1, int(round(settings["ratio"] * total))), settings["max_vectors"])
     return MemoryBank.build(candidates, min(1.0, wanted / len(candidates)), settings["projection"], seed, rows=owners,
                             progress=progress)
