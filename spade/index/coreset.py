@@ -128,12 +128,12 @@ class MemoryBank:
         data = np.ascontiguousarray(features, dtype=np.float32)
         keep = max(1, int(round(ratio * len(data))))
         if keep < len(data):
+            pick = None  # every row a candidate: searched in place, no copy of them
             if max_candidates and len(data) > max_candidates and keep < max_candidates:
                 pick = np.sort(np.random.default_rng(seed).choice(len(data), max_candidates, replace=False))
-                chosen = pick[np.sort(greedy_coreset(data[pick], keep, projection=projection, seed=seed,
-                                                     progress=progress))]
-            else:  # every row a candidate: no copy of them
-                chosen = np.sort(greedy_coreset(data, keep, projection=projection, seed=seed, progress=progress))
+            found = np.sort(greedy_coreset(data if pick is None else data[pick], keep, projection=projection, seed=seed,
+                                           progress=progress))
+            chosen = found if pick is None else pick[found]
             data = np.ascontiguousarray(data[chosen])
             rows = None if rows is None else np.asarray(rows)[chosen]
         return cls.from_vectors(data, rows)
