@@ -128,7 +128,7 @@ class SpadeConfig:
     open_galleries_mb: int = 2048  # ... and the most their in-memory parts (index, image table, banks) may add up to
     scoring_mode: str = "exact"
     approximate_layers: tuple[str, ...] = ("layer1",)  # of layers, those whose pixel scores come from the coreset bank in exact mode too
-    approximate_local_radius: int = 0  # bank-searched layers' pixel maps also search the K nearest frames near each place (spade.scoring.local_search)
+    approximate_local_radius: int = 1  # bank-searched layers' pixel maps also search the K nearest frames near each place (spade.scoring.local_search); 0: the bank alone
     refine_distances: bool = True
     search_kernel: str = "auto"  # CPU nearest-vector searches: auto (the fused kernel where built, AVX2+FMA), gemm
     coreset_ratio: float = 0.01

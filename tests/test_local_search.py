@@ -115,3 +115,17 @@ def test_a_local_radius_gallery_calibrated_when_the_terms_read_the_local_maps_is
     check_calibrated_with(before, config.replace(image_score="knn"), {"source": "image: given; pixel: calibration"}, "g")
     since = before | {"calibration": before["calibration"] | {"pixel_baseline": {}}}
     check_calibrated_with(since, config, {"source": "image: calibration; pixel: calibration"}, "g")
+
+
+def test_the_default_searches_layer_one_locally_and_the_approximate_config_keeps_its_banks_alone():
+    """The default's layer 1 takes the local window beside its bank (README "A local search beside the layer-1 bank");
+    configs/approximate.yaml, whose point is speed, must say 0 itself: otherwise it inherits the default's radius for
+    every one of its bank-searched layers."""
+    from pathlib import Path
+
+    from spade.config import load_config
+
+    default = load_config(None)
+    assert default.local_radius == 1 and default.coreset_layers == ("layer1",)
+    approximate = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "approximate.yaml"))
+    assert approximate.coreset_layers == ("layer1", "layer2", "layer3") and approximate.local_radius == 0
