@@ -250,7 +250,9 @@ def test_a_gallery_without_the_bank_is_scored_with_it_built_once_and_says_so(sam
     gallery_dir = str(tmp_path / "gallery")
     run_fit(plumbing_config(calibration_images=3), f"{sample_root}/train/good", gallery_dir, BEAM_ARGS)
     with caplog.at_level(logging.WARNING, logger="spade.index.coreset"):
-        summary = run_score(plumbing_config(approximate_layers=["layer1"], coreset_ratio=0.05), gallery_dir,
+        # the bank alone: fit calibrated maps without the local search, so a radius would be refused (its own test)
+        summary = run_score(plumbing_config(approximate_layers=["layer1"], coreset_ratio=0.05, approximate_local_radius=0),
+                            gallery_dir,
                             f"{sample_root}/test/scratch", str(tmp_path / "out"), BEAM_ARGS)
     assert summary["ok"] == 3
     told = [r.getMessage() for r in caplog.records if "stores no coreset bank of layer1" in r.getMessage()]
