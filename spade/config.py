@@ -128,7 +128,8 @@ class SpadeConfig:
     open_galleries_mb: int = 2048  # ... and the most their in-memory parts (index, image table, banks) may add up to
     scoring_mode: str = "exact"
     approximate_layers: tuple[str, ...] = ("layer1",)  # of layers, those whose pixel scores come from the coreset bank in exact mode too
-    approximate_local_radius: int = 1  # bank-searched layers' pixel maps also search the K nearest frames near each place (spade.scoring.local_search); 0: the bank alone
+    approximate_local_radius: int = 2  # bank-searched layers' pixel maps also search the K nearest frames near each place (spade.scoring.local_search); 0: the bank alone
+    approximate_local_block: int = 4  # ... block by block: each block of this many positions a side sees the neighbours' block grown by the radius
     refine_distances: bool = True
     search_kernel: str = "auto"  # CPU nearest-vector searches: auto (the fused kernel where built, AVX2+FMA), gemm
     coreset_ratio: float = 0.01
@@ -208,6 +209,8 @@ class SpadeConfig:
         elif self.approximate_local_radius and self.kappa != 1 and self.coreset_layers:
             problems.append("approximate_local_radius needs kappa: 1 (the bank and the local window each give their "
                             "nearest feature); set approximate_local_radius: 0 for kappa > 1")
+        if self.approximate_local_block < 1:
+            problems.append("approximate_local_block must be >= 1 position (the local search's blocks, a side)")
         if not 0 < self.coreset_ratio <= 1:
             problems.append("coreset_ratio must be in (0, 1]")
         if self.coreset_max_vectors is not None and self.coreset_max_vectors < 1:
@@ -261,6 +264,11 @@ class SpadeConfig:
         """The local window's radius the score maps are made with (`spade.scoring.local_search`): 0 where no layer is
         searched in a coreset bank, whatever ``approximate_local_radius`` says (the exact configs' maps)."""
         return self.approximate_local_radius if self.coreset_layers else 0
+
+    @property
+    def local_block(self) -> int:
+        """The local search's block side the score maps are made with: 0 where they are made without the search."""
+        return self.approximate_local_block if self.local_radius else 0
 
     @property
     def frame_from_gallery(self) -> bool:

@@ -22,16 +22,17 @@ def block_window_reference(query, neighbours, radius, block=8):
     return out
 
 
-@pytest.mark.parametrize("shape,radius", [((16, 16), 1), ((21, 13), 2), ((5, 30), 0), ((70, 9), 1)])
-def test_local_window_equals_a_float64_search_of_each_block_window(shape, radius):
-    """Partial blocks at the edges, radius 0, and a map of several steps of block rows (70x9)."""
+@pytest.mark.parametrize("shape,radius,block", [((16, 16), 1, 8), ((21, 13), 2, 8), ((5, 30), 0, 8), ((70, 9), 1, 8),
+                                                ((21, 13), 2, 4), ((70, 9), 2, 4), ((33, 66), 2, 4), ((9, 9), 1, 3)])
+def test_local_window_equals_a_float64_search_of_each_block_window(shape, radius, block):
+    """Partial blocks at the edges, radius 0, and maps of several steps of block rows (70x9, 33x66)."""
     rng = np.random.default_rng(1)
     h, w = shape
     query = rng.normal(size=(6, h, w)).astype(np.float32)
     neighbours = rng.normal(size=(3, h * w, 6)).astype(np.float32)
-    got = local_window_distances(query, neighbours, radius)
+    got = local_window_distances(query, neighbours, radius, block)
     assert got.shape == (h, w)
-    np.testing.assert_allclose(got, block_window_reference(query, neighbours, radius), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(got, block_window_reference(query, neighbours, radius, block), rtol=0, atol=1e-4)
 
 
 def test_a_feature_shifted_within_the_radius_is_found_and_one_beyond_it_is_not():
@@ -109,12 +110,35 @@ def test_a_local_radius_gallery_calibrated_when_the_terms_read_the_local_maps_is
     statistics belong to other maps; its pixel threshold, and a gallery calibrated since, still serve."""
     before = {"k": 10, "kappa": 1, "sigma": 2.0, "approximate_local_radius": 1, "map_edge_band": 48,
               "calibration": {"images": 20, "position_baseline": {}}}
-    config = SpadeConfig(k=10, sigma=2.0, approximate_local_radius=1, image_score="combined_residual")
+    config = SpadeConfig(k=10, sigma=2.0, approximate_local_radius=1, approximate_local_block=8,  # such a gallery's
+                         image_score="combined_residual")
     with pytest.raises(CalibrationMismatch, match="approximate_local_radius: 1 when the image terms read"):
         check_calibrated_with(before, config, {"source": "image: calibration; pixel: calibration"}, "g")
     check_calibrated_with(before, config.replace(image_score="knn"), {"source": "image: given; pixel: calibration"}, "g")
     since = before | {"calibration": before["calibration"] | {"pixel_baseline": {}}}
     check_calibrated_with(since, config, {"source": "image: calibration; pixel: calibration"}, "g")
+
+
+def test_the_local_search_block_is_a_map_setting_and_older_galleries_read_as_eight():
+    """Galleries calibrated with a local radius before the block was recorded made their maps with 8 x 8 blocks: a
+    config of other blocks (the default's 4) is refused, naming the block to score with; one fitted since records its
+    own; a gallery without the local search is refused for its radius alone (never told to use block 0)."""
+    with pytest.raises(ValueError, match="approximate_local_block must be >= 1"):
+        SpadeConfig(approximate_local_block=0)
+    given = {"source": "image: calibration; pixel: calibration"}
+    older = {"k": 10, "kappa": 1, "sigma": 2.0, "approximate_local_radius": 1, "map_edge_band": 48,
+             "calibration": {"images": 20, "pixel_baseline": {}}}
+    config = SpadeConfig(k=10, sigma=2.0, approximate_local_radius=1)
+    assert config.approximate_local_block == 4
+    with pytest.raises(CalibrationMismatch, match="approximate_local_block: gallery calibrated with 8, config has 4"):
+        check_calibrated_with(older, config, given, "g")
+    check_calibrated_with(older, config.replace(approximate_local_block=8), given, "g")
+    check_calibrated_with(older | {"approximate_local_block": 4}, config, given, "g")
+    without = older | {"approximate_local_radius": 0}
+    with pytest.raises(CalibrationMismatch) as refused:
+        check_calibrated_with(without, SpadeConfig(k=10, sigma=2.0), given, "g")
+    assert "`approximate_local_radius: 0`" in str(refused.value) and "approximate_local_block" not in str(refused.value)
+    check_calibrated_with(without, SpadeConfig(k=10, sigma=2.0, approximate_local_radius=0), given, "g")
 
 
 def test_the_default_searches_layer_one_locally_and_the_approximate_config_keeps_its_banks_alone():
@@ -126,6 +150,7 @@ def test_the_default_searches_layer_one_locally_and_the_approximate_config_keeps
     from spade.config import load_config
 
     default = load_config(None)
-    assert default.local_radius == 1 and default.coreset_layers == ("layer1",)
+    assert (default.local_radius, default.local_block) == (2, 4) and default.coreset_layers == ("layer1",)
     approximate = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "approximate.yaml"))
     assert approximate.coreset_layers == ("layer1", "layer2", "layer3") and approximate.local_radius == 0
+    assert approximate.local_block == 0

@@ -171,11 +171,12 @@ def test_with_a_local_search_calibration_reads_the_terms_on_the_bank_maps_and_co
 
     data = write_sample_dataset(str(tmp_path / "data"), SampleSpec(size=64, train=6, test_good=1, test_per_defect=1))
     config = plumbing_config(**TINY, map_edge_band=40, approximate_layers=("layer1",), approximate_local_radius=1,
-                             coreset_ratio=0.2, image_score="combined_residual")  # reads the terms' baseline too
+                             approximate_local_block=2, coreset_ratio=0.2,
+                             image_score="combined_residual")  # reads the terms' baseline too
     run_fit(config, f"{data}/train/good", str(tmp_path / "gallery"), BEAM_ARGS)
     gallery = Gallery.open(str(tmp_path / "gallery"))
     calibration = gallery.manifest["calibration"]
-    assert gallery.manifest["approximate_local_radius"] == 1
+    assert (gallery.manifest["approximate_local_radius"], gallery.manifest["approximate_local_block"]) == (1, 2)
     normal = leave_one_out_scores(gallery, config, config.calibration_images)
     assert normal.pixel_maps is not None and np.all(normal.pixel_maps <= normal.maps + 1e-6)
     assert calibration["pixel_baseline"] == position_baseline(normal.pixel_maps)

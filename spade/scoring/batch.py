@@ -130,7 +130,7 @@ def _local_distances(maps: np.ndarray, layer_rows, neighbours: np.ndarray, confi
     (`spade.scoring.local_search`), the batch's images in two lanes."""
     def part(images: slice) -> list[np.ndarray]:
         return [local_window_distances(maps[i], layer_rows[np.asarray(neighbours[i], dtype=np.int64)],
-                                       config.approximate_local_radius).reshape(-1)
+                                       config.approximate_local_radius, config.approximate_local_block).reshape(-1)
                 for i in range(len(maps))[images]]
 
     parts = in_lanes(part, halves(len(maps), config.num_threads), config.num_threads)

@@ -165,8 +165,8 @@ def _pixel_maps(maps: np.ndarray, config: SpadeConfig) -> np.ndarray:
                                         config.map_edge_band)
 
 
-MAP_SETTINGS = ("k", "kappa", "sigma", "approximate_local_radius", "map_edge_band")  # what a score map's values depend on beyond the features
-UNRECORDED = {"map_edge_band": 0}  # what a gallery fitted before a setting was recorded made its maps with
+MAP_SETTINGS = ("k", "kappa", "sigma", "approximate_local_radius", "approximate_local_block", "map_edge_band")  # what a score map's values depend on beyond the features
+UNRECORDED = {"map_edge_band": 0, "approximate_local_block": 8}  # what a gallery fitted before a setting was recorded made its maps with
 
 
 class CalibrationMismatch(ValueError):
@@ -189,7 +189,7 @@ def check_calibrated_with(manifest: dict[str, Any], config: SpadeConfig, used: d
     calibrated = [f"{kind} threshold" for kind in ("image", "pixel") if f"{kind}: calibration" in used.get("source", "")]
     if len(MODE_TERMS.get(config.image_score, ())) > 1 and manifest.get("calibration"):
         calibrated.append("normal statistics")
-    recorded = {key: manifest.get(key, UNRECORDED.get(key)) for key in MAP_SETTINGS}
+    recorded = {key: _recorded_setting(manifest, key) for key in MAP_SETTINGS}
     diffs = [(key, had, _map_setting(config, key)) for key, had in recorded.items()
              if had is not None and had != _map_setting(config, key)]
     if config.local_radius and manifest.get("approximate_local_radius") and \
@@ -213,8 +213,18 @@ def check_calibrated_with(manifest: dict[str, Any], config: SpadeConfig, used: d
 
 
 def _map_setting(config: SpadeConfig, key: str) -> Any:
-    """A `MAP_SETTINGS` value as the maps are made (the local radius is 0 where no layer is searched in a bank)."""
-    return config.local_radius if key == "approximate_local_radius" else getattr(config, key)
+    """A `MAP_SETTINGS` value as the maps are made (the local radius is 0 where no layer is searched in a bank, the
+    block 0 where there is no local search)."""
+    return {"approximate_local_radius": config.local_radius,
+            "approximate_local_block": config.local_block}.get(key, getattr(config, key, None))
+
+
+def _recorded_setting(manifest: dict[str, Any], key: str) -> Any:
+    """A `MAP_SETTINGS` value a gallery's calibration measured maps with (`UNRECORDED` where it predates the key); no
+    block where its maps had no local search (the radius tells those apart)."""
+    if key == "approximate_local_block" and not manifest.get("approximate_local_radius"):
+        return None
+    return manifest.get(key, UNRECORDED.get(key))
 
 
 REFERENCE_QUANTILES = 21  # 0, 5, ..., 100 %
