@@ -215,8 +215,11 @@ def check_calibrated_with(manifest: dict[str, Any], config: SpadeConfig, used: d
 def _map_setting(config: SpadeConfig, key: str) -> Any:
     """A `MAP_SETTINGS` value as the maps are made (the local radius is 0 where no layer is searched in a bank, the
     block 0 where there is no local search)."""
-    return {"approximate_local_radius": config.local_radius,
-            "approximate_local_block": config.local_block}.get(key, getattr(config, key, None))
+    if key == "approximate_local_radius":
+        return config.local_radius
+    if key == "approximate_local_block":
+        return config.local_block
+    return getattr(config, key)
 
 
 def _recorded_setting(manifest: dict[str, Any], key: str) -> Any:

@@ -18,7 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-BLOCK = 4  # positions a block's side (the default config's approximate_local_block)
+from spade.config import SpadeConfig
+
+BLOCK = SpadeConfig.approximate_local_block  # positions a block's side: the config's default, one literal for both
 BLOCKS_PER_STEP = 16  # blocks whose windows and (block², K·span²) distances are held at once (~2 MB for 4 x 4 blocks at radius 2 and K=10, ~6 MB for 8 x 8 at 1)
 
 
