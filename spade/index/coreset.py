@@ -80,17 +80,21 @@ def greedy_coreset(features: np.ndarray, n: int, start: int | None = None, proje
         sq = (columns * columns).sum(0)
         positions = columns.t()
 
-        def dist_to(i: int) -> torch.Tensor:  # |x|^2 + |x_i|^2 - 2 x.x_i in one pass over x
-            return torch.addmv(sq + sq[i], positions, columns[:, i].contiguous(), alpha=-2.0).clamp_min_(0.0)
+        def dist_to(i: int, out: torch.Tensor) -> torch.Tensor:  # |x|^2 + |x_i|^2 - 2 x.x_i in one pass over x
+            torch.add(sq, sq[i], out=out)
+            return out.addmv_(positions, columns[:, i].contiguous(), alpha=-2.0).clamp_min_(0.0)
 
-        nearest = dist_to(start)
+        # each step writes into the same buffer instead of two new (N,) tensors (fresh mappings from glibc above its
+        # mmap threshold): the same selections, 1.02-1.10x faster over 200,000 candidates (bottle's and
+        # metal_plate's layer 1, bottle's layer 2; scratch /tmp/s44/greedy_cmp.py against the code before)
+        nearest, step_distances = dist_to(start, torch.empty_like(sq)), torch.empty_like(sq)
         nearest[start] = -1.0
         farthest = nearest.numpy()  # the same memory: numpy's argmax is ~10x torch's on one vector
         reported = time.monotonic()
         for step in range(1, n):
             i = int(farthest.argmax())
             chosen[step] = i
-            torch.minimum(nearest, dist_to(i), out=nearest)  # selected rows stay at -1, never picked again
+            torch.minimum(nearest, dist_to(i, step_distances), out=nearest)  # selected rows stay at -1, never picked again
             nearest[i] = -1.0
             if progress is not None and time.monotonic() - reported >= every_s:
                 progress(step + 1, n)
