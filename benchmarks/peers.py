@@ -314,6 +314,13 @@ def spade_worker(job: dict) -> dict:
     from pipelines.score import run_score
     from spade.config import load_config
 
+    # imports stay outside every tool's clock (module docstring): anomalib's worker imports timm with anomalib, ours
+    # imports timm (0.5-1.5 s here) and OpenVINO on first use inside run_fit, so they are imported here
+    for module in ("timm", "openvino"):
+        try:
+            __import__(module)
+        except ImportError:
+            pass  # a config that needs it stops inside run_fit with the install command
     # every tool runs on `threads` threads in all. Where that is every core (the default), ours as `spade score` runs
     # (num_threads 0: cores / local workers each, two workers on 2+ cores; before session 38 this passed
     # num_threads = threads, and each of the two workers took every core: 9 % slower on metal_plate's approximate
