@@ -27,8 +27,8 @@ stage times and Beam metrics of the round nearest that median (so its "other" ro
 comes from the first round. One run's rate moves by 10-50 % on a shared VM (anomalib's read 11.2 to 17.1 images/s on
 metal_plate in three runs of one morning), more than the bars being checked.
 
-Every worker runs with glibc's heap kept (``GLIBC_TUNABLES``, `STEADY_MALLOC`; ``--system-malloc`` leaves glibc's
-defaults, as every run before 2026-12-07 did). On this VM anomalib runs far faster with it (`--tools anomalib`, session
+Every worker runs with glibc's heap kept (``GLIBC_TUNABLES``, `STEADY_MALLOC`; ``--system-malloc`` passes the
+environment's own setting, glibc's defaults where it is unset, as every run before 2026-12-07 did). On this VM anomalib runs far faster with it (`--tools anomalib`, session
 44): metal_plate 26.1-27.8 against 15.8-17.6 images/s in four runs each, bottle 10.87 against 8.58, its features 12-13
 against 32-35 ms an image, its greedy coreset 221 against 48-50 steps/s on metal_plate and 64 against 11-13 on bottle;
 ours moves by 0-11 % (metal_plate's default scoring 3.09 -> 2.87 s, its fit 5.28 -> 4.72 s). Without it the ratios
@@ -547,8 +547,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", default=None, help="galleries, score tables, maps (default: a temporary folder)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--system-malloc", action="store_true",
-                        help="leave glibc's malloc defaults in every worker (default: GLIBC_TUNABLES=" + STEADY_MALLOC
-                             + ", anomalib's best rate here; see the module docstring)")
+                        help="pass the environment's GLIBC_TUNABLES as it is (unset: glibc's malloc defaults) instead "
+                             "of GLIBC_TUNABLES=" + STEADY_MALLOC + ", anomalib's best rate here (module docstring)")
     parser.add_argument("--worker", choices=TOOLS, help=argparse.SUPPRESS)
     parser.add_argument("--job", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
