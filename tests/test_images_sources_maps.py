@@ -152,6 +152,21 @@ def test_score_map_png_round_trip():
     assert (decode_mask(encode_mask(mask)) == mask).all()
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (1, 301), (257, 1), (64, 64), (900, 611)])
+def test_score_map_png_is_a_standard_16_bit_png_of_the_quantised_map(shape):
+    """Our own scanlines (Sub filter) decode, in Pillow, to exactly the quantised values Pillow's encoder would store."""
+    values = np.random.default_rng(sum(shape)).gamma(2.0, 3.0, size=shape).astype(np.float32)
+    values.flat[0] = 0.0
+    png, scale = encode_score_map(values)
+    with Image.open(io.BytesIO(png)) as img:
+        assert img.mode == "I;16" and img.size == (shape[1], shape[0])
+        assert float(img.text["spade_scale"]) == scale
+        stored = np.asarray(img, dtype=np.int64)
+    expected = np.round(values.astype(np.float64) / scale * 65535.0).astype(np.int64)
+    np.testing.assert_array_equal(stored, expected)
+    assert stored.min() == 0 and stored.max() == (65535 if values.max() > 0 else 0)
+
+
 def test_layer_maps_combine_smooth_and_map_back():
     combined = combine_layer_maps([np.ones((56, 56)), 3 * np.ones((28, 28)), np.zeros((14, 14))], 224)
     assert combined.shape == (224, 224)
