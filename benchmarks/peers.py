@@ -28,14 +28,15 @@ comes from the first round. One run's rate moves by 10-50 % on a shared VM (anom
 metal_plate in three runs of one morning), more than the bars being checked.
 
 Every worker runs with glibc's heap kept (``GLIBC_TUNABLES``, `STEADY_MALLOC`; ``--system-malloc`` passes the
-environment's own setting, glibc's defaults where it is unset, as every run before 2026-12-07 did). On this VM anomalib runs far faster with it (`--tools anomalib`, session
-44): metal_plate 26.1-27.8 against 15.8-17.6 images/s in four runs each, bottle 10.87 against 8.58, its features 12-13
-against 32-35 ms an image, its greedy coreset 221 against 48-50 steps/s on metal_plate and 64 against 11-13 on bottle;
-ours moves by 0-11 % (metal_plate's default scoring 3.09 -> 2.87 s, its fit 5.28 -> 4.72 s). Without it the ratios
-below flattered us by as much (the earlier runs in benchmarks/README: anomalib's rate there moved between these two
-levels from run to run). Why is not settled: each of the two settings alone made anomalib slower still (8.0 and 11.9
-images/s on metal_plate), so it is not only fewer page faults; the comparison takes the setting that gives anomalib
-its best rate.
+environment's own setting, glibc's defaults where it is unset, as every run before 2026-12-07 did). On this VM anomalib
+runs far faster with it (`--tools anomalib`, session 44): metal_plate 25.1-25.4 images/s against 15.8-17.6 without,
+bottle 10.87 against 8.58 (without the one-arena limit), its features 12-13 against 32-35 ms an image, its greedy
+coreset 221 against 48-50 steps/s on metal_plate and 64 against 11-13 on bottle; ours moves by 0-11 % (metal_plate's
+default scoring 3.09 -> 2.87 s, its fit 5.28 -> 4.72 s). Without it the ratios below flattered us by as much (the
+earlier runs in benchmarks/README: anomalib's rate there moved between these two levels from run to run). Why is not
+settled: each of the first two settings alone made anomalib slower still (8.0 and 11.9 images/s on metal_plate), so it
+is not only fewer page faults. Without the one-arena limit anomalib scored 26.1-27.8 images/s, but one of its workers
+grew to 21.7 GB (each thread's arena kept its own peak) and was killed: the limit costs it about 7 % and ours 1-3 %.
 
 The last line is machine-readable:
 
@@ -72,9 +73,12 @@ INSTALL = ("anomalib is not importable by {python}. Install it (not a dependency
            "`pip install -e .[peers]`, best in a separate venv, and pass that venv's interpreter: "
            "--anomalib-python /path/to/venv/bin/python")
 WORKER_TAG = "WORKER_RESULT "
-# glibc's malloc asked to keep freed memory in the heap (no trimming, the largest mmap threshold): the setting that
-# gives anomalib its best scoring rate here (module docstring); every tool's worker gets the same
-STEADY_MALLOC = "glibc.malloc.mmap_threshold=4294967295:glibc.malloc.trim_threshold=4294967295"
+# glibc's malloc asked to keep freed memory in one heap (no trimming, the largest mmap threshold, one arena): anomalib's
+# scoring at 25 images/s on metal_plate here instead of 16-18 (module docstring); every tool's worker gets the same.
+# One arena, because each thread's arena keeps its own peak when nothing is trimmed: without it an anomalib worker
+# once grew to 21.7 GB (about 16 arenas x its 1.4 GB peak) and was killed by the OOM killer
+STEADY_MALLOC = ("glibc.malloc.mmap_threshold=4294967295:glibc.malloc.trim_threshold=4294967295:"
+                 "glibc.malloc.arena_max=1")
 
 
 def say(msg: str) -> None:
