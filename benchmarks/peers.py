@@ -36,7 +36,8 @@ default scoring 3.09 -> 2.87 s, its fit 5.28 -> 4.72 s). Without it the ratios b
 earlier runs in benchmarks/README: anomalib's rate there moved between these two levels from run to run). Why is not
 settled: each of the first two settings alone made anomalib slower still (8.0 and 11.9 images/s on metal_plate), so it
 is not only fewer page faults. Without the one-arena limit anomalib scored 26.1-27.8 images/s, but one of its workers
-grew to 21.7 GB (each thread's arena kept its own peak) and was killed: the limit costs it about 7 % and ours 1-3 %.
+grew to 21.7 GB (likely each thread's arena keeping its own peak) and was killed: the limit costs it about 7 % in
+the anomalib-only runs (25.1-25.4 images/s; 27.2 in a full run) and ours 1-3 %.
 
 The last line is machine-readable:
 
@@ -75,7 +76,7 @@ INSTALL = ("anomalib is not importable by {python}. Install it (not a dependency
 WORKER_TAG = "WORKER_RESULT "
 # glibc's malloc asked to keep freed memory in one heap (no trimming, the largest mmap threshold, one arena): anomalib's
 # scoring at 25 images/s on metal_plate here instead of 16-18 (module docstring); every tool's worker gets the same.
-# One arena, because each thread's arena keeps its own peak when nothing is trimmed: without it an anomalib worker
+# One arena, because with nothing trimmed each thread's arena likely keeps its own peak: without it an anomalib worker
 # once grew to 21.7 GB (about 16 arenas x its 1.4 GB peak) and was killed by the OOM killer
 STEADY_MALLOC = ("glibc.malloc.mmap_threshold=4294967295:glibc.malloc.trim_threshold=4294967295:"
                  "glibc.malloc.arena_max=1")
