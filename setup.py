@@ -6,6 +6,10 @@ from setuptools import Extension, find_packages, setup
 # spade.index.fused_nearest): optional, so an install without a C compiler still works and searches with torch's GEMM.
 NEAREST_KERNEL = Extension("spade.index._nearest", ["spade/index/nearest_kernel.c"], optional=True,
                            extra_compile_args=[] if sys.platform == "win32" else ["-O3"])
+# Greedy farthest-point selection that skips unreachable blocks of rows (spade/index/farthest_kernel.c, called through
+# ctypes by spade.index.farthest_points): optional as well; without it coreset banks are selected by torch's plain pass.
+FARTHEST_KERNEL = Extension("spade.index._farthest", ["spade/index/farthest_kernel.c"], optional=True,
+                            extra_compile_args=[] if sys.platform == "win32" else ["-O3"])
 
 setup(
     name="spade-beam",
@@ -57,6 +61,6 @@ setup(
         # the package, its tests or CI. Best installed in a venv of its own (it pulls Lightning and more).
         "peers": ["anomalib==2.7.*"],
     },
-    ext_modules=[NEAREST_KERNEL],
+    ext_modules=[NEAREST_KERNEL, FARTHEST_KERNEL],
     entry_points={"console_scripts": ["spade=pipelines.cli:main"]},
 )

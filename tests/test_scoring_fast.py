@@ -7,6 +7,7 @@ import torch
 
 from spade.features.backbone import Features
 from spade.config import SpadeConfig
+from spade.index import farthest_points
 from spade.index.coreset import MemoryBank, greedy_coreset
 from spade.scoring.correspondence import (PyramidReader, _band_members, _RunningMin, batch_layer_distances,
                                   nearest_feature_distances)
@@ -14,6 +15,11 @@ from spade.index.gallery import Gallery
 from spade.index.knn import build_index
 from spade.scoring.batch import layer_distance_maps, score_batch
 from spade.scoring.calibration import leave_one_out_scores
+
+
+# greedy selection by torch's plain pass, and by the compiled kernel where it is built (tests/test_farthest_points.py
+# checks that the install built it wherever a C compiler is present)
+COMPILED = [False] + ([True] if farthest_points.available() else [])
 
 
 def brute(queries, gallery, kappa=1):
@@ -228,21 +234,24 @@ def test_reader_reads_rows_from_npy_and_float16(tmp_path):
         np.testing.assert_array_equal(reader.read(np.array([1, 2, 5]), out), data[[1, 2, 5]].astype(np.float32))
 
 
-def test_greedy_coreset_picks_farthest_points():
+@pytest.mark.parametrize("compiled", COMPILED)
+def test_greedy_coreset_picks_farthest_points(compiled):
     # a tight cluster at the origin, and three outliers at increasing distance
     points = np.array([[0, 0], [0.1, 0], [0, 0.1], [10, 0], [0, 5], [-2, 0], [0.05, 0.05]], dtype=np.float32)
-    picked = greedy_coreset(points, 4, start=0, projection=0)
+    picked = greedy_coreset(points, 4, start=0, projection=0, compiled=compiled)
     # (10,0) is farthest from the origin; then distance to the SET {origin, (10,0)}: (0,5) is 5 away, (-2,0) only 2
     assert list(picked) == [0, 3, 4, 5]
-    assert sorted(greedy_coreset(points, len(points), start=0, projection=0)) == list(range(len(points)))
+    assert sorted(greedy_coreset(points, len(points), start=0, projection=0, compiled=compiled)) == \
+        list(range(len(points)))
 
 
+@pytest.mark.parametrize("compiled", COMPILED)
 @pytest.mark.parametrize("channels", [24, 128])
-def test_greedy_coreset_equals_farthest_point_selection_in_float64(channels):
-    # the channel-major float32 search picks what a plain float64 farthest-point loop over the rows picks
+def test_greedy_coreset_equals_farthest_point_selection_in_float64(channels, compiled):
+    # either float32 search picks what a plain float64 farthest-point loop over the rows picks
     rng = np.random.default_rng(channels)
     points = (rng.normal(size=(3000, channels)) * rng.random((3000, 1))).astype(np.float32)
-    picked = greedy_coreset(points, 200, start=7, projection=0)
+    picked = greedy_coreset(points, 200, start=7, projection=0, compiled=compiled)
     reference = points.astype(np.float64)
     nearest = ((reference - reference[7]) ** 2).sum(1)
     expected = [7]
@@ -252,15 +261,19 @@ def test_greedy_coreset_equals_farthest_point_selection_in_float64(channels):
     assert list(picked) == expected
 
 
-def test_greedy_coreset_reports_progress_and_picks_the_same_with_it():
+@pytest.mark.parametrize("compiled", COMPILED)
+def test_greedy_coreset_reports_progress_and_picks_the_same_with_it(compiled):
     points = np.random.default_rng(5).normal(size=(300, 6)).astype(np.float32)
     told = []
-    picked = greedy_coreset(points, 40, projection=0, seed=1, progress=lambda done, n: told.append((done, n)), every_s=0)
-    assert told == [(done, 40) for done in range(2, 41)]  # every step after the first, up to the last
-    np.testing.assert_array_equal(picked, greedy_coreset(points, 40, projection=0, seed=1))
+    picked = greedy_coreset(points, 140, projection=0, seed=1, progress=lambda done, n: told.append((done, n)),
+                            every_s=0, compiled=compiled)
+    done = [d for d, _ in told]
+    assert done == sorted(set(done)) and done[-1] == 140 and {n for _, n in told} == {140}  # up to the last
+    assert len(done) >= 3 and (compiled or done == list(range(2, 141)))  # torch's pass: every step after the first
+    np.testing.assert_array_equal(picked, greedy_coreset(points, 140, projection=0, seed=1, compiled=compiled))
     quiet = []
-    greedy_coreset(points, 40, projection=0, seed=1, progress=lambda done, n: quiet.append(done))  # 10 s apart
-    assert quiet == []
+    greedy_coreset(points, 140, projection=0, seed=1, progress=lambda done, n: quiet.append(done), compiled=compiled)
+    assert quiet == []  # 10 s apart
 
 
 def test_memory_bank_ratio_one_equals_exact_global_bank():
