@@ -156,21 +156,21 @@ static float block_max(const float *mind, int64_t lo, int64_t hi, int64_t *arg)
     return m;
 }
 
-/* Regroup the rows (bstart[*blocks] of them, padding included) by owner, the step of their nearest chosen point
- * (0 .. blocks-1; padding rows -1, dropped), each group padded to whole panels (padding: pos and owner -1, mind -1,
- * zeros), and set each block's bounds, largest distance and radius. Returns 0 or -2 (no memory). */
-static int reblock(float *x, int64_t *pos, float *mind, int64_t *owner, int64_t cap, int c, int64_t *nblocks,
-                   int64_t blocks, int64_t *bstart, float *brad, float *bmax, int64_t *barg)
+/* Regroup the rows (bstart[*nblocks] of them, padding included) of the half *half of the two-half buffers x, pos and
+ * mind (cap rows each) into the other half by owner, the step of their nearest chosen point (0 .. blocks-1; padding
+ * rows -1, dropped), each group padded to whole panels (padding: pos and owner -1, mind -1), switch *half, and set each
+ * block's bounds, largest distance and radius. Returns 0 or -2 (no memory). */
+static int reblock(float *x_all, int64_t *pos_all, float *mind_all, int64_t *half, int64_t *owner, int64_t cap, int c,
+                   int64_t *nblocks, int64_t blocks, int64_t *bstart, float *brad, float *bmax, int64_t *barg)
 {
-    int64_t rows = bstart[*nblocks];
-    float *x2 = calloc((size_t)cap * (size_t)c, sizeof(float));
-    int64_t *pos2 = malloc(sizeof(int64_t) * (size_t)cap);
-    float *mind2 = malloc(sizeof(float) * (size_t)cap);
+    int64_t rows = bstart[*nblocks], from_half = *half, to_half = 1 - *half;
+    const float *x = x_all + from_half * cap * c, *mind = mind_all + from_half * cap;
+    const int64_t *pos = pos_all + from_half * cap;
+    float *x2 = x_all + to_half * cap * c, *mind2 = mind_all + to_half * cap;
+    int64_t *pos2 = pos_all + to_half * cap;
     int64_t *fill = calloc((size_t)blocks + 1, sizeof(int64_t));
-    if (x2 == NULL || pos2 == NULL || mind2 == NULL || fill == NULL) {
-        free(x2); free(pos2); free(mind2); free(fill);
+    if (fill == NULL)
         return -2;
-    }
     for (int64_t p = 0; p < rows; p++)
         if (owner[p] >= 0)
             fill[owner[p] + 1]++;
@@ -186,24 +186,22 @@ static int reblock(float *x, int64_t *pos, float *mind, int64_t *owner, int64_t 
         if (owner[p] < 0)
             continue;
         int64_t to = fill[owner[p]]++;
-        const float *from = x + (p / W) * c * W + p % W;
+        const float *src = x + (p / W) * c * W + p % W;
         float *into = x2 + (to / W) * c * W + to % W;
         for (int i = 0; i < c; i++)
-            into[i * W] = from[i * W];
+            into[i * W] = src[i * W];
         pos2[to] = pos[p];
         mind2[to] = mind[p];
     }
-    memcpy(x, x2, sizeof(float) * (size_t)total * (size_t)c);
-    memcpy(pos, pos2, sizeof(int64_t) * (size_t)total);
-    memcpy(mind, mind2, sizeof(float) * (size_t)total);
     for (int64_t b = 0; b < blocks; b++) {
         for (int64_t p = bstart[b]; p < bstart[b + 1]; p++)
-            owner[p] = pos[p] >= 0 ? b : -1;
-        bmax[b] = block_max(mind, bstart[b], bstart[b + 1], &barg[b]);
+            owner[p] = pos2[p] >= 0 ? b : -1;
+        bmax[b] = block_max(mind2, bstart[b], bstart[b + 1], &barg[b]);
         brad[b] = bmax[b] > 0 ? sqrtf(bmax[b]) * (1.0f + MARGIN) : 0.0f;
     }
     *nblocks = blocks;
-    free(x2); free(pos2); free(mind2); free(fill);
+    *half = to_half;
+    free(fill);
     return 0;
 }
 
@@ -270,22 +268,27 @@ static void *helper(void *arg)
 #endif
 
 /* Steps [from, to) of the selection of k rows out of n, state kept by the caller between calls (so that it can report
- * progress). x (cap x c floats, cap >= n + W * (k + 1)): the rows in panels of W (row q's channel i at
- * x[(q / W * c + i) * W + q % W]); pos, mind, owner (cap): each row's input position, squared distance to the chosen
- * set (-1: chosen or padding) and nearest chosen step (-1: padding); chosen (k): input positions in selection order;
+ * progress). x_all, pos_all, mind_all: two halves of cap rows each (cap >= n + W * (k + 1)), *half the one in use (the
+ * other the one the groups are re-formed into): x the rows in panels of W (row q's channel i at
+ * x[(q / W * c + i) * W + q % W]); pos, mind: each row's input position and squared distance to the chosen set (-1:
+ * chosen or padding); owner (cap): its nearest chosen step (-1: padding); chosen (k): input positions in selection order;
  * ct (c x kcap, kcap >= k + W): the chosen rows, channel-major; *blocks, bstart (k + 1), brad, bmax, barg, dist (kcap):
  * the blocks, bstart[*blocks] the rows in use, and their centres' distances to the new point; *visited counts the rows
- * the steps read; threads: how many threads read a step's rows. Call first with from = 1, *blocks = 0, x, pos (-1 past
- * n) and owner (0, -1 past n) in input order, padded to whole panels, and chosen[0] the first row. Returns 0, -2 (no
+ * the steps read; threads: how many threads read a step's rows. Call first with from = 1, *blocks = 0, *half = 0, the first
+ * half's x and pos (-1 past n) and owner (0, -1 past n) in input order, padded to whole panels, and chosen[0] the first
+ * row. Returns 0, -2 (no
  * memory), -3 (bad arguments). */
-int spade_farthest_steps(float *x, int64_t cap, int64_t *pos, float *mind, int64_t *owner, int64_t n, int c,
+int spade_farthest_steps(float *x_all, int64_t cap, int64_t *pos_all, float *mind_all, int64_t *half, int64_t *owner,
+                         int64_t n, int c,
                          int64_t *chosen, float *ct, int64_t kcap, int64_t k, int64_t from, int64_t to,
                          int64_t *blocks, int64_t *bstart, float *brad, float *bmax, int64_t *barg, float *dist,
                          int64_t *visited, int threads)
 {
     if (n < 1 || c < 1 || k < 1 || k > n || cap < n + W * (k + 1) || kcap < k + W || from < 1 || to > k
-        || chosen[0] < 0 || chosen[0] >= n)
+        || chosen[0] < 0 || chosen[0] >= n || (*half != 0 && *half != 1))
         return -3;
+    float *x = x_all + *half * cap * c, *mind = mind_all + *half * cap;
+    int64_t *pos = pos_all + *half * cap;
 #ifndef HAVE_THREADS
     threads = 1;
 #endif
@@ -396,8 +399,14 @@ int spade_farthest_steps(float *x, int64_t cap, int64_t *pos, float *mind, int64
             }
         }
         int64_t count = s + 1;
-        if (count < k && count >= FIRST_BLOCKS && (count & (count - 1)) == 0)
-            status = reblock(x, pos, mind, owner, cap, c, blocks, count, bstart, brad, bmax, barg);
+        if (count < k && count >= FIRST_BLOCKS && (count & (count - 1)) == 0) {
+            status = reblock(x_all, pos_all, mind_all, half, owner, cap, c, blocks, count, bstart, brad, bmax, barg);
+            x = x_all + *half * cap * c;
+            mind = mind_all + *half * cap;
+            pos = pos_all + *half * cap;
+            st->x = x;
+            st->mind = mind;
+        }
     }
 #ifdef HAVE_THREADS
     atomic_store_explicit(&st->quit, 1, memory_order_release);

@@ -33,7 +33,8 @@ def _library() -> ctypes.CDLL | None:
         return None
     pointer, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.spade_farthest_steps.restype = ctypes.c_int
-    lib.spade_farthest_steps.argtypes = [pointer, i64, pointer, pointer, pointer, i64, ctypes.c_int, pointer, pointer,
+    lib.spade_farthest_steps.argtypes = [pointer, i64, pointer, pointer, pointer, pointer, i64, ctypes.c_int, pointer,
+                                         pointer,
                                          i64, i64, i64, i64, pointer, pointer, pointer, pointer, pointer, pointer,
                                          pointer, ctypes.c_int]
     return lib
@@ -58,15 +59,17 @@ def farthest_points(rows: np.ndarray | torch.Tensor, n: int, start: int,
         raise ValueError(f"start row {start} outside 0 .. {total - 1}")
     kcap = n + LANES
     cap = -(-(total + LANES * (n + 1)) // LANES) * LANES  # every block padded to whole panels of LANES rows
-    x = np.zeros((cap // LANES, channels, LANES), dtype=np.float32)  # panels: the kernel moves rows into block order
+    # panels, in two halves: the kernel re-forms its groups from the half in use into the other
+    x = np.zeros((2, cap // LANES, channels, LANES), dtype=np.float32)
     source = rows.numpy() if isinstance(rows, torch.Tensor) else np.asarray(rows, dtype=np.float32)
     whole = total // LANES
-    x[:whole] = source[:whole * LANES].reshape(whole, LANES, channels).transpose(0, 2, 1)
-    x[whole, :, :total - whole * LANES] = source[whole * LANES:].T
+    x[0, :whole] = source[:whole * LANES].reshape(whole, LANES, channels).transpose(0, 2, 1)
+    x[0, whole, :, :total - whole * LANES] = source[whole * LANES:].T
     del rows, source  # where the caller kept no reference (a projection made for this call), freed here
-    pos = np.full(cap, -1, dtype=np.int64)
-    pos[:total] = np.arange(total)
-    mind = np.empty(cap, dtype=np.float32)
+    pos = np.full((2, cap), -1, dtype=np.int64)
+    pos[0, :total] = np.arange(total)
+    mind = np.empty((2, cap), dtype=np.float32)
+    half = np.zeros(1, dtype=np.int64)
     owner = np.full(cap, -1, dtype=np.int64)
     owner[:total] = 0
     chosen = np.empty(n, dtype=np.int64)
@@ -80,7 +83,8 @@ def farthest_points(rows: np.ndarray | torch.Tensor, n: int, start: int,
     step = 1
     while True:
         stop = min(n, step + CHUNK)
-        code = lib.spade_farthest_steps(x.ctypes.data, cap, pos.ctypes.data, mind.ctypes.data, owner.ctypes.data,
+        code = lib.spade_farthest_steps(x.ctypes.data, cap, pos.ctypes.data, mind.ctypes.data, half.ctypes.data,
+                                        owner.ctypes.data,
                                         total, channels, chosen.ctypes.data, centres.ctypes.data, kcap, n, step, stop,
                                         blocks.ctypes.data, bstart.ctypes.data, brad.ctypes.data, bmax.ctypes.data,
                                         barg.ctypes.data, dist.ctypes.data, visited.ctypes.data, threads)
