@@ -9,27 +9,25 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import importlib.util
 import time
 from typing import Callable
 
 import numpy as np
 import torch
 
+from spade.index import extension
+
 EXTENSION = "spade.index._farthest"
 CHUNK = 64  # steps per call: progress is reported between calls
 LANES = 8   # rows the kernel reads to a vector (farthest_kernel.c, W)
+MAX_THREADS = 8  # a step's read is bound by memory bandwidth, so more threads would mostly wait (2 measured here)
 
 
 @functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
     """The built kernel, or None (not built here)."""
-    spec = importlib.util.find_spec(EXTENSION)
-    if spec is None or not spec.origin:
-        return None
-    try:
-        lib = ctypes.CDLL(spec.origin)
-    except OSError:
+    lib = extension.load(EXTENSION)
+    if lib is None:
         return None
     pointer, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.spade_farthest_steps.restype = ctypes.c_int
@@ -87,7 +85,8 @@ def farthest_points(rows: np.ndarray | torch.Tensor, n: int, start: int,
                                         owner.ctypes.data,
                                         total, channels, chosen.ctypes.data, centres.ctypes.data, kcap, n, step, stop,
                                         blocks.ctypes.data, bstart.ctypes.data, brad.ctypes.data, bmax.ctypes.data,
-                                        barg.ctypes.data, dist.ctypes.data, visited.ctypes.data, threads)
+                                        barg.ctypes.data, dist.ctypes.data, visited.ctypes.data,
+                                        max(1, min(threads, MAX_THREADS)))
         if code == -2:
             raise MemoryError(f"farthest-point selection could not allocate a copy of {total} x {channels} rows")
         if code:

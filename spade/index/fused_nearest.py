@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import importlib.util
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 from spade.config import SEARCH_KERNELS
+from spade.index import extension
 
 EXTENSION = "spade.index._nearest"  # the built kernel (setup.py's optional extension)
 LANES = 16           # gallery columns a kernel tile (the panel width)
@@ -35,12 +35,8 @@ COLUMN_BLOCK = 1024  # gallery columns per pass over the queries: 1024 x C float
 @functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
     """The built kernel, or None (not built here, or the CPU lacks AVX2/FMA)."""
-    spec = importlib.util.find_spec(EXTENSION)
-    if spec is None or not spec.origin:
-        return None
-    try:
-        lib = ctypes.CDLL(spec.origin)
-    except OSError:
+    lib = extension.load(EXTENSION)
+    if lib is None:
         return None
     pointer = ctypes.c_void_p
     lib.spade_nearest_supported.restype = ctypes.c_int
@@ -70,7 +66,7 @@ def describe(kernel: str) -> str:
         return "fused nearest-feature kernel (AVX2+FMA)"
     if kernel == "gemm":
         return "GEMM searches (search_kernel: gemm)"
-    if importlib.util.find_spec(EXTENSION) is None:
+    if not extension.built(EXTENSION):
         return ("GEMM searches: the fused kernel was not built (no C compiler at install); install one (e.g. gcc) and "
                 "run `pip install -e .` again for ~1.5x faster exact scoring")
     return "GEMM searches: this CPU lacks AVX2/FMA for the fused kernel"
