@@ -90,15 +90,15 @@ def main(argv: list[str] | None = None) -> int:
             shared = len(np.intersect1d(picks[False], picks[True])) / n
             same_sets &= shared == 1.0
             visits: list = []
-            rows = features if not settings["projection"] or features.shape[1] <= settings["projection"] else None
+            projected = 0 < settings["projection"] < features.shape[1]
             read = "(projected)"
-            if rows is not None:  # the share read, on the unprojected rows the kernel searched
-                farthest_points.farthest_points(rows, n, int(picks[True][0]), visits=visits,
+            if not projected:  # the share read, on the unprojected rows the kernel searched
+                farthest_points.farthest_points(features, n, int(picks[True][0]), visits=visits,
                                                 threads=torch.get_num_threads())
-                read = f"{visits[-1][1] / max(1, (n - 1) * len(rows)):.1%}"
+                read = f"{visits[-1][1] / max(1, (n - 1) * len(features)):.1%}"
             plain, kernel = min(times[False]), min(times[True])
             ratios.append(f"{label}:{name}:{index + 1}={plain / kernel:.2f}")
-            projection = settings["projection"] if features.shape[1] > settings["projection"] > 0 else "none"
+            projection = settings["projection"] if projected else "none"
             print(f"| {label} | {name} | {index + 1}: {features.shape[0]} x {features.shape[1]} -> {n} "
                   f"({projection}) | {plain:.3f} | {kernel:.3f} | {plain / kernel:.2f} | {shared:.2%} | {read} |", flush=True)
     print(f"load average {os.getloadavg()[0]:.2f}")

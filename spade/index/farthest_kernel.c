@@ -271,18 +271,16 @@ static void *helper(void *arg)
  * progress). x_all, pos_all, mind_all: two halves of cap rows each (cap >= n + W * (k + 1)), *half the one in use (the
  * other the one the groups are re-formed into): x the rows in panels of W (row q's channel i at
  * x[(q / W * c + i) * W + q % W]); pos, mind: each row's input position and squared distance to the chosen set (-1:
- * chosen or padding); owner (cap): its nearest chosen step (-1: padding); chosen (k): input positions in selection order;
- * ct (c x kcap, kcap >= k + W): the chosen rows, channel-major; *blocks, bstart (k + 1), brad, bmax, barg, dist (kcap):
- * the blocks, bstart[*blocks] the rows in use, and their centres' distances to the new point; *visited counts the rows
- * the steps read; threads: how many threads read a step's rows. Call first with from = 1, *blocks = 0, *half = 0, the first
- * half's x and pos (-1 past n) and owner (0, -1 past n) in input order, padded to whole panels, and chosen[0] the first
- * row. Returns 0, -2 (no
- * memory), -3 (bad arguments). */
+ * chosen or padding); owner (cap): its nearest chosen step (-1: padding); chosen (k): input positions in selection
+ * order; ct (c x kcap, kcap >= k + W): the chosen rows, channel-major; *blocks, bstart (k + 1), brad, bmax, barg,
+ * dist (kcap): the blocks, bstart[*blocks] the rows in use, and their centres' distances to the new point; *visited
+ * counts the rows the steps read; threads: how many threads read a step's rows. Call first with from = 1,
+ * *blocks = 0, *half = 0, the first half's x and pos (-1 past n) and owner (0, -1 past n) in input order, padded to
+ * whole panels, and chosen[0] the first row. Returns 0, -2 (no memory for its scratch), -3 (bad arguments). */
 int spade_farthest_steps(float *x_all, int64_t cap, int64_t *pos_all, float *mind_all, int64_t *half, int64_t *owner,
-                         int64_t n, int c,
-                         int64_t *chosen, float *ct, int64_t kcap, int64_t k, int64_t from, int64_t to,
-                         int64_t *blocks, int64_t *bstart, float *brad, float *bmax, int64_t *barg, float *dist,
-                         int64_t *visited, int threads)
+                         int64_t n, int c, int64_t *chosen, float *ct, int64_t kcap, int64_t k, int64_t from,
+                         int64_t to, int64_t *blocks, int64_t *bstart, float *brad, float *bmax, int64_t *barg,
+                         float *dist, int64_t *visited, int threads)
 {
     if (n < 1 || c < 1 || k < 1 || k > n || cap < n + W * (k + 1) || kcap < k + W || from < 1 || to > k
         || chosen[0] < 0 || chosen[0] >= n || (*half != 0 && *half != 1))

@@ -32,9 +32,8 @@ def _library() -> ctypes.CDLL | None:
     pointer, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.spade_farthest_steps.restype = ctypes.c_int
     lib.spade_farthest_steps.argtypes = [pointer, i64, pointer, pointer, pointer, pointer, i64, ctypes.c_int, pointer,
-                                         pointer,
-                                         i64, i64, i64, i64, pointer, pointer, pointer, pointer, pointer, pointer,
-                                         pointer, ctypes.c_int]
+                                         pointer, i64, i64, i64, i64, pointer, pointer, pointer, pointer, pointer,
+                                         pointer, pointer, ctypes.c_int]
     return lib
 
 
@@ -82,13 +81,13 @@ def farthest_points(rows: np.ndarray | torch.Tensor, n: int, start: int,
     while True:
         stop = min(n, step + CHUNK)
         code = lib.spade_farthest_steps(x.ctypes.data, cap, pos.ctypes.data, mind.ctypes.data, half.ctypes.data,
-                                        owner.ctypes.data,
-                                        total, channels, chosen.ctypes.data, centres.ctypes.data, kcap, n, step, stop,
+                                        owner.ctypes.data, total, channels, chosen.ctypes.data, centres.ctypes.data,
+                                        kcap, n, step, stop,
                                         blocks.ctypes.data, bstart.ctypes.data, brad.ctypes.data, bmax.ctypes.data,
                                         barg.ctypes.data, dist.ctypes.data, visited.ctypes.data,
                                         max(1, min(threads, MAX_THREADS)))
         if code == -2:
-            raise MemoryError(f"farthest-point selection could not allocate a copy of {total} x {channels} rows")
+            raise MemoryError(f"farthest-point selection over {total} x {channels} rows could not allocate its scratch")
         if code:
             raise RuntimeError(f"farthest-point selection refused its arguments (code {code})")
         if visits is not None:
