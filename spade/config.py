@@ -19,7 +19,7 @@ BRIGHTNESS = ("keep", "imagenet_mean")  # spade.io.images.preprocess
 BRIGHTNESS_SETTINGS = ("auto",) + BRIGHTNESS  # auto: one of those, fixed at fit from the gallery's frames
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the mean RGB intensity of ImageNet's photos, in [0, 1]
 DEVICES = ("auto", "cpu", "cuda")
-SEARCH_KERNELS = ("auto", "gemm")  # spade.index.fused_nearest
+SEARCH_KERNELS = ("auto", "float32", "gemm")  # spade.index.fused_nearest
 # Settings that change only speed or file layout, never a row: runs that differ only in them may resume each other's
 # ledgers.
 SPEED_ONLY = ("num_threads", "shards", "rows_per_shard", "batch_size", "feature_runtime", "device", "search_kernel")
@@ -131,7 +131,9 @@ class SpadeConfig:
     approximate_local_radius: int = 2  # bank-searched layers' pixel maps also search the K nearest frames near each place (spade.scoring.local_search); 0: the bank alone
     approximate_local_block: int = 4  # ... block by block: each block of this many positions a side sees the neighbours' block grown by the radius
     refine_distances: bool = True
-    search_kernel: str = "auto"  # CPU nearest-vector searches: auto (the fused kernel where built, AVX2+FMA), gemm
+    search_kernel: str = "auto"  # CPU nearest-vector searches: auto (the fused kernel where built, AVX2+FMA; whole-bank
+    # searches screened in bfloat16 where the CPU has AVX512-BF16, the same winners), float32 (the fused kernel, no
+    # screen), gemm
     coreset_ratio: float = 0.01
     coreset_projection: int = 128
     coreset_max_candidates: int = 200_000
@@ -192,7 +194,8 @@ class SpadeConfig:
             problems.append(f"device must be one of {', '.join(DEVICES)}")
         if self.search_kernel not in SEARCH_KERNELS:
             problems.append(f"search_kernel must be one of {', '.join(SEARCH_KERNELS)} (auto: the fused kernel where "
-                            "it was built and the CPU has AVX2 and FMA; gemm: torch's GEMM and row minima)")
+                            "it was built and the CPU has AVX2 and FMA, screened in bfloat16 where it has AVX512-BF16; "
+                            "float32: the fused kernel without the screen; gemm: torch's GEMM and row minima)")
         if self.feature_dtype not in ("float16", "float32"):
             problems.append("feature_dtype must be float16 or float32")
         if self.eval_region not in ("crop", "full"):

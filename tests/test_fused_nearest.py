@@ -85,7 +85,7 @@ def test_fold_equals_the_gemm_running_minimum():
     np.testing.assert_allclose(fused.values.numpy(), gemm.values.numpy(), rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("kernel", ["auto", "gemm"])
+@pytest.mark.parametrize("kernel", ["auto", "float32", "gemm"])
 def test_searches_with_either_kernel_equal_float64(kernel):
     """The exact search's distances within 1e-5 of float64 whichever inner loop the config picks, near-ties
     included (the refinement settles them)."""
@@ -124,7 +124,7 @@ def test_search_kernel_is_a_checked_speed_only_setting():
 
     assert "search_kernel" in SPEED_ONLY
     assert SpadeConfig(search_kernel="gemm").search_kernel == "gemm"
-    with pytest.raises(ValueError, match="search_kernel must be one of auto, gemm"):
+    with pytest.raises(ValueError, match="search_kernel must be one of auto, float32, gemm"):
         SpadeConfig(search_kernel="fast")
     with pytest.raises(ValueError, match="search_kernel must be one of"):
         fused_nearest.use_fused("fast")
@@ -167,3 +167,119 @@ def test_the_run_log_says_which_search_runs_and_how_to_get_the_kernel(monkeypatc
                         lambda name, *a: None if name == fused_nearest.EXTENSION else real_find_spec(name, *a))
     note = fused_nearest.describe("auto")
     assert "not built" in note and "C compiler" in note and "pip install -e ." in note
+
+
+needs_bf16 = pytest.mark.skipif(not fused_nearest.bf16_available(),
+                                reason="the bfloat16 screen needs the kernel built and a CPU with AVX512-BF16")
+
+
+def near_tied_case(seed: int, rows: int, columns: int, channels: int, spread: float):
+    """Gallery vectors in tight clusters (members ``spread`` apart, far below bfloat16's resolution at these norms,
+    so the screen cannot order them) around offset centres, queries near random members, some exact duplicates."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(max(1, columns // 20), channels)) * 4 + 3
+    g = centres[rng.integers(0, len(centres), columns)] + spread * rng.normal(size=(columns, channels))
+    q = g[rng.integers(0, columns, rows)] + spread * rng.normal(size=(rows, channels))
+    g[1] = g[0]        # a tie: the first column must win
+    q[:3] = g[:3]      # exact duplicates of gallery vectors
+    return q.astype(np.float32), g.astype(np.float32)
+
+
+@needs_bf16
+@pytest.mark.parametrize("channels", [1, 7, 24, 112])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_bf16_screen_finds_the_float32_kernels_very_winners(channels, threads):
+    """The screen rounds to bfloat16 (8 bits) and settles what it cannot rule out in the float32 kernel's own
+    arithmetic: the winners must be `nearest_ids`', tie to tie, on vectors the screen alone would misorder (spread
+    1e-3 and 1e-2 at norms near 10), odd channel counts and a gallery that is not a multiple of its 32-column panels."""
+    for spread in (1e-3, 1e-2, 1.0):
+        q, g = near_tied_case(channels + int(spread * 1000), 301, 1001, channels, spread)
+        panels, screen = fused_nearest.Panels.of(g), fused_nearest.Bf16Panels.of(g)
+        expected = fused_nearest.nearest_ids(q, panels)
+        found, compared, overflowed = fused_nearest.nearest_ids_bf16(q, panels, screen, threads=threads)
+        np.testing.assert_array_equal(found, expected)
+        assert compared + overflowed * len(g) >= len(q)
+        if spread == 1.0:  # well-separated: q[1] = g[1] = g[0] wins at g[0], the first of the tie
+            assert found[1] == 0 and overflowed == 0
+            if channels > 1:  # a few columns a query (on a line, 2^-6 |q| |g| spans many neighbours)
+                assert compared < 4 * len(q)
+
+
+@needs_bf16
+@pytest.mark.parametrize("threads", [1, 2])
+def test_screened_fold_leaves_the_float32_folds_very_state(threads):
+    """Winner, id and runner-up folded call after call (ragged widths, a running state coming in) through the screen:
+    bit for bit what the float32 fold leaves, on exact integer ties and on near-tied real vectors."""
+    rows, widths = 150, (130, 64, 1, 200, 77, 1100)
+    q_int, g_int, s = integer_case(7, rows, sum(widths), 24)
+    q_near, g_near = near_tied_case(9, rows, sum(widths), 40, 1e-3)
+    for q, g in ((q_near, g_near), (q_int, g_int)):
+        states = {}
+        for screened in (False, True):
+            values = torch.full((rows, 2), float("inf"))
+            ids = torch.full((rows, 2), -1, dtype=torch.int64)
+            first = 0
+            for width in widths:
+                part = torch.from_numpy(g[first:first + width])
+                panels = fused_nearest.Panels.of(part)
+                if screened:
+                    screen = fused_nearest.Bf16Panels.of(part, centred=False)
+                    fused_nearest.fold_bf16(torch.from_numpy(q), panels, screen, values, ids, 500 + first, threads)
+                else:
+                    fused_nearest.fold_panels(torch.from_numpy(q), panels, values, ids, 500 + first, threads)
+                first += width
+            states[screened] = (values.numpy(), ids[:, 0].numpy())
+        np.testing.assert_array_equal(states[True][0], states[False][0])
+        np.testing.assert_array_equal(states[True][1], states[False][1])
+    np.testing.assert_array_equal(states[True][0][:, 0], s.min(axis=1))  # the integer case is still in states
+
+
+def test_bf16_screen_overflows_into_the_whole_search_and_says_so():
+    """Columns the screen cannot tell apart beyond its candidate buffer (128 a query): those queries are searched by
+    the float32 kernel over every column, counted, with the same winners."""
+    if not fused_nearest.bf16_available():
+        pytest.skip("the bfloat16 screen needs the kernel built and a CPU with AVX512-BF16")
+    rng = np.random.default_rng(5)
+    base = rng.normal(size=24) * 3 + 5
+    g = (base + 1e-5 * rng.normal(size=(600, 24))).astype(np.float32)
+    q = np.concatenate([(base + 1e-5 * rng.normal(size=(20, 24))), rng.normal(size=(20, 24)) * 3 + 5])
+    q = q.astype(np.float32)
+    panels, screen = fused_nearest.Panels.of(g), fused_nearest.Bf16Panels.of(g)
+    found, _, overflowed = fused_nearest.nearest_ids_bf16(q, panels, screen)
+    np.testing.assert_array_equal(found, fused_nearest.nearest_ids(q, panels))
+    assert overflowed >= 20
+
+
+@needs_bf16
+def test_bf16_screen_on_feature_like_vectors():
+    """A layer-1-sized bank (8,192 vectors, 24 channels) of non-negative vectors of unequal channel scales, as after a
+    ReLU, against queries near its members: the same winners as the float32 kernel, about one column a query
+    compared exactly, two threads."""
+    rng = np.random.default_rng(2)
+    g = np.abs(rng.normal(size=(8192, 24)) * rng.uniform(0.2, 3, size=24)).astype(np.float32)
+    q = (g[rng.integers(0, len(g), 3000)] + 0.05 * np.abs(rng.normal(size=(3000, 24)))).astype(np.float32)
+    panels, screen = fused_nearest.Panels.of(g), fused_nearest.Bf16Panels.of(g)
+    found, compared, overflowed = fused_nearest.nearest_ids_bf16(q, panels, screen, threads=2)
+    np.testing.assert_array_equal(found, fused_nearest.nearest_ids(q, panels))
+    assert compared < 3 * len(q) and overflowed == 0
+
+
+def test_bf16_screen_is_selected_by_search_kernel(monkeypatch):
+    """auto screens whole-bank searches where the CPU can; float32 keeps the fused kernel unscreened; the run log says
+    which; a bank's distances are the same whichever runs."""
+    from spade.index.coreset import MemoryBank
+
+    assert not fused_nearest.use_bf16("float32") and not fused_nearest.use_bf16("gemm")
+    assert fused_nearest.use_bf16("auto") == (fused_nearest.available() and fused_nearest.bf16_available())
+    if fused_nearest.use_bf16("auto"):
+        assert "bfloat16" in fused_nearest.describe("auto")
+    assert "bfloat16" not in fused_nearest.describe("float32")
+    for spread, exact in ((1e-2, False), (0.3, True)):  # near ties: float32's expansion itself may err by 3e-4
+        q, g = near_tied_case(4, 500, 2000, 24, spread)
+        bank = MemoryBank.from_vectors(g, np.repeat(np.arange(20), 100))
+        bank._whole = True  # as after a first search whose clusters skipped too little
+        results = {kernel: bank.distances(q, 1, kernel=kernel) for kernel in ("auto", "float32", "gemm")}
+        np.testing.assert_array_equal(results["auto"], results["float32"])
+        if exact:
+            np.testing.assert_allclose(results["auto"], results["gemm"], rtol=0, atol=1e-5)
+            np.testing.assert_allclose(results["auto"], full_distances(q, g).min(axis=1), rtol=0, atol=1e-5)

@@ -32,6 +32,7 @@ LOG = logging.getLogger(__name__)
 DEFAULT_PROJECTION = 128
 DEFAULT_MAX_CANDIDATES = 200_000   # positions drawn at random before the greedy pass (bounds build time and memory)
 SEED = 0
+SCREENED_MIN = 256                 # a bank searched whole is screened in bfloat16 from this many vectors on (AVX512-BF16)
 PROGRESS_SECONDS = 10.0            # a long greedy pass reports how far it got this often
 FOLDER = "coreset"                 # gallery sub-folder of stored banks: <layer>.npy vectors, <layer>-rows.npy rows
 # faiss searches a flat index by a GEMM only from queries x dimensions >= this (its own default 128,000), one query
@@ -126,6 +127,7 @@ class MemoryBank:
     rows: np.ndarray | None = None
     _screen: "MemoryBank | None" = field(default=None, repr=False, compare=False)
     _panels: "fused_nearest.Panels | None" = field(default=None, repr=False, compare=False)
+    _bf16: "fused_nearest.Bf16Panels | None" = field(default=None, repr=False, compare=False)
     _clusters: "ClusteredBank | None" = field(default=None, repr=False, compare=False)
     _whole: bool = field(default=False, repr=False, compare=False)  # its clusters skipped too little: search it whole
 
@@ -162,7 +164,8 @@ class MemoryBank:
         kappa 1 and the fused kernel (`spade.index.fused_nearest`, ``kernel`` auto) in one compiled pass over the
         bank's packed vectors (a bank of `CLUSTERED_MIN` vectors or more packed in clusters, most of which each query
         skips: `spade.index.bank_clusters`; searched whole from the first large search on where its clusters skipped
-        less than `bank_clusters.WORTH` of it), else by faiss's flat search (a GEMM and its row minima)."""
+        less than `bank_clusters.WORTH` of it; a whole search screened in bfloat16 where the CPU has AVX512-BF16,
+        `fused_nearest.nearest_ids_bf16`: the same winners), else by faiss's flat search (a GEMM and its row minima)."""
         if kappa == 1 and fused_nearest.use_fused(kernel):
             if others is None and len(self.vectors) >= CLUSTERED_MIN and not self._whole:
                 with _DERIVED_LOCK:
@@ -173,10 +176,15 @@ class MemoryBank:
                     self._whole = True  # the same winners either way; whole is faster where clusters skip little
                 return ids[:, None]
             if others is None:
+                screened = fused_nearest.use_bf16(kernel) and len(self.vectors) >= SCREENED_MIN
                 with _DERIVED_LOCK:
                     if self._panels is None:
                         self._panels = fused_nearest.Panels.of(self.vectors)
+                    if screened and self._bf16 is None:
+                        self._bf16 = fused_nearest.Bf16Panels.of(self.vectors)
                 panels = self._panels
+                if screened:
+                    return fused_nearest.nearest_ids_bf16(q, panels, self._bf16, threads=torch.get_num_threads())[0][:, None]
             else:
                 panels = fused_nearest.Panels.of(self.vectors[others])
             ids = fused_nearest.nearest_ids(q, panels, threads=torch.get_num_threads())[:, None]
@@ -267,7 +275,7 @@ class MemoryBank:
         return self._screen
 
 
-_DERIVED_LOCK = threading.Lock()  # a bank's parts made on first use: its screen, its kernel panels, its clusters
+_DERIVED_LOCK = threading.Lock()  # a bank's parts made on first use: its screen, its kernel panels (float32, bfloat16), its clusters
 
 
 _BANKS: dict[tuple, MemoryBank] = {}

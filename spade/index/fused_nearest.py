@@ -30,6 +30,8 @@ EXTENSION = "spade.index._nearest"  # the built kernel (setup.py's optional exte
 LANES = 16           # gallery columns a kernel tile (the panel width)
 ROWS = 6             # queries a kernel tile (nearest_kernel.c's ROWS)
 COLUMN_BLOCK = 1024  # gallery columns per pass over the queries: 1024 x C floats stay in L2
+SCREEN_LANES = 32    # gallery columns a bfloat16 screen tile (its panel width)
+SCREENED_QUERIES = 128  # queries a fold needs to be screened (the screen packs its columns once more)
 
 
 @functools.lru_cache(maxsize=1)
@@ -51,6 +53,11 @@ def _library() -> ctypes.CDLL | None:
     lib.spade_cluster_bounds.argtypes = [pointer, ctypes.c_int64, ctypes.c_int, ctypes.c_int, pointer, pointer,
                                          ctypes.c_int64, pointer, ctypes.c_float, ctypes.c_float, ctypes.c_float,
                                          pointer, pointer]
+    lib.spade_bf16_supported.restype = ctypes.c_int
+    lib.spade_fold_bf16.restype = ctypes.c_int
+    lib.spade_fold_bf16.argtypes = [pointer, ctypes.c_int64, ctypes.c_int, pointer, pointer, pointer, pointer,
+                                    ctypes.c_int64, pointer, pointer, ctypes.c_int64, ctypes.c_int64, ctypes.c_float,
+                                    ctypes.c_float, ctypes.c_int, pointer, pointer, pointer]
     return lib if lib.spade_nearest_supported() else None
 
 
@@ -59,11 +66,18 @@ def available() -> bool:
     return _library() is not None
 
 
+def bf16_available() -> bool:
+    """Whether the bfloat16 screen can run here (the kernel built, and the CPU has AVX512-BF16)."""
+    lib = _library()
+    return lib is not None and bool(lib.spade_bf16_supported())
+
+
 def describe(kernel: str) -> str:
     """What the searches of a run with ``search_kernel`` = ``kernel`` use on this machine, and where the kernel is
     missing, why and what to do (for the run log)."""
     if use_fused(kernel):
-        return "fused nearest-feature kernel (AVX2+FMA)"
+        screen = ", its whole-bank searches screened in bfloat16 (AVX512-BF16)" if use_bf16(kernel) else ""
+        return f"fused nearest-feature kernel (AVX2+FMA){screen}"
     if kernel == "gemm":
         return "GEMM searches (search_kernel: gemm)"
     if not extension.built(EXTENSION):
@@ -76,7 +90,13 @@ def use_fused(kernel: str) -> bool:
     """Whether a search with ``search_kernel`` = ``kernel`` folds with the fused kernel (auto: where `available`)."""
     if kernel not in SEARCH_KERNELS:
         raise ValueError(f"search_kernel must be one of {', '.join(SEARCH_KERNELS)}, got {kernel!r}")
-    return kernel == "auto" and available()
+    return kernel in ("auto", "float32") and available()
+
+
+def use_bf16(kernel: str) -> bool:
+    """Whether a whole-bank search with ``search_kernel`` = ``kernel`` is screened in bfloat16 (`nearest_ids_bf16`;
+    auto: where `bf16_available`; float32 keeps the fused kernel's float32 pass over every column)."""
+    return use_fused(kernel) and kernel == "auto" and bf16_available()
 
 
 @dataclass(frozen=True)
@@ -103,14 +123,61 @@ class Panels:
         return cls(padded.view(width // LANES, LANES, channels).transpose(1, 2).contiguous(), sq)
 
 
+@dataclass(frozen=True)
+class Bf16Panels:
+    """Gallery vectors as the bfloat16 screen reads them (`fold_bf16`): centred on ``centre`` (C,), their mean (None:
+    as they are), rounded to bfloat16, ``packed`` (ceil(N / 32), ceil(C / 2), 32) int32, 32 columns a panel, two
+    channels a lane; ``sq`` and ``norm`` their |g|^2 and |g| in float32 (padding: +inf, 0); ``centred_max`` and
+    ``plain_max`` the largest |g| centred and as they are (the screen's error bound reads them)."""
+
+    packed: torch.Tensor
+    sq: torch.Tensor
+    norm: torch.Tensor
+    centre: torch.Tensor | None
+    centred_max: float
+    plain_max: float
+
+    @classmethod
+    def of(cls, g: torch.Tensor | np.ndarray, centred: bool = True, g_sq: torch.Tensor | None = None) -> "Bf16Panels":
+        """Screen panels of gallery vectors ``g`` (N, C), float32, centred on their mean (a bank searched from fresh
+        states) or not (``centred`` False: folded into running states, whose values the screen then compares with;
+        ``g_sq`` |g|^2 where already computed)."""
+        g = torch.from_numpy(np.array(g, dtype=np.float32)) if isinstance(g, np.ndarray) else g.to(torch.float32)
+        n, channels = g.shape
+        width, pairs = -(-n // SCREEN_LANES) * SCREEN_LANES, -(-channels // 2)
+        halves = torch.zeros((width, 2 * pairs), dtype=torch.bfloat16)
+        sq = torch.full((width,), float("inf"), dtype=torch.float32)
+        norm = torch.zeros(width, dtype=torch.float32)
+        if centred:
+            centre = g.mean(dim=0, dtype=torch.float64).to(torch.float32).contiguous()
+            moved = g - centre
+            halves[:n, :channels] = moved
+            sq[:n] = (moved.double() ** 2).sum(1).to(torch.float32)
+            plain_max = float((g.double() ** 2).sum(1).max().sqrt()) if n else 0.0
+        else:
+            centre = None
+            halves[:n, :channels] = g
+            sq[:n] = (g * g).sum(1) if g_sq is None else g_sq
+            plain_max = float(sq[:n].max().sqrt()) if n else 0.0
+        norm[:n] = sq[:n].sqrt()
+        packed = halves.view(torch.int32).view(width // SCREEN_LANES, SCREEN_LANES, pairs).transpose(1, 2).contiguous()
+        return cls(packed, sq, norm, centre, float(norm[:n].max()) if n and centred else plain_max, plain_max)
+
+
 def fold(q: torch.Tensor, g: torch.Tensor, g_sq: torch.Tensor, values: torch.Tensor, ids: torch.Tensor,
-         first_id: int, threads: int = 1) -> None:
+         first_id: int, threads: int = 1, screened: bool = False) -> None:
     """Fold gallery vectors ``g`` (N, C) with ids first_id.. into the running minimum of queries ``q`` (M, C), all
     float32: ``values`` (M, 2) each query's smallest s(g) = |g|^2 - 2 q.g and the runner-up, ``ids`` (M, 2) int64
     the smallest's id in column 0, updated in place (first column wins ties, as a row minimum does). ``threads``
-    > 1 splits the queries among that many threads (the kernel releases the GIL)."""
+    > 1 splits the queries among that many threads (the kernel releases the GIL). ``screened``: through the
+    bfloat16 screen (`fold_bf16`, the same result) where `use_bf16` allows it and enough queries share the columns
+    to repay packing them twice."""
     if len(q) and len(g):
-        fold_panels(q, Panels.of(g, g_sq), values, ids, first_id, threads)
+        panels = Panels.of(g, g_sq)
+        if screened and len(q) >= SCREENED_QUERIES:
+            fold_bf16(q, panels, Bf16Panels.of(g, centred=False, g_sq=g_sq), values, ids, first_id, threads)
+        else:
+            fold_panels(q, panels, values, ids, first_id, threads)
 
 
 def _required() -> ctypes.CDLL:
@@ -171,6 +238,53 @@ def nearest_ids(q: torch.Tensor | np.ndarray, panels: Panels, threads: int = 1) 
     ids = torch.full((len(q), 2), -1, dtype=torch.int64)
     fold_panels(q, panels, values, ids, 0, threads)
     return ids[:, 0].numpy()
+
+
+def fold_bf16(q: torch.Tensor | np.ndarray, panels: Panels, screen: Bf16Panels, values: torch.Tensor,
+              ids: torch.Tensor, first_id: int, threads: int = 1, runner_up: bool = True) -> tuple[int, int]:
+    """`fold_panels`' very result (its float32 values, the first column on ties, the runner-up where ``runner_up``),
+    with each query compared in float32 only with the columns a bfloat16 screen of every column cannot rule out;
+    returns the columns compared exactly and the queries folded whole instead (their candidates overflowed).
+
+    Why: a search with few channels is bound by its multiply-adds, and AVX512-BF16's dot product does 3.7x the
+    float32 rate on this project's CPUs (benchmarks/README, "A bfloat16 screen"). The screen's error bound
+    (nearest_kernel.c, spade_fold_bf16) leaves a few columns a query. ``screen`` is `Bf16Panels.of` the vectors
+    ``panels`` packs; a centred screen needs fresh states (values +inf)."""
+    lib = _required()
+    if not bf16_available():
+        raise RuntimeError("the bfloat16 screen needs AVX512-BF16, which this CPU lacks; use fold_panels")
+    rows, channels = q.shape
+    if channels != panels.packed.shape[1] or channels != screen.packed.shape[1] * 2 - channels % 2:
+        raise ValueError(f"queries have {channels} channels, the gallery {panels.packed.shape[1]}")
+    for name, tensor in (("values", values), ("ids", ids)):
+        if tensor.ndim != 2 or tensor.shape[1] != 2 or not tensor.is_contiguous() or len(tensor) != rows:
+            raise ValueError(f"{name} must be a contiguous ({rows}, 2) tensor, got {tuple(tensor.shape)}")
+    counts = np.zeros((max(1, rows), 2), dtype=np.int64)  # per span (indexed by its first row): compared, overflowed
+    if not rows or not len(panels.sq):
+        return 0, 0
+    queries = torch.as_tensor(np.ascontiguousarray(q, dtype=np.float32) if isinstance(q, np.ndarray)
+                              else q.to(torch.float32).contiguous())
+    centre = None if screen.centre is None else screen.centre.data_ptr()
+
+    def part(start: int, stop: int) -> int:
+        return lib.spade_fold_bf16(queries[start].data_ptr(), stop - start, channels, centre, screen.packed.data_ptr(),
+                                   screen.sq.data_ptr(), screen.norm.data_ptr(), len(screen.sq),
+                                   panels.packed.data_ptr(), panels.sq.data_ptr(), len(panels.sq), first_id,
+                                   screen.centred_max, screen.plain_max, int(runner_up), values[start].data_ptr(),
+                                   ids[start].data_ptr(), counts[start].ctypes.data)
+
+    _in_threads(rows, threads, part)
+    return int(counts[:, 0].sum()), int(counts[:, 1].sum())
+
+
+def nearest_ids_bf16(q: torch.Tensor | np.ndarray, panels: Panels, screen: Bf16Panels,
+                     threads: int = 1) -> tuple[np.ndarray, int, int]:
+    """`nearest_ids`' very answer screened in bfloat16 (`fold_bf16`): (M,) the nearest columns, the columns compared
+    exactly and the queries searched whole instead."""
+    values = torch.full((len(q), 2), float("inf"))
+    ids = torch.full((len(q), 2), -1, dtype=torch.int64)
+    compared, overflowed = fold_bf16(q, panels, screen, values, ids, 0, threads, runner_up=False)
+    return ids[:, 0].numpy(), compared, overflowed
 
 
 def _padded(radii: np.ndarray, width: int) -> np.ndarray:

@@ -17,6 +17,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -304,8 +305,345 @@ int spade_cluster_bounds(const float *qm2, int64_t M, int channels, int clusters
 #endif
 }
 
+#if defined(HAVE_KERNEL) && ((defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && __GNUC__ >= 10))
+#define HAVE_BF16 1
+#define SROWS 12   /* queries a screen tile: 12 x 2 accumulators of 16 columns + 2 gallery vectors + 1 broadcast (of 32) */
+#define SVECS 2    /* 16-float vectors of gallery columns a screen tile */
+#define SLANES (16 * SVECS)
+#define CAP 128    /* candidates a query may hold before it is searched exactly instead */
+
+/* x rounded to the nearest bfloat16 (ties to even), in the low 16 bits: what torch's .to(bfloat16) gives. */
+static uint32_t bf16_bits(float x)
+{
+    uint32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    return (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+}
+
+/* The float32 value spade_nearest_fold computes for query qm2 (times -2) and column j of the packed panels:
+ * g_sq[j] plus the channels' fused multiply-adds in channel order, as each lane of its register tile does. */
+__attribute__((target("avx2,fma")))
+static float exact_value(const float *qm2, int channels, const float *panels, const float *g_sq, int64_t j)
+{
+    const float *g = panels + (j / LANES) * (int64_t)LANES * channels + j % LANES;
+    float acc = g_sq[j];
+    for (int c = 0; c < channels; c++)
+        acc = fmaf(qm2[c], g[(int64_t)c * LANES], acc);
+    return acc;
+}
+
+/* Drop a query's candidates whose lower bound exceeds its limit (keeping their order); returns how many are left. */
+static int compact(int64_t *cols, float *xs, int count, float limit)
+{
+    int kept = 0;
+    for (int i = 0; i < count; i++)
+        if (xs[i] <= limit) {
+            cols[kept] = cols[i];
+            xs[kept++] = xs[i];
+        }
+    return kept;
+}
+
+/* acc[r][v] = sq - 2 q_r.g in bfloat16 products (float32 sums) for the SROWS queries qp[r] (their channel pairs
+ * times -2) and the tile of SLANES columns at g (npairs x SLANES, two channels a lane) with |g|^2 at sq. */
+__attribute__((target("avx512f,avx512bw,avx512bf16"), always_inline))
+static inline void screen_tile(const uint32_t *const qp[SROWS], int npairs, const uint32_t *g, const float *sq,
+                               __m512 acc[SROWS][SVECS])
+{
+    for (int v = 0; v < SVECS; v++) {
+        __m512 m = _mm512_loadu_ps(sq + 16 * v);
+        for (int r = 0; r < SROWS; r++)
+            acc[r][v] = m;
+    }
+    for (int k = 0; k < npairs; k++, g += SLANES) {
+        __m512bh gv[SVECS];
+        for (int v = 0; v < SVECS; v++)
+            gv[v] = (__m512bh)_mm512_loadu_si512((const void *)(g + 16 * v));
+        for (int r = 0; r < SROWS; r++) {
+            __m512bh b = (__m512bh)_mm512_set1_epi32((int)qp[r][k]);
+            for (int v = 0; v < SVECS; v++)
+                acc[r][v] = _mm512_dpbf16_ps(acc[r][v], b, gv[v]);
+        }
+    }
+}
+
+/* The two smallest of `upper` over its lanes (distinct columns; padding lanes +inf) into least[0], least[1], and
+ * their lanes into lane[0], lane[1]. */
+__attribute__((target("avx512f")))
+static void two_least(__m512 upper, float least[2], int lane[2])
+{
+    least[0] = _mm512_reduce_min_ps(upper);
+    __mmask16 at = _mm512_cmp_ps_mask(upper, _mm512_set1_ps(least[0]), _CMP_EQ_OQ);
+    lane[0] = at ? __builtin_ctz(at) : -1;
+    __m512 rest = _mm512_mask_mov_ps(upper, (__mmask16)(at & -at), _mm512_set1_ps(INFINITY));
+    least[1] = _mm512_reduce_min_ps(rest);
+    at = _mm512_cmp_ps_mask(rest, _mm512_set1_ps(least[1]), _CMP_EQ_OQ);
+    lane[1] = at ? __builtin_ctz(at) : -1;
+}
+
+/* Column j's upper bound y into the smallest two bounds so far of distinct columns, least[0] <= least[1] (of
+ * columns who[0], who[1]); returns the limit a column's lower bound must not exceed to stay a candidate: least[1]
+ * where the runner-up is kept, else least[0], plus lift, and at most cap. A column met again (the probe's, when the
+ * scan reaches it) counts once. */
+static float admit(float y, int64_t j, float *least, int64_t *who, int runner_up, float lift, float cap)
+{
+    if (j != who[0] && j != who[1]) {
+        if (y < least[0]) {
+            least[1] = least[0];
+            who[1] = who[0];
+            least[0] = y;
+            who[0] = j;
+        } else if (y < least[1]) {
+            least[1] = y;
+            who[1] = j;
+        }
+    }
+    float limit = least[runner_up] + lift;
+    return limit < cap ? limit : cap;
+}
+
+/* Screen `rows` queries (up to SROWS) against every column in bfloat16, then fold the candidates into each query's
+ * state in the float32 kernel's arithmetic (see spade_fold_bf16). pairs[r * npairs + k]: query r's centred channels
+ * 2k, 2k + 1 times -2 as two bfloat16; a[r], lift[r], cap[r]: its bound's slope (times a column's centred norm), its
+ * constant, and the limit its incoming state sets. probe (npairs x SLANES), probe_sq, probe_norm: a tile of likely
+ * winners (distinct recent winners), screened first so that each limit is tight from the start and few tiles need the
+ * scalar pass. */
+__attribute__((target("avx512f,avx512bw,avx512bf16,avx2,fma")))
+static void screen_rows(const float *q, int rows, int channels, const uint32_t *pairs, int npairs, const float *a,
+                        const float *lift, const float *cap, int runner_up, const uint32_t *screen,
+                        const float *screen_sq, const float *screen_norm, int64_t columns, const uint32_t *probe,
+                        const int64_t *probe_ids, const float *probe_sq, const float *probe_norm, const float *panels,
+                        const float *g_sq,
+                        int64_t width, int64_t first_id, int64_t *cols, float *xs, float *qm2, float *state,
+                        int64_t *ids, int64_t *counts)
+{
+    int count[SROWS] = {0}, over[SROWS] = {0};
+    float limit[SROWS], least[SROWS][2];
+    int64_t who[SROWS][2];
+    const uint32_t *qp[SROWS];  /* a tile's rows past `rows` repeat the first */
+    for (int r = 0; r < SROWS; r++)
+        qp[r] = pairs + (r < rows ? r : 0) * npairs;
+    __m512 acc[SROWS][SVECS];
+    screen_tile(qp, npairs, probe, probe_sq, acc);
+    for (int r = 0; r < rows; r++) {
+        __m512 slope = _mm512_set1_ps(a[r]);
+        least[r][0] = least[r][1] = FLT_MAX;
+        who[r][0] = who[r][1] = -1;
+        limit[r] = cap[r];
+        for (int v = 0; v < SVECS; v++) {
+            float two[2];
+            int lane[2];
+            two_least(_mm512_fmadd_ps(slope, _mm512_loadu_ps(probe_norm + 16 * v), acc[r][v]), two, lane);
+            for (int i = 0; i < 2; i++)
+                if (lane[i] >= 0 && two[i] < FLT_MAX)
+                    limit[r] = admit(two[i], probe_ids[16 * v + lane[i]], least[r], who[r], runner_up, lift[r],
+                                     cap[r]);
+        }
+    }
+    for (int64_t j0 = 0; j0 < columns; j0 += SLANES) {
+        screen_tile(qp, npairs, screen + j0 * npairs, screen_sq + j0, acc);
+        __m512 n[SVECS];
+        for (int v = 0; v < SVECS; v++)
+            n[v] = _mm512_loadu_ps(screen_norm + j0 + 16 * v);
+        uint64_t hits[SROWS], any = 0;
+        for (int r = 0; r < rows; r++) {
+            __m512 slope = _mm512_set1_ps(a[r]), lim = _mm512_set1_ps(limit[r]);
+            hits[r] = 0;
+            for (int v = 0; v < SVECS; v++) {
+                acc[r][v] = _mm512_fnmadd_ps(slope, n[v], acc[r][v]);
+                hits[r] |= (uint64_t)_mm512_cmp_ps_mask(acc[r][v], lim, _CMP_LE_OQ) << (16 * v);
+            }
+            any |= hits[r];
+        }
+        if (!any)
+            continue;
+        for (int r = 0; r < rows; r++) {
+            if (!hits[r] || over[r])
+                continue;
+            float low[SLANES];
+            for (int v = 0; v < SVECS; v++)
+                _mm512_storeu_ps(low + 16 * v, acc[r][v]);
+            int64_t *c = cols + (int64_t)r * CAP;
+            float *x = xs + (int64_t)r * CAP;
+            for (uint64_t h = hits[r]; h; h &= h - 1) {
+                int l = __builtin_ctzll(h);
+                if (low[l] > limit[r])
+                    continue;
+                if (count[r] == CAP) {
+                    count[r] = compact(c, x, count[r], limit[r]);
+                    if (count[r] == CAP) {
+                        over[r] = 1;
+                        break;
+                    }
+                }
+                c[count[r]] = j0 + l;
+                x[count[r]++] = low[l];
+                limit[r] = admit(low[l] + 2.0f * a[r] * screen_norm[j0 + l], j0 + l, least[r], who[r], runner_up,
+                                 lift[r], cap[r]);
+            }
+        }
+    }
+    for (int r = 0; r < rows; r++) {
+        for (int c = 0; c < channels; c++)
+            qm2[c] = -2.0f * q[(int64_t)r * channels + c];
+        float *st = state + 2 * r;
+        int64_t *id = ids + 2 * r;
+        if (over[r]) {
+            fold_rows(qm2, 1, channels, panels, g_sq, width, first_id, st, id);
+            counts[1]++;
+            continue;
+        }
+        for (int i = 0; i < count[r]; i++) {  /* in column order, as fold_tile folds: the first column wins ties */
+            if (xs[(int64_t)r * CAP + i] > limit[r])
+                continue;
+            int64_t j = cols[(int64_t)r * CAP + i];
+            float f = exact_value(qm2, channels, panels, g_sq, j);
+            counts[0]++;
+            if (f < st[1]) {
+                if (f < st[0]) {
+                    st[1] = st[0];
+                    st[0] = f;
+                    id[0] = first_id + j;
+                } else {
+                    st[1] = f;
+                }
+            }
+        }
+    }
+}
+
+/* Gather the distinct columns among ids[0 .. SLANES) (-1: none) of the screen into one tile, as screen_rows' probe
+ * (repeats and missing ones: padding lanes, +inf). */
+static void gather_probe(const int64_t *ids, const uint32_t *screen, const float *screen_sq, const float *screen_norm,
+                         int npairs, uint32_t *probe, int64_t *probe_ids, float *probe_sq, float *probe_norm)
+{
+    for (int l = 0; l < SLANES; l++) {
+        int64_t j = ids[l];
+        for (int e = 0; e < l && j >= 0; e++)
+            if (ids[e] == j)
+                j = -1;
+        probe_ids[l] = j;
+        const uint32_t *g = j < 0 ? NULL : screen + (j / SLANES) * SLANES * npairs + j % SLANES;
+        for (int k = 0; k < npairs; k++)
+            probe[k * SLANES + l] = g == NULL ? 0u : g[(int64_t)k * SLANES];
+        probe_sq[l] = j < 0 ? INFINITY : screen_sq[j];
+        probe_norm[l] = j < 0 ? 0.0f : screen_norm[j];
+    }
+}
+#endif
+
+/* 1 where spade_fold_bf16 can run on this CPU (AVX512-BF16 besides AVX2 and FMA), else 0. */
+int spade_bf16_supported(void)
+{
+#ifdef HAVE_BF16
+    __builtin_cpu_init();
+    return spade_nearest_supported() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+           && __builtin_cpu_supports("avx512bf16");
+#else
+    return 0;
+#endif
+}
+
+/* spade_nearest_fold's very result, comparing each query in float32 with only the few columns a bfloat16 screen
+ * cannot rule out: state and ids as that kernel leaves them (the smallest value, its id, the first column on ties,
+ * and, with runner_up, the runner-up value; without it the runner-up may be larger than that kernel's).
+ *
+ * The screen: the queries and columns, centred on `centre` (NULL: as they are), are rounded to bfloat16 (relative
+ * error 2^-8 each), and t(g) = |g|^2 - 2 q.g of the centred vectors is summed by vdpbf16ps (float32 accumulation)
+ * from screen_sq = |g|^2. Each t(g) is within E = slope |g| + lift / 2 of spade_nearest_fold's value less a constant
+ * of the query's (0 without a centre; the same for every column, so the order is that of the uncentred values): slope
+ * covers the products' rounding, 2^-6 |q| |g| by Cauchy-Schwarz, and the float32 sums; lift the float32 kernel's own
+ * rounding. A column whose t(g) - E exceeds some column's t(g) + E (the second such column's, with runner_up), or
+ * without a centre the incoming runner-up, cannot change the state; every other one is folded in column order with
+ * spade_nearest_fold's float32 arithmetic.
+ * q (M, C) the queries, uncentred. screen (columns / 32, ceil(C / 2), 32) uint32: the centred columns, two bfloat16
+ * channels a lane (channel 2k in the low half; an odd C padded with 0); screen_sq, screen_norm (columns): |g|^2 and
+ * |g| of the centred float32 columns (padding: +inf, 0); columns a multiple of 32. panels, g_sq, width: those of
+ * spade_nearest_fold (its panels of 16 over the same columns, width of them with padding); first_id: column 0's id.
+ * centred_max, plain_max: the largest |g| centred and uncentred. state (M, 2), ids (M, 2): as spade_nearest_fold's
+ * (with a centre, they must start at +inf). counts[0] grows by the columns compared exactly, counts[1] by the queries
+ * whose candidates overflowed (folded by spade_nearest_fold instead). Returns 0, -1 where the CPU lacks AVX512-BF16
+ * (nothing done), -2 where memory ran out. */
+int spade_fold_bf16(const float *q, int64_t M, int channels, const float *centre, const uint32_t *screen,
+                    const float *screen_sq, const float *screen_norm, int64_t columns, const float *panels,
+                    const float *g_sq, int64_t width, int64_t first_id, float centred_max, float plain_max,
+                    int runner_up, float *state, int64_t *ids, int64_t *counts)
+{
+#ifdef HAVE_BF16
+    if (!spade_bf16_supported())
+        return -1;
+    int npairs = (channels + 1) / 2;
+    uint32_t *pairs = malloc(sizeof(uint32_t) * (size_t)(SROWS * npairs));
+    int64_t *cols = malloc(sizeof(int64_t) * SROWS * CAP);
+    float *xs = malloc(sizeof(float) * SROWS * CAP), *qm2 = malloc(sizeof(float) * (size_t)channels);
+    uint32_t *probe = malloc(sizeof(uint32_t) * (size_t)(SLANES * npairs));
+    if (pairs == NULL || cols == NULL || xs == NULL || qm2 == NULL || probe == NULL) {
+        free(pairs);
+        free(cols);
+        free(xs);
+        free(qm2);
+        free(probe);
+        return -2;
+    }
+    int64_t recent[SLANES], probe_ids[SLANES];  /* the last SLANES winners among these columns: neighbours share many */
+    float probe_sq[SLANES], probe_norm[SLANES];
+    for (int l = 0; l < SLANES; l++)
+        recent[l] = -1;
+    int64_t next = 0;
+    /* slope: 2^-6 (1.01) for the products, and (4 C + 64) 2^-24 of |g|^2 + 2.1 |q| |g| for every float32 sum and
+     * bound's rounding (about 2 C + 10 of them), both per |g|; lift: twice the float32 kernel's error. */
+    const double unit = ldexp(1.0, -24), sums = (4.0 * channels + 64.0) * unit;
+    runner_up = runner_up ? 1 : 0;
+    for (int64_t r0 = 0; r0 < M; r0 += SROWS) {
+        int rows = M - r0 < SROWS ? (int)(M - r0) : SROWS;
+        float a[SROWS], lift[SROWS], cap[SROWS];
+        for (int r = 0; r < rows; r++) {
+            const float *qr = q + (r0 + r) * channels;
+            double centred_sq = 0.0, plain_sq = 0.0;
+            for (int k = 0; k < npairs; k++) {
+                float lo = centre == NULL ? qr[2 * k] : qr[2 * k] - centre[2 * k];
+                float hi = 2 * k + 1 >= channels ? 0.0f : centre == NULL ? qr[2 * k + 1]
+                                                                          : qr[2 * k + 1] - centre[2 * k + 1];
+                centred_sq += (double)lo * lo + (double)hi * hi;
+                pairs[r * npairs + k] = bf16_bits(-2.0f * lo) | bf16_bits(-2.0f * hi) << 16;
+            }
+            for (int c = 0; c < channels; c++)
+                plain_sq += (double)qr[c] * qr[c];
+            double qc = sqrt(centred_sq), qp = sqrt(plain_sq);
+            a[r] = (float)((ldexp(1.0, -6) * 1.01 * qc + sums * (centred_max + 2.1 * qc)) * 1.0001);
+            lift[r] = (float)(2.0 * sums * ((double)plain_max * plain_max + 2.1 * qp * plain_max) + 1e-30);
+            float incoming = state[2 * (r0 + r) + runner_up];
+            cap[r] = centre == NULL && incoming < FLT_MAX ? incoming + lift[r] : FLT_MAX;
+        }
+        gather_probe(recent, screen, screen_sq, screen_norm, npairs, probe, probe_ids, probe_sq, probe_norm);
+        screen_rows(q + r0 * channels, rows, channels, pairs, npairs, a, lift, cap, runner_up, screen, screen_sq,
+                    screen_norm, columns, probe, probe_ids, probe_sq, probe_norm, panels, g_sq, width, first_id, cols,
+                    xs, qm2,
+                    state + 2 * r0, ids + 2 * r0, counts);
+        for (int r = 0; r < rows; r++) {
+            int64_t j = ids[2 * (r0 + r)] - first_id;
+            if (j >= 0 && j < columns) {
+                recent[next] = j;
+                next = (next + 1) % SLANES;
+            }
+        }
+    }
+    free(pairs);
+    free(cols);
+    free(xs);
+    free(qm2);
+    free(probe);
+    return 0;
+#else
+    (void)q; (void)M; (void)channels; (void)centre; (void)screen; (void)screen_sq; (void)screen_norm; (void)columns;
+    (void)panels; (void)g_sq; (void)width; (void)first_id; (void)centred_max; (void)plain_max; (void)runner_up;
+    (void)state; (void)ids; (void)counts;
+    return -1;
+#endif
+}
+
 /* An importable module, so that Python finds the library's file; the functions are called through ctypes. */
 static struct PyModuleDef nearest_module = {PyModuleDef_HEAD_INIT, "_nearest",
-                                            "spade_nearest_fold, spade_nearest_pruned, spade_cluster_bounds: see spade/index/fused_nearest.py", -1, NULL};
+                                            "spade_nearest_fold, spade_nearest_pruned, spade_cluster_bounds, spade_fold_bf16: see spade/index/fused_nearest.py", -1, NULL};
 
 PyMODINIT_FUNC PyInit__nearest(void) { return PyModule_Create(&nearest_module); }

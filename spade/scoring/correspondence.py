@@ -153,12 +153,14 @@ class _RunningMin:
 
 def _search_block(q: torch.Tensor, g: torch.Tensor, g_sq: torch.Tensor, best: _RunningMin, first_id: int,
                   buf: torch.Tensor, query_block: int = QUERY_BLOCK, column_block: int = COLUMN_BLOCK,
-                  fused: bool = False) -> None:
+                  fused: bool = False, screened: bool = False) -> None:
     """Fold gallery vectors ``g`` (N, C) with ids first_id.. into the running minimum ``best`` of queries ``q``
     (M, C), row for row: with ``fused`` (kappa 1 with its runner-up, float32) in one pass of the compiled kernel
-    (`spade.index.fused_nearest`), else by blocks of GEMM output and their row minima."""
+    (`spade.index.fused_nearest`; ``screened``: through its bfloat16 screen, the same result), else by blocks of
+    GEMM output and their row minima."""
     if fused and best.kappa == 1 and best.gap and q.dtype == torch.float32 and len(q):
-        fused_nearest.fold(q, g, g_sq, best.values, best.ids, first_id, threads=torch.get_num_threads())
+        fused_nearest.fold(q, g, g_sq, best.values, best.ids, first_id, threads=torch.get_num_threads(),
+                           screened=screened)
         return
     n_blocks = -(-g.shape[0] // column_block)
     column_block = -(-g.shape[0] // n_blocks)  # even blocks: no thin remainder GEMM
@@ -409,7 +411,8 @@ def nearest_feature_distances(queries: np.ndarray | torch.Tensor, gallery: np.nd
     Blocked ``addmm`` search (memory O(query block x column block)); with ``exact``
     the winners' distances are recomputed as |q - g| instead of taken from the
     expansion. ``block`` bounds the gallery rows per GEMM column block. ``kernel``: the search's inner loop
-    (`spade.index.fused_nearest.use_fused`: auto, the fused kernel where it runs; gemm).
+    (`spade.index.fused_nearest.use_fused`: auto, the fused kernel where it runs, screened in bfloat16 where the CPU
+    has AVX512-BF16; float32; gemm).
     """
     q = _float_tensor(queries)
     g = _float_tensor(gallery)
@@ -424,7 +427,8 @@ def nearest_feature_distances(queries: np.ndarray | torch.Tensor, gallery: np.nd
         best = _RunningMin(q.shape[0], kappa, gap=exact)
         buf = torch.empty(min(q.shape[0], QUERY_BLOCK) * min(g.shape[0], column_block))
         g_sq = (gc * gc).sum(1)
-        _search_block(qc, gc, g_sq, best, 0, buf, column_block=column_block, fused=fused_nearest.use_fused(kernel))
+        _search_block(qc, gc, g_sq, best, 0, buf, column_block=column_block, fused=fused_nearest.use_fused(kernel),
+                      screened=fused_nearest.use_bf16(kernel))
         values, ids, next_value = best.winners()
         if exact:
             each = _winner_distances(q, g[ids])
@@ -549,7 +553,7 @@ def batch_layer_distances(queries: np.ndarray | torch.Tensor, pyramid: np.ndarra
     buffer = np.empty((min(rows_per_read, len(rows)), per_row, channels), dtype=np.float32)
     flat = q_all.reshape(batch * positions, channels)
     best = _RunningMin(batch * positions, kappa, gap=exact and refine)
-    fused = fused_nearest.use_fused(kernel)
+    fused, screened = fused_nearest.use_fused(kernel), fused_nearest.use_bf16(kernel)
     with torch.inference_mode(), PyramidReader(pyramid) as reader:
         # centre on a fixed gallery row's mean: the same for every batch, so results do not depend on batching
         centre = centre_of(reader.read(np.zeros(1, dtype=np.int64), buffer))
@@ -574,7 +578,8 @@ def batch_layer_distances(queries: np.ndarray | torch.Tensor, pyramid: np.ndarra
                 # ids: gallery row * per_row + position, valid within a run of consecutive rows
                 for start, stop in _runs(chunk_rows):
                     sl = slice(start * per_row, stop * per_row)
-                    _search_block(q, g[sl], g_sq[sl], local, int(chunk_rows[start]) * per_row, gemm_buf, fused=fused)
+                    _search_block(q, g[sl], g_sq[sl], local, int(chunk_rows[start]) * per_row, gemm_buf, fused=fused,
+                                  screened=screened)
                 if on_chunk is not None:
                     on_chunk(len(chunk_rows))
             if local is not best:
