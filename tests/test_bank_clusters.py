@@ -197,3 +197,25 @@ def test_a_bank_whose_clusters_skip_little_is_searched_whole_after_its_first_lar
     near = features[rng.integers(len(features), size=bank_clusters.DECIDING_QUERIES)]
     clustered.distances(near + rng.normal(size=near.shape).astype(np.float32) * 0.3)
     assert not clustered._whole
+
+
+@needs_kernel
+def test_a_screened_whole_search_takes_over_from_a_lower_share(monkeypatch):
+    """Where the whole search is screened in bfloat16 (2.5x faster), clusters must skip more to pay: a bank whose
+    first large search compares a share between `WORTH_SCREENED` and `WORTH` goes whole with search_kernel auto on
+    such a CPU, and stays in clusters with float32."""
+    from spade.index import fused_nearest
+
+    rng = np.random.default_rng(16)
+    features = clustered_features(17, bank_clusters.MIN_VECTORS * 2, 24)
+    near = features[rng.integers(len(features), size=bank_clusters.DECIDING_QUERIES)]
+    queries = near + rng.normal(size=near.shape).astype(np.float32) * 0.3
+    share = bank_clusters.ClusteredBank.of(features).nearest_ids(queries)[1]
+    monkeypatch.setattr(bank_clusters, "WORTH", share + 0.01)
+    monkeypatch.setattr(bank_clusters, "WORTH_SCREENED", share - 0.01)
+    decided = {}
+    for kernel in ("auto", "float32"):
+        bank = MemoryBank.from_vectors(features)
+        bank.distances(queries, kernel=kernel)
+        decided[kernel] = bank._whole
+    assert decided == {"auto": fused_nearest.use_bf16("auto"), "float32": False}

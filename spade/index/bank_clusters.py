@@ -27,6 +27,8 @@ PER_CLUSTER = 64           # bank vectors a cluster on average ...
 MAX_CLUSTERS = 256         # ... with at most this many clusters (the bounds cost grows with them)
 MIN_VECTORS = 1024         # smaller banks are searched whole (skipping saves less than the bounds cost)
 WORTH = 0.6                # a bank whose first large search compares more than this share is searched whole after
+WORTH_SCREENED = 0.35      # ... where the whole search is screened in bfloat16 (2.5x faster): metal_plate's and the
+                           # tire's layer-1 banks (0.46-0.50 compared) 3-12 % faster whole (benchmarks/bank_clusters.py)
 DECIDING_QUERIES = 1024    # the search that decides has at least this many queries
 KMEANS_ITERATIONS = 20
 UNIT = 2.0 ** -24          # float32's unit roundoff

@@ -161,18 +161,20 @@ class MemoryBank:
 
     def _nearest(self, q: np.ndarray, kappa: int, kernel: str, others: np.ndarray | None = None) -> np.ndarray:
         """(Q, kappa) ids of each query's nearest bank vectors (among rows ``others`` of the bank where given): with
-        kappa 1 and the fused kernel (`spade.index.fused_nearest`, ``kernel`` auto) in one compiled pass over the
-        bank's packed vectors (a bank of `CLUSTERED_MIN` vectors or more packed in clusters, most of which each query
-        skips: `spade.index.bank_clusters`; searched whole from the first large search on where its clusters skipped
-        less than `bank_clusters.WORTH` of it; a whole search screened in bfloat16 where the CPU has AVX512-BF16,
-        `fused_nearest.nearest_ids_bf16`: the same winners), else by faiss's flat search (a GEMM and its row minima)."""
+        kappa 1 and the fused kernel (`spade.index.fused_nearest`, ``kernel`` auto or float32) in one compiled pass
+        over the bank's packed vectors, else by faiss's flat search (a GEMM and its row minima). A bank of
+        `CLUSTERED_MIN` vectors or more is packed in clusters, most of which each query skips
+        (`spade.index.bank_clusters`), and searched whole from its first large search on where the clusters skipped
+        less than `bank_clusters.WORTH` of it (`WORTH_SCREENED` where the whole search is screened in bfloat16,
+        `fused_nearest.nearest_ids_bf16`, which finds the same winners)."""
         if kappa == 1 and fused_nearest.use_fused(kernel):
             if others is None and len(self.vectors) >= CLUSTERED_MIN and not self._whole:
                 with _DERIVED_LOCK:
                     if self._clusters is None:
                         self._clusters = ClusteredBank.of(self.vectors)
                 ids, share = self._clusters.nearest_ids(q, threads=torch.get_num_threads())
-                if len(q) >= bank_clusters.DECIDING_QUERIES and share > bank_clusters.WORTH:
+                worth = bank_clusters.WORTH_SCREENED if fused_nearest.use_bf16(kernel) else bank_clusters.WORTH
+                if len(q) >= bank_clusters.DECIDING_QUERIES and share > worth:
                     self._whole = True  # the same winners either way; whole is faster where clusters skip little
                 return ids[:, None]
             if others is None:
