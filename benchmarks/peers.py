@@ -46,6 +46,9 @@ The last line is machine-readable:
            pro_delta=<ours - anomalib, PRO> exact_fit_speedup=<...> exact_score_speedup=<configs/exact.yaml's
            images/s / anomalib's> exact_image_delta=... approx_fit_speedup=<...> approx_score_speedup=<the
            approximate config's images/s / anomalib's> approx_image_delta=... approx_pixel_delta=... approx_pro_delta=...
+           [anomalib_fit=extrapolated] [anomalib_heap_trims=<N>: anomalib's heap fragmented and was trimmed
+           (`start_heap_guard`); its greedy coreset then ran at about a quarter of its usual rate (59 against 217-221
+           steps/s on metal_plate, session 46), so that run's fit_speedup flatters us]
 """
 from __future__ import annotations
 
@@ -80,6 +83,7 @@ WORKER_TAG = "WORKER_RESULT "
 # once grew to 21.7 GB (about 16 arenas x its 1.4 GB peak) and was killed by the OOM killer
 STEADY_MALLOC = ("glibc.malloc.mmap_threshold=4294967295:glibc.malloc.trim_threshold=4294967295:"
                  "glibc.malloc.arena_max=1")
+HEAP_GUARD_MB = 4096  # anomalib's worker gives free heap pages back above this resident set (`start_heap_guard`)
 
 
 def say(msg: str) -> None:
@@ -93,6 +97,33 @@ def peak_rss_mb() -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024.0
     return float("nan")
+
+
+def start_heap_guard(limit_mb: float = HEAP_GUARD_MB, every_s: float = 0.2) -> dict:
+    """A daemon thread that gives glibc's free heap pages back (``malloc_trim``) whenever this process's resident set
+    exceeds ``limit_mb``; returns its tally (``trims``). Why: with `STEADY_MALLOC` anomalib's greedy coreset loop
+    (a 60 MB temporary a step) sometimes left holes the next temporary did not fit, and its heap grew by about
+    0.6 GB a second until the OOM killer stopped it at 24 GB (sessions 45-46; the build/ folder blamed in session 45
+    was a coincidence). Below the limit it does nothing, so a run that does not grow is timed as before."""
+    import ctypes
+    import threading
+
+    libc = ctypes.CDLL("libc.so.6")
+    tally = {"trims": 0}
+
+    def resident_mb() -> float:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+    def guard() -> None:
+        while True:
+            time.sleep(every_s)
+            if resident_mb() > limit_mb:
+                libc.malloc_trim(0)
+                tally["trims"] += 1
+
+    threading.Thread(target=guard, name="heap-guard", daemon=True).start()
+    return tally
 
 
 class Clock:
@@ -178,6 +209,7 @@ def anomalib_worker(job: dict) -> dict:
     torch.set_num_threads(job["threads"])
     torch.manual_seed(job["seed"])
     ratio, cap_s = job["coreset_ratio"], job["coreset_cap_s"]
+    guard = start_heap_guard()
 
     def load(paths: list[str]) -> torch.Tensor:
         return torch.stack([preprocess(decode_rgb(Path(p).read_bytes()), config.resize, config.crop, config.mean,
@@ -257,7 +289,11 @@ def anomalib_worker(job: dict) -> dict:
     rss = peak_rss_mb()
     out_path = os.path.join(job["workdir"], "anomalib_maps.npz")
     np.savez(out_path, scores=np.concatenate(scores), maps=np.concatenate(maps))
+    if guard["trims"]:
+        say(f"anomalib: its heap passed {HEAP_GUARD_MB} MB resident and was trimmed {guard['trims']} times "
+            "(start_heap_guard)")
     return {"tool": "anomalib", "fit": fit, "score": score, "peak_rss_mb": rss, "maps": out_path,
+            "heap_trims": guard["trims"],
             "versions": {"anomalib": __import__("anomalib").__version__, "torch": torch.__version__},
             "threads": torch.get_num_threads()}
 
@@ -631,6 +667,8 @@ def main(argv: list[str] | None = None) -> None:
             if tool in results:
                 fields.append(comparison(prefix, results[tool], peer))
         note = " anomalib_fit=extrapolated" if peer["fit"].get("extrapolated") else ""
+        if peer.get("heap_trims"):  # its greedy coreset ran in the slow, fragmented-heap regime: fit not comparable
+            note += f" anomalib_heap_trims={peer['heap_trims']}"
         say("RESULT " + " ".join(fields) + note)
 
 
