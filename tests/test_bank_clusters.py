@@ -219,3 +219,25 @@ def test_a_screened_whole_search_takes_over_from_a_lower_share(monkeypatch):
         bank.distances(queries, kernel=kernel)
         decided[kernel] = bank._whole
     assert decided == {"auto": fused_nearest.use_bf16("auto"), "float32": False}
+
+
+@needs_kernel
+def test_the_first_large_search_decides_on_a_sample_and_searches_the_rest_whole(monkeypatch):
+    """A search of many queries in a bank whose clusters skip little searches only a spread sample of
+    `DECIDING_QUERIES` in clusters; the rest already go whole (the same winners as a full comparison)."""
+    rng = np.random.default_rng(18)
+    vectors = rng.normal(size=(bank_clusters.MIN_VECTORS * 2, 24)).astype(np.float32)
+    queries = rng.normal(size=(bank_clusters.DECIDING_QUERIES * 3 + 5, 24)).astype(np.float32)
+    searched = []
+    clustered_search = bank_clusters.ClusteredBank.nearest_ids
+
+    def spy(self, q, threads=1):
+        searched.append(len(q))
+        return clustered_search(self, q, threads)
+
+    monkeypatch.setattr(bank_clusters.ClusteredBank, "nearest_ids", spy)
+    bank = MemoryBank.from_vectors(vectors)
+    found = bank.distances(queries)
+    assert bank._whole and searched == [bank_clusters.DECIDING_QUERIES]
+    best, _ = true_nearest(queries, vectors)
+    np.testing.assert_allclose(found, best, rtol=0, atol=1e-5)

@@ -166,30 +166,15 @@ class MemoryBank:
         `CLUSTERED_MIN` vectors or more is packed in clusters, most of which each query skips
         (`spade.index.bank_clusters`), and searched whole from its first large search on where the clusters skipped
         less than `bank_clusters.WORTH` of it (`WORTH_SCREENED` where the whole search is screened in bfloat16,
-        `fused_nearest.nearest_ids_bf16`, which finds the same winners)."""
+        `fused_nearest.nearest_ids_bf16`, which finds the same winners). A large search decides on a sample of
+        `DECIDING_QUERIES` spread over its queries, so the rest already take the faster path."""
         if kappa == 1 and fused_nearest.use_fused(kernel):
             if others is None and len(self.vectors) >= CLUSTERED_MIN and not self._whole:
-                with _DERIVED_LOCK:
-                    if self._clusters is None:
-                        self._clusters = ClusteredBank.of(self.vectors)
-                ids, share = self._clusters.nearest_ids(q, threads=torch.get_num_threads())
-                worth = bank_clusters.WORTH_SCREENED if fused_nearest.use_bf16(kernel) else bank_clusters.WORTH
-                if len(q) >= bank_clusters.DECIDING_QUERIES and share > worth:
-                    self._whole = True  # the same winners either way; whole is faster where clusters skip little
-                return ids[:, None]
+                return self._clustered_or_whole(q, kernel)[:, None]
             if others is None:
-                screened = fused_nearest.use_bf16(kernel) and len(self.vectors) >= SCREENED_MIN
-                with _DERIVED_LOCK:
-                    if self._panels is None:
-                        self._panels = fused_nearest.Panels.of(self.vectors)
-                    if screened and self._bf16 is None:
-                        self._bf16 = fused_nearest.Bf16Panels.of(self.vectors)
-                panels = self._panels
-                if screened:
-                    return fused_nearest.nearest_ids_bf16(q, panels, self._bf16, threads=torch.get_num_threads())[0][:, None]
-            else:
-                panels = fused_nearest.Panels.of(self.vectors[others])
-            ids = fused_nearest.nearest_ids(q, panels, threads=torch.get_num_threads())[:, None]
+                return self._whole_ids(q, kernel)[:, None]
+            ids = fused_nearest.nearest_ids(q, fused_nearest.Panels.of(self.vectors[others]),
+                                            threads=torch.get_num_threads())[:, None]
         elif others is None:
             ids = self.index.search(q, kappa)[1]
         else:
@@ -197,6 +182,43 @@ class MemoryBank:
             bank.add(self.vectors[others])
             ids = bank.search(q, kappa)[1]
         return ids if others is None else others[ids]
+
+    def _whole_ids(self, q: np.ndarray, kernel: str) -> np.ndarray:
+        """(Q,) each query's nearest bank vector by the fused kernel over the whole bank (screened in bfloat16 where
+        `fused_nearest.use_bf16`)."""
+        screened = fused_nearest.use_bf16(kernel) and len(self.vectors) >= SCREENED_MIN
+        with _DERIVED_LOCK:
+            if self._panels is None:
+                self._panels = fused_nearest.Panels.of(self.vectors)
+            if screened and self._bf16 is None:
+                self._bf16 = fused_nearest.Bf16Panels.of(self.vectors)
+        threads = torch.get_num_threads()
+        if screened:
+            return fused_nearest.nearest_ids_bf16(q, self._panels, self._bf16, threads=threads)[0]
+        return fused_nearest.nearest_ids(q, self._panels, threads=threads)
+
+    def _clustered_or_whole(self, q: np.ndarray, kernel: str) -> np.ndarray:
+        """(Q,) each query's nearest bank vector through the bank's clusters; a search of `DECIDING_QUERIES` or more
+        first searches a sample of that many spread over its queries, and where the sample compared more than the
+        worth share of the bank (`_nearest`) the bank is searched whole from then on, the rest of this search too."""
+        with _DERIVED_LOCK:
+            if self._clusters is None:
+                self._clusters = ClusteredBank.of(self.vectors)
+        threads = torch.get_num_threads()
+        if len(q) < bank_clusters.DECIDING_QUERIES:
+            return self._clusters.nearest_ids(q, threads=threads)[0]
+        sample = np.unique(np.linspace(0, len(q) - 1, bank_clusters.DECIDING_QUERIES).astype(np.int64))
+        ids = np.empty(len(q), dtype=np.int64)
+        ids[sample], share = self._clusters.nearest_ids(q[sample], threads=threads)
+        rest = np.ones(len(q), dtype=bool)
+        rest[sample] = False
+        worth = bank_clusters.WORTH_SCREENED if fused_nearest.use_bf16(kernel) else bank_clusters.WORTH
+        if share > worth:
+            self._whole = True  # the same winners either way; whole is faster where clusters skip little
+        if rest.any():
+            ids[rest] = (self._whole_ids(q[rest], kernel) if self._whole
+                         else self._clusters.nearest_ids(q[rest], threads=threads)[0])
+        return ids
 
     def distances(self, queries: np.ndarray, kappa: int = 1, exclude_row: int | np.ndarray | None = None,
                   kernel: str = "auto") -> np.ndarray:
