@@ -9,6 +9,8 @@ the refinement that follows are those of the GEMM search up to rounding, which t
 
 `nearest_columns_pruned` runs the same fold over a memory bank packed cluster by cluster, skipping the clusters a
 tile of queries cannot win in (`spade.index.bank_clusters`); `cluster_bounds` writes its bounds out for tests.
+`fold_bf16` (and `nearest_ids_bf16`) leave the fold's very result while comparing each query in float32 only with the
+few columns a bfloat16 screen of every column cannot rule out, where the CPU has AVX512-BF16 (`use_bf16`).
 
 It runs where the extension was built and the CPU has AVX2 and FMA (`available`); the config's ``search_kernel:
 gemm`` keeps the GEMM everywhere. Measured: benchmarks/README.md, "The fused nearest-feature kernel".
@@ -53,11 +55,12 @@ def _library() -> ctypes.CDLL | None:
     lib.spade_cluster_bounds.argtypes = [pointer, ctypes.c_int64, ctypes.c_int, ctypes.c_int, pointer, pointer,
                                          ctypes.c_int64, pointer, ctypes.c_float, ctypes.c_float, ctypes.c_float,
                                          pointer, pointer]
-    lib.spade_bf16_supported.restype = ctypes.c_int
-    lib.spade_fold_bf16.restype = ctypes.c_int
-    lib.spade_fold_bf16.argtypes = [pointer, ctypes.c_int64, ctypes.c_int, pointer, pointer, pointer, pointer,
-                                    ctypes.c_int64, pointer, pointer, ctypes.c_int64, ctypes.c_int64, ctypes.c_float,
-                                    ctypes.c_float, ctypes.c_int, pointer, pointer, pointer]
+    if hasattr(lib, "spade_fold_bf16"):  # a build from before the screen lacks it: `bf16_available` is then False
+        lib.spade_bf16_supported.restype = ctypes.c_int
+        lib.spade_fold_bf16.restype = ctypes.c_int
+        lib.spade_fold_bf16.argtypes = [pointer, ctypes.c_int64, ctypes.c_int, pointer, pointer, pointer, pointer,
+                                        ctypes.c_int64, pointer, pointer, ctypes.c_int64, ctypes.c_int64,
+                                        ctypes.c_float, ctypes.c_float, ctypes.c_int, pointer, pointer, pointer]
     return lib if lib.spade_nearest_supported() else None
 
 
@@ -69,14 +72,14 @@ def available() -> bool:
 def bf16_available() -> bool:
     """Whether the bfloat16 screen can run here (the kernel built, and the CPU has AVX512-BF16)."""
     lib = _library()
-    return lib is not None and bool(lib.spade_bf16_supported())
+    return lib is not None and hasattr(lib, "spade_fold_bf16") and bool(lib.spade_bf16_supported())
 
 
 def describe(kernel: str) -> str:
     """What the searches of a run with ``search_kernel`` = ``kernel`` use on this machine, and where the kernel is
     missing, why and what to do (for the run log)."""
     if use_fused(kernel):
-        screen = ", its whole-bank searches screened in bfloat16 (AVX512-BF16)" if use_bf16(kernel) else ""
+        screen = ", its searches screened in bfloat16 (AVX512-BF16)" if use_bf16(kernel) else ""
         return f"fused nearest-feature kernel (AVX2+FMA){screen}"
     if kernel == "gemm":
         return "GEMM searches (search_kernel: gemm)"
@@ -94,8 +97,9 @@ def use_fused(kernel: str) -> bool:
 
 
 def use_bf16(kernel: str) -> bool:
-    """Whether a whole-bank search with ``search_kernel`` = ``kernel`` is screened in bfloat16 (`nearest_ids_bf16`;
-    auto: where `bf16_available`; float32 keeps the fused kernel's float32 pass over every column)."""
+    """Whether the fused searches of a run with ``search_kernel`` = ``kernel`` are screened in bfloat16 (`fold_bf16`:
+    whole memory banks and the exact correspondence; auto: where `bf16_available`; float32 keeps the fused kernel's
+    float32 pass over every column)."""
     return use_fused(kernel) and kernel == "auto" and bf16_available()
 
 
@@ -151,17 +155,18 @@ class Bf16Panels:
         if centred:
             centre = g.mean(dim=0, dtype=torch.float64).to(torch.float32).contiguous()
             moved = g - centre
-            halves[:n, :channels] = moved
             sq[:n] = (moved.double() ** 2).sum(1).to(torch.float32)
-            plain_max = float((g.double() ** 2).sum(1).max().sqrt()) if n else 0.0
+            plain_sq = (g.double() ** 2).sum(1)
         else:
-            centre = None
-            halves[:n, :channels] = g
+            centre, moved = None, g
             sq[:n] = (g * g).sum(1) if g_sq is None else g_sq
-            plain_max = float(sq[:n].max().sqrt()) if n else 0.0
+            plain_sq = sq[:n]
+        halves[:n, :channels] = moved
         norm[:n] = sq[:n].sqrt()
         packed = halves.view(torch.int32).view(width // SCREEN_LANES, SCREEN_LANES, pairs).transpose(1, 2).contiguous()
-        return cls(packed, sq, norm, centre, float(norm[:n].max()) if n and centred else plain_max, plain_max)
+        centred_max = float(norm[:n].max()) if n else 0.0
+        plain_max = float(plain_sq.max().sqrt()) if n else 0.0
+        return cls(packed, sq, norm, centre, centred_max, plain_max)
 
 
 def fold(q: torch.Tensor, g: torch.Tensor, g_sq: torch.Tensor, values: torch.Tensor, ids: torch.Tensor,
@@ -254,8 +259,9 @@ def fold_bf16(q: torch.Tensor | np.ndarray, panels: Panels, screen: Bf16Panels, 
     if not bf16_available():
         raise RuntimeError("the bfloat16 screen needs AVX512-BF16, which this CPU lacks; use fold_panels")
     rows, channels = q.shape
-    if channels != panels.packed.shape[1] or channels != screen.packed.shape[1] * 2 - channels % 2:
-        raise ValueError(f"queries have {channels} channels, the gallery {panels.packed.shape[1]}")
+    if channels != panels.packed.shape[1] or -(-channels // 2) != screen.packed.shape[1]:
+        raise ValueError(f"queries have {channels} channels, the gallery {panels.packed.shape[1]}, its screen "
+                         f"{2 * screen.packed.shape[1] - 1} or {2 * screen.packed.shape[1]}")
     for name, tensor in (("values", values), ("ids", ids)):
         if tensor.ndim != 2 or tensor.shape[1] != 2 or not tensor.is_contiguous() or len(tensor) != rows:
             raise ValueError(f"{name} must be a contiguous ({rows}, 2) tensor, got {tuple(tensor.shape)}")
