@@ -283,3 +283,15 @@ def test_bf16_screen_is_selected_by_search_kernel(monkeypatch):
         if exact:
             np.testing.assert_allclose(results["auto"], results["gemm"], rtol=0, atol=1e-5)
             np.testing.assert_allclose(results["auto"], full_distances(q, g).min(axis=1), rtol=0, atol=1e-5)
+
+
+def test_a_kernel_built_before_the_screen_leaves_it_off(monkeypatch):
+    """An extension compiled before the screen existed (no spade_fold_bf16, e.g. a checkout updated without
+    `pip install -e .`) keeps the float32 kernel: auto does not screen and the run log does not claim it."""
+    import types
+
+    stale = types.SimpleNamespace(spade_nearest_supported=lambda: 1)
+    monkeypatch.setattr(fused_nearest, "_library", lambda: stale)
+    assert fused_nearest.available() and not fused_nearest.bf16_available()
+    assert fused_nearest.use_fused("auto") and not fused_nearest.use_bf16("auto")
+    assert "bfloat16" not in fused_nearest.describe("auto")
