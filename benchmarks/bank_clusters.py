@@ -42,43 +42,66 @@ def bank_sizes() -> str:
     return ", ".join(f"{len(b.vectors)}x{b.vectors.shape[1]}" for b in sorted(banks, key=lambda b: -len(b.vectors)))
 
 
-def compare(scorer, rounds: int) -> dict:
-    """Alternate whole and clustered searches of the same scorer: CPU s per image (medians) and the results' gap."""
-    cpu = {"whole": [], "clusters": []}
+def alternate(scorer, rounds: int, modes: dict) -> dict:
+    """Score with each of ``modes`` (name -> a function that switches the process to it) in turn, ``rounds`` rounds
+    after a warm-up round (caches, clusters, packed panels): each mode's CPU s per image (median) and the largest
+    difference between the first two modes' maps (``map_diff``) and image scores (``score_diff``)."""
+    cpu = {mode: [] for mode in modes}
     results = {}
     for round_no in range(rounds + 1):
-        for mode, threshold in (("whole", WHOLE), ("clusters", MIN_VECTORS)):
-            coreset.CLUSTERED_MIN = threshold
+        for mode, switch in modes.items():
+            switch()
             start = time.process_time()
             results[mode] = scorer.score()
-            if round_no:  # the first round warms caches and builds the clusters
+            if round_no:
                 cpu[mode].append((time.process_time() - start) / len(scorer.test))
-    coreset.CLUSTERED_MIN = MIN_VECTORS
-    map_diff = max(float(np.max(np.abs(a[0] - b[0]))) for a, b in zip(results["whole"], results["clusters"]))
-    score_diff = max(abs(a[1] - b[1]) for a, b in zip(results["whole"], results["clusters"]))
-    return {mode: statistics.median(values) for mode, values in cpu.items()} | {"map_diff": map_diff,
-                                                                                "score_diff": score_diff}
+    first, second = (results[mode] for mode in list(modes)[:2])
+    return {mode: statistics.median(values) for mode, values in cpu.items()} | {
+        "map_diff": max(float(np.max(np.abs(a[0] - b[0]))) for a, b in zip(first, second)),
+        "score_diff": max(abs(a[1] - b[1]) for a, b in zip(first, second))}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def scorers(runs, gallery: int, images: int):
+    """(label, set, scorer) for each ``label=set:config[:key=value,...]`` of ``runs``, the process's banks cleared
+    before each (framing_cost.py's `prepare`: a gallery of ``gallery`` train images, ``images`` test images)."""
+    for item in runs:
+        label, _, rest = item.partition("=")
+        name, _, spec = rest.partition(":")
+        coreset._BANKS.clear()
+        patch_bank._BANKS.clear()
+        yield label, name, prepare(SHARED / name if not Path(name).is_dir() else Path(name), spec, gallery, images)
+
+
+def arguments(doc: str) -> argparse.ArgumentParser:
+    """The command line of a benchmark that alternates two modes over `scorers` (this one's, bf16_screen.py's)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", action="append", help="label=set:config[:key=value,...] (repeatable)")
     parser.add_argument("--gallery", type=int, default=250, help="train images in the gallery (default 250: all)")
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def compare(scorer, rounds: int) -> dict:
+    """Alternate whole and clustered searches of the same scorer: CPU s per image (medians) and the results' gap."""
+    def threshold(value: int):
+        return lambda: setattr(coreset, "CLUSTERED_MIN", value)
+
+    try:
+        return alternate(scorer, rounds, {"whole": threshold(WHOLE), "clusters": threshold(MIN_VECTORS)})
+    finally:
+        coreset.CLUSTERED_MIN = MIN_VECTORS
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = arguments(__doc__).parse_args(argv)
     configure_threads(args.threads)
     print(f"load average {os.getloadavg()[0]:.2f}; banks of {MIN_VECTORS}+ vectors in clusters")
     print("| run | set | banks (vectors x channels) | CPU s / image, whole | in clusters | ratio | max map / score diff |")
     print("|---|---|---|---|---|---|---|")
     ratios, worst = [], 0.0
-    for item in args.run or DEFAULT_RUNS:
-        label, _, rest = item.partition("=")
-        name, _, spec = rest.partition(":")
-        coreset._BANKS.clear()
-        patch_bank._BANKS.clear()
-        scorer = prepare(SHARED / name if not Path(name).is_dir() else Path(name), spec, args.gallery, args.images)
+    for label, name, scorer in scorers(args.run or DEFAULT_RUNS, args.gallery, args.images):
         found = compare(scorer, args.rounds)
         ratio = found["whole"] / found["clusters"]
         ratios.append(f"{label}:{name}={ratio:.2f}")

@@ -14,22 +14,16 @@ overflowed into the whole float32 search) and the largest difference between the
 """
 from __future__ import annotations
 
-import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
-
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bank_clusters import bank_sizes  # noqa: E402
-from framing_cost import SHARED, prepare  # noqa: E402
-from spade.index import coreset, fused_nearest, patch_bank  # noqa: E402
+from bank_clusters import alternate, arguments, bank_sizes, scorers  # noqa: E402
+from spade.index import fused_nearest  # noqa: E402
 from spade.scoring.correspondence import configure_threads  # noqa: E402
 
 DEFAULT_RUNS = tuple(f"default={name}:configs/default.yaml"
@@ -59,31 +53,17 @@ class Tally:
 def compare(scorer, rounds: int) -> dict:
     """Alternate the float32 and screened searches of the same scorer: CPU s per image (medians), the screen's
     tally and the results' gap."""
-    cpu = {"float32": [], "auto": []}
-    results = {}
+    def kernel(name: str):
+        return lambda: setattr(scorer, "config", scorer.config.replace(search_kernel=name))
+
     with Tally() as tally:
-        for round_no in range(rounds + 1):
-            for kernel in cpu:
-                scorer.config = scorer.config.replace(search_kernel=kernel)
-                start = time.process_time()
-                results[kernel] = scorer.score()
-                if round_no:  # the first round warms caches and builds the panels
-                    cpu[kernel].append((time.process_time() - start) / len(scorer.test))
-    map_diff = max(float(np.max(np.abs(a[0] - b[0]))) for a, b in zip(results["float32"], results["auto"]))
-    score_diff = max(abs(a[1] - b[1]) for a, b in zip(results["float32"], results["auto"]))
-    return {kernel: statistics.median(values) for kernel, values in cpu.items()} | {
-        "map_diff": map_diff, "score_diff": score_diff, "compared": tally.compared / max(1, tally.queries),
-        "overflowed": tally.overflowed, "queries": tally.queries}
+        found = alternate(scorer, rounds, {"float32": kernel("float32"), "auto": kernel("auto")})
+    return found | {"compared": tally.compared / max(1, tally.queries), "overflowed": tally.overflowed,
+                    "queries": tally.queries}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", action="append", help="label=set:config[:key=value,...] (repeatable)")
-    parser.add_argument("--gallery", type=int, default=250, help="train images in the gallery (default 250: all)")
-    parser.add_argument("--images", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args(argv)
+    args = arguments(__doc__).parse_args(argv)
     if not fused_nearest.bf16_available():
         print("this CPU lacks AVX512-BF16 (or the kernel is not built): nothing to compare")
         return 1
@@ -93,12 +73,7 @@ def main(argv: list[str] | None = None) -> int:
           "compared a query / overflowed of queries | max map / score diff |")
     print("|---|---|---|---|---|---|---|---|")
     ratios, worst = [], 0.0
-    for item in args.run or DEFAULT_RUNS:
-        label, _, rest = item.partition("=")
-        name, _, spec = rest.partition(":")
-        coreset._BANKS.clear()
-        patch_bank._BANKS.clear()
-        scorer = prepare(SHARED / name if not Path(name).is_dir() else Path(name), spec, args.gallery, args.images)
+    for label, name, scorer in scorers(args.run or DEFAULT_RUNS, args.gallery, args.images):
         found = compare(scorer, args.rounds)
         ratio = found["float32"] / found["auto"]
         ratios.append(f"{label}:{name}={ratio:.2f}")
