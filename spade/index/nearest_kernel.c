@@ -413,9 +413,8 @@ static void screen_rows(const float *q, int rows, int channels, const uint32_t *
                         const float *lift, const float *cap, int runner_up, const uint32_t *screen,
                         const float *screen_sq, const float *screen_norm, int64_t columns, const uint32_t *probe,
                         const int64_t *probe_ids, const float *probe_sq, const float *probe_norm, const float *panels,
-                        const float *g_sq,
-                        int64_t width, int64_t first_id, int64_t *cols, float *xs, float *qm2, float *state,
-                        int64_t *ids, int64_t *counts)
+                        const float *g_sq, int64_t width, int64_t first_id, int64_t *cols, float *xs, float *qm2,
+                        float *state, int64_t *ids, int64_t *counts)
 {
     int count[SROWS] = {0}, over[SROWS] = {0};
     float limit[SROWS], least[SROWS][2];
