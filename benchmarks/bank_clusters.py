@@ -83,6 +83,23 @@ def arguments(doc: str) -> argparse.ArgumentParser:
     return parser
 
 
+def table(args, compare, first: str, second: str, default_runs, extra=None) -> None:
+    """Each run's table row (`scorers`; ``compare(scorer, rounds)`` gives the two modes' CPU s per image and the
+    results' gap): the banks, ``first`` and ``second``'s CPU, their ratio, ``extra(found)``'s cells where given and the
+    gap; then the load average and the RESULT line of the ratios and the largest map difference."""
+    ratios, worst = [], 0.0
+    for label, name, scorer in scorers(args.run or default_runs, args.gallery, args.images):
+        found = compare(scorer, args.rounds)
+        ratio = found[first] / found[second]
+        ratios.append(f"{label}:{name}={ratio:.2f}")
+        worst = max(worst, found["map_diff"])
+        cells = [label, name, bank_sizes(), f"{found[first]:.3f}", f"{found[second]:.3f}", f"{ratio:.2f}",
+                 *([extra(found)] if extra else []), f"{found['map_diff']:.2g} / {found['score_diff']:.2g}"]
+        print("| " + " | ".join(cells) + " |", flush=True)
+    print(f"load average {os.getloadavg()[0]:.2f}")
+    print("RESULT " + " ".join(ratios) + f" max_map_diff={worst:.2g}")
+
+
 def compare(scorer, rounds: int) -> dict:
     """Alternate whole and clustered searches of the same scorer: CPU s per image (medians) and the results' gap."""
     def threshold(value: int):
@@ -100,16 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average {os.getloadavg()[0]:.2f}; banks of {MIN_VECTORS}+ vectors in clusters")
     print("| run | set | banks (vectors x channels) | CPU s / image, whole | in clusters | ratio | max map / score diff |")
     print("|---|---|---|---|---|---|---|")
-    ratios, worst = [], 0.0
-    for label, name, scorer in scorers(args.run or DEFAULT_RUNS, args.gallery, args.images):
-        found = compare(scorer, args.rounds)
-        ratio = found["whole"] / found["clusters"]
-        ratios.append(f"{label}:{name}={ratio:.2f}")
-        worst = max(worst, found["map_diff"])
-        print(f"| {label} | {name} | {bank_sizes()} | {found['whole']:.3f} | {found['clusters']:.3f} | "
-              f"{ratio:.2f} | {found['map_diff']:.2g} / {found['score_diff']:.2g} |", flush=True)
-    print(f"load average {os.getloadavg()[0]:.2f}")
-    print("RESULT " + " ".join(ratios) + f" max_map_diff={worst:.2g}")
+    table(args, compare, "whole", "clusters", DEFAULT_RUNS)
     return 0
 
 

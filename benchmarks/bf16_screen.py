@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bank_clusters import alternate, arguments, bank_sizes, scorers  # noqa: E402
+from bank_clusters import alternate, arguments, table  # noqa: E402
 from spade.index import fused_nearest  # noqa: E402
 from spade.scoring.correspondence import configure_threads  # noqa: E402
 
@@ -72,17 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     print("| run | set | banks (vectors x channels) | CPU s / image, float32 | screened | ratio | "
           "compared a query / overflowed of queries | max map / score diff |")
     print("|---|---|---|---|---|---|---|---|")
-    ratios, worst = [], 0.0
-    for label, name, scorer in scorers(args.run or DEFAULT_RUNS, args.gallery, args.images):
-        found = compare(scorer, args.rounds)
-        ratio = found["float32"] / found["auto"]
-        ratios.append(f"{label}:{name}={ratio:.2f}")
-        worst = max(worst, found["map_diff"])
-        print(f"| {label} | {name} | {bank_sizes()} | {found['float32']:.3f} | {found['auto']:.3f} | {ratio:.2f} | "
-              f"{found['compared']:.2f} / {found['overflowed']} of {found['queries']} | "
-              f"{found['map_diff']:.2g} / {found['score_diff']:.2g} |", flush=True)
-    print(f"load average {os.getloadavg()[0]:.2f}")
-    print("RESULT " + " ".join(ratios) + f" max_map_diff={worst:.2g}")
+    table(args, compare, "float32", "auto", DEFAULT_RUNS,
+          lambda found: f"{found['compared']:.2f} / {found['overflowed']} of {found['queries']}")
     return 0
 
 

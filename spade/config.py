@@ -131,9 +131,9 @@ class SpadeConfig:
     approximate_local_radius: int = 2  # bank-searched layers' pixel maps also search the K nearest frames near each place (spade.scoring.local_search); 0: the bank alone
     approximate_local_block: int = 4  # ... block by block: each block of this many positions a side sees the neighbours' block grown by the radius
     refine_distances: bool = True
-    search_kernel: str = "auto"  # CPU nearest-vector searches: auto (the fused kernel where built, AVX2+FMA; whole-bank
-    # searches screened in bfloat16 where the CPU has AVX512-BF16, the same winners), float32 (the fused kernel, no
-    # screen), gemm
+    search_kernel: str = "auto"  # CPU nearest-vector searches: auto (the fused kernel where built, AVX2+FMA; bank and
+    # correspondence searches screened in bfloat16 where the CPU has AVX512-BF16, the same winners), float32 (the
+    # fused kernel, no screen), gemm
     coreset_ratio: float = 0.01
     coreset_projection: int = 128
     coreset_max_candidates: int = 200_000

@@ -299,7 +299,8 @@ class MemoryBank:
         return self._screen
 
 
-_DERIVED_LOCK = threading.Lock()  # a bank's parts made on first use: its screen, its kernel panels (float32, bfloat16), its clusters
+# a bank's parts made on first use: its screen, its kernel panels (float32, bfloat16), its clusters
+_DERIVED_LOCK = threading.Lock()
 
 
 _BANKS: dict[tuple, MemoryBank] = {}
