@@ -14,6 +14,9 @@ import time
 import uuid
 from pathlib import Path
 
+# SeaweedFS's volume server turns read-only below 1 % free disk by default: on a large, mostly full disk that is
+# gigabytes these tests never need (they write a few megabytes), and every write then hangs
+MIN_FREE_SPACE = "256MiB"
 CACHE = Path(os.environ.get("SPADE_STORE_CACHE", Path.home() / ".cache" / "spade"))
 BUILD_HINT = ("SeaweedFS is not built: run `scripts/build_seaweedfs.sh ~/.cache/spade/seaweedfs` (needs the Go "
               "toolchain and the Go module proxy; .ci/run does it)")
@@ -56,12 +59,12 @@ class SeaweedS3:
         master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = free_ports(8)
         # the gRPC ports are given: by default they are the HTTP port + 10000, which may be taken. Each bucket is a
         # collection that grows 7 volumes at a time (sparse files of at most 64 MB): room for many buckets
-        command = [self.binary, "server", f"-dir={self.folder}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-                   f"-master.port={master}", f"-master.port.grpc={master_grpc}", f"-volume.port={volume}",
-                   f"-volume.port.grpc={volume_grpc}", "-filer", f"-filer.port={filer}",
+        command = [self.binary, f"-logdir={self.folder}", "server", f"-dir={self.folder}", "-ip=127.0.0.1",
+                   "-ip.bind=127.0.0.1", f"-master.port={master}", f"-master.port.grpc={master_grpc}",
+                   f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}", "-filer", f"-filer.port={filer}",
                    f"-filer.port.grpc={filer_grpc}", "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}",
                    "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.volumeSizeLimitMB=64", "-volume.max=1000",
-                   "-master.telemetry=false"]
+                   "-master.telemetry=false", f"-volume.minFreeSpace={MIN_FREE_SPACE}"]
         self.log = open(self.folder / "weed.log", "w")
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, cwd=self.folder,
                                         start_new_session=True)
@@ -75,12 +78,14 @@ class SeaweedS3:
                 "AWS_SECRET_ACCESS_KEY": "spade-secret", "AWS_DEFAULT_REGION": "us-east-1",
                 "AWS_EC2_METADATA_DISABLED": "true"}
 
-    def filesystem(self, endpoint: str | None = None):
+    def filesystem(self, endpoint: str | None = None, **config):
+        """An s3fs client of the server; ``config`` goes to botocore's Config (timeouts, retries)."""
         import s3fs
 
         env = self.env(endpoint)
         return s3fs.S3FileSystem(key=env["AWS_ACCESS_KEY_ID"], secret=env["AWS_SECRET_ACCESS_KEY"],
-                                 endpoint_url=env["AWS_ENDPOINT_URL"], use_listings_cache=False, skip_instance_cache=True)
+                                 endpoint_url=env["AWS_ENDPOINT_URL"], use_listings_cache=False,
+                                 skip_instance_cache=True, config_kwargs=config or None)
 
     def new_bucket(self) -> str:
         name = f"spade-{uuid.uuid4().hex[:12]}"
@@ -88,14 +93,17 @@ class SeaweedS3:
         return name
 
     def _wait_writable(self, timeout: float) -> None:
-        """Until a bucket can be made and an object written (the volume server joins the master a few seconds in)."""
+        """Until a bucket can be made and an object written (the volume server joins the master a few seconds in).
+        Each try is bounded (botocore and s3fs would otherwise retry a hung write for minutes), so the deadline
+        holds; a server that never becomes writable fails with the lines of its log that say why."""
         deadline = time.monotonic() + timeout
         last = None
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"weed server exited with {self.process.returncode}; see {self.folder / 'weed.log'}")
+                raise RuntimeError(f"weed server exited with {self.process.returncode}:\n{self._log_tail()}")
             try:
-                fs = self.filesystem()
+                fs = self.filesystem(connect_timeout=2, read_timeout=10, retries={"max_attempts": 1})
+                fs.retries = 1
                 fs.mkdir("spade-ready")
                 fs.pipe_file("spade-ready/probe", b"ok")
                 if fs.cat_file("spade-ready/probe") == b"ok":
@@ -103,8 +111,22 @@ class SeaweedS3:
             except Exception as exc:  # not up yet
                 last = exc
             time.sleep(0.5)
+        warnings = self._log_warnings()
         self.stop()
-        raise RuntimeError(f"weed server not writable within {timeout:.0f}s ({last}); see {self.folder / 'weed.log'}")
+        raise RuntimeError(f"weed server not writable within {timeout:.0f}s ({last!r}); its log's warnings and "
+                           f"errors (a volume below -volume.minFreeSpace={MIN_FREE_SPACE} of free disk is read-only: "
+                           f"free some disk):\n{warnings}")
+
+    def _log_warnings(self, lines: int = 20) -> str:
+        """The last warnings and errors of weed.log, and its disk-space complaints (the folder goes with stop())."""
+        self.log.flush()
+        text = (self.folder / "weed.log").read_text(errors="replace").splitlines()
+        said = [line for line in text if line[:1] in "WEF" or "disk free" in line]
+        return "\n".join(said[-lines:]) or "(none)"
+
+    def _log_tail(self, lines: int = 20) -> str:
+        self.log.flush()
+        return "\n".join((self.folder / "weed.log").read_text(errors="replace").splitlines()[-lines:])
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
