@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -134,12 +135,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no data: pass --data FOLDER (MVTec layout), or put sets in {SHARED}, or use --smoke")
     say = print if args.verbose else (lambda _msg: None)
     rows, galleries = [], {}
-    for folder in data:
-        for spec in specs:
-            label, config = parse_spec(spec)
-            print(f"accuracy: {folder.name} / {label} ...", flush=True)
-            rows.append(run_one(folder, label, config, work, galleries, say))
-            print(format_rows(rows[-1:]).splitlines()[-1], flush=True)
+    try:
+        for folder in data:
+            for spec in specs:
+                label, config = parse_spec(spec)
+                print(f"accuracy: {folder.name} / {label} ...", flush=True)
+                rows.append(run_one(folder, label, config, work, galleries, say))
+                print(format_rows(rows[-1:]).splitlines()[-1], flush=True)
+    finally:
+        if not args.work:  # galleries and score runs, gigabytes a set: kept only in a folder the user named
+            shutil.rmtree(work, ignore_errors=True)
     print(format_rows(rows), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

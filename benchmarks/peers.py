@@ -55,6 +55,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -617,7 +618,8 @@ def main(argv: list[str] | None = None) -> None:
     workroot = args.workdir or tempfile.mkdtemp(prefix="spade-peers-")
     say(f"peers: {args.data}: {len(train)} train, {len(test)} test images; tools {', '.join(tools)}, run back to back "
         f"in this order, {args.threads} torch threads each, on a machine shared with other work (load average "
-        f"{os.getloadavg()[0]:.1f}); workdir {workroot}")
+        f"{os.getloadavg()[0]:.1f}); workdir {workroot}"
+        + ("" if args.workdir else " (only the result.json files stay: --workdir keeps everything)"))
     env = worker_env(args.system_malloc)
     say(f"peers: every worker with GLIBC_TUNABLES={env.get('GLIBC_TUNABLES', '(unset: glibc defaults)')}")
     say("peers: timed in each worker process after its imports (interpreter start and imports excluded for every "
@@ -628,27 +630,42 @@ def main(argv: list[str] | None = None) -> None:
             "from the measured steps/s, and the bank rows it did not reach are drawn at random (same bank size, "
             "so scoring costs the same; accuracy may differ slightly from the full greedy bank)")
     results = {}
-    for tool in tools:
-        config_path = str(CONFIGS["default"] if tool == "anomalib" else CONFIGS[tool])
-        workdir = os.path.join(workroot, tool)
-        os.makedirs(workdir, exist_ok=True)
-        job = {"tool": tool, "config": config_path, "train": train, "test": test, "train_spec": args.data,
-               "test_spec": args.data, "threads": args.threads, "coreset_ratio": args.coreset_ratio,
-               "coreset_cap_s": args.coreset_cap_s, "num_neighbors": args.num_neighbors, "workdir": workdir,
-               "stage_images": args.stage_images, "seed": args.seed, "score_rounds": max(1, args.score_rounds)}
-        say(f"peers: {tool} (load average {os.getloadavg()[0]:.1f})")
-        result = run_worker(python if tool == "anomalib" else sys.executable, tool, job, workdir, env)
-        config = load_config(config_path)
-        result["metrics"] = (evaluate_anomalib(result, test, config, args.data, workdir) if tool == "anomalib"
-                             else evaluate_spade(result, config, args.data))["overall"]
-        result["label"] = (f"anomalib {result['versions']['anomalib']} PatchCore, coreset {args.coreset_ratio:g}, "
-                           f"{args.num_neighbors} neighbours" if tool == "anomalib"
-                           else f"ours, configs/{Path(config_path).name}")
-        results[tool] = result
-        with open(os.path.join(workdir, "result.json"), "w") as handle:
-            json.dump(result, handle, indent=1)
-        say(f"peers: {tool}: {describe(result)} (saved in {os.path.join(workdir, 'result.json')})")
+    try:
+        for tool in tools:
+            config_path = str(CONFIGS["default"] if tool == "anomalib" else CONFIGS[tool])
+            workdir = os.path.join(workroot, tool)
+            os.makedirs(workdir, exist_ok=True)
+            job = {"tool": tool, "config": config_path, "train": train, "test": test, "train_spec": args.data,
+                   "test_spec": args.data, "threads": args.threads, "coreset_ratio": args.coreset_ratio,
+                   "coreset_cap_s": args.coreset_cap_s, "num_neighbors": args.num_neighbors, "workdir": workdir,
+                   "stage_images": args.stage_images, "seed": args.seed, "score_rounds": max(1, args.score_rounds)}
+            say(f"peers: {tool} (load average {os.getloadavg()[0]:.1f})")
+            result = run_worker(python if tool == "anomalib" else sys.executable, tool, job, workdir, env)
+            config = load_config(config_path)
+            result["metrics"] = (evaluate_anomalib(result, test, config, args.data, workdir) if tool == "anomalib"
+                                 else evaluate_spade(result, config, args.data))["overall"]
+            result["label"] = (f"anomalib {result['versions']['anomalib']} PatchCore, coreset {args.coreset_ratio:g}, "
+                               f"{args.num_neighbors} neighbours" if tool == "anomalib"
+                               else f"ours, configs/{Path(config_path).name}")
+            results[tool] = result
+            with open(os.path.join(workdir, "result.json"), "w") as handle:
+                json.dump(result, handle, indent=1)
+            say(f"peers: {tool}: {describe(result)} (saved in {os.path.join(workdir, 'result.json')})")
+    finally:
+        if not args.workdir:  # galleries, score tables and maps: kept only in a folder the user named
+            tidy(workroot)
+    report(args, train, test, results, say)
 
+
+def tidy(workroot: str) -> None:
+    """Everything a temporary work folder holds but the tools' result.json files."""
+    for path in sorted(Path(workroot).glob("*/*")):
+        if path.name != "result.json":
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink()
+
+
+def report(args, train: list[str], test: list[str], results: dict, say) -> None:
+    """The comparison table, each run's stages, and the RESULT line of ratios against anomalib."""
     say("")
     runs = "one run" if args.score_rounds <= 1 else f"one fit, scoring the median of {args.score_rounds} rounds"
     say(f"{Path(args.data).name}: {len(train)} train / {len(test)} test images, {args.threads} threads, {runs}, "
