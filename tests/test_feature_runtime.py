@@ -76,6 +76,55 @@ def test_openvino_serves_threads_at_once(tmp_path, monkeypatch):
             np.testing.assert_array_equal(a.pyramid[layer], b.pyramid[layer])
 
 
+FIRST_INFERENCES_AT_ONCE = """
+import threading
+import numpy as np
+from spade.features.runtime import import_openvino
+ov = import_openvino()
+from openvino import opset13 as ops
+param = ops.parameter([-1, 3, 16, 16], np.float32)
+compiled = ov.Core().compile_model(ov.Model([ops.relu(param)], [param]), "CPU",
+                                   {"NUM_STREAMS": 2, "INFERENCE_NUM_THREADS": 2})
+requests = [compiled.create_infer_request() for _ in range(2)]
+barrier = threading.Barrier(2)
+def first_inference(request):
+    barrier.wait()
+    request.infer({0: np.ones((8, 3, 16, 16), np.float32)}, share_outputs=False)
+threads = [threading.Thread(target=first_inference, args=(request,)) for request in requests]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+print("ok", flush=True)
+"""
+
+
+def test_two_threads_first_inferences_at_once_do_not_hang():
+    """A process's first two inferences, on two threads at once (`spade score`'s two workers), hung for good in
+    about 1 process of 7 before the numpy bridge was made ready first (`runtime._ready_numpy_bridge`): the race is
+    once a process, so each try is a fresh process, 24 of them, four at a time."""
+    pytest.importorskip("openvino", reason="feature_runtime: openvino needs the openvino package ([test] installs it)")
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    hung = 0
+    for _ in range(6):
+        children = [subprocess.Popen([sys.executable, "-c", FIRST_INFERENCES_AT_ONCE], cwd=root, text=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(4)]
+        for child in children:
+            try:
+                out, err = child.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.communicate()
+                hung += 1
+                continue
+            assert child.returncode == 0 and out.strip() == "ok", err[-2000:]
+    assert hung == 0, f"{hung} of 24 processes hung in their first two inferences"
+
+
 def reference_of(features, count: int):
     return type(features)(embedding=features.embedding[:count],
                           pyramid={layer: maps[:count] for layer, maps in features.pyramid.items()})

@@ -125,13 +125,37 @@ class TorchRuntime:
 
 
 def import_openvino():
-    """The ``openvino`` module, or an ImportError that says how to install it."""
+    """The ``openvino`` module, its numpy bridge made ready (`_ready_numpy_bridge`), or an ImportError that says how
+    to install it."""
     try:
         import openvino
     except ImportError:
         raise ImportError(f"feature_runtime: openvino needs the OpenVINO runtime: {OPENVINO_INSTALL}; "
                           "or set feature_runtime: channels_last") from None
+    _ready_numpy_bridge(openvino)
     return openvino
+
+
+_bridge_lock = threading.Lock()
+_bridge_ready = False
+
+
+def _ready_numpy_bridge(openvino) -> None:
+    """Make OpenVINO's Python binding set up its numpy interface once, on one thread, before any inference.
+
+    Its first numpy conversion initialises a C++ static that, inside, waits for the GIL; a second thread converting
+    at the same moment holds the GIL while it waits for that static: both hang for good (0 % CPU, the whole process
+    stuck, py-spy's native stacks: `__cxa_guard_acquire` against pybind11's `gil_safe_call_once_and_store<npy_api>`).
+    `spade score`'s two worker threads both start with an inference: 2 of 37 scoring runs on metal_plate hung so, and
+    6 of 40 fresh processes whose two threads' first inferences (a tiny model) met at a barrier; 0 of 40 with this
+    done first (tests/test_feature_runtime.py)."""
+    global _bridge_ready
+    if _bridge_ready:
+        return
+    with _bridge_lock:
+        if not _bridge_ready:
+            openvino.Tensor(np.zeros(1, dtype=np.float32)).data.sum()
+            _bridge_ready = True
 
 
 def streams_for(threads: int, cores: int | None = None) -> int:
