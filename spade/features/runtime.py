@@ -146,7 +146,7 @@ def _ready_numpy_bridge(openvino) -> None:
     Its first numpy conversion initialises a C++ static that, inside, waits for the GIL; a second thread converting
     at the same moment holds the GIL while it waits for that static: both hang for good (0 % CPU, the whole process
     stuck, py-spy's native stacks: `__cxa_guard_acquire` against pybind11's `gil_safe_call_once_and_store<npy_api>`).
-    `spade score`'s two worker threads both start with an inference: 2 of 37 scoring runs on metal_plate hung so, and
+    `spade score`'s two worker threads both start with an inference: 2 of 38 scoring runs on metal_plate hung so, and
     6 of 40 fresh processes whose two threads' first inferences (a tiny model) met at a barrier; 0 of 40 with this
     done first (tests/test_feature_runtime.py)."""
     global _bridge_ready
