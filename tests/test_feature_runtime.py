@@ -76,6 +76,23 @@ def test_openvino_serves_threads_at_once(tmp_path, monkeypatch):
             np.testing.assert_array_equal(a.pyramid[layer], b.pyramid[layer])
 
 
+def test_openvino_threads_are_not_pinned_unless_asked(tmp_path, monkeypatch):
+    """Pinned, every process of a machine puts its first stream on the first core: the SDK worker processes of one
+    machine ran their feature pass 1.4-1.5x slower each (benchmarks/openvino_pinning.py)."""
+    pytest.importorskip("openvino", reason="feature_runtime: openvino needs the openvino package ([test] installs it)")
+    monkeypatch.setattr(runtime, "BACKBONE_CACHE", str(tmp_path))
+    config = CONFIGS[1].replace(feature_runtime="openvino")
+    extractor = FeatureExtractor(config)
+    batch = frames(config, count=2)
+    extractor(batch)
+    default = extractor.runtime
+    pinned = runtime.OpenVinoRuntime(default.net, default.key, threads=1, pinning=True)
+    pinned(batch)
+    size = (int(batch.shape[-2]), int(batch.shape[-1]))
+    assert default._compiled[size].get_property("ENABLE_CPU_PINNING") is False
+    assert pinned._compiled[size].get_property("ENABLE_CPU_PINNING") is True
+
+
 FIRST_INFERENCES_AT_ONCE = """
 import threading
 import numpy as np

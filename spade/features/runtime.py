@@ -180,16 +180,22 @@ class OpenVinoRuntime:
     stream each, 1.6-2.0x on the four shared sets, the same features bit for bit (benchmarks/openvino_streams.py).
     Each stream has ``threads`` threads; its buffers are allocated at its first request, so streams no caller uses
     cost nothing (a process with one caller: +149 MB after a batch of 8 at 256x256 with 8 streams as with 1).
+
+    Its threads are not pinned to cores (``pinning``, OpenVINO's default on Linux): every process pins its first
+    stream to the first core, so the several SDK worker processes of one machine (Flink or Spark worker pools, Dask,
+    two runs at once) all ran their feature pass on the same cores, 1.3-1.8x slower each than unpinned
+    (`benchmarks/openvino_pinning.py`); in one process the two make no difference.
     """
 
     def __init__(self, net: PyramidNet, key: str, threads: int | None = None, cache_dir: str | None = None,
-                 precision: str = "f32", streams: int | None = None):
+                 precision: str = "f32", streams: int | None = None, pinning: bool = False):
         self.ov = import_openvino()
         self.net = net
         self.key = key
         self.precision = precision
         self.threads = threads or torch.get_num_threads()
         self.streams = streams or streams_for(self.threads)
+        self.pinning = pinning
         self.cache_dir = cache_dir or BACKBONE_CACHE
         self.core = self.ov.Core()
         self._compiled: dict[tuple[int, int], object] = {}
@@ -219,6 +225,7 @@ class OpenVinoRuntime:
                     "INFERENCE_PRECISION_HINT": self.precision,
                     "INFERENCE_NUM_THREADS": self.threads * self.streams,
                     "NUM_STREAMS": self.streams,
+                    "ENABLE_CPU_PINNING": self.pinning,
                 })
                 hint = compiled.get_property("INFERENCE_PRECISION_HINT")
                 executed = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)  # f32, not <Type: ...>
