@@ -54,6 +54,6 @@ def test_a_cuda_device_runs_torch_whatever_the_cpu_runtime(monkeypatch):
     net = runtime.PyramidNet(torch.nn.Sequential(), ("layer1",), None)
     moved = []
     monkeypatch.setattr(runtime.PyramidNet, "to", lambda self, **kwargs: moved.append(kwargs) or self)
-    chosen = runtime.make_runtime("openvino", net, "key", torch.device("cuda"))
+    chosen = runtime.make_runtime("openvino", lambda: net, net.layers, "key", torch.device("cuda"))
     assert isinstance(chosen, runtime.TorchRuntime) and chosen.device == torch.device("cuda")
     assert moved[0]["device"] == torch.device("cuda")

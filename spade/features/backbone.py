@@ -8,7 +8,8 @@ backbone is asked for.
 """
 from __future__ import annotations
 
-import sys
+import importlib.metadata
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -120,16 +121,29 @@ class FeatureExtractor:
         self.config = config
         self.weights = weights if weights is not None else resolve_weights(config.backbone, config.weights)
         check_preprocessing(self.weights, config.mean, config.std, config_name=f"the config (weights: {config.weights})")
-        self.model = build_backbone(config.backbone, self.weights)
         self.layers = tuple(config.layers)
-        taps = _timm_taps(self.model) if config.backbone in TIMM_BACKBONES else None
-        net = PyramidNet(self.model, self.layers, taps)
+        self._model: torch.nn.Module | None = None
+        self._model_lock = threading.Lock()
         self.device = resolve_device(config.device)
+        timm = importlib.metadata.version("timm") if config.backbone in TIMM_BACKBONES else None
         identity = {"backbone": config.backbone, "weights": self.weights.sha256, "layers": list(self.layers),
-                    "torch": torch.__version__, "timm": getattr(sys.modules.get("timm"), "__version__", None)}
-        self.runtime = make_runtime(config.feature_runtime, net, stable_hash(identity), self.device,
-                                    config.feature_precision)
+                    "torch": torch.__version__, "timm": timm}
+        self.runtime = make_runtime(config.feature_runtime, self._pyramid_net, self.layers, stable_hash(identity),
+                                    self.device, config.feature_precision)
         self._framings: dict[tuple[int, int], TiledFraming | None] = {}
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The torch backbone with its weights, built on first use (OpenVINO's runtime needs it only to convert)."""
+        if self._model is None:
+            with self._model_lock:
+                if self._model is None:
+                    self._model = build_backbone(self.config.backbone, self.weights)
+        return self._model
+
+    def _pyramid_net(self) -> PyramidNet:
+        taps = _timm_taps(self.model) if self.config.backbone in TIMM_BACKBONES else None
+        return PyramidNet(self.model, self.layers, taps)
 
     def _framing(self, size: tuple[int, int]) -> TiledFraming | None:
         """The tiles of a frame of ``size`` (the framing's frame size, whatever the config records), None when the
