@@ -23,36 +23,38 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from feature_pass import ROOT, options, shared_sets  # noqa: E402
+from feature_pass import DATA, ROOT, SETS, frames, options  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 
 
 def child(args) -> None:
     """One process's feature pass on set ``args.set``, pinned or not: prints ``ms <per image>``."""
+    import torch
+
+    from spade.config import load_config
     from spade.features import runtime
     from spade.features.backbone import FeatureExtractor
 
-    for name, config, batch in shared_sets(args):
-        if name != args.set:
-            continue
-        shared = FeatureExtractor(config.replace(feature_runtime="openvino")).runtime
-        extract = runtime.OpenVinoRuntime(shared.net, shared.key, threads=1, precision=config.feature_precision,
-                                          pinning=args.child == "pinned")
-        batches = [batch[i:i + config.batch_size] for i in range(0, batch.shape[0], config.batch_size)]
-        for part in batches:  # compiled, and each batch size met once
+    torch.set_num_threads(1)
+    config, batch = frames(DATA / args.set, args.images, load_config(str(ROOT / "configs" / "default.yaml")))
+    shared = FeatureExtractor(config.replace(feature_runtime="openvino")).runtime
+    extract = runtime.OpenVinoRuntime(shared.net, shared.key, threads=1, precision=config.feature_precision,
+                                      pinning=args.child == "pinned")
+    batches = [batch[i:i + config.batch_size] for i in range(0, batch.shape[0], config.batch_size)]
+    for part in batches:  # compiled, and each batch size met once
+        extract(part)
+    started, images = time.perf_counter(), 0
+    while time.perf_counter() - started < args.seconds:
+        for part in batches:
             extract(part)
-        started, images = time.perf_counter(), 0
-        while time.perf_counter() - started < args.seconds:
-            for part in batches:
-                extract(part)
-                images += part.shape[0]
-        print(f"ms {(time.perf_counter() - started) * 1000 / images:.3f}", flush=True)
+            images += part.shape[0]
+    print(f"ms {(time.perf_counter() - started) * 1000 / images:.3f}", flush=True)
 
 
 def together(args, name: str, way: str) -> float:
     """The mean ms per image of ``args.processes`` processes extracting at once, ``way`` pinned or unpinned."""
-    command = [sys.executable, __file__, "--child", way, "--set", name, "--threads", "1", "--images", str(args.images),
+    command = [sys.executable, __file__, "--child", way, "--set", name, "--images", str(args.images),
                "--seconds", str(args.seconds)]
     children = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
                 for _ in range(args.processes)]
@@ -75,8 +77,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return child(args)
+    print(f"load average {os.getloadavg()[0]:.2f}")
     results = []
-    for name, _config, _batch in shared_sets(args):
+    for name in SETS:
+        if not (DATA / name).is_dir():
+            print(f"{name}: skipped ({DATA / name} is absent)")
+            continue
         best = {"pinned": float("inf"), "unpinned": float("inf")}
         for _ in range(args.repeats):
             for way in best:
