@@ -660,8 +660,10 @@ def main(argv: list[str] | None = None) -> None:
 def tidy(workroot: str) -> None:
     """Everything a temporary work folder holds but the tools' result.json files."""
     for path in sorted(Path(workroot).glob("*/*")):
-        if path.name != "result.json":
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink()
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.name != "result.json":
+            path.unlink()
 
 
 def report(args, train: list[str], test: list[str], results: dict, say) -> None:

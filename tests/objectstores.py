@@ -119,14 +119,15 @@ class SeaweedS3:
 
     def _log_warnings(self, lines: int = 20) -> str:
         """The last warnings and errors of weed.log, and its disk-space complaints (the folder goes with stop())."""
-        self.log.flush()
-        text = (self.folder / "weed.log").read_text(errors="replace").splitlines()
-        said = [line for line in text if line[:1] in "WEF" or "disk free" in line]
+        said = [line for line in self._log_lines() if line[:1] in "WEF" or "disk free" in line]
         return "\n".join(said[-lines:]) or "(none)"
 
     def _log_tail(self, lines: int = 20) -> str:
+        return "\n".join(self._log_lines()[-lines:])
+
+    def _log_lines(self) -> list[str]:
         self.log.flush()
-        return "\n".join((self.folder / "weed.log").read_text(errors="replace").splitlines()[-lines:])
+        return (self.folder / "weed.log").read_text(errors="replace").splitlines()
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
