@@ -103,7 +103,7 @@ def test_openvino_builds_the_torch_network_only_to_convert_it(tmp_path, monkeypa
 
 def test_openvino_threads_are_not_pinned_unless_asked(tmp_path, monkeypatch):
     """Pinned, every process of a machine puts its first stream on the first core: the SDK worker processes of one
-    machine ran their feature pass 1.4-1.5x slower each (benchmarks/openvino_pinning.py)."""
+    machine ran their feature pass 1.4-1.6x slower each (benchmarks/openvino_pinning.py)."""
     pytest.importorskip("openvino", reason="feature_runtime: openvino needs the openvino package ([test] installs it)")
     monkeypatch.setattr(runtime, "BACKBONE_CACHE", str(tmp_path))
     config = CONFIGS[1].replace(feature_runtime="openvino")
