@@ -10,6 +10,7 @@ from apache_beam.runners.runner import PipelineResult, PipelineRunner
 
 from pipelines.options import beam_options
 from pipelines.progress import counter_value
+from pipelines.ipython_probe import install as probe_ipython_without_import
 from pipelines.signatures import install as keep_signatures
 
 LOG = logging.getLogger("spade")
@@ -25,6 +26,7 @@ def run_pipeline(build: Callable[[beam.Pipeline], object], beam_args: list[str] 
     pipeline's own run summary, not from here.
     """
     keep_signatures()
+    probe_ipython_without_import()
     pipeline = beam.Pipeline(options=beam_options(beam_args))
     build(pipeline)
     result = pipeline.run()
