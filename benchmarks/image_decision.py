@@ -13,6 +13,9 @@ the method's maps, without the config's ``map_edge_band``: `map_rules.py --edge-
 rule the good flagged / defective missed at the calibrated threshold (mean + 1.645 std of the leave-one-out normal
 scores, the default's 5 % target), and the fewest defective images any threshold misses while flagging at most 10 % of
 the good ones (issue 21's bar): where that is above a miss-rate bar, no calibration can meet it with that rule.
+``--threshold-rules RULE`` (repeatable) adds a second table: that image-score rule's good flagged / defective missed
+under each way of setting its threshold from the same leave-one-out normal scores (`THRESHOLD_RULES`: the default's
+mean + 1.645 std, empirical quantiles, a median/MAD rule, a 10 % target).
 
 Rules (each a function of a frame's kNN term and its raw per-layer maps):
 
@@ -248,6 +251,31 @@ def rules(test: dict, normal: dict, layers) -> dict[str, tuple[np.ndarray, np.nd
     return out
 
 
+def _mad_sigma(values: np.ndarray) -> float:
+    """The normal distribution's standard deviation estimated from the median absolute deviation."""
+    return float(1.4826 * np.median(np.abs(values - np.median(values))))
+
+
+# ways to set an image threshold from leave-one-out normal scores (`--threshold-rules`)
+THRESHOLD_RULES = {
+    "mean + 1.645 std (default)": lambda n: n.mean() + Z * n.std(ddof=1),
+    "0.95 quantile": lambda n: float(np.quantile(n, 0.95)),
+    "0.90 quantile": lambda n: float(np.quantile(n, 0.90)),
+    "median + 1.645 MAD-sigma": lambda n: float(np.median(n)) + Z * _mad_sigma(n),
+    "mean + 1.282 std (10 % target)": lambda n: n.mean() + 1.2815516 * n.std(ddof=1),
+}
+
+
+def threshold_rows(name: str, rule: str, scores: np.ndarray, normals: np.ndarray, labels: np.ndarray) -> list[str]:
+    """Markdown rows: ``rule``'s good flagged / defective missed under each of `THRESHOLD_RULES`."""
+    rows = []
+    for label, threshold_of in THRESHOLD_RULES.items():
+        flagged = scores > threshold_of(np.asarray(normals, dtype=np.float64))
+        rows.append(f"| {name} | {rule} | {label} | {int(flagged[~labels].sum())}/{int((~labels).sum())} | "
+                    f"{int((~flagged[labels]).sum())}/{int(labels.sum())} |")
+    return rows
+
+
 def fewest_missed(scores: np.ndarray, labels: np.ndarray, flagged_share: float) -> int:
     """The fewest defective images any threshold misses while flagging at most ``flagged_share`` of the good ones:
     whether a miss-rate bar can be met by a threshold at all, or needs a rule that separates better."""
@@ -268,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", default="/tmp/spade-image-decision")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--no-pixel", action="store_true", help="skip pixel ROCAUC / PRO")
+    parser.add_argument("--threshold-rules", action="append", default=[], metavar="RULE",
+                        help="an image-score rule (e.g. residual_or_region) to re-threshold by every THRESHOLD_RULES "
+                             "entry (repeatable): a second table")
     args = parser.parse_args(argv)
     configure_threads(args.threads)
     cache = Path(args.cache)
@@ -277,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| set | config | frame | rule | image ROCAUC | good flagged | defective missed | fewest missed, <= 10 % flagged | "
           "pixel ROCAUC | PRO | fit s | score s/img |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    selections = []
+    selections, rethresholded = [], []
     for root in sets:
         for spec in specs:
             data = run_set(root, spec, args.calibration, cache, args.synthetic)
@@ -312,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
             frame = "x".join(str(int(v)) for v in data["frame_size"])
             label = spec.rsplit("/", 1)[-1]
             for rule, (scores, normals) in rules(test, normal, config.layers).items():
+                if rule in args.threshold_rules:
+                    rethresholded += threshold_rows(root.name, rule, scores, normals, labels)
                 threshold = normals.mean() + Z * normals.std(ddof=1)
                 flagged = scores > threshold
                 print(f"| {root.name} | {label} | {frame} | {rule} | {auroc(labels, scores):.3f} | "
@@ -319,6 +352,10 @@ def main(argv: list[str] | None = None) -> int:
                       f"{fewest_missed(scores, labels, GOOD_FLAGGED_BAR)}/{int(labels.sum())} | "
                       f"{pixel:.3f} | {pro:.3f} | {seconds[0]:.0f} | {seconds[1] / len(labels):.3f} |", flush=True)
     print("\n".join(selections))
+    if rethresholded:
+        print("\n| set | rule | threshold from the leave-one-out normal scores | good flagged | defective missed |")
+        print("|---|---|---|---|---|")
+        print("\n".join(rethresholded))
     return 0
 
 
