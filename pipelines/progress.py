@@ -35,8 +35,8 @@ def _format_duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-STALL_AFTER_S = 900.0  # no count moved for this long: a warning and every thread's stack (remote runners' workers
-                       # may take minutes to start; one batch on the slowest framing takes well under a minute here)
+STALL_AFTER_S = 900.0  # no count moved for this long: a warning and every thread's stack (long, as a remote
+                       # runner's workers may take minutes to start before the first image is done)
 
 
 def stall_after_s() -> float:
