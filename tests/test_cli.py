@@ -71,6 +71,20 @@ def test_the_built_in_defaults_are_the_recommended_config_and_the_paper_is_one_f
         ("wide_resnet50_2", "crop", 224, 50, "knn", 1)
 
 
+def test_the_small_defects_config_is_the_default_at_a_finer_scale():
+    """configs/small-defects.yaml copies the default: only its pixel scale, tile size and image score differ, so a
+    change of the default reaches it (or this test says where it did not)."""
+    import dataclasses
+    from pathlib import Path
+
+    from spade.config import SpadeConfig, load_config
+
+    small = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "small-defects.yaml"))
+    differ = {f.name: getattr(small, f.name) for f in dataclasses.fields(SpadeConfig)
+              if getattr(small, f.name) != getattr(SpadeConfig(), f.name)}
+    assert differ == {"resize": 384, "tile_size": 384, "image_score": "combined_selected"}
+
+
 def test_demo_runs_the_default_end_to_end_and_says_where_its_outputs_are(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["--quiet", "demo", "--out", str(out), "--runner=FnApiRunner"]) == 0
