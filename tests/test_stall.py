@@ -46,8 +46,9 @@ def test_a_stalled_run_warns_dumps_the_stacks_and_says_when_it_moves_again(tmp_p
 def test_a_moving_run_is_not_called_stalled(tmp_path, caplog):
     stack_path = tmp_path / "stacks.txt"
     with open(stack_path, "w") as stacks, caplog.at_level(logging.WARNING, logger="spade"):
-        with ProgressReporter("fit", lambda _: None, interval=0.05, stall_after=0.5, stacks=stacks) as progress:
-            for done in range(1, 13):  # a count moves every 0.1 s for 1.2 s, over twice the stall time
+        with ProgressReporter("fit", lambda _: None, interval=0.05, stall_after=1.5, stacks=stacks) as progress:
+            for done in range(1, 41):  # a count moves every 0.1 s for 4 s, over twice the stall time (margin for a
+                # loaded machine: a reporter kept from the GIL for the whole stall time would let the dump through)
                 (Path(progress.folder) / "w.done").write_text(str(done))
                 time.sleep(0.1)
     assert "no progress" not in caplog.text
