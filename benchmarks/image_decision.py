@@ -66,6 +66,7 @@ from spade.index.knn import build_index, image_scores, nearest_images  # noqa: E
 from spade.index.patch_bank import bank_maxima, build_patch_bank, patch_bank_settings  # noqa: E402
 from spade.io.images import decode_rgb, preprocess  # noqa: E402
 from spade.scoring.batch import layer_distance_maps  # noqa: E402
+from spade.scoring.calibration import image_threshold  # noqa: E402
 from spade.scoring.correspondence import configure_threads  # noqa: E402
 from spade.scoring.position_baseline import baseline_map, leave_one_out_residuals, map_residual, position_baseline  # noqa: E402
 from spade.scoring.region_excess import region_excess, region_record  # noqa: E402
@@ -258,11 +259,11 @@ def _mad_sigma(values: np.ndarray) -> float:
 
 # ways to set an image threshold from leave-one-out normal scores (`--threshold-rules`)
 THRESHOLD_RULES = {
-    "mean + 1.645 std (default)": lambda n: n.mean() + Z * n.std(ddof=1),
+    "mean + 1.645 std (default)": lambda n: image_threshold(n, 0.05, 0.0),  # what `spade fit` calibrates
     "0.95 quantile": lambda n: float(np.quantile(n, 0.95)),
     "0.90 quantile": lambda n: float(np.quantile(n, 0.90)),
     "median + 1.645 MAD-sigma": lambda n: float(np.median(n)) + Z * _mad_sigma(n),
-    "mean + 1.282 std (10 % target)": lambda n: n.mean() + 1.2815516 * n.std(ddof=1),
+    "mean + 1.282 std (10 % target)": lambda n: image_threshold(n, 0.10, 0.0),
 }
 
 
@@ -345,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
             for rule, (scores, normals) in rules(test, normal, config.layers).items():
                 if rule in args.threshold_rules:
                     rethresholded += threshold_rows(root.name, rule, scores, normals, labels)
-                threshold = normals.mean() + Z * normals.std(ddof=1)
+                threshold = THRESHOLD_RULES["mean + 1.645 std (default)"](normals)
                 flagged = scores > threshold
                 print(f"| {root.name} | {label} | {frame} | {rule} | {auroc(labels, scores):.3f} | "
                       f"{int(flagged[~labels].sum())}/{int((~labels).sum())} | {int((~flagged[labels]).sum())}/{int(labels.sum())} | "
